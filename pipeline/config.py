@@ -1,0 +1,289 @@
+"""The one config tree: frozen dataclasses loaded strictly from YAML, with `--set a.b=c` overrides.
+
+Each stage receives only its own sub-config (plus the run-level seed), never the root.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from pipeline.configtree import apply_override, build, to_plain
+from pipeline.errors import ConfigError
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _rate(name: str, value: float) -> None:
+    _require(0.0 <= value <= 1.0, f"{name}: must be a rate between 0 and 1, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address ("auto", "ray://host:10001"); None starts a local Ray for this run."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray (None: all of this machine's). Ignored when `address` is set."""
+    include_dashboard: bool = False
+    """Start the dashboard with a local Ray (bound to 127.0.0.1)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionNoise:
+    """Rates of web-like caption noise in the toy web (each noisy pair gets exactly one kind)."""
+    mismatched: float = 0.10
+    """Caption of another image."""
+    boilerplate: float = 0.05
+    """Alt text that says nothing ("IMG_2931.JPG", "click to enlarge")."""
+    wrong_attribute: float = 0.10
+    """Right caption with one attribute (shape, colour, size, position, background) changed."""
+    empty_or_garbage: float = 0.05
+    """Empty text, random characters, or bytes that are not UTF-8 (CC3M tsv only)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _rate(f.name, getattr(self, f.name))
+        _require(self.total() <= 1.0, f"caption noise rates add up to {self.total()} > 1")
+
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadFaults:
+    """Rates of download faults served by the toy web (each URL gets at most one)."""
+    not_found: float = 0.02
+    slow: float = 0.01
+    """Answers after `ToyWebConfig.slow_seconds`, beyond any sane timeout."""
+    truncated: float = 0.02
+    """Promises more bytes than it sends, then closes the connection."""
+    corrupt: float = 0.02
+    """A JPEG header followed by garbage."""
+    html: float = 0.01
+    """An HTML page instead of an image."""
+    huge: float = 0.005
+    """A very large image (4096 x 4096)."""
+    noai: float = 0.01
+    """A valid image served with `X-Robots-Tag: noai`."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _rate(f.name, getattr(self, f.name))
+        _require(self.total() <= 1.0, f"fault rates add up to {self.total()} > 1")
+
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyWebConfig:
+    """A procedural web of images, rendered from the URL by a local HTTP server."""
+    num_urls: int = 2000
+    """Size of the noisy web list (split across `formats`)."""
+    eval_size: int = 300
+    """Clean held-out pairs for evaluation, disjoint from the web list."""
+    seed_size: int = 200
+    """Small clean 'seed' split (the stand-in for COCO), disjoint from both."""
+    world_seed: int = 0
+    """Seed of the world; the same seed gives the same URLs, captions and pixels."""
+    formats: tuple[Literal["laion", "cc3m", "sbu"], ...] = ("laion", "cc3m", "sbu")
+    """Real list formats to write the web list in (URLs are split evenly across them)."""
+    port: int = 0
+    """Port of the server on 127.0.0.1; 0 picks a free one at the first run and keeps it."""
+    min_side: int = 40
+    max_side: int = 160
+    slow_seconds: float = 30.0
+    exact_duplicates: float = 0.03
+    """Rate of URLs that serve the very image of an earlier URL."""
+    near_duplicates: float = 0.03
+    """Rate of URLs that serve an earlier scene re-rendered with a slight change."""
+    noise: CaptionNoise = field(default_factory=CaptionNoise)
+    faults: DownloadFaults = field(default_factory=DownloadFaults)
+
+    def __post_init__(self) -> None:
+        _require(self.num_urls > 0, f"num_urls: must be > 0, got {self.num_urls}")
+        _require(self.eval_size >= 0 and self.seed_size >= 0, "eval_size, seed_size: must be >= 0")
+        _require(len(self.formats) > 0, "formats: name at least one of laion, cc3m, sbu")
+        _require(len(set(self.formats)) == len(self.formats), "formats: each format at most once")
+        _require(0 <= self.port < 65536, f"port: must be in 0..65535, got {self.port}")
+        _require(8 <= self.min_side <= self.max_side, "min_side, max_side: need 8 <= min_side <= max_side")
+        _require(self.slow_seconds > 0, "slow_seconds: must be > 0")
+        _rate("exact_duplicates", self.exact_duplicates)
+        _rate("near_duplicates", self.near_duplicates)
+
+
+LIST_FORMATS = ("laion", "cc3m", "sbu", "parquet", "csv", "tsv", "json", "jsonl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UrlListConfig:
+    """One URL list. `laion`, `cc3m` and `sbu` know their real column names; others need them."""
+    path: str
+    format: Literal["laion", "cc3m", "sbu", "parquet", "csv", "tsv", "json", "jsonl"]
+    url_col: str | None = None
+    caption_col: str | None = None
+    name: str | None = None
+    """Source name recorded in each sample's provenance (default: the file name)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    inputs: tuple[UrlListConfig, ...] = ()
+    """URL lists to download. Relative paths are relative to the config file."""
+    toyweb: ToyWebConfig | None = None
+    """Generate the inputs from the toy web and serve it on 127.0.0.1 for the run."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.inputs) or self.toyweb is not None,
+                 "inputs: give at least one URL list, or a toyweb section")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig:
+    """img2dataset settings and how the work is spread on Ray."""
+    samples_per_shard: int = 1000
+    thread_count: int = 32
+    """Download threads inside each shard task."""
+    cpus_per_task: float = 1.0
+    """Ray CPUs one shard task reserves (how many shards run at once per node)."""
+    shard_retries: int = 2
+    """Times a failed shard task is run again before the stage fails."""
+    image_size: int = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_quality: int = 95
+    timeout: float = 10.0
+    """Seconds per HTTP request."""
+    retries: int = 0
+    """Times img2dataset retries one URL."""
+    min_image_size: int = 0
+    max_image_area: float | None = None
+    """Reject images whose width x height exceeds this (None: no limit)."""
+    max_aspect_ratio: float | None = None
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    """X-Robots-Tag directives that opt an image out; empty list: ignore the header."""
+    allow_private_hosts: tuple[str, ...] = ()
+    """Hosts (IP literals or names) allowed although loopback/private/link-local."""
+    user_agent_token: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.samples_per_shard > 0, "samples_per_shard: must be > 0")
+        _require(self.thread_count > 0, "thread_count: must be > 0")
+        _require(self.cpus_per_task > 0, "cpus_per_task: must be > 0")
+        _require(self.shard_retries >= 0 and self.retries >= 0, "retries: must be >= 0")
+        _require(self.image_size >= 8, f"image_size: must be >= 8, got {self.image_size}")
+        _require(1 <= self.encode_quality <= 100, "encode_quality: must be in 1..100")
+        _require(self.timeout > 0, f"timeout: must be > 0, got {self.timeout}")
+        _require(self.max_image_area is None or self.max_image_area > 0, "max_image_area: must be > 0")
+        _require(self.max_aspect_ratio is None or self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
+
+
+DEFAULT_BOILERPLATE = (
+    r"^(img|image|dsc|photo|pic)[_\- ]?\d+(\.(jpe?g|png|gif))?$",
+    r"click (here )?to enlarge",
+    r"^(stock )?(photo|image|picture|thumbnail)$",
+    r"\.(jpe?g|png|gif|webp)$",
+    r"^untitled",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefilterConfig:
+    min_image_side: int = 32
+    """Minimum of width and height of the original image, in pixels."""
+    max_aspect_ratio: float = 3.0
+    min_caption_words: int = 2
+    min_caption_chars: int = 5
+    max_caption_chars: int = 1000
+    boilerplate_patterns: tuple[str, ...] = DEFAULT_BOILERPLATE
+    """Case-insensitive regexes; a caption matching any is dropped as boilerplate."""
+    dedup_exact: bool = True
+    """Drop images whose decoded pixels hash like an earlier kept image's."""
+    dedup_near: bool = True
+    """Drop images whose perceptual hash is within `near_max_distance` bits of a kept image's."""
+    near_max_distance: int = 4
+    cpus_per_task: float = 1.0
+
+    def __post_init__(self) -> None:
+        import re
+
+        _require(self.min_image_side >= 0, "min_image_side: must be >= 0")
+        _require(self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
+        _require(self.min_caption_words >= 0 and self.min_caption_chars >= 0, "min_caption_*: must be >= 0")
+        _require(self.max_caption_chars > self.min_caption_chars, "max_caption_chars: must exceed min_caption_chars")
+        _require(0 <= self.near_max_distance < 16, "near_max_distance: must be in 0..15 bits")
+        _require(self.cpus_per_task > 0, "cpus_per_task: must be > 0")
+        for i, pattern in enumerate(self.boilerplate_patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"boilerplate_patterns[{i}]: not a valid regex ({err})") from None
+
+
+STAGE_ORDER = ("download", "prefilter")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str
+    """Run name; the default run directory is runs/<name>."""
+    seed: int = 0
+    run_dir: str | None = None
+    stages: tuple[Literal["download", "prefilter"], ...] = STAGE_ORDER
+    """Stages of the graph to run, in graph order."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()), "name: must not be empty")
+        _require(list(self.stages) == [s for s in STAGE_ORDER if s in self.stages],
+                 f"stages: must be in graph order {list(STAGE_ORDER)}, got {list(self.stages)}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load `path` strictly and apply `--set` overrides. Relative input paths resolve against the file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    if overrides:
+        source = f"{source} (with --set {' '.join(overrides)})"
+        for assignment in overrides:
+            apply_override(data, assignment, source)
+    _resolve_input_paths(data, path.parent)
+    return build(RunConfig, data, source=source)
+
+
+def _resolve_input_paths(data: dict, base: Path) -> None:
+    inputs = (data.get("data") or {}).get("inputs") if isinstance(data.get("data"), dict) else None
+    for entry in inputs or ():
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            p = Path(entry["path"]).expanduser()
+            entry["path"] = str(p if p.is_absolute() else (base / p).resolve())
+
+
+def config_from_plain(data: dict, source: str) -> RunConfig:
+    return build(RunConfig, data, source=source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False)

@@ -1,0 +1,125 @@
+"""Writes the toy web's URL lists (in the real LAION / CC3M / SBU formats), its truth file and the
+clean eval and seed splits. Streams in batches, so a million URLs need no more than a batch in memory.
+
+The truth file is for measuring the pipeline (filter precision/recall, retrieval); the pipeline itself
+never reads it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ToyWebConfig, UrlListConfig
+from pipeline.data.toyweb_server import url_for
+from pipeline.data.toyworld import ATTRIBUTES, ToyWorld
+from pipeline.fsutil import atomic_path
+
+BATCH = 50_000
+FILE_NAMES = {"laion": "web.laion.parquet", "cc3m": "web.cc3m.tsv", "sbu": "web.sbu.json"}
+INVALID_UTF8 = b"\xff\xfe caption \xc3\x28"  # what a broken scraper stored (CC3M tsv only)
+
+
+@dataclass(frozen=True)
+class ToyWebFiles:
+    folder: Path
+    inputs: tuple[UrlListConfig, ...]
+    truth: Path
+    eval: Path
+    seed: Path
+
+
+def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
+    folder.mkdir(parents=True, exist_ok=True)
+    world = ToyWorld(cfg)
+    n = cfg.num_urls
+    chunks = [(fmt, i * n // len(cfg.formats), (i + 1) * n // len(cfg.formats)) for i, fmt in enumerate(cfg.formats)]
+    inputs = []
+    for fmt, start, stop in chunks:
+        path = folder / FILE_NAMES[fmt]
+        {"laion": _write_laion, "cc3m": _write_cc3m, "sbu": _write_sbu}[fmt](world, path, port, start, stop)
+        inputs.append(UrlListConfig(path=str(path), format=fmt, name=f"toyweb-{fmt}"))
+    truth = folder / "truth.parquet"
+    _write_parquet(truth, (_truth_rows(world, port, a, b) for a, b in _batches(0, world.total)))
+    split_eval, split_seed = folder / "eval.parquet", folder / "seed.parquet"
+    _write_laion(world, split_eval, port, n, n + cfg.eval_size, with_attributes=True)
+    _write_laion(world, split_seed, port, n + cfg.eval_size, world.total, with_attributes=True)
+    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed)
+
+
+def _batches(start: int, stop: int):
+    for a in range(start, stop, BATCH):
+        yield a, min(stop, a + BATCH)
+
+
+def _write_parquet(path: Path, tables) -> None:
+    with atomic_path(path) as tmp:
+        writer = None
+        for table in tables:
+            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            raise ValueError(f"{path}: nothing to write")
+        writer.close()
+
+
+def _write_laion(world: ToyWorld, path: Path, port: int, start: int, stop: int, with_attributes=False) -> None:
+    def tables():
+        for a, b in _batches(start, stop) if stop > start else [(start, start)]:
+            items = [world.item(i) for i in range(a, b)]
+            cols = {"URL": [url_for(port, world.cfg.world_seed, it.index) for it in items],
+                    "TEXT": [it.caption for it in items],
+                    "WIDTH": pa.array([it.width for it in items], pa.int32()),
+                    "HEIGHT": pa.array([it.height for it in items], pa.int32())}
+            if with_attributes:
+                cols.update({attr: [getattr(it.scene, attr) for it in items] for attr in ATTRIBUTES})
+            yield pa.table(cols, schema=_laion_schema(with_attributes))
+    _write_parquet(path, tables())
+
+
+def _laion_schema(with_attributes: bool) -> pa.Schema:
+    fields = [("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32())]
+    return pa.schema(fields + ([(a, pa.string()) for a in ATTRIBUTES] if with_attributes else []))
+
+
+def _write_cc3m(world: ToyWorld, path: Path, port: int, start: int, stop: int) -> None:
+    """The real CC3M file: `caption<TAB>url` per line, no header."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for i in range(start, stop):
+            item = world.item(i)
+            caption = INVALID_UTF8 if item.caption is None else item.caption.encode()
+            f.write(caption + b"\t" + url_for(port, world.cfg.world_seed, i).encode() + b"\n")
+
+
+def _write_sbu(world: ToyWorld, path: Path, port: int, start: int, stop: int) -> None:
+    """SBU's json: one object of parallel lists `image_urls` and `captions` (streamed)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for key, value_of in (("image_urls", lambda it: url_for(port, world.cfg.world_seed, it.index)),
+                              ("captions", lambda it: it.caption)):
+            f.write(("{" if key == "image_urls" else ", ") + json.dumps(key) + ": [")
+            f.write(", ".join(json.dumps(value_of(world.item(i))) for i in range(start, stop)))
+            f.write("]")
+        f.write("}\n")
+
+
+def _truth_rows(world: ToyWorld, port: int, a: int, b: int) -> pa.Table:
+    items = [world.item(i) for i in range(a, b)]
+    cols = {
+        "index": pa.array([it.index for it in items], pa.int64()),
+        "split": [it.split for it in items],
+        "url": [url_for(port, world.cfg.world_seed, it.index) for it in items],
+        "caption": [it.caption for it in items],
+        "noise": [it.noise for it in items],
+        "noisy": [it.noise != "none" for it in items],
+        "fault": [it.fault for it in items],
+        "duplicate_of": pa.array([it.duplicate_of for it in items], pa.int64()),
+        "near_duplicate": [it.near_duplicate for it in items],
+        "image_of": pa.array([it.render_index for it in items], pa.int64()),
+        "width": pa.array([it.width for it in items], pa.int32()),
+        "height": pa.array([it.height for it in items], pa.int32()),
+    }
+    cols.update({attr: [getattr(it.scene, attr) for it in items] for attr in ATTRIBUTES})
+    return pa.table(cols)

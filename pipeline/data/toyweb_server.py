@@ -1,0 +1,150 @@
+"""The toy web's HTTP server: renders each image from its URL and serves the configured faults.
+
+Run as a child process (`ToyWebServer`), so that rendering does not share the pipeline's GIL and the
+server can be stopped by its own PID. It binds 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pipeline.config import ToyWebConfig
+from pipeline.configtree import build, to_plain
+from pipeline.data.toyworld import ToyWorld
+
+PATH = re.compile(r"^/(\d+)/(\d+)\.jpg$")
+
+
+def url_for(port: int, world_seed: int, index: int) -> str:
+    return f"http://127.0.0.1:{port}/{world_seed}/{index}.jpg"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    world: ToyWorld
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet: thousands of requests per second
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        match = PATH.match(self.path.split("?")[0])
+        if not match or int(match.group(1)) != self.world.cfg.world_seed:
+            return self._send(404, b"not found", "text/plain")
+        try:
+            item = self.world.item(int(match.group(2)))
+        except IndexError:
+            return self._send(404, b"not found", "text/plain")
+        fault = item.fault
+        if fault == "not_found":
+            return self._send(404, b"<html>gone</html>", "text/html")
+        if fault == "html":
+            return self._send(200, b"<!doctype html><html><body>Sign in to view</body></html>", "text/html")
+        if fault == "corrupt":
+            body = b"\xff\xd8\xff\xe0" + os.urandom(64) + bytes(range(256)) * 4
+            return self._send(200, body, "image/jpeg")
+        if fault == "slow":
+            time.sleep(self.world.cfg.slow_seconds)
+        body = self.world.render(item)
+        if fault == "truncated":  # promise the whole image, send a third, hang up
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 3])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        extra = {"X-Robots-Tag": "noai"} if fault == "noai" else {}
+        self._send(200, body, "image/jpeg", extra)
+
+    def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout): fine
+            pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+
+def serve(cfg: ToyWebConfig, port: int) -> None:
+    handler = type("Handler", (_Handler,), {"world": ToyWorld(cfg)})
+    server = _Server(("127.0.0.1", port), handler)
+    print(f"READY {server.server_address[1]}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+
+
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGTERM this child when its parent dies (even by kill -9)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ToyWebServer:
+    """Runs the toy web server as a child process; stop() ends it by its PID."""
+
+    def __init__(self, cfg: ToyWebConfig, port: int = 0):
+        self.cfg, self.requested_port = cfg, port
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self) -> "ToyWebServer":
+        cmd = [sys.executable, "-m", "pipeline.data.toyweb_server",
+               "--config", json.dumps(to_plain(self.cfg)), "--port", str(self.requested_port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"toy web server did not start on port {self.requested_port} (said {line!r})")
+        self.port = int(line.split()[1])
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "ToyWebServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the toy web on 127.0.0.1")
+    parser.add_argument("--config", default="{}", help="ToyWebConfig as JSON")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    serve(build(ToyWebConfig, json.loads(args.config), source="--config"), args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Run one Ray task per shard, with retries, progress and per-shard failure reports."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import ray
+
+from pipeline.errors import StageFailed
+
+log = logging.getLogger("vlp")
+
+
+class Progress:
+    """Logs shards done and samples/s, at most every `interval` seconds."""
+
+    def __init__(self, stage: str, shards_total: int, samples_total: int, interval: float = 2.0):
+        self.stage, self.shards_total, self.samples_total = stage, shards_total, samples_total
+        self.interval, self.started, self.last = interval, time.time(), 0.0
+        self.shards_done = self.samples_done = 0
+
+    def update(self, shards: int, samples: int, force: bool = False) -> None:
+        self.shards_done += shards
+        self.samples_done += samples
+        now = time.time()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            rate = self.samples_done / max(now - self.started, 1e-9)
+            log.info("%s: %d/%d shards, %d/%d samples, %.0f samples/s", self.stage, self.shards_done,
+                     self.shards_total, self.samples_done, self.samples_total, rate)
+
+
+def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
+                    samples_of: Callable[[Any], int]) -> dict[str, Any]:
+    """Submit `remote_fn.remote(*args)` for each shard name in `jobs` and wait for all of them.
+
+    Shards that succeed are committed by their task, so a failure elsewhere loses nothing: we let every
+    task finish, then raise StageFailed naming the shards that failed after their retries.
+    """
+    pending = {remote_fn.remote(*args): name for name, args in jobs.items()}
+    results, failures = {}, {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.interval)
+        for ref in ready:
+            name = pending.pop(ref)
+            try:
+                results[name] = ray.get(ref)
+                progress.update(1, samples_of(results[name]))
+            except (ray.exceptions.RayError, Exception) as err:  # noqa: BLE001 (reported below)
+                failures[name] = err
+                log.error("%s: shard %s failed after its retries: %s", progress.stage, name, _short(err))
+        if not ready:
+            progress.update(0, 0)
+    progress.update(0, 0, force=True)
+    if failures:
+        first = next(iter(failures.items()))
+        raise StageFailed(f"{progress.stage}: {len(failures)} of {len(jobs)} shards failed "
+                          f"({', '.join(sorted(failures))}); first error, shard {first[0]}: {_short(first[1])}. "
+                          "Committed shards are kept: fix the cause and run `vlp resume`.")
+    return results
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__

@@ -1,0 +1,155 @@
+"""The run directory: `<run>/round-<r>/<stage>/` with shards, per-shard stats and a manifest.
+
+Commit protocol (DESIGN.md, "The stage contract"):
+  * a shard is written under a temporary name and renamed into place, then its stats file is written;
+    a shard without its stats file does not exist;
+  * the stage's `manifest.json` is written last, atomically; its fingerprint is a hash of the stage
+    name, the stage config and the input fingerprints. Same fingerprint = already done = skipped.
+A stage folder holds `.fingerprint` while it is being built; shards of another fingerprint are cleared.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+FINGERPRINT = ".fingerprint"
+STATS_SUFFIX = ".stats.json"
+
+
+def fingerprint(stage: str, stage_config: Any, input_fingerprints: list[str]) -> str:
+    blob = json.dumps({"stage": stage, "config": stage_config, "inputs": input_fingerprints}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlp")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Accounting:
+    """Where every sample that went in ended up. `samples_in` always equals kept + dropped + failed."""
+    samples_in: int = 0
+    samples_kept: int = 0
+    dropped: collections.Counter = field(default_factory=collections.Counter)
+    failed: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, other: "Accounting | dict") -> None:
+        if isinstance(other, dict):
+            other = Accounting.from_json(other)
+        self.samples_in += other.samples_in
+        self.samples_kept += other.samples_kept
+        self.dropped.update(other.dropped)
+        self.failed.update(other.failed)
+
+    def check(self, where: str) -> None:
+        total = self.samples_kept + sum(self.dropped.values()) + sum(self.failed.values())
+        if total != self.samples_in:
+            raise AssertionError(f"{where}: {self.samples_in} samples in, but kept + dropped + failed = {total}")
+
+    def to_json(self) -> dict:
+        return {"samples_in": self.samples_in, "samples_kept": self.samples_kept,
+                "samples_dropped": sum(self.dropped.values()), "samples_failed": sum(self.failed.values()),
+                "dropped_by_reason": dict(sorted(self.dropped.items())),
+                "failed_by_reason": dict(sorted(self.failed.items()))}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Accounting":
+        return cls(d["samples_in"], d["samples_kept"], collections.Counter(d.get("dropped_by_reason", {})),
+                   collections.Counter(d.get("failed_by_reason", {})))
+
+
+class StageDir:
+    """One stage's folder for one round."""
+
+    def __init__(self, path: Path, stage: str, round_: int):
+        self.path, self.stage, self.round = path, stage, round_
+
+    def shard_path(self, name: str) -> Path:
+        return self.path / name
+
+    def stats_path(self, shard_name: str) -> Path:
+        return self.path / (shard_name.split(".")[0] + STATS_SUFFIX)
+
+    def shard_stats(self, shard_name: str) -> dict | None:
+        """The committed stats of a shard, or None if the shard is not committed."""
+        path = self.stats_path(shard_name)
+        return read_json(path) if path.is_file() else None
+
+    def commit_shard_stats(self, shard_name: str, stats: dict) -> None:
+        atomic_write_json(self.stats_path(shard_name), stats)
+
+    def manifest(self) -> dict | None:
+        path = self.path / MANIFEST
+        return read_json(path) if path.is_file() else None
+
+    def plan(self) -> dict | None:
+        path = self.path / PLAN
+        return read_json(path) if path.is_file() else None
+
+    def begin(self, fp: str, plan: dict) -> None:
+        """Claim the folder for fingerprint `fp`; clear whatever another fingerprint left."""
+        marker = self.path / FINGERPRINT
+        if self.path.exists() and (not marker.is_file() or marker.read_text().strip() != fp):
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for leftover in self.path.iterdir():  # temp files of a killed run
+            if is_temporary(leftover):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        atomic_write_bytes(marker, fp.encode())
+        atomic_write_json(self.path / PLAN, {"fingerprint": fp, **plan})
+
+    def commit(self, manifest: dict) -> None:
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    def stage(self, stage: str, round_: int = 0) -> StageDir:
+        return StageDir(self.root / f"round-{round_}" / stage, stage, round_)
+
+    def require(self) -> "RunDir":
+        if not self.config_path.is_file():
+            raise InputError(f"{self.root}: not a vlp run directory (no config.yaml)")
+        return self
+
+    def stage_dirs(self) -> list[StageDir]:
+        found = []
+        for round_dir in sorted(self.root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+            for stage_path in sorted(round_dir.iterdir()):
+                if stage_path.is_dir() and not stage_path.name.startswith((".", "_")):
+                    found.append(StageDir(stage_path, stage_path.name, int(round_dir.name.split("-")[1])))
+        return found
+
+
+def build_manifest(stage_dir: StageDir, fp: str, stage_config: Any, inputs: list[str],
+                   shards: list[dict], started: float, extra: dict | None = None) -> dict:
+    totals = Accounting()
+    for shard in shards:
+        totals.add(shard["accounting"])
+    totals.check(f"{stage_dir.stage} (round {stage_dir.round})")
+    return {"stage": stage_dir.stage, "round": stage_dir.round, "fingerprint": fp, "config": stage_config,
+            "inputs": inputs, "code_version": code_version(), "shards": shards, "totals": totals.to_json(),
+            "started": started, "finished": time.time(), "duration_s": round(time.time() - started, 3),
+            **(extra or {})}

@@ -1,0 +1,178 @@
+"""prefilter: cheap rules and deduplication before any model sees the data.
+
+Three passes, so that deduplication is global across the stage and still deterministic:
+  1. scan (a Ray task per shard): rule verdicts (image size, aspect ratio, caption rules) and hashes;
+  2. dedup (driver): in (shard, key) order the first copy is kept; exact copies (same original bytes)
+     and near copies (perceptual hash within `near_max_distance` bits) of a kept image are dropped;
+  3. write (a Ray task per shard): kept samples into a new shard, committed atomically.
+A resumed run rescans (cheap), reaches the same decisions and writes only the missing shards.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import re
+import time
+from pathlib import Path
+
+import ray
+from PIL import Image
+
+from pipeline.config import PrefilterConfig
+from pipeline.data.imagehash import NearDuplicateIndex, dhash
+from pipeline.data.shards import encode_json, read_shard, write_shard
+from pipeline.fsutil import atomic_write_json, sha256_file
+from pipeline.parallel import Progress, run_shard_tasks
+from pipeline.runs import Accounting, StageDir, build_manifest
+from pipeline.stage import StageContext
+
+
+def run(cfg: PrefilterConfig, upstream: dict, upstream_dir: Path, ctx: StageContext) -> dict:
+    started = time.time()
+    shards = [s for s in upstream["shards"]]
+    samples_in = sum(s["samples"] for s in shards)
+    ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
+    stage_cfg = dataclasses.asdict(cfg)
+    options = {"num_cpus": cfg.cpus_per_task, "max_retries": 2, "retry_exceptions": True}
+
+    scan = ray.remote(scan_shard).options(**options)
+    scans = run_shard_tasks(scan, {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg) for s in shards},
+                            Progress("prefilter/scan", len(shards), samples_in), len)
+    decisions = deduplicate(cfg, [(s["shard"], scans[s["shard"]]) for s in shards])
+
+    results, jobs = {}, {}
+    for s in shards:
+        done = ctx.out.shard_stats(s["shard"])
+        if done is not None:
+            results[s["shard"]] = done
+        else:
+            jobs[s["shard"]] = (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], decisions[s["shard"]])
+    write = ray.remote(write_shard_task).options(**options)
+    progress = Progress("prefilter/write", len(shards), samples_in)
+    progress.update(len(results), sum(r["accounting"]["samples_in"] for r in results.values()), force=True)
+    results.update(run_shard_tasks(write, jobs, progress, lambda r: r["accounting"]["samples_in"]))
+    summaries = [{k: results[s["shard"]][k] for k in ("shard", "samples", "sha256", "bytes", "accounting")}
+                 for s in shards]
+    atomic_write_json(ctx.out.path / "sizes.json", {s["shard"]: s["samples"] for s in summaries})
+    return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints), summaries, started)
+
+
+def deduplicate(cfg: PrefilterConfig, scans: list[tuple[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    """Per shard, {key: {"outcome": kept|dropped|failed, "reason": ..., "phash": ...}} for every sample."""
+    seen_exact: set[str] = set()
+    near = NearDuplicateIndex(cfg.near_max_distance)
+    out: dict[str, dict[str, dict]] = {}
+    for shard, records in scans:
+        decided = out[shard] = {}
+        for rec in sorted(records, key=lambda r: r["key"]):
+            verdict = {"outcome": rec["outcome"], "reason": rec["reason"], "phash": rec["phash"]}
+            if rec["outcome"] == "kept":
+                if cfg.dedup_exact and rec["exact"] in seen_exact:
+                    verdict.update(outcome="dropped", reason="duplicate_exact")
+                elif cfg.dedup_near and rec["phash"] is not None and near.find(int(rec["phash"], 16)) is not None:
+                    verdict.update(outcome="dropped", reason="duplicate_near")
+                else:
+                    seen_exact.add(rec["exact"])
+                    if rec["phash"] is not None:
+                        near.add(int(rec["phash"], 16))
+            decided[rec["key"]] = verdict
+    return out
+
+
+# --- inside the Ray tasks -------------------------------------------------------------------------
+
+def scan_shard(shard_path: str, stage_cfg: dict) -> list[dict]:
+    cfg = PrefilterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stage_cfg.items()})
+    patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
+    records = []
+    for sample in read_shard(Path(shard_path)):
+        records.append(_scan_sample(sample, cfg, patterns))
+    return records
+
+
+def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
+    rec = {"key": sample["__key__"], "outcome": "kept", "reason": None, "phash": None, "exact": None}
+    try:
+        meta = _json(sample.get("json"))
+        with Image.open(io.BytesIO(sample["jpg"])) as img:
+            img.load()
+            width, height = img.size
+            rec["phash"] = f"{dhash(img):016x}"
+    except Exception as err:  # noqa: BLE001 (a bad sample is counted, never crashes the shard)
+        rec.update(outcome="failed", reason="image_unreadable" if "jpg" in sample else "image_missing",
+                   error=f"{type(err).__name__}: {err}")
+        return rec
+    # The original bytes' hash (img2dataset's sha256) finds copies that differ only after re-encoding.
+    rec["exact"] = meta.get("sha256") or hashlib.sha256(sample["jpg"]).hexdigest()
+    width = meta.get("original_width") or width
+    height = meta.get("original_height") or height
+    reason = image_rule(width, height, cfg) or caption_rule(sample.get("txt"), meta, cfg, patterns)
+    if reason:
+        rec.update(outcome="dropped", reason=reason)
+    return rec
+
+
+def _json(data: bytes | None) -> dict:
+    import json
+
+    if not data:
+        return {}
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def image_rule(width: int, height: int, cfg: PrefilterConfig) -> str | None:
+    if min(width, height) < cfg.min_image_side:
+        return "image_too_small"
+    if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
+        return "aspect_ratio_too_large"
+    return None
+
+
+def caption_rule(txt: bytes | None, meta: dict, cfg: PrefilterConfig, patterns) -> str | None:
+    if meta.get("caption_error") == "not_utf8":
+        return "caption_not_utf8"
+    try:
+        text = (txt or b"").decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return "caption_not_utf8"
+    if not text:
+        return "caption_empty"
+    if len(text) < cfg.min_caption_chars or len(text.split()) < cfg.min_caption_words:
+        return "caption_too_short"
+    if len(text) > cfg.max_caption_chars:
+        return "caption_too_long"
+    if any(p.search(text) for p in patterns):
+        return "caption_boilerplate"
+    return None
+
+
+def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[str, dict]) -> dict:
+    out = StageDir(Path(stage_path), "prefilter", 0)
+    if (done := out.shard_stats(name)) is not None:
+        return done
+    started = time.time()
+    acc, kept, rejects = Accounting(), [], []
+    for sample in read_shard(Path(in_path)):
+        key = sample["__key__"]
+        acc.samples_in += 1
+        verdict = decisions[key]
+        if verdict["outcome"] == "kept":
+            acc.samples_kept += 1
+            meta = _json(sample.get("json"))
+            meta["prefilter"] = {"phash": verdict["phash"]}
+            kept.append({**sample, "json": encode_json(meta)})
+            continue
+        (acc.dropped if verdict["outcome"] == "dropped" else acc.failed)[verdict["reason"]] += 1
+        rejects.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"]})
+    acc.check(f"prefilter shard {name}")
+    path = out.shard_path(name)
+    write_shard(path, kept)
+    stats = {"shard": name, "samples": len(kept), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+             "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3)}
+    out.commit_shard_stats(name, stats)
+    return stats
