@@ -36,8 +36,12 @@ def build(cls: type, data: Any, *, source: str, key: str = "") -> Any:
             raise ConfigError(f"{source}: missing required key {_join(key, name)!r}")
     try:
         return cls(**kwargs)
-    except ValueError as err:  # __post_init__ checks say "field: what is wrong"
-        raise ConfigError(f"{source}: {_join(key, str(err))}") from None
+    except ValueError as err:  # __post_init__ checks say "field: what is wrong" or "what is wrong"
+        message = str(err)
+        field, sep, rest = message.partition(": ")
+        if sep and " " not in field:
+            raise ConfigError(f"{source}: {_join(key, field)}: {rest}") from None
+        raise ConfigError(f"{source}: {where}: {message}") from None
 
 
 def _join(prefix: str, name: str) -> str:

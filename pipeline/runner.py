@@ -36,16 +36,21 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     log.info("run directory %s; stages %s", run.root, ", ".join(selected))
+    lists = list(cfg.data.inputs)
+    toyweb_port = None
+    if cfg.data.toyweb is not None and "download" in selected:
+        toyweb_lists, toyweb_port = prepare_toy_web(cfg.data.toyweb, run)
+        lists = toyweb_lists + lists
     with contextlib.ExitStack() as stack:
-        lists = list(cfg.data.inputs)
-        if cfg.data.toyweb is not None and "download" in selected:
-            lists = stack.enter_context(toy_web(cfg.data.toyweb, run)) + lists
         ray_started = False
         for stage in selected:
             job = _prepare_stage(cfg, run, stage, lists)
             if job is None:
                 continue
-            if not ray_started:  # only when there is work: a fully committed run needs no cluster
+            # Start the toy web and Ray only when there is work: a committed run needs neither.
+            if stage == "download" and toyweb_port is not None:
+                stack.enter_context(serve_toy_web(cfg.data.toyweb, toyweb_port))
+            if not ray_started:
                 stack.enter_context(ray_session(cfg))
                 ray_started = True
             _commit(job())
@@ -109,14 +114,12 @@ def _list_fingerprint(spec: UrlListConfig) -> str:
     return fingerprint("url-list", asdict(spec) | {"path": Path(spec.path).name}, [sha256_file(spec.path)])
 
 
-@contextlib.contextmanager
-def toy_web(cfg: ToyWebConfig, run: RunDir) -> Iterator[list[UrlListConfig]]:
-    """Write the toy web's lists into the run (once per toy-web config) and serve it while the run lasts.
+def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> tuple[list[UrlListConfig], int]:
+    """Write the toy web's lists into the run, once per toy-web config; returns them and their port.
 
     The port is chosen at the first run and kept in toyweb/state.json: the URLs contain it, so a resumed
     run must serve the same port for its lists (and so its download fingerprint) to stay the same."""
     from pipeline.data.toyweb import write_toyweb
-    from pipeline.data.toyweb_server import ToyWebServer
 
     folder = run.root / "toyweb"
     state_path = folder / "state.json"
@@ -127,15 +130,22 @@ def toy_web(cfg: ToyWebConfig, run: RunDir) -> Iterator[list[UrlListConfig]]:
         state = {"config": to_plain(cfg), "port": port, "inputs": [asdict(s) for s in files.inputs],
                  "truth": str(files.truth), "eval": str(files.eval), "seed": str(files.seed)}
         atomic_write_json(state_path, state)
-    server = ToyWebServer(cfg, state["port"])
+    return [UrlListConfig(**s) for s in state["inputs"]], state["port"]
+
+
+@contextlib.contextmanager
+def serve_toy_web(cfg: ToyWebConfig, port: int) -> Iterator[None]:
+    from pipeline.data.toyweb_server import ToyWebServer
+
+    server = ToyWebServer(cfg, port)
     try:
         server.start()
     except RuntimeError as err:
-        raise InputError(f"toy web: cannot serve on 127.0.0.1:{state['port']} (the port this run's URL lists "
+        raise InputError(f"toy web: cannot serve on 127.0.0.1:{port} (the port this run's URL lists "
                          f"use; is another run using it?): {err}") from None
     log.info("toy web: serving %d URLs on 127.0.0.1:%d (pid %d)", cfg.num_urls, server.port, server.proc.pid)
     try:
-        yield [UrlListConfig(**s) for s in state["inputs"]]
+        yield
     finally:
         server.stop()
 
@@ -160,7 +170,7 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
     try:
         yield

@@ -142,12 +142,12 @@ def caption_rule(txt: bytes | None, meta: dict, cfg: PrefilterConfig, patterns) 
         return "caption_not_utf8"
     if not text:
         return "caption_empty"
+    if any(p.search(text) for p in patterns):  # before length: "IMG_2931.JPG" is boilerplate, not just short
+        return "caption_boilerplate"
     if len(text) < cfg.min_caption_chars or len(text.split()) < cfg.min_caption_words:
         return "caption_too_short"
     if len(text) > cfg.max_caption_chars:
         return "caption_too_long"
-    if any(p.search(text) for p in patterns):
-        return "caption_boilerplate"
     return None
 
 

@@ -1,0 +1,86 @@
+"""Session fixtures: one real Ray, one real toy-web server on 127.0.0.1, both stopped by their handles."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ToyWebConfig, load_config
+from pipeline.configtree import to_plain
+from pipeline.data.toyweb import write_toyweb
+from pipeline.data.toyweb_server import ToyWebServer
+
+ROOT = Path(__file__).resolve().parents[1]
+VLP = [sys.executable, "-m", "pipeline.cli"]
+
+# The tests' web: every fault and noise kind occurs; slow URLs answer long after the 3 s timeout.
+TEST_WEB = ToyWebConfig(num_urls=240, eval_size=40, seed_size=40, slow_seconds=20, world_seed=7,
+                         exact_duplicates=0.08, near_duplicates=0.08)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toyweb(tmp_path_factory):
+    """The toy web's lists (laion, cc3m, sbu) and a live server for them."""
+    folder = tmp_path_factory.mktemp("toyweb")
+    with ToyWebServer(TEST_WEB) as server:
+        files = write_toyweb(TEST_WEB, folder, server.port)
+        yield files
+
+
+def write_config(path: Path, toyweb_files, **sections) -> Path:
+    """A tiny run config over the session's toy web; `sections` replace top-level sections."""
+    import yaml
+
+    data = {
+        "name": "test", "ray": {"num_cpus": 2},
+        "data": {"inputs": [{"path": str(s.path), "format": s.format, "name": s.name} for s in toyweb_files.inputs]},
+        "download": {"samples_per_shard": 40, "thread_count": 16, "image_size": 48, "timeout": 3,
+                     "max_image_area": 4_000_000, "allow_private_hosts": ["127.0.0.1"]},
+        "prefilter": {"min_image_side": 32},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run(VLP + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vlp {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+__all__ = ["ROOT", "TEST_WEB", "VLP", "load_config", "to_plain", "vlp", "write_config"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, toyweb, ray_cluster):
+    """An uninterrupted download + prefilter run over the session's toy web (the yardstick)."""
+    from pipeline import runner
+
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = load_config(write_config(tmp / "c.yaml", toyweb))
+    return runner.execute(cfg, tmp / "run")
+
+
+def shard_digests(stage_dir: Path) -> dict[str, str]:
+    """{shard name: sha256} of the committed shards of a stage."""
+    import json
+
+    return {s["shard"]: s["sha256"] for s in json.loads((stage_dir / "manifest.json").read_text())["shards"]}

@@ -1,0 +1,101 @@
+"""The curation job (download + prefilter) on the toy web: real Ray, real img2dataset over HTTP on
+127.0.0.1, real tars. Outcomes are checked against the toy web's truth file, sample by sample."""
+import collections
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline import runner
+
+URL_INDEX = re.compile(r"/(\d+)\.jpg$")
+FAULT_TO_REASON = {"not_found": "http_404", "slow": "timeout", "truncated": "truncated", "corrupt": "decode_error",
+                   "html": "decode_error", "huge": "image_too_large", "noai": "opt_out"}
+
+
+@pytest.fixture(scope="module")
+def curated(reference_run, toyweb):
+    truth = {r["index"]: r for r in pq.read_table(toyweb.truth).to_pylist()}
+    return reference_run, truth
+
+
+def _index(url):
+    return int(URL_INDEX.search(url).group(1))
+
+
+def _stats(stage_dir):
+    return [json.loads(p.read_text()) for p in sorted(stage_dir.glob("*.stats.json"))]
+
+
+def test_status_adds_up(curated):
+    run, _ = curated
+    rows = json.loads(runner.status_json(run.root))["stages"]
+    assert [(r["stage"], r["round"], r["state"]) for r in rows] == [("download", 0, "done"), ("prefilter", 0, "done")]
+    for r in rows:
+        assert r["samples_in"] == r["samples_kept"] + r["samples_dropped"] + r["samples_failed"]
+        assert r["samples_dropped"] == sum(r["dropped_by_reason"].values())
+        assert r["samples_failed"] == sum(r["failed_by_reason"].values())
+        assert r["shards_done"] == r["shards_total"] == 6
+    download, prefilter = rows
+    assert download["samples_in"] == 240
+    assert prefilter["samples_in"] == download["samples_kept"]
+
+
+def test_download_outcome_of_every_url_matches_the_truth(curated):
+    run, truth = curated
+    outcome = {}
+    for stats in _stats(run.stage("download").path):
+        for rej in stats["rejects"]:
+            outcome[_index(rej["url"])] = rej["reason"]
+    for sample in wds.WebDataset(str(run.stage("download").path / "{00000..00005}.tar"), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        outcome[_index(meta["url"])] = "kept"
+        assert sample["txt"].decode() == (meta["caption"] or "")
+        assert meta["source"].startswith("toyweb-")
+    web = {i: t for i, t in truth.items() if t["split"] == "web"}
+    assert set(outcome) == set(web), "every URL in is accounted for out"
+    for i, t in web.items():
+        assert outcome[i] == FAULT_TO_REASON.get(t["fault"], "kept"), (i, t)
+    assert {FAULT_TO_REASON[t["fault"]] for t in web.values() if t["fault"] != "none"} == set(FAULT_TO_REASON.values())
+
+
+def test_shards_read_with_webdataset_and_sizes_json(curated):
+    run, _ = curated
+    folder = run.stage("prefilter").path
+    sizes = json.loads((folder / "sizes.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    count = 0
+    for sample in wds.WebDataset(str(folder / "{00000..00005}.tar"), shardshuffle=False).decode("pil"):
+        assert {"jpg", "txt", "json"} <= set(sample)
+        assert 32 <= min(sample["jpg"].size) <= 48  # keep_ratio: the short side is resized to image_size
+        assert sample["json"]["prefilter"]["phash"]
+        count += 1
+    assert count == sum(sizes.values()) == manifest["totals"]["samples_kept"]
+    assert [s["shard"] for s in manifest["shards"]] == sorted(sizes)
+
+
+def test_prefilter_decisions_match_the_truth(curated):
+    run, truth = curated
+    kept, dropped = [], collections.defaultdict(list)
+    keys_to_index = {}
+    for sample in wds.WebDataset(str(run.stage("download").path / "{00000..00005}.tar"), shardshuffle=False):
+        keys_to_index[sample["__key__"]] = _index(json.loads(sample["json"])["url"])
+    for stats in _stats(run.stage("prefilter").path):
+        for rej in stats["rejects"]:
+            dropped[rej["reason"]].append(truth[keys_to_index[rej["key"]]])
+    for sample in wds.WebDataset(str(run.stage("prefilter").path / "{00000..00005}.tar"), shardshuffle=False):
+        kept.append(truth[keys_to_index[sample["__key__"]]])
+    # caption rules drop exactly what the toy web made empty, garbage-free boilerplate or non-UTF-8
+    assert all(t["caption"] is None for t in dropped["caption_not_utf8"]) and dropped["caption_not_utf8"]
+    assert all(t["noise"] in ("empty_or_garbage", "boilerplate") for t in
+               dropped["caption_empty"] + dropped["caption_too_short"] + dropped["caption_boilerplate"])
+    assert all(max(t["width"], t["height"]) / min(t["width"], t["height"]) > 3 for t in dropped["aspect_ratio_too_large"])
+    # an exact duplicate is dropped only when the picture it copies was kept, and no kept picture repeats
+    exact_kept = collections.Counter(t["image_of"] for t in kept if not t["near_duplicate"])
+    assert max(exact_kept.values()) == 1
+    assert dropped["duplicate_exact"] and all(exact_kept[t["image_of"]] == 1 for t in dropped["duplicate_exact"])
+    kept_pictures = {t["image_of"] for t in kept}
+    true_near = [t for t in dropped["duplicate_near"] if t["image_of"] in kept_pictures]
+    assert len(true_near) >= 0.7 * len(dropped["duplicate_near"]), "near-dup drops are mostly real copies"

@@ -1,0 +1,128 @@
+"""Resume: kill -9 mid-download, a worker killed mid-shard, and config changes.
+
+The yardstick is the uninterrupted reference run: committed shards must hold the same bytes."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import psutil
+import pytest
+
+from conftest import ROOT, VLP, shard_digests, vlp, write_config
+from pipeline import runner
+from pipeline.config import load_config
+from pipeline.errors import InputError
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _totals(run_dir, stage):
+    return json.loads((run_dir / "round-0" / stage / "manifest.json").read_text())["totals"]
+
+
+def test_kill_9_mid_download_then_resume_gives_the_same_shards(tmp_path, toyweb, reference_run):
+    config = write_config(tmp_path / "c.yaml", toyweb)
+    run_dir = tmp_path / "run"
+    download_dir = run_dir / "round-0" / "download"
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # A new session: the run, its local Ray and everything they start get our SIGKILL together.
+    proc = subprocess.Popen(VLP + ["run", str(config), "--run-dir", str(run_dir), "--only", "download"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: len(list(download_dir.glob("*.stats.json"))) >= 1, 120, "a first committed shard")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (download_dir / "manifest.json").exists(), "the kill came too late to test anything"
+    committed = len(list(download_dir.glob("*.stats.json")))
+    assert 1 <= committed < 6
+    status = json.loads(vlp("status", str(run_dir), "--json").stdout)["stages"][0]
+    assert status["state"] == "incomplete" and status["shards_done"] == committed
+    assert status["samples_in"] == status["samples_kept"] + status["samples_dropped"] + status["samples_failed"]
+
+    vlp("resume", str(run_dir))
+    for stage in ("download", "prefilter"):
+        assert shard_digests(run_dir / "round-0" / stage) == shard_digests(reference_run.stage(stage).path)
+        assert _totals(run_dir, stage) == _totals(reference_run.root, stage)
+    assert not [p for p in download_dir.iterdir() if ".tmp-" in p.name], "temporary files were cleaned up"
+
+
+def _our_download_workers():
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if "download_shard" in cmd and me in {p.pid for p in proc.parents()}:
+                found.append(proc)
+        except psutil.Error:  # it ended while we looked
+            pass
+    return found
+
+
+def test_a_worker_killed_mid_shard_is_retried(tmp_path, toyweb, reference_run):
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb))
+    errors = []
+
+    def run():
+        try:
+            runner.execute(cfg, tmp_path / "run", ["download"])
+        except Exception as err:  # noqa: BLE001 (re-raised in the test thread)
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        _wait_for(lambda: bool(_our_download_workers()), 60, "a download worker")
+        victim = _our_download_workers()[0]
+        victim.kill()
+    finally:
+        thread.join(timeout=300)
+    assert not errors, errors
+    stage = tmp_path / "run" / "round-0" / "download"
+    assert shard_digests(stage) == shard_digests(reference_run.stage("download").path)
+    assert _totals(tmp_path / "run", "download") == _totals(reference_run.root, "download")
+
+
+def test_changed_config_reruns_that_stage_and_downstream(tmp_path, toyweb, reference_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    download_manifest = run_dir / "round-0" / "download" / "manifest.json"
+    before = download_manifest.stat().st_mtime_ns
+    old_fp = json.loads((run_dir / "round-0" / "prefilter" / "manifest.json").read_text())["fingerprint"]
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, prefilter={"min_caption_words": 8}))
+    runner.execute(cfg, run_dir)
+    assert download_manifest.stat().st_mtime_ns == before, "download was committed and must be skipped"
+    new = json.loads((run_dir / "round-0" / "prefilter" / "manifest.json").read_text())
+    assert new["fingerprint"] != old_fp
+    assert new["totals"]["dropped_by_reason"]["caption_too_short"] > \
+        _totals(reference_run.root, "prefilter")["dropped_by_reason"].get("caption_too_short", 0)
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, download={"image_size": 40}))
+    runner.execute(cfg, run_dir)
+    assert download_manifest.stat().st_mtime_ns != before
+    prefilter = json.loads((run_dir / "round-0" / "prefilter" / "manifest.json").read_text())
+    download = json.loads(download_manifest.read_text())
+    assert prefilter["inputs"] == [download["fingerprint"]], "prefilter re-ran on the new download"
+    assert [r["state"] for r in runner.status(run_dir)] == ["done", "done"]
+
+
+def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb))
+    with pytest.raises(InputError, match="prefilter needs the output of download"):
+        runner.execute(cfg, tmp_path / "run", ["prefilter"])

@@ -1,0 +1,126 @@
+"""Small pieces with exact answers: shard bytes, the near-duplicate index, the rules, the toy world."""
+import io
+import random
+import re
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.config import DEFAULT_BOILERPLATE, PrefilterConfig, ToyWebConfig
+from pipeline.data.imagehash import NearDuplicateIndex, dhash_bytes
+from pipeline.data.shards import read_shard, write_shard
+from pipeline.data.toyworld import ToyWorld
+from pipeline.runs import Accounting
+from stages.download import failure_reason
+from stages.prefilter import caption_rule, image_rule
+
+
+def _samples(n):
+    return [{"__key__": f"{i:09d}", "jpg": bytes([i]) * 10, "txt": f"caption {i}".encode(), "json": b"{}"}
+            for i in range(n)]
+
+
+def test_shards_are_byte_reproducible_and_webdataset_readable(tmp_path):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    write_shard(a, _samples(5))
+    write_shard(b, list(reversed(_samples(5))))  # order of arrival does not matter
+    assert a.read_bytes() == b.read_bytes()
+    got = list(wds.WebDataset(str(a), shardshuffle=False))
+    assert [s["__key__"] for s in got] == [f"{i:09d}" for i in range(5)]
+    assert [s["__key__"] for s in read_shard(a)] == [s["__key__"] for s in got]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_near_duplicate_index_agrees_with_brute_force():
+    rng = random.Random(0)
+    for distance in (0, 2, 4, 7):
+        index, stored = NearDuplicateIndex(distance), []
+        for _ in range(400):
+            base = rng.choice(stored) if stored and rng.random() < 0.5 else rng.getrandbits(64)
+            h = base
+            for bit in rng.sample(range(64), rng.randint(0, distance + 2)):
+                h ^= 1 << bit
+            brute = any((h ^ s).bit_count() <= distance for s in stored)
+            assert (index.find(h) is not None) == brute
+            if not brute:
+                index.add(h)
+                stored.append(h)
+
+
+def test_dhash_survives_resize_and_reencode_of_toy_images():
+    world = ToyWorld(ToyWebConfig(num_urls=50))
+    distances, unrelated = [], []
+    for i in range(40):
+        data = world.render(world.item(i))
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        small = io.BytesIO()
+        img.resize((img.width * 3 // 4, img.height * 3 // 4)).save(small, "JPEG", quality=70)
+        distances.append((dhash_bytes(data) ^ dhash_bytes(small.getvalue())).bit_count())
+        unrelated.append((dhash_bytes(data) ^ dhash_bytes(world.render(world.item(i + 1)))).bit_count())
+    near = PrefilterConfig().near_max_distance
+    assert sum(d <= near for d in distances) >= 0.85 * len(distances)  # copies: few bits apart
+    assert sum(d > near for d in unrelated) >= 0.95 * len(unrelated)  # different pictures: many
+
+
+CFG = PrefilterConfig()
+PATTERNS = [re.compile(p, re.IGNORECASE) for p in DEFAULT_BOILERPLATE]
+
+
+@pytest.mark.parametrize("txt, meta, reason", [
+    (b"a large red circle on the left", {}, None),
+    (b"", {}, "caption_empty"),
+    (b"   ", {}, "caption_empty"),
+    (b"", {"caption_error": "not_utf8"}, "caption_not_utf8"),
+    (b"\xff\xfe bad", {}, "caption_not_utf8"),
+    (b"cat", {}, "caption_too_short"),
+    (b"abc de", {}, None),
+    (b"x" * 1001 + b" y", {}, "caption_too_long"),
+    (b"IMG_2931.JPG", {}, "caption_boilerplate"),
+    (b"click to enlarge this", {}, "caption_boilerplate"),
+    (b"stock photo", {}, "caption_boilerplate"),
+    (b"untitled-3.png", {}, "caption_boilerplate"),
+])
+def test_caption_rules(txt, meta, reason):
+    assert caption_rule(txt, meta, CFG, PATTERNS) == reason
+
+
+@pytest.mark.parametrize("w, h, reason", [(64, 64, None), (31, 200, "image_too_small"), (40, 121, "aspect_ratio_too_large"),
+                                          (120, 40, None)])
+def test_image_rules(w, h, reason):
+    assert image_rule(w, h, CFG) == reason
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("HTTP Error 404: Not Found", "http_404"), ("timed out", "timeout"), ("The read operation timed out", "timeout"),
+    ("IncompleteRead(1000 bytes read, 2000 more expected)", "truncated"), ("Image decoding error", "decode_error"),
+    ("Use of image disallowed by X-Robots-Tag directive", "opt_out"), ("image area too large", "image_too_large"),
+    ("<urlopen error [Errno 111] Connection refused>", "connection_refused"), ("something new", "other_error"),
+])
+def test_failure_reasons(message, reason):
+    assert failure_reason(message) == reason
+
+
+def test_accounting_must_add_up():
+    acc = Accounting(samples_in=3, samples_kept=1)
+    acc.dropped["x"] += 1
+    with pytest.raises(AssertionError, match="3 samples in, but kept \\+ dropped \\+ failed = 2"):
+        acc.check("here")
+    acc.failed["y"] += 1
+    acc.check("here")
+
+
+def test_toy_world_is_deterministic_and_noisy_at_the_configured_rates():
+    cfg = ToyWebConfig(num_urls=4000)
+    a, b = ToyWorld(cfg), ToyWorld(cfg)
+    assert a.item(123) == b.item(123) and a.render(a.item(123)) == b.render(b.item(123))
+    items = [a.item(i) for i in range(4000)]
+    noisy = sum(it.noise != "none" for it in items) / 4000
+    assert abs(noisy - cfg.noise.total()) < 0.03
+    faults = sum(it.fault != "none" for it in items) / 4000
+    assert abs(faults - cfg.faults.total()) < 0.02
+    clean = [a.item(i) for i in range(4000, 4000 + cfg.eval_size)]
+    assert all(it.split == "eval" and it.noise == "none" and it.fault == "none" for it in clean)
+    for it in items:
+        if it.duplicate_of >= 0:
+            assert a.item(it.duplicate_of).render_index == it.render_index

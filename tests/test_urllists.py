@@ -1,0 +1,121 @@
+"""Each real list format is read; each bad list fails early with the file and the columns."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import UrlListConfig
+from pipeline.data.urllists import read_url_list
+from pipeline.data.urlpolicy import refusal
+from pipeline.errors import InputError
+
+
+def test_toyweb_lists_in_every_real_format(toyweb):
+    by_format = {s.format: read_url_list(s) for s in toyweb.inputs}
+    assert set(by_format) == {"laion", "cc3m", "sbu"}
+    assert sum(t.num_rows for t in by_format.values()) == 240
+    cc3m = by_format["cc3m"].to_pylist()
+    # CC3M's real file has no header: its first line is a sample
+    truth = pq.read_table(toyweb.truth).to_pylist()
+    assert cc3m[0]["url"] == truth[80]["url"]
+    for row in by_format["laion"].to_pylist() + by_format["sbu"].to_pylist():
+        assert row["url"].startswith("http://127.0.0.1:")
+
+
+def test_cc3m_without_header_and_with_bad_bytes(tmp_path):
+    path = tmp_path / "Train_GCC-training.tsv"
+    path.write_bytes(b"a dog on a sofa\thttp://e.com/1.jpg\n\xff\xfe broken\thttp://e.com/2.jpg\n"
+                     b"http://e.com/3.jpg\n\thttp://e.com/4.jpg\n")
+    rows = read_url_list(UrlListConfig(path=str(path), format="cc3m")).to_pylist()
+    assert [r["url"] for r in rows] == [f"http://e.com/{i}.jpg" for i in range(1, 5)]
+    assert rows[0]["caption"] == "a dog on a sofa" and rows[0]["caption_error"] is None
+    assert rows[1]["caption"] is None and rows[1]["caption_error"] == "not_utf8"
+    assert rows[2]["caption"] == "" and rows[3]["caption"] == ""
+    assert [r["source_row"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["source"] == "Train_GCC-training.tsv"
+
+
+def test_sbu_object_of_lists_and_list_of_records(tmp_path):
+    a = tmp_path / "sbu.json"
+    a.write_text(json.dumps({"image_urls": ["http://e.com/1.jpg", "http://e.com/2.jpg"], "captions": ["x y", None],
+                             "user_ids": ["u1", "u2"]}))
+    b = tmp_path / "sbu-records.json"
+    b.write_text(json.dumps([{"image_urls": "http://e.com/1.jpg", "captions": "x y"}]))
+    assert read_url_list(UrlListConfig(path=str(a), format="sbu")).column("caption").to_pylist() == ["x y", None]
+    assert read_url_list(UrlListConfig(path=str(b), format="sbu")).num_rows == 1
+
+
+@pytest.mark.parametrize("fmt, body", [
+    ("csv", "url,caption\nhttp://e.com/1.jpg,a cat\n"),
+    ("tsv", "url\tcaption\nhttp://e.com/1.jpg\ta cat\n"),
+    ("jsonl", '{"url": "http://e.com/1.jpg", "caption": "a cat"}\n'),
+    ("json", '[{"url": "http://e.com/1.jpg", "caption": "a cat"}]'),
+])
+def test_generic_formats(tmp_path, fmt, body):
+    path = tmp_path / f"list.{fmt}"
+    path.write_text(body)
+    rows = read_url_list(UrlListConfig(path=str(path), format=fmt)).to_pylist()
+    assert rows == [{"url": "http://e.com/1.jpg", "caption": "a cat", "caption_error": None,
+                     "source": f"list.{fmt}", "source_row": 0}]
+
+
+def test_laion_parquet_missing_columns_names_file_found_and_expected(tmp_path):
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"url": ["http://e.com/1.jpg"], "caption": ["x"]}), path)
+    with pytest.raises(InputError) as err:
+        read_url_list(UrlListConfig(path=str(path), format="laion"))
+    text = str(err.value)
+    assert str(path) in text and "lacks column(s) 'URL', 'TEXT'" in text
+    assert "found 'url', 'caption'" in text and "url_col / caption_col" in text
+    # naming the columns fixes it
+    ok = read_url_list(UrlListConfig(path=str(path), format="laion", url_col="url", caption_col="caption"))
+    assert ok.num_rows == 1
+
+
+@pytest.mark.parametrize("fmt, name, body, message", [
+    ("laion", "empty.parquet", None, "the URL list is empty"),
+    ("cc3m", "empty.tsv", b"", "the URL list is empty"),
+    ("laion", "garbage.parquet", b"not parquet at all", "cannot read as laion"),
+    ("sbu", "bad.json", b"{not json", "cannot read as sbu"),
+    ("sbu", "uneven.json", b'{"image_urls": ["a", "b"], "captions": ["x"]}', "lists of equal length"),
+    ("csv", "nocol.csv", b"link,text\nhttp://e.com/1.jpg,x\n", "found 'link', 'text'"),
+])
+def test_bad_lists(tmp_path, fmt, name, body, message):
+    path = tmp_path / name
+    if body is None:
+        pq.write_table(pa.table({"URL": pa.array([], pa.string()), "TEXT": pa.array([], pa.string())}), path)
+    else:
+        path.write_bytes(body)
+    with pytest.raises(InputError, match=message) as err:
+        read_url_list(UrlListConfig(path=str(path), format=fmt))
+    assert str(path) in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="URL list not found"):
+        read_url_list(UrlListConfig(path=str(tmp_path / "nope.tsv"), format="cc3m"))
+
+
+@pytest.mark.parametrize("url, allowed, reason", [
+    ("https://example.com/a.jpg", (), None),
+    ("http://93.184.216.34/a.jpg", (), None),
+    ("http://127.0.0.1:8000/a.jpg", (), "url_private_address"),
+    ("http://127.0.0.1:8000/a.jpg", ("127.0.0.1",), None),
+    ("http://127.0.0.2/a.jpg", ("127.0.0.1",), "url_private_address"),
+    ("http://localhost/a.jpg", (), "url_private_address"),
+    ("http://10.1.2.3/a.jpg", (), "url_private_address"),
+    ("http://192.168.0.10/a.jpg", (), "url_private_address"),
+    ("http://169.254.169.254/latest/meta-data", (), "url_private_address"),
+    ("http://[::1]/a.jpg", (), "url_private_address"),
+    ("http://[::ffff:10.0.0.1]/a.jpg", (), "url_private_address"),
+    ("http://printer.local/a.jpg", (), "url_private_address"),
+    ("ftp://example.com/a.jpg", (), "url_scheme_refused"),
+    ("file:///etc/passwd", (), "url_scheme_refused"),
+    ("data:image/png;base64,AAAA", (), "url_scheme_refused"),
+    ("", (), "url_missing"),
+    (None, (), "url_missing"),
+    ("http://example.com:99999/a.jpg", (), "url_malformed"),
+])
+def test_url_policy(url, allowed, reason):
+    assert refusal(url, frozenset(allowed)) == reason
