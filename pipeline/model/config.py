@@ -1,0 +1,53 @@
+"""Model sizes. Plain dataclasses: the model package imports only torch (and the standard library)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    vl_layers: int = 1
+    """F: the top F blocks also have a VL-FFN, used for all tokens in fusion and captioner modes."""
+    image_size: int = 32
+    patch_size: int = 8
+    max_text_len: int = 24
+    vocab_size: int = 1000
+    embed_dim: int = 128
+    """Width of the ITC projection."""
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width: {self.width} is not divisible by heads {self.heads}")
+        if not 0 <= self.vl_layers <= self.depth:
+            raise ValueError(f"vl_layers: must be in 0..depth ({self.depth}), got {self.vl_layers}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.max_text_len < 4:
+            raise ValueError("max_text_len: must be >= 4")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Named sizes. base/large follow VLMo (BEiT-style ViT-B/16 and ViT-L/16 at 224 px, 40 text tokens,
+# BERT's 30522-token vocabulary); tiny is for tests, demo learns the toy web in minutes on 2 CPU cores.
+SIZES = {
+    "tiny": ModelConfig(width=32, depth=2, heads=2, mlp_ratio=2.0, vl_layers=1, image_size=32, patch_size=8,
+                        max_text_len=16, vocab_size=512, embed_dim=32),
+    "demo": ModelConfig(width=128, depth=4, heads=4, mlp_ratio=4.0, vl_layers=1, image_size=32, patch_size=8,
+                        max_text_len=24, vocab_size=1000, embed_dim=128),
+    "base": ModelConfig(width=768, depth=12, heads=12, mlp_ratio=4.0, vl_layers=2, image_size=224, patch_size=16,
+                        max_text_len=40, vocab_size=30522, embed_dim=768),
+    "large": ModelConfig(width=1024, depth=24, heads=16, mlp_ratio=4.0, vl_layers=3, image_size=224, patch_size=16,
+                         max_text_len=40, vocab_size=30522, embed_dim=1024),
+}

@@ -1,0 +1,211 @@
+"""MoME Multiway Transformer (VLMo): one shared self-attention per block, FFN experts by modality.
+
+Routing of a block's FFN:
+  * image-only input: V-FFN in every block; text-only input: L-FFN in every block;
+  * image + text (fusion and captioner modes): V-FFN for image tokens and L-FFN for text tokens in the
+    bottom blocks, and VL-FFN for all tokens in the top `vl_layers` blocks.
+Each expert owns its pre-FFN LayerNorm, as in VLMo, so the statistics of each modality stay apart.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.model.config import ModelConfig
+
+IMAGE, TEXT = 0, 1
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+        """`mask`: bool, broadcastable to [B, heads, Tq, Tk], True where a query may attend.
+        `cache`: a dict that keeps this layer's keys/values across generation steps."""
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(b, t, w))
+
+
+class Expert(nn.Module):
+    """One FFN expert with its own pre-norm."""
+
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class MultiwayBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, with_vl: bool):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.dropout)
+        self.v_ffn = Expert(cfg.width, hidden, cfg.dropout)
+        self.l_ffn = Expert(cfg.width, hidden, cfg.dropout)
+        self.vl_ffn = Expert(cfg.width, hidden, cfg.dropout) if with_vl else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: str, n_image: int = 0,
+                cache: dict | None = None) -> torch.Tensor:
+        """route: "v", "l", "vl" (one expert for all tokens) or "split" (first n_image tokens to V-FFN,
+        the rest to L-FFN)."""
+        x = x + self.attn(self.norm(x), mask, cache)
+        if route == "split":
+            return x + torch.cat([self.v_ffn(x[:, :n_image]), self.l_ffn(x[:, n_image:])], dim=1)
+        expert = {"v": self.v_ffn, "l": self.l_ffn, "vl": self.vl_ffn}[route]
+        if expert is None:
+            raise ValueError("this block has no VL-FFN")
+        return x + expert(x)
+
+
+class MultiwayTransformer(nn.Module):
+    """Image encoder, text encoder, fusion encoder and captioner in one set of weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.image_cls = nn.Parameter(torch.zeros(1, 1, w))
+        self.image_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, w))
+        self.token_embed = nn.Embedding(cfg.vocab_size, w)
+        self.text_pos = nn.Parameter(torch.zeros(1, cfg.max_text_len, w))
+        self.type_embed = nn.Embedding(2, w)
+        first_vl = cfg.depth - cfg.vl_layers
+        self.blocks = nn.ModuleList(MultiwayBlock(cfg, with_vl=i >= first_vl) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.image_proj = nn.Linear(w, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(w, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.itm_head = nn.Linear(w, 2)
+        self.lm_norm = nn.LayerNorm(w)
+        self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is tied to token_embed
+        self.apply(_init)
+        for p in (self.image_cls, self.image_pos, self.text_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    MODES = ("encode_image", "encode_text", "fuse", "decode_step", "itm_logits", "lm_logits")
+
+    def forward(self, mode: str, *args, **kwargs):
+        """Every entry point goes through forward, e.g. `model("encode_image", images)`: DeepSpeed
+        ZeRO-3 gathers a module's partitioned parameters in hooks around its forward, and this
+        module's own parameters (CLS, positions, temperature, tied decoder) would otherwise be missed."""
+        if mode not in self.MODES:
+            raise ValueError(f"unknown mode {mode!r}; one of {', '.join(self.MODES)}")
+        return getattr(self, mode)(*args, **kwargs)
+
+    @property
+    def first_vl(self) -> int:
+        return self.cfg.depth - self.cfg.vl_layers
+
+    # --- embeddings ---------------------------------------------------------------------------
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.image_cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return x + self.image_pos + self.type_embed.weight[IMAGE]
+
+    def embed_text(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        pos = self.text_pos[:, start:start + ids.shape[1]]
+        return self.token_embed(ids) + pos + self.type_embed.weight[TEXT]
+
+    # --- modes --------------------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image encoder: (hidden states, L2-normalised ITC feature)."""
+        x = self.embed_image(images)
+        for block in self.blocks:
+            x = block(x, None, "v")
+        x = self.norm(x)
+        return x, F.normalize(self.image_proj(x[:, 0]), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text encoder: (hidden states, L2-normalised ITC feature of the [CLS] token)."""
+        x = self.embed_text(ids)
+        mask = attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, mask, "l")
+        x = self.norm(x)
+        return x, F.normalize(self.text_proj(x[:, 0]), dim=-1)
+
+    def fuse(self, images: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,
+             causal: bool = False, cache: list[dict] | None = None) -> torch.Tensor:
+        """Fusion encoder (bidirectional) or, with `causal`, the captioner: image tokens attend to image
+        tokens only, text tokens to all image tokens and to earlier text. Returns the text positions'
+        hidden states (the image positions' are never needed by a head)."""
+        img = self.embed_image(images)
+        n_img = img.shape[1]
+        x = torch.cat([img, self.embed_text(ids)], dim=1)
+        mask = joint_mask(attention_mask.bool(), n_img, causal)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, "vl" if i >= self.first_vl else "split", n_img,
+                      cache[i] if cache is not None else None)
+        return self.norm(x[:, n_img:])
+
+    def decode_step(self, ids: torch.Tensor, position: int, cache: list[dict]) -> torch.Tensor:
+        """Captioner, one new text token per sequence at text `position`, attending to everything in
+        the cache (the image and earlier text). Returns the token's hidden state [B, 1, W]."""
+        x = self.embed_text(ids, start=position)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None, "vl" if i >= self.first_vl else "l", 0, cache[i])
+        return self.norm(x)
+
+    # --- heads --------------------------------------------------------------------------------
+
+    def itm_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        return self.itm_head(text_hidden[:, 0])
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for MLM and LM (decoder tied to the token embedding)."""
+        return F.linear(self.lm_norm(hidden), self.token_embed.weight, self.lm_bias)
+
+    def new_cache(self) -> list[dict]:
+        return [{} for _ in self.blocks]
+
+
+def joint_mask(text_mask: torch.Tensor, n_image: int, causal: bool) -> torch.Tensor:
+    """Attention mask over [image tokens; text tokens], True where a query may attend a key."""
+    b, t = text_mask.shape
+    keys = torch.cat([text_mask.new_ones(b, n_image), text_mask], dim=1)  # padding never attended
+    if not causal:
+        return keys[:, None, None, :]
+    n = n_image + t
+    allowed = torch.zeros(n, n, dtype=torch.bool, device=text_mask.device)
+    allowed[:, :n_image] = True                                  # everyone sees the image
+    allowed[n_image:, n_image:] = torch.ones(t, t, dtype=torch.bool, device=text_mask.device).tril()
+    # every row keeps the image columns, so even a padded query has something to attend
+    return allowed[None, None] & keys[:, None, None, :]
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
