@@ -226,7 +226,68 @@ class PrefilterConfig:
                 raise ValueError(f"boilerplate_patterns[{i}]: not a valid regex ({err})") from None
 
 
-STAGE_ORDER = ("download", "prefilter")
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """Pretraining on Ray Train + DeepSpeed. Batch sizes are per rank; the global batch is
+    micro_batch x grad_accum x num_workers."""
+    model: Literal["tiny", "demo", "base", "large"] = "demo"
+    tokenizer: str | None = None
+    """A local tokenizer folder (transformers format); None trains a WordPiece on the run's captions."""
+    vocab_size: int = 1000
+    """Target size of a trained tokenizer (the model takes the tokenizer's real size)."""
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0
+    """DataLoader processes per rank (0: load in the training process)."""
+    zero_stage: int = 2
+    micro_batch: int = 32
+    grad_accum: int = 1
+    steps: int = 300
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward (fairscale's checkpoint_wrapper): less memory, more time."""
+    augment: bool = True
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0})
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    max_failures: int = 2
+    """Times Ray Train restarts the workers (from the last complete checkpoint) before giving up."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 1, "num_workers: must be >= 1")
+        _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("micro_batch", "grad_accum", "steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            _require(getattr(self, name) >= 1, f"{name}: must be >= 1")
+        _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
+        _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
+        _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        unknown = set(self.loss_weights) - {"itc", "itm", "mlm", "lm"}
+        _require(not unknown, f"loss_weights: unknown objective(s) {sorted(unknown)}; use itc, itm, mlm, lm")
+        _require(all(w >= 0 for w in self.loss_weights.values()) and any(self.loss_weights.values()),
+                 "loss_weights: must be >= 0 and not all 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    shards: str | None = None
+    """Eval webdataset (brace pattern). None: the toy web's clean held-out split."""
+    rerank_k: int = 16
+    """ITC top-k candidates re-ranked by ITM."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.rerank_k >= 1 and self.batch_size >= 1, "rerank_k, batch_size: must be >= 1")
+
+
+STAGE_ORDER = ("download", "prefilter", "pretrain", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,13 +296,15 @@ class RunConfig:
     """Run name; the default run directory is runs/<name>."""
     seed: int = 0
     run_dir: str | None = None
-    stages: tuple[Literal["download", "prefilter"], ...] = STAGE_ORDER
+    stages: tuple[Literal["download", "prefilter", "pretrain", "evaluate"], ...] = STAGE_ORDER
     """Stages of the graph to run, in graph order."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig
     download: DownloadConfig = field(default_factory=DownloadConfig)
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name: must not be empty")

@@ -22,7 +22,8 @@ from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
-UPSTREAM = {"download": None, "prefilter": "download"}
+TOYWEB_FORMAT = 2  # bump when the files prepare_toy_web writes change
+UPSTREAM = {"download": None, "prefilter": "download", "pretrain": "prefilter", "evaluate": "pretrain"}
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -36,20 +37,19 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     log.info("run directory %s; stages %s", run.root, ", ".join(selected))
-    lists = list(cfg.data.inputs)
-    toyweb_port = None
-    if cfg.data.toyweb is not None and "download" in selected:
-        toyweb_lists, toyweb_port = prepare_toy_web(cfg.data.toyweb, run)
-        lists = toyweb_lists + lists
+    lists, toyweb = list(cfg.data.inputs), None
+    if cfg.data.toyweb is not None:
+        toyweb = prepare_toy_web(cfg.data.toyweb, run)
+        lists = [UrlListConfig(**s) for s in toyweb["inputs"]] + lists
     with contextlib.ExitStack() as stack:
         ray_started = False
         for stage in selected:
-            job = _prepare_stage(cfg, run, stage, lists)
+            job = _prepare_stage(cfg, run, stage, lists, toyweb)
             if job is None:
                 continue
             # Start the toy web and Ray only when there is work: a committed run needs neither.
-            if stage == "download" and toyweb_port is not None:
-                stack.enter_context(serve_toy_web(cfg.data.toyweb, toyweb_port))
+            if stage == "download" and toyweb is not None:
+                stack.enter_context(serve_toy_web(cfg.data.toyweb, toyweb["port"]))
             if not ray_started:
                 stack.enter_context(ray_session(cfg))
                 ray_started = True
@@ -70,9 +70,9 @@ def _select(cfg: RunConfig, only: list[str] | None) -> list[str]:
     return [s for s in cfg.stages if s in only]
 
 
-def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, lists: list[UrlListConfig]):
+def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, lists: list[UrlListConfig], toyweb: dict | None):
     """Check a stage's inputs (before Ray starts) and return a thunk that runs it, or None if done."""
-    from stages import download, prefilter
+    from stages import download, evaluate, prefilter, pretrain
 
     out = run.stage(stage, 0)
     stage_cfg = getattr(cfg, stage)
@@ -81,11 +81,15 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, lists: list[UrlListC
         shards = download.plan(stage_cfg, tuple(lists))  # reads and checks every list: fails early
         inputs = [_list_fingerprint(spec) for spec in lists]
     else:
-        upstream = run.stage(upstream_name, 0).manifest()
+        upstream_dir = run.stage(upstream_name, 0)
+        upstream = upstream_dir.manifest()
         if upstream is None:
             raise InputError(f"{stage} needs the output of {upstream_name}, which is not committed in "
                              f"{run.root}: run it first (vlp run CONFIG --only {upstream_name},{stage})")
         inputs = [upstream["fingerprint"]]
+    if stage == "evaluate":
+        eval_shards = _eval_shards(cfg, toyweb)
+        inputs += [fingerprint("eval-shard", Path(p).name, [sha256_file(p)]) for p in eval_shards]
     fp = fingerprint(stage, to_plain(stage_cfg), inputs)
     done = out.manifest()
     if done is not None and done.get("fingerprint") == fp:
@@ -97,8 +101,26 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, lists: list[UrlListC
         log.info("%s: running (fingerprint %s)", stage, fp)
         if stage == "download":
             return ctx, download.run(stage_cfg, tuple(lists), shards, ctx)
-        return ctx, prefilter.run(stage_cfg, upstream, run.stage(upstream_name, 0).path, ctx)
+        if stage == "prefilter":
+            return ctx, prefilter.run(stage_cfg, upstream, upstream_dir.path, ctx)
+        if stage == "pretrain":
+            return ctx, pretrain.run(stage_cfg, upstream, upstream_dir.path, ctx)
+        return ctx, evaluate.run(stage_cfg, upstream_dir.path / upstream["export"], eval_shards, ctx)
     return job
+
+
+def _eval_shards(cfg: RunConfig, toyweb: dict | None) -> list[str]:
+    if cfg.evaluate.shards:
+        import braceexpand
+
+        shards = list(braceexpand.braceexpand(cfg.evaluate.shards))
+        missing = [p for p in shards if not Path(p).is_file()]
+        if missing:
+            raise InputError(f"evaluate.shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+        return shards
+    if toyweb is None:
+        raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
+    return toyweb["eval_shards"]
 
 
 def _commit(done: tuple[StageContext, dict]) -> None:
@@ -114,7 +136,7 @@ def _list_fingerprint(spec: UrlListConfig) -> str:
     return fingerprint("url-list", asdict(spec) | {"path": Path(spec.path).name}, [sha256_file(spec.path)])
 
 
-def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> tuple[list[UrlListConfig], int]:
+def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
     """Write the toy web's lists into the run, once per toy-web config; returns them and their port.
 
     The port is chosen at the first run and kept in toyweb/state.json: the URLs contain it, so a resumed
@@ -124,13 +146,14 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> tuple[list[UrlListConfig]
     folder = run.root / "toyweb"
     state_path = folder / "state.json"
     state = read_json(state_path) if state_path.is_file() else None
-    if state is None or state["config"] != to_plain(cfg):
+    if state is None or state["config"] != to_plain(cfg) or state.get("format") != TOYWEB_FORMAT:
         port = cfg.port or _free_port()
         files = write_toyweb(cfg, folder, port)
-        state = {"config": to_plain(cfg), "port": port, "inputs": [asdict(s) for s in files.inputs],
-                 "truth": str(files.truth), "eval": str(files.eval), "seed": str(files.seed)}
+        state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port, "inputs": [asdict(s) for s in files.inputs],
+                 "truth": str(files.truth), "eval": str(files.eval), "seed": str(files.seed),
+                 "eval_shards": [str(p) for p in files.eval_shards]}
         atomic_write_json(state_path, state)
-    return [UrlListConfig(**s) for s in state["inputs"]], state["port"]
+    return state
 
 
 @contextlib.contextmanager
@@ -184,7 +207,8 @@ def status(run_dir: str | Path) -> list[dict]:
 
     run = RunDir(run_dir).require()
     rows = []
-    for sd in run.stage_dirs():
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for sd in sorted(run.stage_dirs(), key=lambda d: (d.round, order.get(d.stage, len(order)), d.stage)):
         manifest, plan = sd.manifest(), sd.plan() or {}
         acc = Accounting()
         if manifest is not None:
@@ -193,15 +217,18 @@ def status(run_dir: str | Path) -> list[dict]:
             upstream = UPSTREAM.get(sd.stage)
             if upstream:
                 up = run.stage(upstream, sd.round).manifest()
-                if up is None or [up["fingerprint"]] != manifest["inputs"]:
+                if up is None or manifest["inputs"][:1] != [up["fingerprint"]]:
                     state = "stale"
         else:
             stats = sorted(sd.path.glob("*.stats.json"))
             for path in stats:
                 acc.add(read_json(path)["accounting"])
             state, done, duration = ("incomplete" if plan else "pending"), len(stats), None
-        rows.append({"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
-                     "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()})
+        row = {"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
+               "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()}
+        if manifest is not None and "metrics" in manifest:
+            row["metrics"] = manifest["metrics"]
+        rows.append(row)
     return rows
 
 
@@ -210,8 +237,14 @@ def format_status(rows: list[dict]) -> str:
     lines = [header]
     for r in rows:
         t = f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "-"
-        lines.append(f"{r['round']:>5}  {r['stage']:<10} {r['state']:<10} {r['shards_done']:>4}/{r['shards_total']:<4} "
+        shards = f"{r['shards_done']:>4}/{r['shards_total']:<4}" if r["shards_total"] else f"{'-':>6}   "
+        lines.append(f"{r['round']:>5}  {r['stage']:<10} {r['state']:<10} {shards} "
                      f"{r['samples_in']:>8} {r['samples_kept']:>8} {r['samples_dropped']:>8} {r['samples_failed']:>8} {t:>8}")
+        if "metrics" in r:
+            m = r["metrics"]
+            lines.append(f"{'':>17}retrieval on {m['pairs']} held-out pairs (chance R@1 {m['chance_r1']:.3f}): "
+                         f"ITC TR@1 {m['itc_tr_r1']:.3f} IR@1 {m['itc_ir_r1']:.3f} TR@5 {m['itc_tr_r5']:.3f} "
+                         f"IR@5 {m['itc_ir_r5']:.3f}; ITM re-rank TR@1 {m['itm_tr_r1']:.3f} IR@1 {m['itm_ir_r1']:.3f}")
         for kind in ("dropped", "failed"):
             reasons = r[f"{kind}_by_reason"]
             if reasons:

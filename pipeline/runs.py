@@ -144,10 +144,13 @@ class RunDir:
 
 
 def build_manifest(stage_dir: StageDir, fp: str, stage_config: Any, inputs: list[str],
-                   shards: list[dict], started: float, extra: dict | None = None) -> dict:
-    totals = Accounting()
-    for shard in shards:
-        totals.add(shard["accounting"])
+                   shards: list[dict], started: float, extra: dict | None = None,
+                   totals: Accounting | None = None) -> dict:
+    """The stage manifest; totals are the sum over shards unless given (stages without shards)."""
+    if totals is None:
+        totals = Accounting()
+        for shard in shards:
+            totals.add(shard["accounting"])
     totals.check(f"{stage_dir.stage} (round {stage_dir.round})")
     return {"stage": stage_dir.stage, "round": stage_dir.round, "fingerprint": fp, "config": stage_config,
             "inputs": inputs, "code_version": code_version(), "shards": shards, "totals": totals.to_json(),

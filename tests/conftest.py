@@ -45,7 +45,7 @@ def write_config(path: Path, toyweb_files, **sections) -> Path:
     import yaml
 
     data = {
-        "name": "test", "ray": {"num_cpus": 2},
+        "name": "test", "ray": {"num_cpus": 2}, "stages": ["download", "prefilter"],
         "data": {"inputs": [{"path": str(s.path), "format": s.format, "name": s.name} for s in toyweb_files.inputs]},
         "download": {"samples_per_shard": 40, "thread_count": 16, "image_size": 48, "timeout": 3,
                      "max_image_area": 4_000_000, "allow_private_hosts": ["127.0.0.1"]},

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from pipeline.config import ToyWebConfig, UrlListConfig
 from pipeline.data.toyweb_server import url_for
 from pipeline.data.toyworld import ATTRIBUTES, ToyWorld
+from pipeline.data.shards import encode_json, write_shard
 from pipeline.fsutil import atomic_path
 
 BATCH = 50_000
@@ -30,6 +31,7 @@ class ToyWebFiles:
     truth: Path
     eval: Path
     seed: Path
+    eval_shards: tuple[Path, ...]
 
 
 def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
@@ -47,7 +49,18 @@ def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
     split_eval, split_seed = folder / "eval.parquet", folder / "seed.parquet"
     _write_laion(world, split_eval, port, n, n + cfg.eval_size, with_attributes=True)
     _write_laion(world, split_seed, port, n + cfg.eval_size, world.total, with_attributes=True)
-    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed)
+    eval_shard = folder / "eval" / "00000.tar"
+    write_shard(eval_shard, (_rendered(world, i) for i in range(n, n + cfg.eval_size)))
+    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed, (eval_shard,))
+
+
+def _rendered(world: ToyWorld, index: int) -> dict:
+    """A held-out pair as a webdataset sample, rendered directly (the eval split is never downloaded
+    through the pipeline, so nothing of it can leak into training)."""
+    item = world.item(index)
+    meta = {"index": index, "caption": item.caption, "attributes": item.scene.attributes()}
+    return {"__key__": f"eval{index:09d}", "jpg": world.render(item), "txt": item.caption.encode(),
+            "json": encode_json(meta)}
 
 
 def _batches(start: int, stop: int):

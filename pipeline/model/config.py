@@ -45,7 +45,7 @@ SIZES = {
     "tiny": ModelConfig(width=32, depth=2, heads=2, mlp_ratio=2.0, vl_layers=1, image_size=32, patch_size=8,
                         max_text_len=16, vocab_size=512, embed_dim=32),
     "demo": ModelConfig(width=128, depth=4, heads=4, mlp_ratio=4.0, vl_layers=1, image_size=32, patch_size=8,
-                        max_text_len=24, vocab_size=1000, embed_dim=128),
+                        max_text_len=16, vocab_size=1000, embed_dim=128),
     "base": ModelConfig(width=768, depth=12, heads=12, mlp_ratio=4.0, vl_layers=2, image_size=224, patch_size=16,
                         max_text_len=40, vocab_size=30522, embed_dim=768),
     "large": ModelConfig(width=1024, depth=24, heads=16, mlp_ratio=4.0, vl_layers=3, image_size=224, patch_size=16,

@@ -94,7 +94,8 @@ class MultiwayTransformer(nn.Module):
         self.norm = nn.LayerNorm(w)
         self.image_proj = nn.Linear(w, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(w, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes and cannot view a 0-dim tensor
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
         self.itm_head = nn.Linear(w, 2)
         self.lm_norm = nn.LayerNorm(w)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is tied to token_embed

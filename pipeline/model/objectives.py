@@ -70,7 +70,7 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: tor
     local rows in the global batch)."""
     rank, _ = world()
     all_img, all_txt = gather(image_feat), gather(text_feat)
-    scale = logit_scale.clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
+    scale = logit_scale.clamp(max=4.6052).exp().reshape(())  # temperature >= 0.01, as CLIP
     logits = scale * all_img @ all_txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2

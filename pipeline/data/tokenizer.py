@@ -1,0 +1,72 @@
+"""Tokenizers through `transformers` (fast): built from the run's own captions or loaded from a local
+folder. Nothing is downloaded.
+
+The vocabulary is chosen deterministically: `tokenizers`' WordPiece trainer breaks frequency ties in
+hash order, and five trainings on the same captions gave five different vocabularies here, so a run
+and its re-run would train different models. We count words with the BERT normalizer and
+pre-tokenizer, keep the most frequent ones whole (ties alphabetical), add every character seen as a
+word-initial and a `##` continuation piece, and give that vocabulary to a WordPiece model: a rare word
+becomes pieces, nothing becomes [UNK] unless it has an unseen character.
+
+transformers 5 silently ignores `BertTokenizerFast(vocab_file=...)`, so we build the fast tokenizer
+from a `tokenizers` object and save/load it as a folder, and we check the vocabulary size.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Iterable
+
+from pipeline.errors import InputError
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalize = normalizers.BertNormalizer(lowercase=True)
+    split = pre_tokenizers.BertPreTokenizer()
+    words = collections.Counter()
+    for text in texts:
+        words.update(w for w, _ in split.pre_tokenize_str(normalize.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    pieces = SPECIAL + chars + [f"##{c}" for c in chars]
+    budget = max(0, vocab_size - len(pieces))
+    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:budget]
+    return {tok: i for i, tok in enumerate(pieces + frequent)}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path):
+    """Build a lowercase WordPiece tokenizer on `texts`; save it to `folder`; return it loaded."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    vocab = build_vocab(texts, vocab_size)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]")
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    loaded = load_tokenizer(folder)
+    if len(loaded) != len(vocab):
+        raise RuntimeError(f"tokenizer saved with {len(vocab)} tokens reloads with {len(loaded)}")
+    return loaded
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise InputError(f"{folder}: no tokenizer.json (a tokenizer folder saved by transformers is expected)")
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    missing = [t for t in SPECIAL if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id) and t != "[UNK]"]
+    if missing:
+        raise InputError(f"{folder}: tokenizer lacks special tokens {missing}")
+    return tok

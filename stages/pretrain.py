@@ -1,0 +1,123 @@
+"""pretrain: Ray Train `TorchTrainer` + DeepSpeed ZeRO over the upstream shards, then export.
+
+The driver (this module) prepares the tokenizer, launches the workers (stages/pretrain_loop.py), and
+after training consolidates the last complete checkpoint with DeepSpeed's zero_to_fp32 into
+`model/` (safetensors + config.yaml + tokenizer), loadable without DeepSpeed. A killed run resumes
+from its last complete checkpoint, with the same fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import PretrainConfig
+from pipeline.configtree import to_plain
+from pipeline.data.shards import read_shard
+from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
+from pipeline.errors import InputError, StageFailed
+from pipeline.model import SIZES, count_parameters, MultiwayTransformer
+from pipeline.modelio import save_pretrained
+from pipeline.runs import Accounting, build_manifest
+from pipeline.stage import StageContext
+from pipeline.train import checkpoints
+
+log = logging.getLogger("vlp")
+
+
+def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, ctx: StageContext) -> dict:
+    started = time.time()
+    samples = upstream["totals"]["samples_kept"]
+    global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_workers
+    if samples < global_batch:
+        raise InputError(f"pretrain: {samples} training samples in {upstream_dir} is fewer than one global batch "
+                         f"({global_batch} = micro_batch x grad_accum x num_workers)")
+    ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples})
+    shards = [str(upstream_dir / s["shard"]) for s in upstream["shards"] if s["samples"] > 0]
+    tokenizer_dir = _tokenizer(cfg, shards, ctx.out.path / "tokenizer")
+    model_cfg = SIZES[cfg.model].replace(vocab_size=len(load_tokenizer(tokenizer_dir)))
+    _train(cfg, model_cfg, shards, tokenizer_dir, ctx)
+
+    ckpt = checkpoints.latest_complete(ctx.out.path / "checkpoints")
+    if ckpt is None or ckpt[0] != cfg.steps:
+        raise StageFailed(f"pretrain: training ended without a complete checkpoint at step {cfg.steps}")
+    state = consolidate(ckpt[1], cfg.zero_stage)
+    n_params = count_parameters(MultiwayTransformer(model_cfg))
+    save_pretrained(ctx.out.path / "model", model_cfg, state, tokenizer_dir,
+                    {"pretrain": to_plain(cfg), "fingerprint": ctx.fingerprint, "parameters": n_params})
+    history = [json.loads(line) for line in (ctx.out.path / "metrics.jsonl").read_text().splitlines()]
+    plot_curves(history, ctx.out.path / "training_curves.png")
+    epochs = cfg.steps * global_batch / samples
+    totals = Accounting(samples_in=samples, samples_kept=samples)
+    return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), [], started,
+                          {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
+                           "final": history[-1] if history else {}, "export": "model"}, totals=totals)
+
+
+def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path) -> Path:
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer).save_pretrained(str(folder))
+    elif not (folder / "tokenizer.json").is_file():
+        captions = (s["txt"].decode("utf-8", errors="replace") for shard in shards for s in read_shard(Path(shard)))
+        tok = train_tokenizer(captions, cfg.vocab_size, folder)
+        log.info("pretrain: trained a WordPiece tokenizer of %d tokens on the run's captions", len(tok))
+    return folder
+
+
+def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from stages.pretrain_loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
+                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "seed": ctx.seed},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="pretrain", storage_path=str(ctx.out.path / "_ray"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; we say what to do)
+        raise StageFailed(f"pretrain: training failed after {cfg.max_failures} restarts: {err}. "
+                          "Complete checkpoints are kept: `vlp resume` continues from the last one.") from err
+
+
+def consolidate(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint (zero_to_fp32 for ZeRO 1-3)."""
+    if zero_stage == 0:
+        return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from cluster.deepspeed_config import import_deepspeed
+
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.fsutil import atomic_path
+
+    names = [k for k in ("loss", "itc", "itm", "mlm", "lm") if history and k in history[0]]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    steps = [h["step"] for h in history]
+    for ax, name in zip(axes[0], names):
+        ax.plot(steps, [h[name] for h in history])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""The training loop each Ray Train worker runs: DeepSpeed engine, exact resume, logging, checkpoints.
+
+Ray Train restarts this function on every worker after a worker dies (FailureConfig); it then resumes
+from the last *complete* checkpoint, restoring model, optimizer, LR schedule, RNG and data position.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster.deepspeed_config import deepspeed_config, import_deepspeed
+from pipeline.config import PretrainConfig
+from pipeline.configtree import build
+from pipeline.data.loader import StreamSpec, make_loader
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.fsutil import atomic_write_bytes
+from pipeline.model import ModelConfig, MultiwayTransformer
+from pipeline.model.objectives import Batch, SpecialTokens, pretrain_losses
+from pipeline.train import checkpoints
+
+log = logging.getLogger("vlp")
+
+
+def lr_lambda(cfg: PretrainConfig):
+    """Linear warmup to lr, then cosine down to lr x min_lr_ratio at the last step."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings of positions/CLS and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name.endswith(("_pos", "_cls")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(model_cfg: ModelConfig, activation_checkpointing: bool) -> MultiwayTransformer:
+    model = MultiwayTransformer(model_cfg)
+    if activation_checkpointing:
+        from fairscale.nn.checkpoint import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = checkpoint_wrapper(block)
+    return model
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    deepspeed = import_deepspeed()
+    cfg = build(PretrainConfig, config["pretrain"], source="pretrain")
+    model_cfg = ModelConfig(**config["model"])
+    out = Path(config["out"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    seed = config["seed"]
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    model = build_model(model_cfg, cfg.activation_checkpointing)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.weight_decay),
+        config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    device = engine.device
+    generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+    random.seed(seed * 1000 + rank)
+    np.random.seed(seed * 1000 + rank)
+
+    ckpt_dir = out / "checkpoints"
+    start, consumed = 0, {}
+    latest = checkpoints.latest_complete(ckpt_dir)
+    if latest is not None:
+        start = latest[0]
+        state = checkpoints.load(engine, ckpt_dir, start, rank)
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        generator.set_state(state["objective_rng"])
+        consumed = state["consumed"]
+        if rank == 0:
+            log.info("pretrain: resumed from the complete checkpoint at step %d", start)
+
+    tok = load_tokenizer(config["tokenizer_dir"])
+    special = SpecialTokens(pad=tok.pad_token_id, cls=tok.cls_token_id, sep=tok.sep_token_id, mask=tok.mask_token_id)
+    spec = StreamSpec(shards=tuple(config["shards"]), rank=rank, world=world, seed=seed, batch_size=cfg.micro_batch,
+                      image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len,
+                      tokenizer_dir=config["tokenizer_dir"], augment=cfg.augment, num_workers=cfg.loader_workers)
+    batches = iter(make_loader(spec, consumed))
+    metrics = MetricsLog(out, rank, start)
+    weights = dict(cfg.loss_weights)
+    window, t0, bad = {}, time.time(), 0
+    for step in range(start + 1, cfg.steps + 1):
+        for _ in range(cfg.grad_accum):
+            raw = next(batches)
+            consumed[raw["worker"]] = raw["consumed"]
+            bad = raw["bad"]
+            images = raw["images"].to(device, torch.bfloat16 if bf16 else torch.float32)
+            batch = Batch(images, raw["ids"].to(device), raw["mask"].to(device))
+            losses = pretrain_losses(engine, batch, special, weights, generator)
+            engine.backward(losses["loss"])
+            engine.step()
+            for k, v in losses.items():
+                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+        window["_steps"] = window.get("_steps", 0) + 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            samples = window["_steps"] * cfg.micro_batch * cfg.grad_accum * world
+            metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0],
+                          samples_per_s=samples / (time.time() - t0), bad_samples=bad)
+            window, t0 = {}, time.time()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoints.save(engine, ckpt_dir, step, rank, {
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(), "objective_rng": generator.get_state(),
+                "consumed": dict(consumed)}, cfg.keep_checkpoints)
+    metrics.close()
+    ray.train.report({"step": cfg.steps})
+
+
+def _mean_over_ranks(window: dict) -> dict:
+    steps = window.pop("_steps")
+    names = sorted(window)
+    t = torch.tensor([window[n] / steps for n in names], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {n: float(v) / dist.get_world_size() for n, v in zip(names, t)}
+
+
+class MetricsLog:
+    """Rank 0 writes metrics.jsonl and TensorBoard events; a resumed run first drops the lines past
+    its checkpoint, so the file always tells one consistent history."""
+
+    def __init__(self, out: Path, rank: int, start: int):
+        self.rank, self.path = rank, out / "metrics.jsonl"
+        self.tb = None
+        if rank != 0:
+            return
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= start]
+        atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+
+    def write(self, step: int, losses: dict, lr: float, **extra) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": step, "lr": lr, **{k: round(v, 6) for k, v in losses.items()}, **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step":
+                self.tb.add_scalar(f"train/{k}", v, step)
+        log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s", step, losses["loss"],
+                 ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm")),
+                 extra["samples_per_s"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
