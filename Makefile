@@ -23,6 +23,7 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python bench/download.py
+	$(VENV)/bin/python bench/train.py
 
 clean:
 	rm -rf $(VENV) runs bench/out

@@ -103,7 +103,7 @@ class MultiwayTransformer(nn.Module):
         for p in (self.image_cls, self.image_pos, self.text_pos):
             nn.init.trunc_normal_(p, std=0.02)
 
-    MODES = ("encode_image", "encode_text", "fuse", "decode_step", "itm_logits", "lm_logits")
+    MODES = ("encode_image", "encode_text", "fuse", "decode_step", "itm_logits", "lm_logits", "itc_scale")
 
     def forward(self, mode: str, *args, **kwargs):
         """Every entry point goes through forward, e.g. `model("encode_image", images)`: DeepSpeed
@@ -170,6 +170,10 @@ class MultiwayTransformer(nn.Module):
         return self.norm(x)
 
     # --- heads --------------------------------------------------------------------------------
+
+    def itc_scale(self) -> torch.Tensor:
+        """The learnable inverse temperature, capped at 100 (temperature >= 0.01) as in CLIP."""
+        return self.logit_scale.clamp(max=math.log(100)).exp().reshape(())
 
     def itm_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
         return self.itm_head(text_hidden[:, 0])

@@ -65,12 +65,11 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, logit_scale: torch.Tensor):
-    """Symmetric InfoNCE over the global batch. Returns (loss, global i2t similarities, offset of the
-    local rows in the global batch)."""
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, scale: torch.Tensor):
+    """Symmetric InfoNCE over the global batch, `scale` = 1 / temperature. Returns (loss, global i2t
+    logits, offset of the local rows in the global batch)."""
     rank, _ = world()
     all_img, all_txt = gather(image_feat), gather(text_feat)
-    scale = logit_scale.clamp(max=4.6052).exp().reshape(())  # temperature >= 0.01, as CLIP
     logits = scale * all_img @ all_txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -126,7 +125,7 @@ def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, 
     if weights.get("itc", 0) or weights.get("itm", 0):
         _, img_feat = model("encode_image", batch.images)
         _, txt_feat = model("encode_text", batch.ids, batch.mask)
-        itc, sim, offset = itc_loss(img_feat, txt_feat, model.logit_scale)
+        itc, sim, offset = itc_loss(img_feat, txt_feat, model("itc_scale"))
         out["itc"] = itc
         total = total + weights.get("itc", 0) * itc
     if weights.get("itm", 0):
