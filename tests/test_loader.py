@@ -90,3 +90,15 @@ def test_epochs_reshuffle_and_cover_every_sample(shards, tokenizer_dir):
     first, second = keys[:35], keys[35:]
     assert sorted(first) == sorted(second) and len(set(first)) == 35
     assert first != second, "a new epoch, a new order"
+
+
+def test_loader_workers_share_a_rank_without_overlap(shards, tokenizer_dir):
+    from pipeline.data.loader import make_loader
+
+    loader = make_loader(_spec(shards, tokenizer_dir, num_workers=2))
+    batches = [b for _, b in zip(range(6), loader)]
+    assert {b["worker"] for b in batches} == {0, 1}
+    # each worker's position only grows, and it is what a checkpoint stores per worker
+    for w in (0, 1):
+        positions = [b["consumed"] for b in batches if b["worker"] == w]
+        assert positions == sorted(positions)

@@ -192,3 +192,21 @@ def test_gathered_itc_over_two_gloo_ranks_equals_one_process():
         assert torch.allclose(loss, ref_loss.detach(), atol=1e-6)
         for got, want in zip(grads, ref):
             assert torch.allclose(got, want.grad, atol=1e-5), (got, want.grad)
+
+
+def test_activation_checkpointing_keeps_weights_and_results():
+    from stages.pretrain_loop import build_model
+
+    torch.manual_seed(0)
+    plain = build_model(CFG, activation_checkpointing=False)
+    torch.manual_seed(0)
+    wrapped = build_model(CFG, activation_checkpointing=True)
+    assert list(plain.state_dict()) == list(wrapped.state_dict()), "an export loads either way"
+    b = _batch()
+    weights = {"itc": 1, "itm": 0, "mlm": 0, "lm": 1}
+    a = pretrain_losses(plain, b, SPECIAL, weights)["loss"]
+    c = pretrain_losses(wrapped, b, SPECIAL, weights)["loss"]
+    a.backward()
+    c.backward()
+    assert torch.allclose(a, c)
+    assert torch.allclose(plain.blocks[0].attn.qkv.weight.grad, wrapped.blocks[0].attn.qkv.weight.grad, atol=1e-6)
