@@ -171,7 +171,7 @@ def gpu_base_bf16(steps):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     name = torch.cuda.get_device_name()
-    peak = 989e12 if "H100" in name else 989e12 if "H200" in name else None  # dense bf16 tensor-core peak
+    peak = 989e12 if ("H100" in name or "H200" in name) else None  # dense bf16 tensor-core peak (both)
     return name, micro / dt, flops / dt, (flops / dt / peak if peak else None), torch.cuda.max_memory_allocated() / 2**30
 
 

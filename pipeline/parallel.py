@@ -61,6 +61,14 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
     return results
 
 
+def run_missing_shards(out, remote_fn: Callable, jobs: dict[str, tuple], progress: Progress) -> dict[str, dict]:
+    """Stats of every shard in `jobs`: committed ones as they are, the rest by running their task."""
+    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
+    progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
+    todo = {name: args for name, args in jobs.items() if name not in done}
+    return done | run_shard_tasks(remote_fn, todo, progress, lambda s: s["accounting"]["samples_in"])
+
+
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__

@@ -91,8 +91,23 @@ class StageDir:
         path = self.stats_path(shard_name)
         return read_json(path) if path.is_file() else None
 
-    def commit_shard_stats(self, shard_name: str, stats: dict) -> None:
-        atomic_write_json(self.stats_path(shard_name), stats)
+    def commit_shard(self, name: str, samples: list[dict], acc: "Accounting", rejects: list[dict],
+                     started: float) -> dict:
+        """Write shard `name` atomically, then its stats (the commit); returns the stats."""
+        from pipeline.data.shards import write_shard
+        from pipeline.fsutil import sha256_file
+
+        acc.check(f"{self.stage} shard {name}")
+        path = self.shard_path(name)
+        write_shard(path, samples)
+        stats = {"shard": name, "samples": len(samples), "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                 "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3)}
+        atomic_write_json(self.stats_path(name), stats)
+        return stats
+
+    def write_sizes(self, summaries: list[dict]) -> None:
+        """sizes.json, open_clip's convention: {shard: samples}."""
+        atomic_write_json(self.path / "sizes.json", {s["shard"]: s["samples"] for s in summaries})
 
     def manifest(self) -> dict | None:
         path = self.path / MANIFEST
@@ -141,6 +156,11 @@ class RunDir:
                 if stage_path.is_dir() and not stage_path.name.startswith((".", "_")):
                     found.append(StageDir(stage_path, stage_path.name, int(round_dir.name.split("-")[1])))
         return found
+
+
+def shard_summary(stats: dict) -> dict:
+    """What a manifest keeps of a shard's stats (the per-sample rejects stay in the stats file)."""
+    return {k: stats[k] for k in ("shard", "samples", "sha256", "bytes", "accounting")}
 
 
 def build_manifest(stage_dir: StageDir, fp: str, stage_config: Any, inputs: list[str],

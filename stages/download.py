@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import DownloadConfig, UrlListConfig
-from pipeline.data.shards import encode_json, write_shard
+from pipeline.configtree import build
+from pipeline.data.shards import encode_json
 from pipeline.data.urllists import read_url_list
 from pipeline.data.urlpolicy import refusal
-from pipeline.fsutil import atomic_write_json, sha256_file
-from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.runs import Accounting, build_manifest
+from pipeline.parallel import Progress, run_missing_shards
+from pipeline.runs import Accounting, build_manifest, shard_summary
 from pipeline.stage import StageContext
 
 SHARD_DIGITS = 5
@@ -64,30 +64,12 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.T
     stage_cfg = dataclasses.asdict(cfg)
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, max_retries=cfg.shard_retries, retry_exceptions=True)
-    jobs, results = {}, {}
-    for shard_id, table in enumerate(shards):
-        name = shard_name(shard_id)
-        done = ctx.out.shard_stats(name)
-        if done is not None:
-            results[name] = done
-        else:
-            jobs[name] = (str(ctx.out.path), shard_id, table, stage_cfg)
-    progress = Progress("download", len(shards), samples_in)
-    progress.update(len(results), sum(r["accounting"]["samples_in"] for r in results.values()), force=True)
-    results.update(run_shard_tasks(task, jobs, progress, lambda s: s["accounting"]["samples_in"]))
-    summaries = [_summary(results[shard_name(i)]) for i in range(len(shards))]
-    manifest = build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints),
-                              summaries, started, {"lists": [dataclasses.asdict(s) for s in lists]})
-    _write_sizes(ctx.out.path, summaries)
-    return manifest
-
-
-def _summary(stats: dict) -> dict:
-    return {k: stats[k] for k in ("shard", "samples", "sha256", "bytes", "accounting")}
-
-
-def _write_sizes(folder: Path, summaries: list[dict]) -> None:
-    atomic_write_json(folder / "sizes.json", {s["shard"]: s["samples"] for s in summaries})
+    jobs = {shard_name(i): (str(ctx.out.path), i, table, stage_cfg) for i, table in enumerate(shards)}
+    results = run_missing_shards(ctx.out, task, jobs, Progress("download", len(shards), samples_in))
+    summaries = [shard_summary(results[name]) for name in jobs]
+    ctx.out.write_sizes(summaries)
+    return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints),
+                          summaries, started, {"lists": [dataclasses.asdict(s) for s in lists]})
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
@@ -96,7 +78,7 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
     """Download one shard and commit it. Safe to run again: a committed shard is returned as it is."""
     from pipeline.runs import StageDir
 
-    cfg = DownloadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stage_cfg.items()})
+    cfg = build(DownloadConfig, stage_cfg, source="download task")
     out = StageDir(Path(stage_path), "download", 0)
     name = shard_name(shard_id)
     if (done := out.shard_stats(name)) is not None:
@@ -127,13 +109,7 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
                 "round": 0, "stage": "download"}
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
-    acc.check(f"download shard {name}")
-    path = out.shard_path(name)
-    write_shard(path, samples)
-    stats = {"shard": name, "samples": len(samples), "sha256": sha256_file(path), "bytes": path.stat().st_size,
-             "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3)}
-    out.commit_shard_stats(name, stats)
-    return stats
+    return out.commit_shard(name, samples, acc, rejects, started)
 
 
 def _fetch_with_img2dataset(cfg: DownloadConfig, shard_id: int, rows: pa.Table, tmp: Path) -> dict[str, dict]:

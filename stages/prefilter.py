@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -21,10 +22,10 @@ from PIL import Image
 
 from pipeline.config import PrefilterConfig
 from pipeline.data.imagehash import NearDuplicateIndex, dhash
-from pipeline.data.shards import encode_json, read_shard, write_shard
-from pipeline.fsutil import atomic_write_json, sha256_file
-from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.runs import Accounting, StageDir, build_manifest
+from pipeline.configtree import build
+from pipeline.data.shards import encode_json, read_shard
+from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
+from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
 from pipeline.stage import StageContext
 
 
@@ -41,20 +42,12 @@ def run(cfg: PrefilterConfig, upstream: dict, upstream_dir: Path, ctx: StageCont
                             Progress("prefilter/scan", len(shards), samples_in), len)
     decisions = deduplicate(cfg, [(s["shard"], scans[s["shard"]]) for s in shards])
 
-    results, jobs = {}, {}
-    for s in shards:
-        done = ctx.out.shard_stats(s["shard"])
-        if done is not None:
-            results[s["shard"]] = done
-        else:
-            jobs[s["shard"]] = (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], decisions[s["shard"]])
+    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], decisions[s["shard"]])
+            for s in shards}
     write = ray.remote(write_shard_task).options(**options)
-    progress = Progress("prefilter/write", len(shards), samples_in)
-    progress.update(len(results), sum(r["accounting"]["samples_in"] for r in results.values()), force=True)
-    results.update(run_shard_tasks(write, jobs, progress, lambda r: r["accounting"]["samples_in"]))
-    summaries = [{k: results[s["shard"]][k] for k in ("shard", "samples", "sha256", "bytes", "accounting")}
-                 for s in shards]
-    atomic_write_json(ctx.out.path / "sizes.json", {s["shard"]: s["samples"] for s in summaries})
+    results = run_missing_shards(ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
+    summaries = [shard_summary(results[name]) for name in jobs]
+    ctx.out.write_sizes(summaries)
     return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints), summaries, started)
 
 
@@ -83,7 +76,7 @@ def deduplicate(cfg: PrefilterConfig, scans: list[tuple[str, list[dict]]]) -> di
 # --- inside the Ray tasks -------------------------------------------------------------------------
 
 def scan_shard(shard_path: str, stage_cfg: dict) -> list[dict]:
-    cfg = PrefilterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stage_cfg.items()})
+    cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
     records = []
     for sample in read_shard(Path(shard_path)):
@@ -114,8 +107,6 @@ def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
 
 
 def _json(data: bytes | None) -> dict:
-    import json
-
     if not data:
         return {}
     try:
@@ -169,10 +160,4 @@ def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[s
             continue
         (acc.dropped if verdict["outcome"] == "dropped" else acc.failed)[verdict["reason"]] += 1
         rejects.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"]})
-    acc.check(f"prefilter shard {name}")
-    path = out.shard_path(name)
-    write_shard(path, kept)
-    stats = {"shard": name, "samples": len(kept), "sha256": sha256_file(path), "bytes": path.stat().st_size,
-             "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3)}
-    out.commit_shard_stats(name, stats)
-    return stats
+    return out.commit_shard(name, kept, acc, rejects, started)

@@ -20,7 +20,7 @@ from pipeline.configtree import to_plain
 from pipeline.data.shards import read_shard
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.errors import InputError, StageFailed
-from pipeline.model import SIZES, count_parameters, MultiwayTransformer
+from pipeline.model import SIZES
 from pipeline.modelio import save_pretrained
 from pipeline.runs import Accounting, build_manifest
 from pipeline.stage import StageContext
@@ -46,7 +46,7 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, ctx: StageConte
     if ckpt is None or ckpt[0] != cfg.steps:
         raise StageFailed(f"pretrain: training ended without a complete checkpoint at step {cfg.steps}")
     state = consolidate(ckpt[1], cfg.zero_stage)
-    n_params = count_parameters(MultiwayTransformer(model_cfg))
+    n_params = sum(t.numel() for t in state.values())
     save_pretrained(ctx.out.path / "model", model_cfg, state, tokenizer_dir,
                     {"pretrain": to_plain(cfg), "fingerprint": ctx.fingerprint, "parameters": n_params})
     history = [json.loads(line) for line in (ctx.out.path / "metrics.jsonl").read_text().splitlines()]

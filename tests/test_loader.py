@@ -1,5 +1,4 @@
 """The training input pipeline and the tokenizer: splits, exact resume, bad samples, vocabulary."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -81,8 +81,7 @@ def hard_negatives(sim_i2t: torch.Tensor, all_ids: torch.Tensor, offset: int, lo
     """For each local pair, one negative text index and one negative image index into the global batch,
     sampled with probability softmax(similarity) — never the positive, nor a pair whose text is
     identical to the positive's (a false negative)."""
-    n = sim_i2t.shape[0]
-    same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [n, n], diagonal included
+    same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [global, global], diagonal included
     rows = slice(offset, offset + local)
     w_i2t = F.softmax(sim_i2t[rows].float(), dim=1).masked_fill(same_text[rows], 0)
     w_t2i = F.softmax(sim_i2t.t()[rows].float(), dim=1).masked_fill(same_text[rows], 0)
