@@ -178,9 +178,23 @@ def gpu_base_bf16(steps):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--gpu-only", action="store_true", help="only (d): for a GPU machine without DeepSpeed")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    if not args.gpu_only:
+        cpu_benchmarks(args)
+    print("\n(d) base (bf16) on one GPU")
+    gpu = gpu_base_bf16(args.steps)
+    if gpu is None:
+        print("    not measured: no GPU on this machine")
+    else:
+        name, sps, fps, mfu, mem = gpu
+        print(f"    {name}: {sps:.0f} samples/s, {fps / 1e12:.0f} TFLOP/s, "
+              f"MFU {mfu:.1%} of dense bf16 peak, peak memory {mem:.1f} GiB" if mfu else f"    {name}: {sps:.0f} samples/s")
+
+
+def cpu_benchmarks(args) -> None:
 
     demo = SIZES["demo"]
     print(f"\n(a) demo model ({count_parameters(MultiwayTransformer(demo)) / 1e6:.2f}M params), 2 ranks x 32, "
@@ -208,15 +222,6 @@ def main():
     (m0, t0), (m1, t1) = ac[False], ac[True]
     print(f"    peak RSS growth over a step: {m0:.0f} MB without, {m1:.0f} MB with ({1 - m1 / m0:.0%} less)")
     print(f"    step time:          {t0:.3f} s without, {t1:.3f} s with ({t1 / t0 - 1:+.0%})")
-
-    print("\n(d) base (bf16) on one GPU")
-    gpu = gpu_base_bf16(args.steps)
-    if gpu is None:
-        print("    not measured: no GPU on this machine")
-    else:
-        name, sps, fps, mfu, mem = gpu
-        print(f"    {name}: {sps:.0f} samples/s, {fps / 1e12:.0f} TFLOP/s, "
-              f"MFU {mfu:.1%} of dense bf16 peak, peak memory {mem:.1f} GiB" if mfu else f"    {name}: {sps:.0f} samples/s")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="per-stage state and sample accounting of a run")
     status.add_argument("run_dir")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    report = sub.add_parser("report", help="write the run's HTML report (<run>/report/index.html)")
+    report.add_argument("run_dir")
     return p
 
 
@@ -53,8 +56,10 @@ def _dispatch(args) -> int:
         logging.getLogger().setLevel(cfg.log_level)
         only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
         run = runner.execute(cfg, args.run_dir or runner.default_run_dir(cfg), only)
-        print(runner.format_status(runner.status(run.root)))
+        _print_status(run.root)
         print(f"run directory: {run.root}")
+        if (run.root / "report" / "index.html").is_file():
+            print(f"report: {run.root / 'report' / 'index.html'}")
         return 0
     if args.command == "resume":
         from pipeline.runs import RunDir
@@ -62,12 +67,32 @@ def _dispatch(args) -> int:
         run = RunDir(args.run_dir).require()
         cfg = load_config(run.config_path)
         run = runner.execute(cfg, run.root, [args.stage] if args.stage else None)
-        print(runner.format_status(runner.status(run.root)))
+        _print_status(run.root)
         return 0
     if args.command == "status":
-        print(runner.status_json(args.run_dir) if args.json else runner.format_status(runner.status(args.run_dir)))
+        if args.json:
+            print(runner.status_json(args.run_dir))
+        else:
+            _print_status(args.run_dir)
+        return 0
+    if args.command == "report":
+        from pipeline.report import write_report
+
+        print(f"report: {write_report(args.run_dir)}")
         return 0
     raise AssertionError(args.command)
+
+
+def _print_status(run_dir) -> None:
+    from pipeline import runner
+    from pipeline.measure import format_rounds, rounds
+
+    print(runner.format_status(runner.status(run_dir)))
+    per_round = rounds(run_dir)
+    if per_round:
+        print("\nper round (retrieval: ITC on the held-out pairs; filter P/R at removing noisy web pairs, "
+              "measured against the toy web's truth):")
+        print(format_rounds(per_round))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,9 @@ class DataConfig:
     """URL lists to download. Relative paths are relative to the config file."""
     toyweb: ToyWebConfig | None = None
     """Generate the inputs from the toy web and serve it on 127.0.0.1 for the run."""
+    seed_shards: str | None = None
+    """A small clean, human-captioned webdataset (brace pattern; BLIP's COCO): CapFilt fine-tunes the
+    captioner and the filter on it, and pretraining adds it to the web data. None: the toy web's seed split."""
 
     def __post_init__(self) -> None:
         _require(bool(self.inputs) or self.toyweb is not None,
@@ -255,6 +258,13 @@ class PretrainConfig:
     """Recompute each block in backward (fairscale's checkpoint_wrapper): less memory, more time."""
     augment: bool = True
     loss_weights: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0})
+    itm_easy_negatives: float = 0.0
+    """Share of ITM negatives drawn uniformly from the batch instead of by ITC similarity (hard). BLIP
+    uses hard ones only; a small model trained from scratch needs some easy ones to learn ITM at all."""
+    with_seed: bool = True
+    """Also train on the clean seed set (data.seed_shards), in every round, as BLIP adds COCO."""
+    init: Literal["fresh", "previous"] = "fresh"
+    """Rounds after 0: train a new model (BLIP) or continue from the model that cleaned the round's data."""
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -269,6 +279,7 @@ class PretrainConfig:
         _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        _rate("itm_easy_negatives", self.itm_easy_negatives)
         unknown = set(self.loss_weights) - {"itc", "itm", "mlm", "lm"}
         _require(not unknown, f"loss_weights: unknown objective(s) {sorted(unknown)}; use itc, itm, mlm, lm")
         _require(all(w >= 0 for w in self.loss_weights.values()) and any(self.loss_weights.values()),
@@ -287,7 +298,69 @@ class EvaluateConfig:
         _require(self.rerank_k >= 1 and self.batch_size >= 1, "rerank_k, batch_size: must be >= 1")
 
 
-STAGE_ORDER = ("download", "prefilter", "pretrain", "evaluate")
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Fine-tuning one copy of a pretrained model on the seed set (one process, plain AdamW)."""
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 2e-4
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.05
+    itm_easy_negatives: float = 0.5
+    """The filter's share of uniformly drawn ITM negatives (see PretrainConfig)."""
+
+    def __post_init__(self) -> None:
+        _rate("itm_easy_negatives", self.itm_easy_negatives)
+        _require(self.steps >= 1 and self.batch_size >= 1, "steps, batch_size: must be >= 1")
+        _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
+        _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapfiltConfig:
+    """BLIP's CapFilt: a captioner writes a synthetic caption per image, a filter keeps the texts
+    (web and synthetic) whose image-text match probability reaches `threshold`."""
+    model: str | None = None
+    """An exported model folder (model.safetensors + config.yaml + tokenizer/) for round 1's CapFilt,
+    e.g. for a curation job. None: the model pretrained in the previous round of this run."""
+    captioner: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=200))
+    """Fine-tuned with the LM loss."""
+    filter: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=200))
+    """Fine-tuned with ITC + ITM (hard negatives)."""
+    threshold: float = 0.5
+    """ITM match probability a text needs to be kept."""
+    prompt: str = "a picture of "
+    """Text the captioner starts from (trained on `prompt + caption`); removed from the synthetic caption."""
+    top_p: float = 0.9
+    min_len: int = 5
+    """Fewest generated tokens before [SEP] is allowed."""
+    max_len: int = 30
+    """Most text tokens in all ([CLS] and prompt included; capped by the model's max_text_len)."""
+    repetition_penalty: float = 1.0
+    batch_size: int = 64
+    actors: int = 2
+    """Ray actors, each holding the captioner and the filter, that process shards in parallel."""
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None
+    """None: one GPU per actor where the cluster has GPUs, none otherwise. Fractions share a GPU."""
+    shard_retries: int = 2
+    """Times a shard is redone after its actor died before the stage fails."""
+
+    def __post_init__(self) -> None:
+        _rate("threshold", self.threshold)
+        _require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.min_len < self.max_len, "min_len, max_len: need 0 <= min_len < max_len")
+        _require(self.repetition_penalty >= 1.0, "repetition_penalty: must be >= 1")
+        _require(self.batch_size >= 1 and self.actors >= 1, "batch_size, actors: must be >= 1")
+        _require(self.cpus_per_actor > 0, "cpus_per_actor: must be > 0")
+        _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor: must be >= 0")
+        _require(self.shard_retries >= 0, "shard_retries: must be >= 0")
+
+
+STAGE_ORDER = ("download", "prefilter", "pretrain", "evaluate", "capfilt", "report")
+ROUND_ZERO = ("download", "prefilter", "pretrain", "evaluate")
+LATER_ROUNDS = ("capfilt", "pretrain", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,8 +369,12 @@ class RunConfig:
     """Run name; the default run directory is runs/<name>."""
     seed: int = 0
     run_dir: str | None = None
-    stages: tuple[Literal["download", "prefilter", "pretrain", "evaluate"], ...] = STAGE_ORDER
-    """Stages of the graph to run, in graph order."""
+    stages: tuple[Literal["download", "prefilter", "pretrain", "evaluate", "capfilt", "report"], ...] = STAGE_ORDER
+    """Stages of the graph to run, in graph order. Round 0 runs download, prefilter, pretrain, evaluate;
+    each later round capfilt, pretrain, evaluate; report (the HTML page) comes last."""
+    rounds: int = 1
+    """Bootstrapping rounds after round 0: round r's CapFilt cleans the web data with round r-1's model
+    and round r pretrains on the result. 0: no CapFilt."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     ray: RayConfig = field(default_factory=RayConfig)
     data: DataConfig
@@ -305,11 +382,15 @@ class RunConfig:
     prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name: must not be empty")
         _require(list(self.stages) == [s for s in STAGE_ORDER if s in self.stages],
                  f"stages: must be in graph order {list(STAGE_ORDER)}, got {list(self.stages)}")
+        _require(self.rounds >= 0, f"rounds: must be >= 0, got {self.rounds}")
+        _require("capfilt" not in self.stages or self.rounds >= 1,
+                 "rounds: capfilt runs in rounds 1.., so it needs rounds >= 1")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

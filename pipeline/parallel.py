@@ -69,6 +69,62 @@ def run_missing_shards(out, remote_fn: Callable, jobs: dict[str, tuple], progres
     return done | run_shard_tasks(remote_fn, todo, progress, lambda s: s["accounting"]["samples_in"])
 
 
+def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors: int, retries: int,
+                      progress: Progress) -> tuple[dict[str, dict], int]:
+    """Stats of every shard in `jobs`: committed ones as they are, the rest by `actor.process(*args)` on a
+    pool of up to `actors` actors. An actor that dies is replaced and its shard given to the next free
+    actor, up to `retries` times per shard. Returns (stats by shard, actors replaced)."""
+    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
+    progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
+    queue = [name for name in jobs if name not in done]
+    pool = [make_actor() for _ in range(min(actors, len(queue)))]
+    inflight: dict[Any, tuple[int, str]] = {}
+    attempts: dict[str, int] = {}
+    failures: dict[str, BaseException] = {}
+    restarts = 0
+
+    def submit(slot: int) -> None:
+        name = queue.pop(0)
+        inflight[pool[slot].process.remote(*jobs[name])] = (slot, name)
+
+    for slot in range(len(pool)):
+        submit(slot)
+    while inflight:
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.interval)
+        for ref in ready:
+            slot, name = inflight.pop(ref)
+            try:
+                done[name] = ray.get(ref)
+                progress.update(1, done[name]["accounting"]["samples_in"])
+            except ray.exceptions.RayActorError as err:  # the process died: a new actor redoes the shard
+                attempts[name] = attempts.get(name, 0) + 1
+                restarts += 1
+                log.warning("%s: the actor working on shard %s died (%s); replaced, shard redone", progress.stage,
+                            name, _short(err))
+                ray.kill(pool[slot])
+                pool[slot] = make_actor()
+                if attempts[name] > retries:
+                    failures[name] = err
+                else:
+                    queue.insert(0, name)
+            except Exception as err:  # noqa: BLE001 (an error in our code or the data: not retried)
+                failures[name] = err
+                log.error("%s: shard %s failed: %s", progress.stage, name, _short(err))
+            if queue:
+                submit(slot)
+        if not ready:
+            progress.update(0, 0)
+    progress.update(0, 0, force=True)
+    for actor in pool:
+        ray.kill(actor)
+    if failures:
+        first = next(iter(failures.items()))
+        raise StageFailed(f"{progress.stage}: {len(failures)} of {len(jobs)} shards failed "
+                          f"({', '.join(sorted(failures))}); first error, shard {first[0]}: {_short(first[1])}. "
+                          "Committed shards are kept: fix the cause and run `vlp resume`.")
+    return done, restarts
+
+
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__

@@ -1,6 +1,7 @@
 """The stage graph on Ray: fingerprints each stage, skips committed work, runs the rest.
 
-download -> prefilter (round 0). A stage whose manifest carries the fingerprint we compute now is
+Round 0: download -> prefilter -> pretrain -> evaluate. Round r >= 1: capfilt (round 0's web data,
+cleaned with round r-1's model) -> pretrain -> evaluate. Then the report. A stage whose manifest carries the fingerprint we compute now is
 done and skipped; inside a stage, committed shards are skipped. So `vlp resume` is just running the
 graph again with the run's saved config.
 """
@@ -14,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import STAGE_ORDER, RunConfig, ToyWebConfig, UrlListConfig, dump_config
+from pipeline.config import (LATER_ROUNDS, ROUND_ZERO, STAGE_ORDER, RunConfig, ToyWebConfig, UrlListConfig,
+                             config_from_plain, dump_config)
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -22,8 +24,7 @@ from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
-TOYWEB_FORMAT = 2  # bump when the files prepare_toy_web writes change
-UPSTREAM = {"download": None, "prefilter": "download", "pretrain": "prefilter", "evaluate": "pretrain"}
+TOYWEB_FORMAT = 3  # bump when the files prepare_toy_web writes change
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -31,20 +32,20 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) -> RunDir:
-    """Run the stages of `cfg` (or just `only`) into `run_dir`; returns the run directory."""
+    """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory."""
     run = RunDir(run_dir)
     selected = _select(cfg, only)
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
-    log.info("run directory %s; stages %s", run.root, ", ".join(selected))
+    log.info("run directory %s; stages %s; %d bootstrapping round(s)", run.root, ", ".join(selected), cfg.rounds)
     lists, toyweb = list(cfg.data.inputs), None
     if cfg.data.toyweb is not None:
         toyweb = prepare_toy_web(cfg.data.toyweb, run)
         lists = [UrlListConfig(**s) for s in toyweb["inputs"]] + lists
     with contextlib.ExitStack() as stack:
         ray_started = False
-        for stage in selected:
-            job = _prepare_stage(cfg, run, stage, lists, toyweb)
+        for stage, round_ in schedule(cfg, selected):
+            job = _prepare_stage(cfg, run, stage, round_, lists, toyweb)
             if job is None:
                 continue
             # Start the toy web and Ray only when there is work: a committed run needs neither.
@@ -54,7 +55,38 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
                 stack.enter_context(ray_session(cfg))
                 ray_started = True
             _commit(job())
+    if "report" in selected:
+        from pipeline.report import write_report
+
+        page = write_report(run.root)
+        log.info("report: %s", page)
     return run
+
+
+def schedule(cfg: RunConfig, selected: list[str]) -> list[tuple[str, int]]:
+    """(stage, round) in the order they run: round 0, then each bootstrapping round."""
+    order = [(s, 0) for s in ROUND_ZERO if s in selected]
+    if "capfilt" not in cfg.stages:  # no bootstrapping in this config
+        return order
+    for round_ in range(1, cfg.rounds + 1):
+        order += [(s, round_) for s in LATER_ROUNDS if s in selected]
+    return order
+
+
+def upstreams(cfg: RunConfig, stage: str, round_: int) -> list[tuple[str, int]]:
+    """The committed stages whose output (stage, round) reads. CapFilt always cleans round 0's web data,
+    with the model of the previous round (or `capfilt.model` in round 1)."""
+    if stage == "download":
+        return []
+    if stage == "prefilter":
+        return [("download", 0)]
+    if stage == "pretrain":
+        return [("prefilter", 0)] if round_ == 0 else [("capfilt", round_)]
+    if stage == "evaluate":
+        return [("pretrain", round_)]
+    if stage == "capfilt":
+        return [("prefilter", 0)] + ([] if round_ == 1 and cfg.capfilt.model else [("pretrain", round_ - 1)])
+    raise ValueError(stage)
 
 
 def _select(cfg: RunConfig, only: list[str] | None) -> list[str]:
@@ -70,54 +102,85 @@ def _select(cfg: RunConfig, only: list[str] | None) -> list[str]:
     return [s for s in cfg.stages if s in only]
 
 
-def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, lists: list[UrlListConfig], toyweb: dict | None):
+def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: list[UrlListConfig],
+                   toyweb: dict | None):
     """Check a stage's inputs (before Ray starts) and return a thunk that runs it, or None if done."""
-    from stages import download, evaluate, prefilter, pretrain
+    from stages import capfilt, download, evaluate, prefilter, pretrain
 
-    out = run.stage(stage, 0)
+    out = run.stage(stage, round_)
     stage_cfg = getattr(cfg, stage)
-    upstream_name = UPSTREAM[stage]
-    if upstream_name is None:
+    ups = []
+    for up_stage, up_round in upstreams(cfg, stage, round_):
+        up_dir = run.stage(up_stage, up_round)
+        manifest = up_dir.manifest()
+        if manifest is None:
+            raise InputError(f"{stage} (round {round_}) needs the output of {up_stage} (round {up_round}), which "
+                             f"is not committed in {run.root}: run it first")
+        ups.append((up_dir, manifest))
+    inputs = [m["fingerprint"] for _, m in ups]
+    if stage == "download":
         shards = download.plan(stage_cfg, tuple(lists))  # reads and checks every list: fails early
         inputs = [_list_fingerprint(spec) for spec in lists]
-    else:
-        upstream_dir = run.stage(upstream_name, 0)
-        upstream = upstream_dir.manifest()
-        if upstream is None:
-            raise InputError(f"{stage} needs the output of {upstream_name}, which is not committed in "
-                             f"{run.root}: run it first (vlp run CONFIG --only {upstream_name},{stage})")
-        inputs = [upstream["fingerprint"]]
+    seed_shards = []
+    if stage == "capfilt" or (stage == "pretrain" and cfg.pretrain.with_seed):
+        seed_shards = _seed_shards(cfg, toyweb)
+        inputs += [fingerprint("seed-shard", Path(p).name, [sha256_file(p)]) for p in seed_shards]
+    base_model = None
+    if stage == "capfilt":
+        base_model = Path(cfg.capfilt.model) if round_ == 1 and cfg.capfilt.model else \
+            ups[1][0].path / ups[1][1]["export"]
+        if not (base_model / "model.safetensors").is_file():
+            raise InputError(f"capfilt.model: {base_model} is not an exported vlp model (no model.safetensors)")
+        if round_ == 1 and cfg.capfilt.model:
+            inputs.append(fingerprint("model", str(base_model.name), [sha256_file(base_model / "model.safetensors")]))
     if stage == "evaluate":
         eval_shards = _eval_shards(cfg, toyweb)
         inputs += [fingerprint("eval-shard", Path(p).name, [sha256_file(p)]) for p in eval_shards]
     fp = fingerprint(stage, to_plain(stage_cfg), inputs)
     done = out.manifest()
     if done is not None and done.get("fingerprint") == fp:
-        log.info("%s: already committed (fingerprint %s), skipped", stage, fp)
+        log.info("%s (round %d): already committed (fingerprint %s), skipped", stage, round_, fp)
         return None
     ctx = StageContext(run=run, out=out, fingerprint=fp, input_fingerprints=tuple(inputs), seed=cfg.seed)
 
     def job() -> tuple[StageContext, dict]:
-        log.info("%s: running (fingerprint %s)", stage, fp)
+        log.info("%s (round %d): running (fingerprint %s)", stage, round_, fp)
         if stage == "download":
             return ctx, download.run(stage_cfg, tuple(lists), shards, ctx)
+        up_dir, upstream = ups[0]
         if stage == "prefilter":
-            return ctx, prefilter.run(stage_cfg, upstream, upstream_dir.path, ctx)
+            return ctx, prefilter.run(stage_cfg, upstream, up_dir.path, ctx)
+        if stage == "capfilt":
+            return ctx, capfilt.run(stage_cfg, base_model, upstream, up_dir.path, seed_shards, ctx)
         if stage == "pretrain":
-            return ctx, pretrain.run(stage_cfg, upstream, upstream_dir.path, ctx)
-        return ctx, evaluate.run(stage_cfg, upstream_dir.path / upstream["export"], eval_shards, ctx)
+            previous = None if round_ == 0 else Path(upstream["base_model"])
+            return ctx, pretrain.run(stage_cfg, upstream, up_dir.path, seed_shards, ctx, previous)
+        return ctx, evaluate.run(stage_cfg, up_dir.path / upstream["export"], eval_shards, ctx)
     return job
+
+
+def _seed_shards(cfg: RunConfig, toyweb: dict | None) -> list[str]:
+    if cfg.data.seed_shards:
+        return _expand_shards("data.seed_shards", cfg.data.seed_shards)
+    if toyweb is None:
+        raise InputError("data.seed_shards: CapFilt and pretrain.with_seed need a clean seed set (a webdataset, "
+                         "e.g. COCO); set data.seed_shards, or pretrain.with_seed: false without CapFilt")
+    return toyweb["seed_shards"]
+
+
+def _expand_shards(name: str, pattern: str) -> list[str]:
+    import braceexpand
+
+    shards = list(braceexpand.braceexpand(pattern))
+    missing = [p for p in shards if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return shards
 
 
 def _eval_shards(cfg: RunConfig, toyweb: dict | None) -> list[str]:
     if cfg.evaluate.shards:
-        import braceexpand
-
-        shards = list(braceexpand.braceexpand(cfg.evaluate.shards))
-        missing = [p for p in shards if not Path(p).is_file()]
-        if missing:
-            raise InputError(f"evaluate.shards: {len(missing)} shard(s) not found, e.g. {missing[0]}")
-        return shards
+        return _expand_shards("evaluate.shards", cfg.evaluate.shards)
     if toyweb is None:
         raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
     return toyweb["eval_shards"]
@@ -151,7 +214,8 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
         files = write_toyweb(cfg, folder, port)
         state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port, "inputs": [asdict(s) for s in files.inputs],
                  "truth": str(files.truth), "eval": str(files.eval), "seed": str(files.seed),
-                 "eval_shards": [str(p) for p in files.eval_shards]}
+                 "eval_shards": [str(p) for p in files.eval_shards],
+                 "seed_shards": [str(p) for p in files.seed_shards]}
         atomic_write_json(state_path, state)
     return state
 
@@ -205,20 +269,24 @@ def status(run_dir: str | Path) -> list[dict]:
     """Per stage and round: state, shards done/total, the accounting, duration."""
     from pipeline.runs import Accounting
 
+    import yaml
+
     run = RunDir(run_dir).require()
+    cfg = config_from_plain(yaml.safe_load(run.config_path.read_text()), str(run.config_path))
     rows = []
-    order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    for sd in sorted(run.stage_dirs(), key=lambda d: (d.round, order.get(d.stage, len(order)), d.stage)):
+    def order(sd) -> tuple:
+        within = ROUND_ZERO if sd.round == 0 else LATER_ROUNDS
+        return sd.round, within.index(sd.stage) if sd.stage in within else len(within), sd.stage
+
+    for sd in sorted(run.stage_dirs(), key=order):
         manifest, plan = sd.manifest(), sd.plan() or {}
         acc = Accounting()
         if manifest is not None:
             acc.add(manifest["totals"])
             state, done, duration = "done", len(manifest["shards"]), manifest["duration_s"]
-            upstream = UPSTREAM.get(sd.stage)
-            if upstream:
-                up = run.stage(upstream, sd.round).manifest()
-                if up is None or manifest["inputs"][:1] != [up["fingerprint"]]:
-                    state = "stale"
+            ups = [run.stage(s, r).manifest() for s, r in upstreams(cfg, sd.stage, sd.round)]
+            if any(up is None for up in ups) or manifest["inputs"][:len(ups)] != [up["fingerprint"] for up in ups]:
+                state = "stale"
         else:
             stats = sorted(sd.path.glob("*.stats.json"))
             for path in stats:
@@ -226,8 +294,10 @@ def status(run_dir: str | Path) -> list[dict]:
             state, done, duration = ("incomplete" if plan else "pending"), len(stats), None
         row = {"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
                "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()}
-        if manifest is not None and "metrics" in manifest:
-            row["metrics"] = manifest["metrics"]
+        if manifest is not None:
+            for key in ("metrics", "pairs_out", "synthetic_share", "actor_restarts"):
+                if key in manifest:
+                    row[key] = manifest[key]
         rows.append(row)
     return rows
 
@@ -253,4 +323,7 @@ def format_status(rows: list[dict]) -> str:
 
 
 def status_json(run_dir: str | Path) -> str:
-    return json.dumps({"run_dir": str(RunDir(run_dir).root), "stages": status(run_dir)}, indent=2)
+    from pipeline.measure import rounds
+
+    return json.dumps({"run_dir": str(RunDir(run_dir).root), "stages": status(run_dir), "rounds": rounds(run_dir)},
+                      indent=2)

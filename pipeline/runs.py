@@ -92,7 +92,7 @@ class StageDir:
         return read_json(path) if path.is_file() else None
 
     def commit_shard(self, name: str, samples: list[dict], acc: "Accounting", rejects: list[dict],
-                     started: float) -> dict:
+                     started: float, extra: dict | None = None) -> dict:
         """Write shard `name` atomically, then its stats (the commit); returns the stats."""
         from pipeline.data.shards import write_shard
         from pipeline.fsutil import sha256_file
@@ -101,7 +101,8 @@ class StageDir:
         path = self.shard_path(name)
         write_shard(path, samples)
         stats = {"shard": name, "samples": len(samples), "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                 "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3)}
+                 "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3),
+                 **(extra or {})}
         atomic_write_json(self.stats_path(name), stats)
         return stats
 

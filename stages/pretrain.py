@@ -29,18 +29,28 @@ from pipeline.train import checkpoints
 log = logging.getLogger("vlp")
 
 
-def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, ctx: StageContext) -> dict:
+def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: list[str], ctx: StageContext,
+        previous_model: Path | None = None) -> dict:
+    """Train on the upstream shards (plus the seed set). In rounds after 0, `previous_model` is the model
+    that cleaned the data: its tokenizer is kept (the synthetic captions are written in it), and with
+    `init: previous` its weights are the starting point."""
     started = time.time()
-    samples = upstream["totals"]["samples_kept"]
+    web_samples = sum(s["samples"] for s in upstream["shards"])
+    seed_samples = sum(1 for p in seed_shards for _ in read_shard(Path(p)))
+    samples = web_samples + seed_samples
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_workers
     if samples < global_batch:
         raise InputError(f"pretrain: {samples} training samples in {upstream_dir} is fewer than one global batch "
                          f"({global_batch} = micro_batch x grad_accum x num_workers)")
-    ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples})
-    shards = [str(upstream_dir / s["shard"]) for s in upstream["shards"] if s["samples"] > 0]
-    tokenizer_dir = _tokenizer(cfg, shards, ctx.out.path / "tokenizer")
+    ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples, "seed_samples": seed_samples})
+    shards = [str(upstream_dir / s["shard"]) for s in upstream["shards"] if s["samples"] > 0] + list(seed_shards)
+    tokenizer_dir = _tokenizer(cfg, shards, ctx.out.path / "tokenizer", previous_model)
     model_cfg = SIZES[cfg.model].replace(vocab_size=len(load_tokenizer(tokenizer_dir)))
-    _train(cfg, model_cfg, shards, tokenizer_dir, ctx)
+    init_from = None
+    if previous_model is not None and cfg.init == "previous":
+        init_from = previous_model
+        model_cfg = load_pretrained_config(previous_model)
+    _train(cfg, model_cfg, shards, tokenizer_dir, ctx, init_from)
 
     ckpt = checkpoints.latest_complete(ctx.out.path / "checkpoints")
     if ckpt is None or ckpt[0] != cfg.steps:
@@ -55,12 +65,23 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, ctx: StageConte
     totals = Accounting(samples_in=samples, samples_kept=samples)
     return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), [], started,
                           {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
+                           "seed_samples": seed_samples, "init_from": str(init_from) if init_from else None,
                            "final": history[-1] if history else {}, "export": "model"}, totals=totals)
 
 
-def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path) -> Path:
+def load_pretrained_config(folder: Path):
+    import yaml
+
+    from pipeline.model import ModelConfig
+
+    return ModelConfig(**yaml.safe_load((folder / "config.yaml").read_text())["model"])
+
+
+def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None) -> Path:
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer).save_pretrained(str(folder))
+    elif previous_model is not None:
+        load_tokenizer(previous_model / "tokenizer").save_pretrained(str(folder))
     elif not (folder / "tokenizer.json").is_file():
         captions = (s["txt"].decode("utf-8", errors="replace") for shard in shards for s in read_shard(Path(shard)))
         tok = train_tokenizer(captions, cfg.vocab_size, folder)
@@ -68,7 +89,8 @@ def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path) -> Path:
     return folder
 
 
-def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext) -> None:
+def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext,
+           init_from: Path | None) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -78,7 +100,8 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
-                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "seed": ctx.seed},
+                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "seed": ctx.seed,
+                           "init_from": str(init_from / "model.safetensors") if init_from else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="pretrain", storage_path=str(ctx.out.path / "_ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),

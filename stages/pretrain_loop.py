@@ -72,6 +72,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(seed)  # the same initial weights on every rank
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
     model = build_model(model_cfg, cfg.activation_checkpointing)
+    if config.get("init_from"):  # continue from the previous round's model (a checkpoint, if any, wins)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(config["init_from"]))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay),
         config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
@@ -111,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
             bad = raw["bad"]
             images = raw["images"].to(device, torch.bfloat16 if bf16 else torch.float32)
             batch = Batch(images, raw["ids"].to(device), raw["mask"].to(device))
-            losses = pretrain_losses(engine, batch, special, weights, generator)
+            losses = pretrain_losses(engine, batch, special, weights, generator, cfg.itm_easy_negatives)
             engine.backward(losses["loss"])
             engine.step()
             for k, v in losses.items():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,20 @@ def write_config(path: Path, toyweb_files, **sections) -> Path:
     return path
 
 
+PRETRAIN = {"model": "tiny", "vocab_size": 200, "num_workers": 2, "zero_stage": 2, "micro_batch": 16, "steps": 12,
+            "warmup_steps": 2, "checkpoint_every": 4, "keep_checkpoints": 3, "log_every": 1}
+CAPFILT = {"prompt": "a picture of ", "batch_size": 16, "actors": 2,
+           "captioner": {"steps": 4, "batch_size": 16, "warmup_steps": 1},
+           "filter": {"steps": 4, "batch_size": 16, "warmup_steps": 1}}
+
+
+def pretrain_config(path: Path, toyweb_files, stages=("download", "prefilter", "pretrain", "evaluate"), **pretrain):
+    """The tiny config through round 0's pretrain and evaluate, with the toy web's seed and eval splits."""
+    return write_config(path, toyweb_files, pretrain={**PRETRAIN, **pretrain}, stages=list(stages),
+                        data={"seed_shards": str(toyweb_files.seed_shards[0])},
+                        evaluate={"shards": str(toyweb_files.eval_shards[0]), "rerank_k": 4})
+
+
 def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -66,7 +81,7 @@ def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.Comp
     return proc
 
 
-__all__ = ["ROOT", "TEST_WEB", "VLP", "load_config", "to_plain", "vlp", "write_config"]
+__all__ = ["CAPFILT", "ROOT", "TEST_WEB", "VLP", "load_config", "pretrain_config", "to_plain", "vlp", "write_config"]
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +92,18 @@ def reference_run(tmp_path_factory, toyweb, ray_cluster):
     tmp = tmp_path_factory.mktemp("reference")
     cfg = load_config(write_config(tmp / "c.yaml", toyweb))
     return runner.execute(cfg, tmp / "run")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, toyweb, reference_run):
+    """The reference run plus round 0's pretraining (tiny model, 12 steps) and evaluation."""
+    from pipeline import runner
+
+    tmp = tmp_path_factory.mktemp("pretrain")
+    run_dir = tmp / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    runner.execute(load_config(pretrain_config(tmp / "c.yaml", toyweb)), run_dir)
+    return run_dir
 
 
 def shard_digests(stage_dir: Path) -> dict[str, str]:

@@ -11,18 +11,12 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import ROOT, pretrain_config
 from pipeline import runner
 from pipeline.config import load_config
 
-PRETRAIN = {"model": "tiny", "vocab_size": 200, "num_workers": 2, "zero_stage": 2, "micro_batch": 16, "steps": 12,
-            "warmup_steps": 2, "checkpoint_every": 4, "keep_checkpoints": 3, "log_every": 1}
-
-
 def _config(tmp_path, toyweb, **pretrain):
-    return load_config(write_config(tmp_path / "c.yaml", toyweb, pretrain={**PRETRAIN, **pretrain},
-                                    evaluate={"shards": str(toyweb.eval_shards[0]), "rerank_k": 4},
-                                    stages=["download", "prefilter", "pretrain", "evaluate"]))
+    return load_config(pretrain_config(tmp_path / "c.yaml", toyweb, **pretrain))
 
 
 def _history(run_dir):
@@ -35,12 +29,8 @@ def _losses(history):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, toyweb, reference_run):
-    tmp = tmp_path_factory.mktemp("pretrain")
-    run_dir = tmp / "run"
-    shutil.copytree(reference_run.root, run_dir)
-    runner.execute(_config(tmp, toyweb), run_dir)
-    return run_dir
+def trained(trained_run):
+    return trained_run
 
 
 def test_trains_exports_and_evaluates(trained):

@@ -41,6 +41,8 @@ class StreamSpec:
     tokenizer_dir: str
     augment: bool = True
     num_workers: int = 0
+    caption_prefix: str = ""
+    """Text put before every caption (the captioner's prompt)."""
 
 
 class _RateLimitedLog:
@@ -107,7 +109,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 # one RNG per sample position: the same crop whether or not the run was resumed
                 rng = np.random.default_rng([s.seed, s.rank, worker, consumed]) if s.augment else None
                 images.append(decode_image(sample["jpg"], s.image_size, rng))
-                captions.append(sample["txt"].decode("utf-8"))
+                captions.append(s.caption_prefix + sample["txt"].decode("utf-8"))
             except Exception as err:  # noqa: BLE001 (a bad sample is counted and skipped)
                 bad_count += 1
                 if len(images) > len(captions):

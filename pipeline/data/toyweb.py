@@ -32,6 +32,7 @@ class ToyWebFiles:
     eval: Path
     seed: Path
     eval_shards: tuple[Path, ...]
+    seed_shards: tuple[Path, ...]
 
 
 def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
@@ -49,17 +50,19 @@ def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
     split_eval, split_seed = folder / "eval.parquet", folder / "seed.parquet"
     _write_laion(world, split_eval, port, n, n + cfg.eval_size, with_attributes=True)
     _write_laion(world, split_seed, port, n + cfg.eval_size, world.total, with_attributes=True)
-    eval_shard = folder / "eval" / "00000.tar"
-    write_shard(eval_shard, (_rendered(world, i) for i in range(n, n + cfg.eval_size)))
-    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed, (eval_shard,))
+    eval_shard, seed_shard = folder / "eval" / "00000.tar", folder / "seed" / "00000.tar"
+    write_shard(eval_shard, (_rendered(world, i, "eval") for i in range(n, n + cfg.eval_size)))
+    write_shard(seed_shard, (_rendered(world, i, "seed") for i in range(n + cfg.eval_size, world.total)))
+    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed, (eval_shard,), (seed_shard,))
 
 
-def _rendered(world: ToyWorld, index: int) -> dict:
-    """A held-out pair as a webdataset sample, rendered directly (the eval split is never downloaded
-    through the pipeline, so nothing of it can leak into training)."""
+def _rendered(world: ToyWorld, index: int, split: str) -> dict:
+    """A clean pair as a webdataset sample, rendered directly: the held-out eval split is never
+    downloaded through the pipeline, so nothing of it can leak into training; the seed split stands
+    for a curated data set such as COCO, which one has on disk rather than crawls."""
     item = world.item(index)
     meta = {"index": index, "caption": item.caption, "attributes": item.scene.attributes()}
-    return {"__key__": f"eval{index:09d}", "jpg": world.render(item), "txt": item.caption.encode(),
+    return {"__key__": f"{split}{index:09d}", "jpg": world.render(item), "txt": item.caption.encode(),
             "json": encode_json(meta)}
 
 

@@ -77,14 +77,19 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, scale: torch.Ten
 
 
 def hard_negatives(sim_i2t: torch.Tensor, all_ids: torch.Tensor, offset: int, local: int,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None = None, easy: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local pair, one negative text index and one negative image index into the global batch,
     sampled with probability softmax(similarity) — never the positive, nor a pair whose text is
-    identical to the positive's (a false negative)."""
+    identical to the positive's (a false negative). `easy` mixes in that share of uniform probability:
+    a small model trained from scratch sees ITM stay at its prior on hard negatives alone."""
     same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [global, global], diagonal included
     rows = slice(offset, offset + local)
-    w_i2t = F.softmax(sim_i2t[rows].float(), dim=1).masked_fill(same_text[rows], 0)
-    w_t2i = F.softmax(sim_i2t.t()[rows].float(), dim=1).masked_fill(same_text[rows], 0)
+
+    def weights(sim: torch.Tensor) -> torch.Tensor:
+        p = F.softmax(sim.float(), dim=1)
+        return ((1 - easy) * p + easy / p.shape[1]).masked_fill(same_text[rows], 0)
+
+    w_i2t, w_t2i = weights(sim_i2t[rows]), weights(sim_i2t.t()[rows])
     neg_text = _sample(w_i2t, generator)
     neg_image = _sample(w_t2i, generator)
     return neg_text, neg_image
@@ -117,8 +122,9 @@ def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special: Specia
 
 
 def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, special: SpecialTokens, weights: dict[str, float],
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """All weighted objectives for one batch; "loss" is what to call backward on."""
+                    generator: torch.Generator | None = None, itm_easy: float = 0.0) -> dict[str, torch.Tensor]:
+    """All weighted objectives for one batch; "loss" is what to call backward on. `itm_easy`: share of
+    uniform (easy) ITM negatives, see hard_negatives."""
     out: dict[str, torch.Tensor] = {}
     total = batch.images.new_zeros(())
     if weights.get("itc", 0) or weights.get("itm", 0):
@@ -130,7 +136,7 @@ def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, 
     if weights.get("itm", 0):
         b = batch.images.shape[0]
         all_images, all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.images, batch.ids, batch.mask))
-        neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator)
+        neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator, itm_easy)
         images = torch.cat([batch.images, batch.images, all_images[neg_image]])
         ids = torch.cat([batch.ids, all_ids[neg_text], batch.ids])
         mask = torch.cat([batch.mask, all_mask[neg_text], batch.mask])

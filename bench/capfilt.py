@@ -1,0 +1,154 @@
+"""CapFilt benchmarks, each comparing two ways of doing the same work in one run.
+
+(a) caption generation with vs without the KV cache (tokens/s and ratio; greedy, so both produce the
+    same tokens, checked);
+(b) filter (ITM) pairs/s at batch 1 vs batch 64;
+(c) the capfilt stage's shard processing, shards/s with 1 vs 2 Ray actors (CPU; needs Ray, skipped
+    with --no-actors).
+
+    .venv/bin/python bench/capfilt.py [--model demo] [--tokens 30] [--no-actors]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.model import SIZES, MultiwayTransformer  # noqa: E402
+from pipeline.model.generate import generate  # noqa: E402
+
+CLS, SEP, PAD = 2, 3, 0
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def kv_cache(cfg, device, dtype, batch: int, tokens: int, repeats: int = 3) -> dict:
+    model = MultiwayTransformer(cfg).to(device, dtype).eval()
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+    prompt = torch.full((batch, 1), CLS, device=device)
+    result = {}
+    outputs = {}
+    for use_cache in (True, False):
+        generate(model, images, prompt, sep_id=-1, pad_id=PAD, max_len=tokens + 1, top_p=None, use_cache=use_cache)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            # sep_id -1: never stops early, so both ways generate exactly `tokens` tokens
+            outputs[use_cache] = generate(model, images, prompt, sep_id=-1, pad_id=PAD, max_len=tokens + 1,
+                                          top_p=None, use_cache=use_cache)
+        _sync(device)
+        result[use_cache] = batch * tokens * repeats / (time.perf_counter() - t0)
+    same = bool((outputs[True] == outputs[False]).float().mean() > 0.99)
+    return {"with": result[True], "without": result[False], "same_tokens": same}
+
+
+def filter_batches(cfg, device, dtype, pairs: int = 256) -> dict:
+    model = MultiwayTransformer(cfg).to(device, dtype).eval()
+    images = torch.randn(pairs, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+    ids = torch.randint(5, cfg.vocab_size, (pairs, cfg.max_text_len), device=device)
+    ids[:, 0] = CLS
+    mask = torch.ones_like(ids)
+    out = {}
+    with torch.no_grad():
+        for bs in (1, 64):
+            model("itm_logits", model("fuse", images[:bs], ids[:bs], mask[:bs]))
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(0, pairs, bs):
+                model("itm_logits", model("fuse", images[i:i + bs], ids[i:i + bs], mask[i:i + bs])).softmax(-1)
+            _sync(device)
+            out[bs] = pairs / (time.perf_counter() - t0)
+    return out
+
+
+def actors(workdir: Path) -> dict:
+    """The real capfilt stage over the toy web's tiny run: 1 vs 2 actors on the same shards."""
+    import ray
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import CAPFILT, PRETRAIN, TEST_WEB  # the tests' tiny web and settings
+    from pipeline import runner
+    from pipeline.config import load_config
+    from pipeline.data.toyweb import write_toyweb
+    from pipeline.data.toyweb_server import ToyWebServer
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+    try:
+        with ToyWebServer(TEST_WEB) as server:
+            files = write_toyweb(TEST_WEB, workdir / "web", server.port)
+            data = {"name": "bench", "ray": {"num_cpus": 2}, "rounds": 1,
+                    "stages": ["download", "prefilter", "pretrain", "capfilt"],
+                    "data": {"inputs": [{"path": str(s.path), "format": s.format, "name": s.name} for s in files.inputs],
+                             "seed_shards": str(files.seed_shards[0])},
+                    "download": {"samples_per_shard": 40, "image_size": 48, "timeout": 3,
+                                 "allow_private_hosts": ["127.0.0.1"]},
+                    "pretrain": PRETRAIN, "capfilt": {**CAPFILT, "threshold": 0.0}}
+            cfg_path = workdir / "c.yaml"
+            cfg_path.write_text(yaml.safe_dump(data))
+            base = workdir / "base"
+            runner.execute(load_config(cfg_path), base, ["download", "prefilter", "pretrain"])
+        out = {}
+        for n in (1, 2, 1, 2):  # alternate, keep the better of two
+            run = workdir / f"actors{n}"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.copytree(base, run)
+            cfg = load_config(cfg_path, [f"capfilt.actors={n}"])
+            runner.execute(cfg, run, ["capfilt"])  # fine-tunes, then processes the shards
+            stage = run / "round-1" / "capfilt"
+            manifest = __import__("json").loads((stage / "manifest.json").read_text())
+            # time of the shard phase only: from the fine-tuned models' export to the manifest
+            t_models = max((stage / r / "model.safetensors").stat().st_mtime for r in ("captioner", "filter"))
+            rate = len(manifest["shards"]) / (manifest["finished"] - t_models)
+            out[n] = max(out.get(n, 0.0), rate)
+        return out
+    finally:
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo", choices=sorted(SIZES))
+    parser.add_argument("--tokens", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--no-actors", action="store_true")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = SIZES[args.model]
+    cfg = cfg.replace(max_text_len=max(cfg.max_text_len, args.tokens + 1))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}; model {args.model} ({dtype})")
+
+    kv = kv_cache(cfg, device, dtype, args.batch, args.tokens)
+    print(f"\n(a) generation, batch {args.batch}, {args.tokens} tokens, greedy")
+    print(f"    with KV cache    {kv['with']:9.0f} tokens/s\n    without KV cache {kv['without']:9.0f} tokens/s\n"
+          f"    ratio {kv['with'] / kv['without']:.1f}x (target >= 3x); same tokens: {kv['same_tokens']}")
+
+    fb = filter_batches(cfg, device, dtype)
+    print("\n(b) filter (ITM), 256 pairs")
+    print(f"    batch 1  {fb[1]:8.0f} pairs/s\n    batch 64 {fb[64]:8.0f} pairs/s\n    ratio {fb[64] / fb[1]:.1f}x")
+
+    if args.no_actors:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        sp = actors(Path(tmp))
+    print("\n(c) capfilt stage on the tests' tiny run (6 shards, tiny model), shard phase only, best of 2")
+    print(f"    1 actor  {sp[1]:.2f} shards/s\n    2 actors {sp[2]:.2f} shards/s\n    ratio {sp[2] / sp[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""What a run achieved, round over round, and — on the toy web — how good the filter is against the truth.
+
+The pipeline itself never reads the toy web's truth file; only these measurements do. A noisy pair is
+one whose published caption does not describe its image (mismatched, boilerplate, wrong attribute,
+empty or garbage). The filter *removes* a pair when it rejects its web caption; precision and recall
+of that removal are measured over the pairs that entered CapFilt.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+from pipeline.fsutil import read_json
+from pipeline.runs import RunDir
+
+
+def load_truth(run: RunDir) -> dict[str, dict] | None:
+    """{url: truth row} of the run's toy web, or None for a run over other data."""
+    path = run.root / "toyweb" / "truth.parquet"
+    if not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["url", "noise", "noisy", "split"])
+    return {row["url"]: row for row in table.to_pylist()}
+
+
+def decisions(stage_path: Path) -> list[dict]:
+    out = []
+    for path in sorted(stage_path.glob("*.decisions.json")):
+        out.extend(read_json(path))
+    return out
+
+
+def filter_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
+    """Precision and recall of the filter at removing noisy web pairs (None if no pair is in the truth)."""
+    known = [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
+    if not known:
+        return None
+    removed = [not d["web_kept"] for d, _ in known]
+    noisy = [t["noisy"] for _, t in known]
+    tp = sum(r and n for r, n in zip(removed, noisy))
+    by_kind = collections.defaultdict(lambda: [0, 0])  # kind -> [removed, total]
+    for (d, t), r in zip(known, removed):
+        by_kind[t["noise"]][0] += r
+        by_kind[t["noise"]][1] += 1
+    return {"pairs": len(known), "noisy": sum(noisy), "removed": sum(removed),
+            "precision": round(tp / sum(removed), 4) if sum(removed) else None,
+            "recall": round(tp / sum(noisy), 4) if sum(noisy) else None,
+            "removed_by_noise": {k: {"removed": v[0], "of": v[1]} for k, v in sorted(by_kind.items())}}
+
+
+def rounds(run_dir: str | Path) -> list[dict]:
+    """One row per pretraining round: training samples, synthetic share, retrieval, filter quality."""
+    run = RunDir(run_dir)
+    truth = None
+    rows = []
+    for round_dir in sorted(run.root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        r = int(round_dir.name.split("-")[1])
+        pretrain, evaluate, capfilt = (run.stage(s, r).manifest() for s in ("pretrain", "evaluate", "capfilt"))
+        if pretrain is None and capfilt is None:
+            continue
+        row: dict = {"round": r}
+        if capfilt is not None:
+            t = capfilt["totals"]
+            row.update(capfilt_in=t["samples_in"], capfilt_kept=t["samples_kept"], pairs_out=capfilt["pairs_out"],
+                       synthetic_share=capfilt["synthetic_share"])
+            truth = truth if truth is not None else load_truth(run)
+            if truth is not None:
+                row["filter"] = filter_quality(decisions(run.stage("capfilt", r).path), truth)
+        if pretrain is not None:
+            row["train_samples"] = pretrain["totals"]["samples_in"]
+        if evaluate is not None:
+            m = evaluate["metrics"]
+            row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"])
+        rows.append(row)
+    return rows
+
+
+def format_rounds(rows: list[dict]) -> str:
+    def f(v, pattern="{:.3f}"):
+        return "-" if v is None else pattern.format(v)
+
+    lines = [f"{'round':>5}  {'capfilt in':>10} {'kept':>6} {'pairs out':>9} {'synthetic':>9} {'train':>7} "
+             f"{'TR@1':>6} {'IR@1':>6} {'filter P':>8} {'filter R':>8}"]
+    for r in rows:
+        flt = r.get("filter") or {}
+        lines.append(f"{r['round']:>5}  {f(r.get('capfilt_in'), '{}'):>10} {f(r.get('capfilt_kept'), '{}'):>6} "
+                     f"{f(r.get('pairs_out'), '{}'):>9} {f(r.get('synthetic_share'), '{:.1%}'):>9} "
+                     f"{f(r.get('train_samples'), '{}'):>7} {f(r.get('tr_r1')):>6} {f(r.get('ir_r1')):>6} "
+                     f"{f(flt.get('precision')):>8} {f(flt.get('recall')):>8}")
+    return "\n".join(lines)

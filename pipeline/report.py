@@ -1,0 +1,258 @@
+"""`vlp report RUN_DIR`: one static HTML page (PNG charts and sample images beside it, no server, no
+scripts) that shows where every sample went and what CapFilt did, round over round.
+
+Written to `<run>/report/` as a whole: built in a temporary folder and renamed into place.
+"""
+from __future__ import annotations
+
+import collections
+import html
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.data.shards import read_shard
+from pipeline.fsutil import atomic_path
+from pipeline.measure import decisions, format_rounds, load_truth, rounds
+from pipeline.runner import status
+from pipeline.runs import RunDir
+
+SAMPLES_PER_VERDICT = 6
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write the report of a run; returns the path of its index.html."""
+    run = RunDir(run_dir).require()
+    final = run.root / "report"
+    with atomic_path(final) as tmp:
+        tmp.mkdir(parents=True)
+        page = _build(run, tmp)
+        (tmp / "index.html").write_text(page)
+        if final.exists():
+            shutil.rmtree(final)
+    return final / "index.html"
+
+
+def _build(run: RunDir, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    stages = status(run.root)
+    round_rows = rounds(run.root)
+    truth = load_truth(run)
+    capfilt_rounds = [r["round"] for r in round_rows if "capfilt_in" in r]
+    last_capfilt = run.stage("capfilt", capfilt_rounds[-1]) if capfilt_rounds else None
+    decided = decisions(last_capfilt.path) if last_capfilt else []
+    parts = [f"<h1>vlp run report: {html.escape(run.root.name)}</h1>",
+             f"<p>Run directory <code>{html.escape(str(run.root))}</code>.</p>"]
+
+    parts.append("<h2>Accounting funnel</h2><p>Every sample that entered a stage is kept, dropped (with a "
+                 "reason) or failed (with an error).</p>")
+    _funnel_chart(stages, out / "funnel.png")
+    parts.append('<img src="funnel.png" alt="accounting funnel per stage">')
+    parts.append(_stage_table(stages))
+
+    fates = _fates_by_source(run, decided, truth)
+    if fates:
+        parts.append("<h2>Noise per source</h2><p>What became of each source's URLs, stage by stage"
+                     + (" (and, on the toy web, how many of its captions are truly noisy)" if truth else "") + ".</p>")
+        _source_chart(fates, out / "sources.png")
+        parts.append('<img src="sources.png" alt="fates per source">')
+        parts.append(_source_table(fates, truth))
+
+    if decided:
+        parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
+                     "<p>ITM match probability the filter gave each web caption and each synthetic caption.</p>")
+        _score_chart(decided, truth, float(run.stage("capfilt", last_capfilt.round).manifest()["config"]["threshold"]),
+                     out / "scores.png")
+        parts.append('<img src="scores.png" alt="histograms of filter scores">')
+        parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")
+        parts.append(_sample_grid(run, decided, truth, out))
+
+    if round_rows:
+        parts.append("<h2>Round over round</h2>")
+        if any("tr_r1" in r for r in round_rows):
+            _rounds_chart(round_rows, out / "rounds.png")
+            parts.append('<img src="rounds.png" alt="retrieval per round">')
+        parts.append(f"<pre>{html.escape(format_rounds(round_rows))}</pre>")
+        for r in round_rows:
+            curves = run.stage("pretrain", r["round"]).path / "training_curves.png"
+            if curves.is_file():
+                shutil.copy(curves, out / f"training_round{r['round']}.png")
+                parts.append(f"<h3>Training curves, round {r['round']}</h3>"
+                             f'<img src="training_round{r["round"]}.png" alt="training curves round {r["round"]}">')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
+             ".grid{display:grid;grid-template-columns:repeat(3,1fr);gap:10px}.card{border:1px solid #ddd;padding:6px;"
+             "font-size:12px}.card img{width:96px;height:96px;image-rendering:pixelated;float:left;margin-right:8px}"
+             ".kept{color:#070}.rejected{color:#b00}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vlp report {html.escape(run.root.name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _stage_table(stages: list[dict]) -> str:
+    rows = ["<table><tr><th>round</th><th>stage</th><th>state</th><th>in</th><th>kept</th><th>dropped</th>"
+            "<th>failed</th><th>reasons</th></tr>"]
+    for s in stages:
+        reasons = "; ".join(f"{k} {v}" for k, v in {**s["dropped_by_reason"], **s["failed_by_reason"]}.items())
+        rows.append(f"<tr><td>{s['round']}</td><td>{s['stage']}</td><td>{s['state']}</td><td>{s['samples_in']}</td>"
+                    f"<td>{s['samples_kept']}</td><td>{s['samples_dropped']}</td><td>{s['samples_failed']}</td>"
+                    f"<td>{html.escape(reasons)}</td></tr>")
+    return "".join(rows) + "</table>"
+
+
+def _funnel_chart(stages: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in stages if s["stage"] in ("download", "prefilter", "capfilt")]
+    labels = [f"{s['stage']}\nround {s['round']}" for s in shown]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    kept = [s["samples_kept"] for s in shown]
+    dropped = [s["samples_dropped"] for s in shown]
+    failed = [s["samples_failed"] for s in shown]
+    ax.bar(labels, kept, label="kept", color="#4a4")
+    ax.bar(labels, dropped, bottom=kept, label="dropped", color="#da4")
+    ax.bar(labels, failed, bottom=[k + d for k, d in zip(kept, dropped)], label="failed", color="#c44")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> dict[str, collections.Counter]:
+    """{source: Counter of fates} over every URL of round 0's download."""
+    download = run.stage("download", 0)
+    if download.manifest() is None:
+        return {}
+    prefilter = run.stage("prefilter", 0)
+    dropped = {}
+    for stats in prefilter.path.glob("*.stats.json"):
+        for r in json.loads(stats.read_text())["rejects"]:
+            dropped[r["key"]] = r["reason"]
+    capfilt = {d["key"]: d for d in decided}
+    fates: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for stats in download.path.glob("*.stats.json"):
+        for r in json.loads(stats.read_text())["rejects"]:
+            fates[r.get("source", "?")]["download failed"] += 1
+            fates[r.get("source", "?")]["_noisy"] += bool(truth and truth.get(r.get("url"), {}).get("noisy"))
+    for tar in sorted(download.path.glob("*.tar")):
+        for sample in read_shard(tar):
+            meta = json.loads(sample["json"])
+            key, source = sample["__key__"], meta.get("source", "?")
+            if key in dropped:
+                fates[source]["prefilter dropped"] += 1
+            elif key in capfilt:
+                fates[source]["web caption kept" if capfilt[key]["web_kept"] else "web caption rejected"] += 1
+            else:
+                fates[source]["kept (no capfilt)"] += 1
+            fates[source]["_noisy"] += bool(truth and truth.get(meta.get("url"), {}).get("noisy"))
+    for source, counter in fates.items():
+        counter["_urls"] = sum(v for k, v in counter.items() if not k.startswith("_"))
+    return dict(sorted(fates.items()))
+
+
+FATES = ("download failed", "prefilter dropped", "web caption rejected", "web caption kept", "kept (no capfilt)")
+FATE_COLOURS = ("#c44", "#da4", "#a6c", "#4a4", "#8c8")
+
+
+def _source_chart(fates: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(fates)))
+    names = list(fates)
+    left = [0.0] * len(names)
+    for fate, colour in zip(FATES, FATE_COLOURS):
+        share = [fates[n][fate] / max(1, fates[n]["_urls"]) for n in names]
+        ax.barh(names, share, left=left, label=fate, color=colour)
+        left = [a + b for a, b in zip(left, share)]
+    ax.set_xlabel("share of the source's URLs")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def _source_table(fates: dict, truth: dict | None) -> str:
+    head = "".join(f"<th>{f}</th>" for f in FATES) + ("<th>noisy captions (truth)</th>" if truth else "")
+    rows = [f"<table><tr><th>source</th><th>URLs</th>{head}</tr>"]
+    for name, counter in fates.items():
+        cells = "".join(f"<td>{counter[f]}</td>" for f in FATES)
+        if truth:
+            cells += f"<td>{counter['_noisy']} ({counter['_noisy'] / max(1, counter['_urls']):.0%})</td>"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{counter['_urls']}</td>{cells}</tr>")
+    return "".join(rows) + "</table>"
+
+
+def _score_chart(decided: list[dict], truth: dict | None, threshold: float, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
+    bins = [i / 20 for i in range(21)]
+    web = [d["web_score"] for d in decided]
+    if truth is not None:
+        clean = [d["web_score"] for d in decided if d.get("url") in truth and not truth[d["url"]]["noisy"]]
+        noisy = [d["web_score"] for d in decided if d.get("url") in truth and truth[d["url"]]["noisy"]]
+        axes[0].hist([clean, noisy], bins=bins, stacked=True, label=["clean (truth)", "noisy (truth)"],
+                     color=["#4a4", "#c44"])
+        axes[0].legend(fontsize=7)
+    else:
+        axes[0].hist(web, bins=bins, color="#48c")
+    axes[0].set_title("web captions")
+    axes[1].hist([d["synthetic_score"] for d in decided], bins=bins, color="#a6c")
+    axes[1].set_title("synthetic captions")
+    for ax in axes:
+        ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
+        ax.set_xlabel("ITM match probability")
+    _save(fig, path)
+
+
+def _sample_grid(run: RunDir, decided: list[dict], truth: dict | None, out: Path) -> str:
+    """A few images per verdict, with both captions, their scores and the verdict."""
+    by_verdict = collections.defaultdict(list)
+    for d in decided:
+        if len(by_verdict[d["verdict"]]) < SAMPLES_PER_VERDICT:
+            by_verdict[d["verdict"]].append(d)
+    wanted = {d["key"]: d for group in by_verdict.values() for d in group}
+    images = {}
+    for tar in sorted(run.stage("prefilter", 0).path.glob("*.tar")):
+        for sample in read_shard(tar):
+            if sample["__key__"] in wanted:
+                images[sample["__key__"]] = sample["jpg"]
+    (out / "samples").mkdir()
+    cards = []
+    for verdict in ("both", "web", "synthetic", "dropped"):
+        for d in by_verdict.get(verdict, []):
+            if d["key"] not in images:
+                continue
+            (out / "samples" / f"{d['key']}.jpg").write_bytes(images[d["key"]])
+            t = truth.get(d.get("url")) if truth else None
+            truth_note = f"<br>truth: {html.escape(t['noise'])}" if t else ""
+            cards.append(
+                f'<div class="card"><img src="samples/{d["key"]}.jpg" alt="sample {d["key"]}">'
+                f"<b>{verdict}</b>{truth_note}<br>web ({d['web_score']:.2f}, {_verdict(d['web_kept'])}): "
+                f"{html.escape(d['web_caption'])}<br>synthetic ({d['synthetic_score']:.2f}, "
+                f"{_verdict(d['synthetic_kept'])}): {html.escape(d['synthetic_caption'])}</div>")
+    return f'<div class="grid">{"".join(cards)}</div>'
+
+
+def _verdict(kept: bool) -> str:
+    return '<span class="kept">kept</span>' if kept else '<span class="rejected">rejected</span>'
+
+
+def _rounds_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "tr_r1" in r]
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    for key, label in (("tr_r1", "TR@1"), ("ir_r1", "IR@1"), ("tr_r5", "TR@5"), ("ir_r5", "IR@5")):
+        ax.plot([r["round"] for r in done], [r[key] for r in done], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_xticks([r["round"] for r in done])
+    ax.set_ylabel("held-out retrieval")
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,184 @@
+"""capfilt: BLIP's captioning and filtering, with the model of the previous round.
+
+1. Two copies of the model are fine-tuned on the clean seed set (stages/finetune.py), as two Ray
+   tasks in parallel: a captioner (LM) and a filter (ITC + ITM). Separate copies, because a filter that
+   shares its weights with the captioner waves the captioner's mistakes through (BLIP, Table 4).
+2. A pool of Ray actors, each holding both models, takes the web shards one by one. Per image, the
+   captioner samples one synthetic caption (nucleus sampling, KV cache) and the filter gives the ITM
+   match probability of the web caption and of the synthetic one; each text at or above the threshold
+   becomes one output sample. An image with no kept text is dropped ("filter_rejected").
+
+Each shard's sampling is seeded by (run seed, round, shard name), so a shard redone after a kill, or by
+another actor, is the same bytes. Besides the tar and its stats, each shard commits
+`<shard>.decisions.json`: both texts and both scores of every image, kept or not (for the report and
+for measuring the filter).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from pipeline.config import CapfiltConfig
+from pipeline.configtree import build, to_plain
+from pipeline.data.loader import decode_image
+from pipeline.data.shards import encode_json, read_shard
+from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.parallel import Progress, run_on_actor_pool
+from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
+from pipeline.stage import StageContext
+from stages.finetune import finetune, model_fingerprint
+
+log = logging.getLogger("vlp")
+ROLES = ("captioner", "filter")
+
+
+def decisions_path(out: StageDir, shard_name: str) -> Path:
+    return out.path / (shard_name.split(".")[0] + ".decisions.json")
+
+
+def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path, seed_shards: list[str],
+        ctx: StageContext) -> dict:
+    started = time.time()
+    shards = [s for s in upstream["shards"]]
+    samples_in = sum(s["samples"] for s in shards)
+    ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in,
+                                    "base_model": str(base_model)})
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    models = _finetune_both(cfg, base_model, seed_shards, ctx, gpus)
+
+    fps = {role: models[role]["fingerprint"] for role in ROLES}
+    worker = ray.remote(CapfiltWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+
+    def make_actor():
+        return worker.remote(str(ctx.out.path / "captioner"), str(ctx.out.path / "filter"), to_plain(cfg),
+                             str(ctx.out.path), ctx.out.round, ctx.seed, fps)
+
+    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"]) for s in shards}
+    results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
+                                          Progress("capfilt", len(shards), samples_in))
+    summaries = [shard_summary(results[name]) | {"pairs": results[name]["pairs"]} for name in jobs]
+    ctx.out.write_sizes(summaries)
+    pairs = {k: sum(s["pairs"][k] for s in summaries) for k in ("web", "synthetic")}
+    total_pairs = pairs["web"] + pairs["synthetic"]
+    extra = {"base_model": str(base_model), "base_model_fingerprint": model_fingerprint(base_model),
+             "models": models, "pairs": pairs, "pairs_out": total_pairs,
+             "synthetic_share": round(pairs["synthetic"] / total_pairs, 4) if total_pairs else 0.0,
+             "actor_restarts": restarts, "gpus_per_actor": gpus}
+    return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), summaries,
+                          started, extra)
+
+
+def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str], ctx: StageContext,
+                   gpus: float) -> dict[str, dict]:
+    """Fine-tune the captioner and the filter (in parallel), unless this stage already exported them."""
+    task = ray.remote(finetune).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, max_retries=cfg.shard_retries)
+    summaries, refs = {}, {}
+    for i, role in enumerate(ROLES):
+        folder = ctx.out.path / role
+        summary_path = ctx.out.path / f"{role}.json"
+        if summary_path.is_file() and (folder / "model.safetensors").is_file():
+            summaries[role] = read_json(summary_path)
+            continue
+        refs[role] = task.remote(str(base_model), seed_shards, str(folder), role, to_plain(getattr(cfg, role)),
+                                 cfg.prompt, ctx.seed * 1000 + ctx.out.round * 10 + i)
+    for role, ref in refs.items():
+        summaries[role] = ray.get(ref)
+        atomic_write_json(ctx.out.path / f"{role}.json", summaries[role])
+        log.info("capfilt: fine-tuned the %s on the seed set in %.1fs (final %s)", role,
+                 summaries[role]["duration_s"], summaries[role]["final"])
+    return summaries
+
+
+class CapfiltWorker:
+    """A Ray actor: loads the captioner and the filter once, then processes shard after shard."""
+
+    def __init__(self, captioner_dir: str, filter_dir: str, cfg: dict, out_dir: str, round_: int, seed: int,
+                 fps: dict):
+        from pipeline.modelio import load_pretrained
+
+        self.cfg = build(CapfiltConfig, cfg, source="capfilt")
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.captioner, self.tok, _ = load_pretrained(captioner_dir, self.device)
+        self.filter, _, _ = load_pretrained(filter_dir, self.device)
+        self.out = StageDir(Path(out_dir), "capfilt", round_)
+        self.round, self.seed, self.fps = round_, seed, fps
+        prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
+        self.prompt = torch.tensor(prompt, device=self.device)[None]
+
+    def process(self, shard_path: str, name: str) -> dict:
+        started = time.time()
+        acc, rejects, loaded = Accounting(), [], []
+        size = self.filter.cfg.image_size
+        for sample in read_shard(Path(shard_path)):
+            acc.samples_in += 1
+            try:
+                loaded.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))
+            except Exception as err:  # noqa: BLE001 (counted and reported, never silently lost)
+                acc.failed["decode_error"] += 1
+                rejects.append({"key": sample["__key__"], "reason": "decode_error", "error": str(err)[:200]})
+        digest = hashlib.sha256(f"{self.seed}:{self.round}:{name}".encode()).digest()
+        generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little"))
+        out, decisions = [], []
+        for i in range(0, len(loaded), self.cfg.batch_size):
+            chunk = loaded[i:i + self.cfg.batch_size]
+            images = torch.stack([c[1] for c in chunk]).to(self.device)
+            synthetic = self.caption(images, generator)
+            web_p = self.match(images, [c[2] for c in chunk])
+            syn_p = self.match(images, synthetic)
+            for (sample, _, web), syn, pw, ps in zip(chunk, synthetic, web_p, syn_p):
+                decision = self._decide(sample, web, syn, pw, ps, out)
+                decisions.append(decision)
+                if decision["verdict"] == "dropped":
+                    acc.dropped["filter_rejected"] += 1
+                    rejects.append({"key": decision["key"], "reason": "filter_rejected",
+                                    "web_score": decision["web_score"], "synthetic_score": decision["synthetic_score"]})
+                else:
+                    acc.samples_kept += 1
+        atomic_write_json(decisions_path(self.out, name), decisions)
+        pairs = {"web": sum(d["web_kept"] for d in decisions), "synthetic": sum(d["synthetic_kept"] for d in decisions)}
+        return self.out.commit_shard(name, out, acc, rejects, started, {"pairs": pairs})
+
+    def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float, out: list[dict]) -> dict:
+        threshold = self.cfg.threshold
+        web_kept, syn_kept = pw >= threshold, ps >= threshold and bool(syn.strip())
+        origin = json.loads(sample["json"]) if "json" in sample else {}
+        key = sample["__key__"]
+        provenance = {"round": self.round, "captioner": self.fps["captioner"], "filter": self.fps["filter"],
+                      "threshold": threshold, "original_caption": web, "web_score": round(pw, 6),
+                      "synthetic_caption": syn, "synthetic_score": round(ps, 6), "url": origin.get("url"),
+                      "origin": origin}
+        for kept, source, text, score in ((web_kept, "web", web, pw), (syn_kept, "synthetic", syn, ps)):
+            if kept:
+                out.append({"__key__": f"{key}_{source[:3]}", "jpg": sample["jpg"], "txt": text.encode(),
+                            "json": encode_json({"source": source, "score": round(score, 6), **provenance})})
+        verdict = {(True, True): "both", (True, False): "web", (False, True): "synthetic"}.get((web_kept, syn_kept),
+                                                                                                "dropped")
+        return {"key": key, "url": origin.get("url"), "web_caption": web, "web_score": round(pw, 6),
+                "web_kept": web_kept, "synthetic_caption": syn, "synthetic_score": round(ps, 6),
+                "synthetic_kept": syn_kept, "verdict": verdict}
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, generator: torch.Generator) -> list[str]:
+        from pipeline.model.generate import generate
+
+        prompt = self.prompt.expand(images.shape[0], -1)
+        ids = generate(self.captioner, images, prompt, sep_id=self.tok.sep_token_id, pad_id=self.tok.pad_token_id,
+                       max_len=self.cfg.max_len, min_len=self.cfg.min_len, top_p=self.cfg.top_p,
+                       repetition_penalty=self.cfg.repetition_penalty, generator=generator)
+        return [t.strip() for t in self.tok.batch_decode(ids[:, prompt.shape[1]:], skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def match(self, images: torch.Tensor, texts: list[str]) -> list[float]:
+        enc = self.tok(texts, padding="max_length", truncation=True, max_length=self.filter.cfg.max_text_len,
+                       return_tensors="pt")
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        logits = self.filter("itm_logits", self.filter("fuse", images, ids, mask))
+        return logits.float().softmax(-1)[:, 1].tolist()
