@@ -19,10 +19,34 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", help="comma-separated stages to run, e.g. download,prefilter")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set download.timeout=5 (repeatable)")
+    run.add_argument("--submitted-marker", help=argparse.SUPPRESS)  # set by `vlp submit` (cluster/jobs.py)
 
     resume = sub.add_parser("resume", help="finish a run: redo only what is missing")
     resume.add_argument("run_dir")
     resume.add_argument("--stage", help="resume only this stage")
+    resume.add_argument("--submitted-marker", help=argparse.SUPPRESS)
+
+    address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    submit = sub.add_parser("submit", help="submit a run (or --resume one) to a Ray cluster as a Ray Job")
+    submit.add_argument("config", nargs="?", help="YAML config")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--run-dir", help="run directory, on storage the cluster mounts")
+    submit.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory instead")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    jobs = sub.add_parser("jobs", help="list the cluster's jobs")
+    jobs.add_argument("--address", help=address_help)
+    logs = sub.add_parser("logs", help="print a job's output")
+    logs.add_argument("job")
+    logs.add_argument("--address", help=address_help)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    stop = sub.add_parser("stop", help="stop a job (its committed shards are kept: resume it later)")
+    stop.add_argument("job")
+    stop.add_argument("--address", help=address_help)
+
+    plan = sub.add_parser("plan", help="print the stage graph, resource requests and expected counts")
+    plan.add_argument("config")
+    plan.add_argument("--address", help="check the requests against this Ray cluster (ray://, auto, or host:port)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     status = sub.add_parser("status", help="per-stage state and sample accounting of a run")
     status.add_argument("run_dir")
@@ -51,6 +75,10 @@ def _dispatch(args) -> int:
     from pipeline import runner
     from pipeline.config import load_config
 
+    if getattr(args, "submitted_marker", None):
+        from cluster.jobs import claim_marker
+
+        claim_marker(args.submitted_marker)
     if args.command == "run":
         cfg = load_config(args.config, args.overrides)
         logging.getLogger().setLevel(cfg.log_level)
@@ -75,12 +103,42 @@ def _dispatch(args) -> int:
         else:
             _print_status(args.run_dir)
         return 0
+    if args.command in ("submit", "jobs", "logs", "stop"):
+        return _jobs(args)
+    if args.command == "plan":
+        from pipeline.plan import check_cluster, format_plan, plan
+
+        cfg = load_config(args.config, args.overrides)
+        steps = plan(cfg)
+        print(format_plan(cfg, steps))
+        if args.address:
+            check_cluster(steps, args.address)
+            print(f"cluster at {args.address}: every request fits")
+        return 0
     if args.command == "report":
         from pipeline.report import write_report
 
         print(f"report: {write_report(args.run_dir)}")
         return 0
     raise AssertionError(args.command)
+
+
+def _jobs(args) -> int:
+    from cluster import jobs
+
+    if args.command == "submit":
+        if bool(args.config) == bool(args.resume):
+            raise VlpError("vlp submit: give a CONFIG, or --resume RUN_DIR (not both)")
+        job_id, run_dir = jobs.submit(args.address, config=args.config, overrides=tuple(args.overrides),
+                                      run_dir=args.run_dir, resume=args.resume)
+        print(f"job: {job_id}\nrun directory: {run_dir}\nfollow it: vlp logs {job_id} --follow")
+    elif args.command == "jobs":
+        print(jobs.format_jobs(jobs.list_jobs(args.address)))
+    elif args.command == "logs":
+        jobs.logs(args.address, args.job, args.follow)
+    else:
+        print(f"job {args.job}: {jobs.stop(args.address, args.job)}")
+    return 0
 
 
 def _print_status(run_dir) -> None:

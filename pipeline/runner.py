@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +55,9 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
             if not ray_started:
                 stack.enter_context(ray_session(cfg))
                 ray_started = True
+                from pipeline.plan import check_connected, plan
+
+                check_connected([s for s in plan(cfg) if s.stage in selected])
             _commit(job())
     if "report" in selected:
         from pipeline.report import write_report
@@ -254,7 +258,11 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
     # Ray workers inherit these; albumentations (imported by img2dataset) would otherwise phone home.
     env = {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore::UserWarning"}
     kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, "runtime_env": {"env_vars": env}}
-    if cfg.ray.address:
+    if os.environ.get("VLP_RAY_JOB"):  # set by `vlp submit` in the job's runtime_env
+        # Inside a Ray Job (vlp submit): join its cluster with the job's own runtime_env (code, env vars).
+        kwargs.pop("runtime_env")
+        ray.init(address=cfg.ray.address or "auto", **kwargs)
+    elif cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,

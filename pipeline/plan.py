@@ -1,0 +1,114 @@
+"""`vlp plan`: the stage graph of a config, each stage's Ray resource request, shard and sample counts,
+and a check that a cluster can satisfy every request (Ray would otherwise wait forever on an
+infeasible one, e.g. GPU workers on a CPU-only cluster).
+
+A request is a list of bundles that must be granted at once (`gang`: Ray Train's workers) or one by
+one (shard tasks, actors). It fits if every bundle fits on some node and, for a gang, the sum fits the
+cluster.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class Step:
+    stage: str
+    round: int
+    bundle: dict[str, float]      # resources of one task / actor / worker
+    count: int                    # how many such bundles the stage uses (at most at once, for a gang)
+    gang: bool                    # all `count` bundles needed together
+    shards: int | None
+    samples: str                  # expected sample counts, in words
+
+
+def plan(cfg: RunConfig) -> list[Step]:
+    from pipeline.runner import schedule
+
+    urls = cfg.data.toyweb.num_urls if cfg.data.toyweb else _count_urls(cfg)
+    dl_shards = math.ceil(urls / cfg.download.samples_per_shard)
+    steps = []
+    for stage, round_ in schedule(cfg, list(cfg.stages)):
+        if stage == "download":
+            steps.append(Step(stage, round_, {"CPU": cfg.download.cpus_per_task}, dl_shards, False, dl_shards,
+                              f"{urls} URLs in; {cfg.download.thread_count} download threads per task"))
+        elif stage == "prefilter":
+            steps.append(Step(stage, round_, {"CPU": cfg.prefilter.cpus_per_task}, dl_shards, False, dl_shards,
+                              f"at most {urls} in (what download keeps)"))
+        elif stage == "pretrain":
+            p = cfg.pretrain
+            bundle = {"CPU": p.cpus_per_worker, **({"GPU": 1.0} if p.use_gpu else {})}
+            batch = p.micro_batch * p.grad_accum * p.num_workers
+            steps.append(Step(stage, round_, bundle, p.num_workers, True, None,
+                              f"{p.steps} steps x global batch {batch} = {p.steps * batch} samples seen"
+                              + (" (data + seed set)" if p.with_seed else "")))
+        elif stage == "evaluate":
+            steps.append(Step(stage, round_, {"CPU": 1.0}, 1, False, None, "the held-out split"))
+        elif stage == "capfilt":
+            c = cfg.capfilt
+            gpus = c.gpus_per_actor
+            bundle = {"CPU": c.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+            steps.append(Step(stage, round_, bundle, c.actors, False, dl_shards,
+                              f"at most {urls} images in; up to 2 texts (web, synthetic) out per image"
+                              + ("; GPU per actor: 1 where the cluster has GPUs" if gpus is None else "")))
+    return steps
+
+
+def _count_urls(cfg: RunConfig) -> int:
+    from stages import download
+
+    return sum(t.num_rows for t in download.plan(cfg.download, tuple(cfg.data.inputs)))
+
+
+def format_plan(cfg: RunConfig, steps: list[Step]) -> str:
+    lines = [f"run {cfg.name}: {len(steps)} stage runs, {cfg.rounds} bootstrapping round(s)",
+             f"{'round':>5}  {'stage':<10} {'request':<34} {'shards':>6}  expected"]
+    for s in steps:
+        res = ", ".join(f"{k} {v:g}" for k, v in s.bundle.items())
+        what = f"{s.count} x {{{res}}}" + (" together" if s.gang else "")
+        lines.append(f"{s.round:>5}  {s.stage:<10} {what:<34} {s.shards if s.shards else '-':>6}  {s.samples}")
+    return "\n".join(lines)
+
+
+def unsatisfiable(steps: list[Step], nodes: list[dict[str, float]]) -> list[str]:
+    """Why each request that cannot be granted on these nodes (resources per node) cannot."""
+    total: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            total[k] = total.get(k, 0.0) + v
+    problems = []
+    for s in steps:
+        if not any(all(node.get(k, 0.0) >= v for k, v in s.bundle.items()) for node in nodes):
+            problems.append(f"{s.stage} (round {s.round}): no node has {s.bundle} "
+                            f"(largest: {max(nodes, key=lambda n: n.get('CPU', 0)) if nodes else 'no nodes'})")
+        elif s.gang:
+            short = {k: v * s.count for k, v in s.bundle.items() if v * s.count > total.get(k, 0.0)}
+            if short:
+                problems.append(f"{s.stage} (round {s.round}): needs {s.count} x {s.bundle} at once, the cluster has "
+                                + ", ".join(f"{k} {total.get(k, 0.0):g}" for k in short))
+    return problems
+
+
+def check_connected(steps: list[Step]) -> None:
+    """Fail early if the Ray cluster this process is connected to cannot satisfy a request."""
+    import ray
+
+    nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+    problems = unsatisfiable(steps, nodes)
+    if problems:
+        raise InputError("the Ray cluster cannot satisfy these resource requests (Ray would wait forever):\n  "
+                         + "\n  ".join(problems))
+
+
+def check_cluster(steps: list[Step], address: str) -> None:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        check_connected(steps)
+    finally:
+        ray.shutdown()
