@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.runs import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -66,14 +67,6 @@ def _explain(address: str, token: str | None, err: Exception) -> str:
         return (f"cannot reach the Ray dashboard at {address} ({text.splitlines()[0][:160]}); is the cluster up, "
                 "and is this the dashboard address (http://HEAD:8265)?")
     return f"Ray cluster at {address}: {text.splitlines()[0][:300] if text else type(err).__name__}"
-
-
-def check_run_dir(run_dir: str) -> Path:
-    """A run directory must be a path on a filesystem (local for one machine, shared for a cluster)."""
-    if "://" in run_dir:
-        raise InputError(f"run directory {run_dir}: URLs (s3://, gs://, ...) are not supported; use a path on a "
-                         "filesystem every node mounts (NFS, Lustre, a FUSE mount of the bucket)")
-    return Path(run_dir).expanduser().resolve()
 
 
 def submit(address: str | None, *, config: str | None = None, overrides: tuple[str, ...] = (),

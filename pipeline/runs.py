@@ -134,9 +134,18 @@ class StageDir:
         atomic_write_json(self.path / MANIFEST, manifest)
 
 
+def check_run_dir(run_dir: str | Path) -> Path:
+    """A run directory is a path on a filesystem: local for one machine, shared by every node for a
+    cluster. Object-store URLs are refused: shards are committed by rename, which they do not have."""
+    if "://" in str(run_dir):
+        raise InputError(f"run directory {run_dir}: URLs (s3://, gs://, ...) are not supported; use a path on a "
+                         "filesystem every node mounts (NFS, Lustre, EFS, or a FUSE mount of the bucket)")
+    return Path(run_dir).expanduser().resolve()
+
+
 class RunDir:
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+        self.root = check_run_dir(root)
 
     @property
     def config_path(self) -> Path:

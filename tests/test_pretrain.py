@@ -5,19 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
-from conftest import ROOT, pretrain_config
+from conftest import ROOT, VLP, pretrain_config, vlp
 from pipeline import runner
-from pipeline.config import load_config
-
-def _config(tmp_path, toyweb, **pretrain):
-    return load_config(pretrain_config(tmp_path / "c.yaml", toyweb, **pretrain))
-
 
 def _history(run_dir):
     lines = (run_dir / "round-0" / "pretrain" / "metrics.jsonl").read_text().splitlines()
@@ -78,13 +72,13 @@ def test_resume_from_a_checkpoint_reproduces_the_next_steps(tmp_path, toyweb, tr
     (ckpts / "step-00000012" / "COMPLETE").unlink()
     for path in ("manifest.json", "model"):
         shutil.rmtree(stage / path) if (stage / path).is_dir() else (stage / path).unlink()
-    runner.execute(_config(tmp_path, toyweb), run_dir, ["pretrain"])
+    # A fresh Ray per training run (the CLI's own): see docs/architecture.md, "Ray Train in a long-lived Ray".
+    vlp("run", str(pretrain_config(tmp_path / "c.yaml", toyweb)), "--run-dir", str(run_dir), "--only", "pretrain")
     assert _losses(_history(run_dir)) == _losses(_history(trained))
     assert (stage / "model" / "model.safetensors").is_file()
 
 
-def _our_train_workers():
-    me = os.getpid()
+def _our_train_workers(me: int):
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -100,25 +94,24 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toy
     shutil.copytree(trained, run_dir)
     shutil.rmtree(run_dir / "round-0" / "pretrain")
     shutil.rmtree(run_dir / "round-0" / "evaluate")
-    errors = []
-
-    def train():
-        try:
-            runner.execute(_config(tmp_path, toyweb), run_dir, ["pretrain"])
-        except Exception as err:  # noqa: BLE001 (re-raised below)
-            errors.append(err)
-
-    thread = threading.Thread(target=train)
-    thread.start()
-    complete = run_dir / "round-0" / "pretrain" / "checkpoints" / "step-00000004" / "COMPLETE"
-    deadline = time.time() + 240
-    while not complete.exists() and time.time() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert complete.exists(), f"no checkpoint at step 4 ({errors})"
-    victims = _our_train_workers()
-    assert victims, "no Ray Train worker to kill"
-    victims[0].kill()
-    thread.join(timeout=400)
-    assert not errors, errors
+    cfg = pretrain_config(tmp_path / "c.yaml", toyweb)
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.Popen(VLP + ["run", str(cfg), "--run-dir", str(run_dir), "--only", "pretrain"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        complete = run_dir / "round-0" / "pretrain" / "checkpoints" / "step-00000004" / "COMPLETE"
+        deadline = time.time() + 240
+        while not complete.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert complete.exists(), "no checkpoint at step 4"
+        victims = _our_train_workers(proc.pid)
+        assert victims, "no Ray Train worker to kill"
+        victims[0].kill()
+        _, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
     assert _losses(_history(run_dir)) == _losses(_history(trained)), "resumed exactly"
     assert (run_dir / "round-0" / "pretrain" / "manifest.json").is_file()

@@ -200,6 +200,23 @@ def test_stop_mid_run_then_resume_does_not_redo_committed_shards(cluster, tmp_pa
     assert shard_digests(run_dir / "round-0" / "prefilter") == shard_digests(reference_run.stage("prefilter").path)
 
 
+def test_plan_prints_requests_and_fails_early_on_what_the_cluster_cannot_grant(cluster, tmp_path, toyweb):
+    cfg = pretrain_config(tmp_path / "c.yaml", toyweb)
+    os.environ["RAY_AUTH_TOKEN"] = cluster.token
+    try:
+        ok = vlp("plan", str(cfg), "--address", f"127.0.0.1:{cluster.gcs}")
+        gpu = vlp("plan", str(cfg), "--address", f"127.0.0.1:{cluster.gcs}", "--set", "pretrain.use_gpu=true",
+                  check=False)
+        big = vlp("plan", str(cfg), "--address", f"127.0.0.1:{cluster.gcs}", "--set", "pretrain.num_workers=3",
+                  check=False)
+    finally:
+        os.environ.pop("RAY_AUTH_TOKEN")
+    assert "pretrain   2 x {CPU 1} together" in ok.stdout and "every request fits" in ok.stdout
+    assert "download   6 x {CPU 1}" in ok.stdout and "240 URLs in" in ok.stdout
+    assert gpu.returncode == 2 and "no node has {'CPU': 1.0, 'GPU': 1.0}" in gpu.stderr
+    assert big.returncode == 2 and "needs 3 x {'CPU': 1.0} at once, the cluster has CPU 2" in big.stderr
+
+
 def test_second_node_stopped_mid_download_still_completes_with_exact_accounting(cluster, tmp_path, toyweb,
                                                                                  reference_run):
     cfg = write_config(tmp_path / "c.yaml", toyweb, download={"thread_count": 2})
@@ -213,3 +230,21 @@ def test_second_node_stopped_mid_download_still_completes_with_exact_accounting(
     reference = json.loads((reference_run.stage("download").path / "manifest.json").read_text())
     assert manifest["totals"] == reference["totals"]
     assert shard_digests(stage) == shard_digests(reference_run.stage("download").path)
+
+
+def test_a_run_fails_early_when_ray_cannot_grant_a_request(tmp_path, toyweb, reference_run, ray_cluster):
+    from conftest import load_config
+    from pipeline import runner
+    from pipeline.errors import InputError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    cfg = load_config(pretrain_config(tmp_path / "c.yaml", toyweb, use_gpu=True))
+    with pytest.raises(InputError, match="cannot satisfy"):
+        runner.execute(cfg, run_dir, ["pretrain"])
+    assert not (run_dir / "round-0" / "pretrain").exists()
+
+
+def test_object_store_run_directories_are_refused_with_a_clear_error(tmp_path):
+    proc = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "s3://bucket/runs/tiny", check=False)
+    assert proc.returncode == 2 and "URLs (s3://" in proc.stderr
