@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.Comp
     return proc
 
 
-__all__ = ["CAPFILT", "ROOT", "TEST_WEB", "VLP", "load_config", "pretrain_config", "to_plain", "vlp", "write_config"]
+__all__ = ["CAPFILT", "ROOT", "TEST_WEB", "VLP", "load_config", "pretrain_config", "to_plain", "vlp", "wait_for", "write_config"]
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +105,15 @@ def trained_run(tmp_path_factory, toyweb, reference_run):
     shutil.copytree(reference_run.root, run_dir)
     runner.execute(load_config(pretrain_config(tmp / "c.yaml", toyweb)), run_dir)
     return run_dir
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def shard_digests(stage_dir: Path) -> dict[str, str]:

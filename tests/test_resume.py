@@ -12,19 +12,10 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, VLP, shard_digests, vlp, write_config
+from conftest import ROOT, VLP, shard_digests, vlp, wait_for, write_config
 from pipeline import runner
 from pipeline.config import load_config
 from pipeline.errors import InputError
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _totals(run_dir, stage):
@@ -41,7 +32,7 @@ def test_kill_9_mid_download_then_resume_gives_the_same_shards(tmp_path, toyweb,
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        _wait_for(lambda: len(list(download_dir.glob("*.stats.json"))) >= 1, 120, "a first committed shard")
+        wait_for(lambda: len(list(download_dir.glob("*.stats.json"))) >= 1, 120, "a first committed shard")
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
@@ -94,7 +85,7 @@ def test_a_worker_killed_mid_shard_is_retried(tmp_path, toyweb, reference_run):
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        _wait_for(lambda: bool(_our_download_workers()), 60, "a download worker")
+        wait_for(lambda: bool(_our_download_workers()), 60, "a download worker")
         victim = _our_download_workers()[0]
         victim.kill()
     finally:

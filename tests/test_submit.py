@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, pretrain_config, shard_digests, vlp, write_config
+from conftest import ROOT, pretrain_config, shard_digests, vlp, wait_for, write_config
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -41,9 +41,9 @@ class Cluster:
         self.head = self._start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                                  f"--ray-client-server-port={client}", "--include-dashboard=true",
                                  f"--temp-dir={self.temp}", *self._agent_ports(agents[:3]), *common])
-        self._wait(lambda: self._alive_nodes() >= 1, "the head")
+        wait_for(lambda: self._alive_nodes() >= 1, 120, "the head", interval=1)
         self.node = self._start([f"--address=127.0.0.1:{gcs}", *self._agent_ports(agents[3:6]), *common])
-        self._wait(lambda: self._alive_nodes() >= 2, "the second node")
+        wait_for(lambda: self._alive_nodes() >= 2, 120, "the second node", interval=1)
 
     @staticmethod
     def _agent_ports(ports):
@@ -59,15 +59,6 @@ class Cluster:
                 "print(sum(n['Alive'] for n in ray.nodes()))" % self.gcs)
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
         return int(out.stdout.strip() or 0) if out.returncode == 0 else 0
-
-    @staticmethod
-    def _wait(cond, what, timeout=120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if cond():
-                return
-            time.sleep(1)
-        raise TimeoutError(f"{what} did not come up in {timeout}s")
 
     def stop_node(self):
         _stop(self.node)
@@ -130,15 +121,6 @@ def _job_id(out: str) -> str:
     return out.split("job: ")[1].split()[0]
 
 
-def _wait_for(cond, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
-
-
 def test_bad_token_no_token_and_unreachable_address_are_clear_errors(cluster, tmp_path):
     proc = cluster.vlp("jobs", token="0" * 64, check=False)
     assert proc.returncode == 2 and "token was refused" in proc.stderr
@@ -187,7 +169,7 @@ def test_stop_mid_run_then_resume_does_not_redo_committed_shards(cluster, tmp_pa
     run_dir = tmp_path / "run"
     job = _job_id(cluster.vlp("submit", str(cfg), "--run-dir", str(run_dir)).stdout)
     stage = run_dir / "round-0" / "download"
-    _wait_for(lambda: len(list(stage.glob("*.stats.json"))) >= 1, 300, "a committed download shard")
+    wait_for(lambda: len(list(stage.glob("*.stats.json"))) >= 1, 300, "a committed download shard")
     assert cluster.vlp("stop", job).stdout.strip().endswith("STOPPED")
     time.sleep(2)  # a running shard task may still commit after its driver stopped (atomic: harmless)
     before = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.stats.json")}
@@ -223,7 +205,7 @@ def test_second_node_stopped_mid_download_still_completes_with_exact_accounting(
     run_dir = tmp_path / "run"
     job = _job_id(cluster.vlp("submit", str(cfg), "--run-dir", str(run_dir)).stdout)
     stage = run_dir / "round-0" / "download"
-    _wait_for(lambda: len(list(stage.glob("*.stats.json"))) >= 1, 300, "a committed download shard")
+    wait_for(lambda: len(list(stage.glob("*.stats.json"))) >= 1, 300, "a committed download shard")
     cluster.stop_node()
     assert cluster.wait_job(job) == "SUCCEEDED", cluster.vlp("logs", job).stdout[-3000:]
     manifest = json.loads((stage / "manifest.json").read_text())
