@@ -122,5 +122,5 @@ def test_changed_config_reruns_that_stage_and_downstream(tmp_path, toyweb, refer
 
 def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
     cfg = load_config(write_config(tmp_path / "c.yaml", toyweb))
-    with pytest.raises(InputError, match="prefilter needs the output of download"):
+    with pytest.raises(InputError, match=r"prefilter \(round 0\) needs the output of download \(round 0\)"):
         runner.execute(cfg, tmp_path / "run", ["prefilter"])
