@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -111,7 +112,7 @@ def actors(workdir: Path) -> dict:
             cfg = load_config(cfg_path, [f"capfilt.actors={n}"])
             runner.execute(cfg, run, ["capfilt"])  # fine-tunes, then processes the shards
             stage = run / "round-1" / "capfilt"
-            manifest = __import__("json").loads((stage / "manifest.json").read_text())
+            manifest = json.loads((stage / "manifest.json").read_text())
             # time of the shard phase only: from the fine-tuned models' export to the manifest
             t_models = max((stage / r / "model.safetensors").stat().st_mtime for r in ("captioner", "filter"))
             rate = len(manifest["shards"]) / (manifest["finished"] - t_models)

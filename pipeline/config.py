@@ -425,9 +425,5 @@ def _resolve_input_paths(data: dict, base: Path) -> None:
             entry["path"] = str(p if p.is_absolute() else (base / p).resolve())
 
 
-def config_from_plain(data: dict, source: str) -> RunConfig:
-    return build(RunConfig, data, source=source)
-
-
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_plain(cfg), sort_keys=False)

@@ -50,10 +50,10 @@ def filter_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
             "removed_by_noise": {k: {"removed": v[0], "of": v[1]} for k, v in sorted(by_kind.items())}}
 
 
-def rounds(run_dir: str | Path) -> list[dict]:
-    """One row per pretraining round: training samples, synthetic share, retrieval, filter quality."""
+def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[dict]:
+    """One row per pretraining round: training samples, synthetic share, retrieval, filter quality.
+    `truth` (load_truth) is read from the run when needed and not given."""
     run = RunDir(run_dir)
-    truth = None
     rows = []
     for round_dir in sorted(run.root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
         r = int(round_dir.name.split("-")[1])

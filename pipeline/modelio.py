@@ -28,6 +28,11 @@ def save_pretrained(folder: Path, model_cfg: ModelConfig, state_dict: dict, toke
         (tmp / "config.yaml").write_text(yaml.safe_dump({"model": asdict(model_cfg), **info}, sort_keys=False))
 
 
+def read_info(folder: str | Path) -> dict:
+    """An export's config.yaml: {"model": ModelConfig fields, ...training info}."""
+    return yaml.safe_load((Path(folder) / "config.yaml").read_text())
+
+
 def load_pretrained(folder: str | Path, device: str = "cpu"):
     """(model in eval mode, tokenizer, config dict) from a folder written by save_pretrained."""
     from safetensors.torch import load_file
@@ -37,7 +42,7 @@ def load_pretrained(folder: str | Path, device: str = "cpu"):
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.yaml").is_file():
         raise InputError(f"{folder}: not an exported vlp model (model.safetensors + config.yaml expected)")
-    info = yaml.safe_load((folder / "config.yaml").read_text())
+    info = read_info(folder)
     model = MultiwayTransformer(ModelConfig(**info["model"]))
     missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors"), device=device), strict=False)
     if missing or unexpected:

@@ -53,18 +53,28 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
         if not ready:
             progress.update(0, 0)
     progress.update(0, 0, force=True)
+    _raise_failures(progress.stage, failures, len(jobs))
+    return results
+
+
+def _committed(out, jobs: dict[str, tuple], progress: Progress) -> dict[str, dict]:
+    """Stats of the shards in `jobs` that `out` already committed (reported as progress)."""
+    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
+    progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
+    return done
+
+
+def _raise_failures(stage: str, failures: dict[str, BaseException], total: int) -> None:
     if failures:
         first = next(iter(failures.items()))
-        raise StageFailed(f"{progress.stage}: {len(failures)} of {len(jobs)} shards failed "
+        raise StageFailed(f"{stage}: {len(failures)} of {total} shards failed "
                           f"({', '.join(sorted(failures))}); first error, shard {first[0]}: {_short(first[1])}. "
                           "Committed shards are kept: fix the cause and run `vlp resume`.")
-    return results
 
 
 def run_missing_shards(out, remote_fn: Callable, jobs: dict[str, tuple], progress: Progress) -> dict[str, dict]:
     """Stats of every shard in `jobs`: committed ones as they are, the rest by running their task."""
-    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
-    progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
+    done = _committed(out, jobs, progress)
     todo = {name: args for name, args in jobs.items() if name not in done}
     return done | run_shard_tasks(remote_fn, todo, progress, lambda s: s["accounting"]["samples_in"])
 
@@ -74,8 +84,7 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
     """Stats of every shard in `jobs`: committed ones as they are, the rest by `actor.process(*args)` on a
     pool of up to `actors` actors. An actor that dies is replaced and its shard given to the next free
     actor, up to `retries` times per shard. Returns (stats by shard, actors replaced)."""
-    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
-    progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
+    done = _committed(out, jobs, progress)
     queue = [name for name in jobs if name not in done]
     pool = [make_actor() for _ in range(min(actors, len(queue)))]
     inflight: dict[Any, tuple[int, str]] = {}
@@ -117,11 +126,7 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
     progress.update(0, 0, force=True)
     for actor in pool:
         ray.kill(actor)
-    if failures:
-        first = next(iter(failures.items()))
-        raise StageFailed(f"{progress.stage}: {len(failures)} of {len(jobs)} shards failed "
-                          f"({', '.join(sorted(failures))}); first error, shard {first[0]}: {_short(first[1])}. "
-                          "Committed shards are kept: fix the cause and run `vlp resume`.")
+    _raise_failures(progress.stage, failures, len(jobs))
     return done, restarts
 
 

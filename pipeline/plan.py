@@ -26,19 +26,22 @@ class Step:
     samples: str                  # expected sample counts, in words
 
 
-def plan(cfg: RunConfig) -> list[Step]:
+def plan(cfg: RunConfig, count_urls: bool = True) -> list[Step]:
+    """The steps of `cfg`. Without `count_urls`, URL lists are not read (the resource check before a
+    run needs only the requests; the runner has read the lists already), so counts stay unknown."""
     from pipeline.runner import schedule
 
-    urls = cfg.data.toyweb.num_urls if cfg.data.toyweb else _count_urls(cfg)
-    dl_shards = math.ceil(urls / cfg.download.samples_per_shard)
+    urls = cfg.data.toyweb.num_urls if cfg.data.toyweb else (_count_urls(cfg) if count_urls else None)
+    dl_shards = math.ceil(urls / cfg.download.samples_per_shard) if urls is not None else None
+    in_words = f"{urls}" if urls is not None else "all listed"
     steps = []
     for stage, round_ in schedule(cfg, list(cfg.stages)):
         if stage == "download":
-            steps.append(Step(stage, round_, {"CPU": cfg.download.cpus_per_task}, dl_shards, False, dl_shards,
-                              f"{urls} URLs in; {cfg.download.thread_count} download threads per task"))
+            steps.append(Step(stage, round_, {"CPU": cfg.download.cpus_per_task}, dl_shards or 1, False, dl_shards,
+                              f"{in_words} URLs in; {cfg.download.thread_count} download threads per task"))
         elif stage == "prefilter":
-            steps.append(Step(stage, round_, {"CPU": cfg.prefilter.cpus_per_task}, dl_shards, False, dl_shards,
-                              f"at most {urls} in (what download keeps)"))
+            steps.append(Step(stage, round_, {"CPU": cfg.prefilter.cpus_per_task}, dl_shards or 1, False, dl_shards,
+                              f"at most {in_words} in (what download keeps)"))
         elif stage == "pretrain":
             p = cfg.pretrain
             bundle = {"CPU": p.cpus_per_worker, **({"GPU": 1.0} if p.use_gpu else {})}
@@ -53,7 +56,7 @@ def plan(cfg: RunConfig) -> list[Step]:
             gpus = c.gpus_per_actor
             bundle = {"CPU": c.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
             steps.append(Step(stage, round_, bundle, c.actors, False, dl_shards,
-                              f"at most {urls} images in; up to 2 texts (web, synthetic) out per image"
+                              f"at most {in_words} images in; up to 2 texts (web, synthetic) out per image"
                               + ("; GPU per actor: 1 where the cluster has GPUs" if gpus is None else "")))
     return steps
 

@@ -38,8 +38,8 @@ def _build(run: RunDir, out: Path) -> str:
 
     matplotlib.use("Agg")
     stages = status(run.root)
-    round_rows = rounds(run.root)
     truth = load_truth(run)
+    round_rows = rounds(run.root, truth)
     capfilt_rounds = [r["round"] for r in round_rows if "capfilt_in" in r]
     last_capfilt = run.stage("capfilt", capfilt_rounds[-1]) if capfilt_rounds else None
     decided = decisions(last_capfilt.path) if last_capfilt else []
@@ -63,8 +63,7 @@ def _build(run: RunDir, out: Path) -> str:
     if decided:
         parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
                      "<p>ITM match probability the filter gave each web caption and each synthetic caption.</p>")
-        _score_chart(decided, truth, float(run.stage("capfilt", last_capfilt.round).manifest()["config"]["threshold"]),
-                     out / "scores.png")
+        _score_chart(decided, truth, float(last_capfilt.manifest()["config"]["threshold"]), out / "scores.png")
         parts.append('<img src="scores.png" alt="histograms of filter scores">')
         parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")
         parts.append(_sample_grid(run, decided, truth, out))

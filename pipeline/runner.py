@@ -1,8 +1,8 @@
 """The stage graph on Ray: fingerprints each stage, skips committed work, runs the rest.
 
 Round 0: download -> prefilter -> pretrain -> evaluate. Round r >= 1: capfilt (round 0's web data,
-cleaned with round r-1's model) -> pretrain -> evaluate. Then the report. A stage whose manifest carries the fingerprint we compute now is
-done and skipped; inside a stage, committed shards are skipped. So `vlp resume` is just running the
+cleaned with round r-1's model) -> pretrain -> evaluate. Then the report. A stage whose manifest
+carries the fingerprint we compute now is done and skipped; inside a stage, committed shards are skipped. So `vlp resume` is just running the
 graph again with the run's saved config.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.config import (LATER_ROUNDS, ROUND_ZERO, STAGE_ORDER, RunConfig, ToyWebConfig, UrlListConfig,
-                             config_from_plain, dump_config)
+                             dump_config)
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -57,7 +57,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
                 ray_started = True
                 from pipeline.plan import check_connected, plan
 
-                check_connected([s for s in plan(cfg) if s.stage in selected])
+                check_connected([s for s in plan(cfg, count_urls=False) if s.stage in selected])
             _commit(job())
     if "report" in selected:
         from pipeline.report import write_report
@@ -275,13 +275,13 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
 
 def status(run_dir: str | Path) -> list[dict]:
     """Per stage and round: state, shards done/total, the accounting, duration."""
+    from pipeline.config import load_config
     from pipeline.runs import Accounting
 
-    import yaml
-
     run = RunDir(run_dir).require()
-    cfg = config_from_plain(yaml.safe_load(run.config_path.read_text()), str(run.config_path))
+    cfg = load_config(run.config_path)
     rows = []
+
     def order(sd) -> tuple:
         within = ROUND_ZERO if sd.round == 0 else LATER_ROUNDS
         return sd.round, within.index(sd.stage) if sd.stage in within else len(within), sd.stage

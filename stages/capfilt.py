@@ -45,7 +45,7 @@ def decisions_path(out: StageDir, shard_name: str) -> Path:
 def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path, seed_shards: list[str],
         ctx: StageContext) -> dict:
     started = time.time()
-    shards = [s for s in upstream["shards"]]
+    shards = upstream["shards"]
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in,
                                     "base_model": str(base_model)})

@@ -7,7 +7,6 @@ process with plain AdamW rather than a Ray Train job; it runs as one Ray task pe
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from pipeline.config import FinetuneConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
+from pipeline.fsutil import sha256_file
 from pipeline.model.objectives import Batch, SpecialTokens, pretrain_losses
 
 OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
@@ -23,11 +23,7 @@ OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
 
 def model_fingerprint(folder: Path) -> str:
     """Identifies an exported model by its weights."""
-    h = hashlib.sha256()
-    with open(folder / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    return sha256_file(folder / "model.safetensors")[:16]
 
 
 def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg: dict, prompt: str,

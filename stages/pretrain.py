@@ -20,8 +20,8 @@ from pipeline.configtree import to_plain
 from pipeline.data.shards import read_shard
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.errors import InputError, StageFailed
-from pipeline.model import SIZES
-from pipeline.modelio import save_pretrained
+from pipeline.model import SIZES, ModelConfig
+from pipeline.modelio import read_info, save_pretrained
 from pipeline.runs import Accounting, build_manifest
 from pipeline.stage import StageContext
 from pipeline.train import checkpoints
@@ -49,7 +49,7 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
     init_from = None
     if previous_model is not None and cfg.init == "previous":
         init_from = previous_model
-        model_cfg = load_pretrained_config(previous_model)
+        model_cfg = ModelConfig(**read_info(previous_model)["model"])
     _train(cfg, model_cfg, shards, tokenizer_dir, ctx, init_from)
 
     ckpt = checkpoints.latest_complete(ctx.out.path / "checkpoints")
@@ -67,14 +67,6 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
                           {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
                            "seed_samples": seed_samples, "init_from": str(init_from) if init_from else None,
                            "final": history[-1] if history else {}, "export": "model"}, totals=totals)
-
-
-def load_pretrained_config(folder: Path):
-    import yaml
-
-    from pipeline.model import ModelConfig
-
-    return ModelConfig(**yaml.safe_load((folder / "config.yaml").read_text())["model"])
 
 
 def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None) -> Path:

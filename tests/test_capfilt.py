@@ -10,6 +10,7 @@ import time
 
 import psutil
 import pytest
+import yaml
 
 from conftest import CAPFILT, ROOT, VLP, load_config, pretrain_config, shard_digests, vlp, write_config
 from pipeline import runner
@@ -20,10 +21,10 @@ STAGES = ("download", "prefilter", "pretrain", "evaluate", "capfilt")
 
 def _config_path(tmp_path, toyweb, **capfilt):
     path = pretrain_config(tmp_path / "c.yaml", toyweb, stages=STAGES)
-    data = __import__("yaml").safe_load(path.read_text())
+    data = yaml.safe_load(path.read_text())
     data["capfilt"] = {**CAPFILT, **capfilt}
     data["rounds"] = 1
-    path.write_text(__import__("yaml").safe_dump(data))
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
