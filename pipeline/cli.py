@@ -143,7 +143,7 @@ def _jobs(args) -> int:
 
 def _print_status(run_dir) -> None:
     from pipeline import runner
-    from pipeline.measure import format_rounds, rounds
+    from pipeline.measure import format_attributes, format_rounds, rounds
 
     print(runner.format_status(runner.status(run_dir)))
     per_round = rounds(run_dir)
@@ -151,6 +151,11 @@ def _print_status(run_dir) -> None:
         print("\nper round (retrieval: ITC on the held-out pairs; filter P/R at removing noisy web pairs, "
               "measured against the toy web's truth):")
         print(format_rounds(per_round))
+        by_attribute = format_attributes(per_round)
+        if by_attribute:
+            print("\nwrong-attribute web captions the filter removed, and synthetic captions that name the "
+                  "attribute right:")
+            print(by_attribute)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ of that removal are measured over the pairs that entered CapFilt.
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
+from pipeline.data.toyworld import ATTRIBUTES, CHOICES
 from pipeline.fsutil import read_json
 from pipeline.runs import RunDir
 
@@ -21,7 +23,7 @@ def load_truth(run: RunDir) -> dict[str, dict] | None:
         return None
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=["url", "noise", "noisy", "split"])
+    table = pq.read_table(path, columns=["url", "noise", "noisy", "split", "caption", *ATTRIBUTES])
     return {row["url"]: row for row in table.to_pylist()}
 
 
@@ -47,7 +49,43 @@ def filter_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
     return {"pairs": len(known), "noisy": sum(noisy), "removed": sum(removed),
             "precision": round(tp / sum(removed), 4) if sum(removed) else None,
             "recall": round(tp / sum(noisy), 4) if sum(noisy) else None,
-            "removed_by_noise": {k: {"removed": v[0], "of": v[1]} for k, v in sorted(by_kind.items())}}
+            "removed_by_noise": {k: {"removed": v[0], "of": v[1]} for k, v in sorted(by_kind.items())},
+            "wrong_attribute_removed": _wrong_attribute_removed(known)}
+
+
+def _words(text: str | None) -> set[str]:
+    return set(re.findall(r"[a-z]+", (text or "").lower()))
+
+
+def named_correctly(text: str | None, row: dict, attribute: str) -> bool:
+    """Whether `text` names the attribute's true value and no other value of that attribute."""
+    words = _words(text)
+    return row[attribute] in words and not any(v in words for v in CHOICES[attribute] if v != row[attribute])
+
+
+def _wrong_attribute_removed(known: list[tuple[dict, dict]]) -> dict[str, dict[str, int]]:
+    """For the "wrong attribute" noise: per attribute that the published caption got wrong, how many
+    of those captions the filter removed. Shows which attributes the filter can tell apart."""
+    out = {a: {"removed": 0, "of": 0} for a in ATTRIBUTES}
+    for d, t in known:
+        if t["noise"] != "wrong_attribute":
+            continue
+        wrong = [a for a in ATTRIBUTES if not named_correctly(t["caption"], t, a)]
+        if wrong:
+            out[wrong[0]]["removed"] += not d["web_kept"]
+            out[wrong[0]]["of"] += 1
+    return out
+
+
+def captioner_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
+    """Share of synthetic captions that name each attribute of their image correctly, and all five."""
+    known = [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
+    if not known:
+        return None
+    right = {a: sum(named_correctly(d["synthetic_caption"], t, a) for d, t in known) for a in ATTRIBUTES}
+    every = sum(all(named_correctly(d["synthetic_caption"], t, a) for a in ATTRIBUTES) for d, t in known)
+    return {"images": len(known), "correct": {a: round(n / len(known), 4) for a, n in right.items()},
+            "all_correct": round(every / len(known), 4)}
 
 
 def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[dict]:
@@ -67,7 +105,9 @@ def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[di
                        synthetic_share=capfilt["synthetic_share"])
             truth = truth if truth is not None else load_truth(run)
             if truth is not None:
-                row["filter"] = filter_quality(decisions(run.stage("capfilt", r).path), truth)
+                decided = decisions(run.stage("capfilt", r).path)
+                row["filter"] = filter_quality(decided, truth)
+                row["captioner"] = captioner_quality(decided, truth)
         if pretrain is not None:
             row["train_samples"] = pretrain["totals"]["samples_in"]
         if evaluate is not None:
@@ -89,4 +129,22 @@ def format_rounds(rows: list[dict]) -> str:
                      f"{f(r.get('pairs_out'), '{}'):>9} {f(r.get('synthetic_share'), '{:.1%}'):>9} "
                      f"{f(r.get('train_samples'), '{}'):>7} {f(r.get('tr_r1')):>6} {f(r.get('ir_r1')):>6} "
                      f"{f(flt.get('precision')):>8} {f(flt.get('recall')):>8}")
+    return "\n".join(lines)
+
+
+def format_attributes(rows: list[dict]) -> str:
+    """Per round, attribute by attribute: wrong-attribute captions the filter removed, and how often the
+    captioner named the attribute right (toy web only; empty otherwise)."""
+    lines = []
+    for r in rows:
+        flt, cap = r.get("filter") or {}, r.get("captioner")
+        removed = flt.get("wrong_attribute_removed")
+        if not removed or not cap:
+            continue
+        if not lines:
+            lines.append(f"{'round':>5}  {'attribute':<10} {'wrong-attribute removed':>23} {'captioned right':>15}")
+        for a in ATTRIBUTES:
+            lines.append(f"{r['round']:>5}  {a:<10} {removed[a]['removed']:>14} of {removed[a]['of']:<5} "
+                         f"{cap['correct'][a]:>15.1%}")
+        lines.append(f"{r['round']:>5}  {'all five':<10} {'':>23} {cap['all_correct']:>15.1%}")
     return "\n".join(lines)

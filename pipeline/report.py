@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.data.shards import read_shard
 from pipeline.fsutil import atomic_path
-from pipeline.measure import decisions, format_rounds, load_truth, rounds
+from pipeline.measure import decisions, format_attributes, format_rounds, load_truth, rounds
 from pipeline.runner import status
 from pipeline.runs import RunDir
 
@@ -74,6 +74,11 @@ def _build(run: RunDir, out: Path) -> str:
             _rounds_chart(round_rows, out / "rounds.png")
             parts.append('<img src="rounds.png" alt="retrieval per round">')
         parts.append(f"<pre>{html.escape(format_rounds(round_rows))}</pre>")
+        by_attribute = format_attributes(round_rows)
+        if by_attribute:
+            parts.append("<p>Attribute by attribute (toy web): how many web captions with that one attribute "
+                         "wrong the filter removed, and how often the captioner named it right.</p>"
+                         f"<pre>{html.escape(by_attribute)}</pre>")
         for r in round_rows:
             curves = run.stage("pretrain", r["round"]).path / "training_curves.png"
             if curves.is_file():

@@ -115,8 +115,12 @@ def test_round_one_pretrains_on_capfilt_output_plus_seed_and_status_shows_rounds
     assert set(rounds) == {0, 1} and "tr_r1" in rounds[1]
     flt = rounds[1]["filter"]
     assert flt["pairs"] == capfilt["totals"]["samples_in"] and flt["removed"] == capfilt["totals"]["samples_in"] - capfilt["pairs"]["web"]
+    by_attribute = flt["wrong_attribute_removed"]
+    assert sum(v["of"] for v in by_attribute.values()) == flt["removed_by_noise"].get("wrong_attribute", {}).get("of", 0)
+    assert rounds[1]["captioner"]["images"] == flt["pairs"]
+    assert set(rounds[1]["captioner"]["correct"]) == set(by_attribute)
     text = vlp("status", str(run_dir)).stdout
-    assert "filter P" in text and "synthetic" in text
+    assert "filter P" in text and "synthetic" in text and "wrong-attribute removed" in text
 
 
 def test_kill_9_mid_capfilt_then_resume_gives_the_same_shards(tmp_path, toyweb, trained_run, keep_all):
