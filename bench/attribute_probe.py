@@ -60,11 +60,13 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch
     return loss, acc
 
 
-def train_heads(features_of, params, images, labels, steps: int, lr: float, seed: int, log_every: int = 0):
-    """Train `params` (heads, and the encoder when it is in `params`) on the training images."""
+def train_heads(features_of, width: int, encoder_params, images, labels, steps: int, lr: float, seed: int,
+                log_every: int = 0):
+    """Train one linear head per attribute on `features_of(images)` (and the encoder too, when its
+    parameters are given) on the training images; returns held-out accuracy and its history."""
     train = len(images) - HELD_OUT
-    head = torch.nn.Linear(params["width"], sum(SIZES))
-    optimizer = torch.optim.AdamW(list(params["trainable"]) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    head = torch.nn.Linear(width, sum(SIZES))
+    optimizer = torch.optim.AdamW(list(encoder_params) + list(head.parameters()), lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
     history = []
     for step in range(1, steps + 1):
@@ -99,17 +101,17 @@ def main() -> None:
     with torch.no_grad():  # (a) frozen round-0 features, encoded once
         frozen = torch.cat([model("encode_image", images[i:i + 256])[0][:, 0] for i in range(0, len(images), 256)])
     index = torch.arange(len(images))  # the probe's "images" are row numbers into the frozen features
+    torch.manual_seed(0)  # the heads' initial weights: the same figures on every run
     started = time.time()
-    pretrained_acc, _ = train_heads(lambda x: frozen[x], {"width": frozen.shape[1], "trainable": []},
-                                    index, labels, 2000, 1e-2, 0)
+    pretrained_acc, _ = train_heads(lambda x: frozen[x], frozen.shape[1], [], index, labels, 2000, 1e-2, 0)
     print(f"(a) linear probe on round-0 features ({time.time() - started:.0f} s)")
 
     torch.manual_seed(0)  # (b) the same architecture from scratch, supervised
     scratch = MultiwayTransformer(model.cfg)
     started = time.time()
-    supervised_acc, history = train_heads(lambda x: scratch("encode_image", x)[0][:, 0],
-                                          {"width": model.cfg.width, "trainable": scratch.parameters()},
-                                          images, labels, args.steps, args.lr, 0, log_every=100)
+    supervised_acc, history = train_heads(lambda x: scratch("encode_image", x)[0][:, 0], model.cfg.width,
+                                          scratch.parameters(), images, labels, args.steps, args.lr, 0,
+                                          log_every=100)
     seconds = time.time() - started
     print(f"(b) supervised from scratch, {args.steps} steps of 64 ({seconds:.0f} s):")
     for h in history:

@@ -34,9 +34,14 @@ def decisions(stage_path: Path) -> list[dict]:
     return out
 
 
+def _with_truth(decided: list[dict], truth: dict[str, dict]) -> list[tuple[dict, dict]]:
+    """(decision, truth row) for every decided image whose URL the truth knows."""
+    return [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
+
+
 def filter_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
     """Precision and recall of the filter at removing noisy web pairs (None if no pair is in the truth)."""
-    known = [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
+    known = _with_truth(decided, truth)
     if not known:
         return None
     removed = [not d["web_kept"] for d, _ in known]
@@ -79,7 +84,7 @@ def _wrong_attribute_removed(known: list[tuple[dict, dict]]) -> dict[str, dict[s
 
 def captioner_quality(decided: list[dict], truth: dict[str, dict]) -> dict | None:
     """Share of synthetic captions that name each attribute of their image correctly, and all five."""
-    known = [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
+    known = _with_truth(decided, truth)
     if not known:
         return None
     right = {a: sum(named_correctly(d["synthetic_caption"], t, a) for d, t in known) for a in ATTRIBUTES}
