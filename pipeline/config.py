@@ -97,12 +97,22 @@ class ToyWebConfig:
     port: int = 0
     """Port of the server on 127.0.0.1; 0 picks a free one at the first run and keeps it."""
     min_side: int = 40
+    """Shorter side of a picture, drawn uniformly in [min_side, max_side]; the longer side follows from
+    an aspect ratio drawn from `aspect_ratios` (either orientation)."""
     max_side: int = 160
+    aspect_ratios: tuple[float, ...] = (1.0, 4 / 3, 3 / 2, 16 / 9)
+    """Common photo shapes (square, 4:3, 3:2, 16:9), in landscape or portrait with equal odds."""
+    banner_share: float = 0.03
+    """Share of 4:1 banners (landscape or portrait), which a prefilter aspect rule should drop."""
+    flat_share: float = 0.4
+    """Share of pictures on a flat background with no texture (product shots, icons, diagrams: the hard
+    case for perceptual-hash dedup); the rest carry soft blob texture, as photos do."""
     slow_seconds: float = 30.0
     exact_duplicates: float = 0.03
     """Rate of URLs that serve the very image of an earlier URL."""
     near_duplicates: float = 0.03
-    """Rate of URLs that serve an earlier scene re-rendered with a slight change."""
+    """Rate of URLs that serve an earlier picture resized (75-95%), re-encoded and, half of the time,
+    cropped by up to 3% on each side."""
     noise: CaptionNoise = field(default_factory=CaptionNoise)
     faults: DownloadFaults = field(default_factory=DownloadFaults)
 
@@ -114,6 +124,10 @@ class ToyWebConfig:
         _require(0 <= self.port < 65536, f"port: must be in 0..65535, got {self.port}")
         _require(8 <= self.min_side <= self.max_side, "min_side, max_side: need 8 <= min_side <= max_side")
         _require(self.slow_seconds > 0, "slow_seconds: must be > 0")
+        _require(len(self.aspect_ratios) > 0 and all(a >= 1 for a in self.aspect_ratios),
+                 "aspect_ratios: give at least one ratio, each >= 1 (long side / short side)")
+        _rate("banner_share", self.banner_share)
+        _rate("flat_share", self.flat_share)
         _rate("exact_duplicates", self.exact_duplicates)
         _rate("near_duplicates", self.near_duplicates)
 

@@ -25,7 +25,7 @@ from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
-TOYWEB_FORMAT = 3  # bump when the files prepare_toy_web writes change
+TOYWEB_FORMAT = 4  # bump when the files prepare_toy_web writes change
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

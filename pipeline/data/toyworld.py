@@ -104,8 +104,17 @@ class ToyWorld:
         return Scene(**{a: rng.choice(CHOICES[a]) for a in ATTRIBUTES})
 
     def size(self, index: int) -> tuple[int, int]:
+        """(width, height): a short side in [min_side, max_side] and a common aspect ratio, in either
+        orientation; a few banners are far wider (or taller) than any photo."""
         rng = self._rng(index, "size")
-        return rng.randint(self.cfg.min_side, self.cfg.max_side), rng.randint(self.cfg.min_side, self.cfg.max_side)
+        short = rng.randint(self.cfg.min_side, self.cfg.max_side)
+        ratio = 4.0 if rng.random() < self.cfg.banner_share else rng.choice(self.cfg.aspect_ratios)
+        long = round(short * ratio)
+        return (long, short) if rng.random() < 0.5 else (short, long)
+
+    def is_flat(self, index: int) -> bool:
+        """Whether the picture has a flat background with no texture (decided per picture)."""
+        return self._rng(index, "style").random() < self.cfg.flat_share
 
     def item(self, index: int) -> Item:
         if not 0 <= index < self.total:
@@ -166,8 +175,10 @@ class ToyWorld:
         draw = ImageDraw.Draw(img)
         # Low-contrast blobs give every picture its own texture, as real photos have: without them two
         # scenes with the same attributes look alike to a perceptual hash and dedup would merge them.
+        # Textured pictures get low-contrast blobs, as photos have texture; flat ones (product shots, icons)
+        # get none, so two flat pictures of alike scenes differ only in the object: the hard case for dedup.
         base = bg or (235, 235, 235)
-        for _ in range(rng.randint(4, 7)):
+        for _ in range(0 if self.is_flat(item.render_index) else rng.randint(4, 7)):
             bx, by = rng.uniform(0, w), rng.uniform(0, h)
             rx, ry = rng.uniform(0.1, 0.4) * w, rng.uniform(0.1, 0.4) * h
             tone = rng.randint(-35, 35)
@@ -185,9 +196,14 @@ class ToyWorld:
         colour = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[scene.colour])
         _draw_shape(draw, scene.shape, cx, cy, side / 2, colour)
         quality = 90
-        if (w, h) != (item.width, item.height):  # a near duplicate: resized and re-encoded
+        if item.near_duplicate:  # re-published: maybe cropped a little, resized and re-encoded
+            near = self._rng(item.index, "near")
+            if near.random() < 0.5:
+                left, top = near.uniform(0, 0.03) * w, near.uniform(0, 0.03) * h
+                right, bottom = w - near.uniform(0, 0.03) * w, h - near.uniform(0, 0.03) * h
+                img = img.crop((round(left), round(top), round(right), round(bottom)))
             img = img.resize((item.width, item.height), Image.Resampling.BICUBIC)
-            quality = self._rng(item.index, "near").choice((70, 78, 85))
+            quality = near.choice((70, 78, 85))
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=quality)
         return out.getvalue()
