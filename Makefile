@@ -28,6 +28,7 @@ test: setup chromium
 bench: setup
 	$(VENV)/bin/python bench/download.py
 	$(VENV)/bin/python bench/train.py
+	$(VENV)/bin/python bench/dedup.py
 
 clean:
 	rm -rf $(VENV) runs bench/out

@@ -79,8 +79,9 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     c = client(address)
     if resume:
         run = RunDir(check_run_dir(resume)).require()
-        args = ["resume", str(run.root)]
-        name = load_config(run.config_path).name
+        # Overrides go to the job's `vlp resume --set`; loading them here fails early on a bad one.
+        args = ["resume", str(run.root)] + [a for o in overrides for a in ("--set", o)]
+        name = load_config(run.config_path, overrides).name
     else:
         cfg = load_config(config, overrides)
         run = RunDir(check_run_dir(str(run_dir or default_run_dir(cfg))))

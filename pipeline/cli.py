@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="finish a run: redo only what is missing")
     resume.add_argument("run_dir")
     resume.add_argument("--stage", help="resume only this stage")
+    resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of the run's saved config.yaml, e.g. --set prefilter.max_drop_share=0.9 "
+                             "(repeatable); a setting that changes a stage's output re-runs that stage")
     resume.add_argument("--submitted-marker", help=argparse.SUPPRESS)
 
     address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
@@ -32,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--run-dir", help="run directory, on storage the cluster mounts")
     submit.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory instead")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (with --resume: change the run's saved config)")
     jobs = sub.add_parser("jobs", help="list the cluster's jobs")
     jobs.add_argument("--address", help=address_help)
     logs = sub.add_parser("logs", help="print a job's output")
@@ -93,7 +97,7 @@ def _dispatch(args) -> int:
         from pipeline.runs import RunDir
 
         run = RunDir(args.run_dir).require()
-        cfg = load_config(run.config_path)
+        cfg = load_config(run.config_path, args.overrides)  # execute() saves it as the run's config.yaml
         run = runner.execute(cfg, run.root, [args.stage] if args.stage else None)
         _print_status(run.root)
         return 0

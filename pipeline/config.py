@@ -11,7 +11,7 @@ from typing import Literal
 
 import yaml
 
-from pipeline.configtree import apply_override, build, to_plain
+from pipeline.configtree import apply_override, build, keeps_output, to_plain
 from pipeline.errors import ConfigError
 
 
@@ -22,6 +22,13 @@ def _require(ok: bool, message: str) -> None:
 
 def _rate(name: str, value: float) -> None:
     _require(0.0 <= value <= 1.0, f"{name}: must be a rate between 0 and 1, got {value}")
+
+
+def _drop_shares(max_share: float, limits: dict[str, float]) -> None:
+    """Checks of a filtering stage's breaker settings (max_drop_share, drop_share_limits)."""
+    _require(0.0 < max_share <= 1.0, f"max_drop_share: must be in (0, 1] (1 turns the breaker off), got {max_share}")
+    for reason, share in limits.items():
+        _require(0.0 < share <= 1.0, f"drop_share_limits.{reason}: must be in (0, 1] (1: no limit), got {share}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +120,9 @@ class ToyWebConfig:
     near_duplicates: float = 0.03
     """Rate of URLs that serve an earlier picture resized (75-95%), re-encoded and, half of the time,
     cropped by up to 3% on each side."""
+    eval_leaks: float = 0.01
+    """Rate of web URLs that serve a picture of the eval split (the very image, or a near copy half of
+    the time): the contamination prefilter's `decontaminate` rule must find."""
     noise: CaptionNoise = field(default_factory=CaptionNoise)
     faults: DownloadFaults = field(default_factory=DownloadFaults)
 
@@ -130,6 +140,8 @@ class ToyWebConfig:
         _rate("flat_share", self.flat_share)
         _rate("exact_duplicates", self.exact_duplicates)
         _rate("near_duplicates", self.near_duplicates)
+        _rate("eval_leaks", self.eval_leaks)
+        _require(self.eval_leaks == 0 or self.eval_size > 0, "eval_leaks: needs an eval split (eval_size > 0)")
 
 
 LIST_FORMATS = ("laion", "cc3m", "sbu", "parquet", "csv", "tsv", "json", "jsonl")
@@ -221,11 +233,37 @@ class PrefilterConfig:
     boilerplate_patterns: tuple[str, ...] = DEFAULT_BOILERPLATE
     """Case-insensitive regexes; a caption matching any is dropped as boilerplate."""
     dedup_exact: bool = True
-    """Drop images whose decoded pixels hash like an earlier kept image's."""
+    """Drop images whose original bytes (img2dataset's sha256) equal an earlier kept image's."""
     dedup_near: bool = True
-    """Drop images whose perceptual hash is within `near_max_distance` bits of a kept image's."""
-    near_max_distance: int = 4
+    """Drop images that are near copies of an earlier kept image (resized, re-encoded, cropped up to 3% per
+    side, brightness nudged): colour signatures within `near_max_distance` (pipeline/data/neardup.py).
+    Near-uniform images carry no signature and are deduplicated only exactly."""
+    near_max_distance: float = 0.08
+    """Largest distance between two near copies' band-limited colour thumbnails, relative to their
+    contrast, after the best small crop (0: the same picture; unrelated pictures are near 1). Measured in
+    bench/dedup.py: 0.08 keeps distinct but similar flat pictures apart and finds ~90% of near copies."""
+    decontaminate: bool = True
+    """Drop training images that are exact or near copies of an evaluation image (`eval_contaminated`):
+    the images of `evaluate.shards`, or of the toy web's eval split. Nothing to do without an eval set."""
+    decontaminate_max_distance: float = 0.1
+    """`near_max_distance` for matches against eval images: looser, since a leaked eval image costs more
+    than a training image lost (bench/dedup.py: 140 of 144 leaked eval pictures found, 1 of ~8,000 clean
+    images dropped)."""
+    languages: tuple[str, ...] | None = None
+    """Keep only captions in these languages (ISO 639-1 codes as py3langid names them, e.g. [en]);
+    others are dropped as `caption_language`. None: no language rule."""
+    language_min_confidence: float = 0.7
+    """A caption is dropped only when the identifier gives a language outside `languages` at least this
+    probability: on 2-3 words it rarely does (it cannot tell), and such captions are kept."""
     cpus_per_task: float = 1.0
+    max_drop_share: float = keeps_output(0.5)
+    """The breaker: when one drop reason removes more than this share of the stage's input, the stage stops
+    before committing its manifest, naming the reason (committed shards are kept: raise it and `vlp resume`
+    to accept the drops). 1.0 turns the breaker off."""
+    drop_share_limits: dict[str, float] = keeps_output(default_factory=dict)
+    """Per drop reason (as `vlp status` lists them), a share that replaces `max_drop_share` for that
+    reason: looser for a rule known to be heavy on this data (a language rule on a multilingual crawl),
+    or tighter, e.g. {caption_empty: 0.2}."""
 
     def __post_init__(self) -> None:
         import re
@@ -234,8 +272,18 @@ class PrefilterConfig:
         _require(self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
         _require(self.min_caption_words >= 0 and self.min_caption_chars >= 0, "min_caption_*: must be >= 0")
         _require(self.max_caption_chars > self.min_caption_chars, "max_caption_chars: must exceed min_caption_chars")
-        _require(0 <= self.near_max_distance < 16, "near_max_distance: must be in 0..15 bits")
+        _require(0 <= self.near_max_distance <= 0.5,
+                 f"near_max_distance: must be a relative distance in 0..0.5 (default 0.08), "
+                 f"got {self.near_max_distance}")
+        _require(0 <= self.decontaminate_max_distance <= 0.5,
+                 f"decontaminate_max_distance: must be in 0..0.5, got {self.decontaminate_max_distance}")
+        _require(self.languages is None or (len(self.languages) > 0 and all(re.fullmatch(r"[a-z]{2,3}", code)
+                                                                          for code in self.languages)),
+                 f"languages: give language codes such as [en, de] (ISO 639-1), or leave it unset for no "
+                 f"language rule; got {self.languages}")
+        _rate("language_min_confidence", self.language_min_confidence)
         _require(self.cpus_per_task > 0, "cpus_per_task: must be > 0")
+        _drop_shares(self.max_drop_share, self.drop_share_limits)
         for i, pattern in enumerate(self.boilerplate_patterns):
             try:
                 re.compile(pattern)
@@ -360,6 +408,12 @@ class CapfiltConfig:
     """None: one GPU per actor where the cluster has GPUs, none otherwise. Fractions share a GPU."""
     shard_retries: int = 2
     """Times a shard is redone after its actor died before the stage fails."""
+    max_drop_share: float = keeps_output(0.5)
+    """The breaker: when the filter rejects every text of more than this share of the input images
+    (`filter_rejected`), the stage stops before committing its manifest (committed shards are kept: raise
+    it and `vlp resume` to accept the drops). 1.0 turns the breaker off."""
+    drop_share_limits: dict[str, float] = keeps_output(default_factory=dict)
+    """Per drop reason, a share that replaces `max_drop_share` for that reason, e.g. {filter_rejected: 0.8}."""
 
     def __post_init__(self) -> None:
         _rate("threshold", self.threshold)
@@ -370,6 +424,7 @@ class CapfiltConfig:
         _require(self.cpus_per_actor > 0, "cpus_per_actor: must be > 0")
         _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor: must be >= 0")
         _require(self.shard_retries >= 0, "shard_retries: must be >= 0")
+        _drop_shares(self.max_drop_share, self.drop_share_limits)
 
 
 STAGE_ORDER = ("download", "prefilter", "pretrain", "evaluate", "capfilt", "report")

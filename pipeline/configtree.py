@@ -102,15 +102,31 @@ def _type_name(hint: Any) -> str:
     return " | ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(hint))
 
 
-def to_plain(obj: Any) -> Any:
-    """Dataclass tree -> plain dicts/lists, the inverse of `build` (for YAML and fingerprints)."""
+def to_plain(obj: Any, *, output_only: bool = False) -> Any:
+    """Dataclass tree -> plain dicts/lists, the inverse of `build` (for YAML). With `output_only`, the
+    fields marked `keeps_output` are left out: that is what a stage's fingerprint hashes."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name), output_only=output_only) for f in dataclasses.fields(obj)
+                if not output_only or changes_output(f)}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, output_only=output_only) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v, output_only=output_only) for k, v in obj.items()}
     return obj
+
+
+CHANGES_OUTPUT = "changes_output"  # config field metadata key; absent means True
+
+
+def keeps_output(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field whose value does not change what its stage writes (a safety limit, parallelism,
+    logging). It stays out of the stage's fingerprint (DESIGN.md, "Fingerprints hash meaning"), so a
+    user who changes it and resumes keeps every committed shard."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={CHANGES_OUTPUT: False})
+
+
+def changes_output(f: dataclasses.Field) -> bool:
+    return f.metadata.get(CHANGES_OUTPUT, True)
 
 
 def apply_override(data: dict, assignment: str, source: str) -> None:

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from pipeline.config import (LATER_ROUNDS, ROUND_ZERO, STAGE_ORDER, RunConfig, ToyWebConfig, UrlListConfig,
                              dump_config)
+from pipeline.breaker import describe
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
@@ -25,7 +26,7 @@ from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
-TOYWEB_FORMAT = 4  # bump when the files prepare_toy_web writes change
+TOYWEB_FORMAT = 5  # bump when the files prepare_toy_web writes change (5: eval leaks)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -137,10 +138,13 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: 
             raise InputError(f"capfilt.model: {base_model} is not an exported vlp model (no model.safetensors)")
         if round_ == 1 and cfg.capfilt.model:
             inputs.append(fingerprint("model", str(base_model.name), [sha256_file(base_model / "model.safetensors")]))
-    if stage == "evaluate":
-        eval_shards = _eval_shards(cfg, toyweb)
+    eval_shards: list[str] = []
+    if stage == "evaluate" or (stage == "prefilter" and cfg.prefilter.decontaminate):
+        # prefilter drops training images that copy an eval image; with no eval set it has none to compare
+        eval_shards = _eval_shards(cfg, toyweb, required=stage == "evaluate")
         inputs += [fingerprint("eval-shard", Path(p).name, [sha256_file(p)]) for p in eval_shards]
-    fp = fingerprint(stage, to_plain(stage_cfg), inputs)
+    # Settings marked `keeps_output` (e.g. max_drop_share) stay out: changing them keeps committed work.
+    fp = fingerprint(stage, to_plain(stage_cfg, output_only=True), inputs)
     done = out.manifest()
     if done is not None and done.get("fingerprint") == fp:
         log.info("%s (round %d): already committed (fingerprint %s), skipped", stage, round_, fp)
@@ -153,7 +157,7 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: 
             return ctx, download.run(stage_cfg, tuple(lists), shards, ctx)
         up_dir, upstream = ups[0]
         if stage == "prefilter":
-            return ctx, prefilter.run(stage_cfg, upstream, up_dir.path, ctx)
+            return ctx, prefilter.run(stage_cfg, upstream, up_dir.path, eval_shards, ctx)
         if stage == "capfilt":
             return ctx, capfilt.run(stage_cfg, base_model, upstream, up_dir.path, seed_shards, ctx)
         if stage == "pretrain":
@@ -182,10 +186,12 @@ def _expand_shards(name: str, pattern: str) -> list[str]:
     return shards
 
 
-def _eval_shards(cfg: RunConfig, toyweb: dict | None) -> list[str]:
+def _eval_shards(cfg: RunConfig, toyweb: dict | None, required: bool = True) -> list[str]:
     if cfg.evaluate.shards:
         return _expand_shards("evaluate.shards", cfg.evaluate.shards)
     if toyweb is None:
+        if not required:
+            return []
         raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
     return toyweb["eval_shards"]
 
@@ -302,6 +308,8 @@ def status(run_dir: str | Path) -> list[dict]:
             state, done, duration = ("incomplete" if plan else "pending"), len(stats), None
         row = {"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
                "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()}
+        if manifest is None and plan.get("stopped"):  # the mass-drop breaker (pipeline/breaker.py)
+            row["stopped"] = plan["stopped"]
         if manifest is not None:
             for key in ("metrics", "pairs_out", "synthetic_share", "actor_restarts"):
                 if key in manifest:
@@ -327,6 +335,9 @@ def format_status(rows: list[dict]) -> str:
             reasons = r[f"{kind}_by_reason"]
             if reasons:
                 lines.append(f"{'':>17}{kind}: " + ", ".join(f"{k} {v}" for k, v in reasons.items()))
+        if "stopped" in r:
+            lines.append(f"{'':>17}stopped: " + "; ".join(describe(item) for item in r["stopped"]["over"])
+                         + f"; to accept: {r['stopped']['resume']}")
     return "\n".join(lines)
 
 

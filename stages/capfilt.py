@@ -24,6 +24,7 @@ from pathlib import Path
 import ray
 import torch
 
+from pipeline.breaker import check_drop_shares
 from pipeline.config import CapfiltConfig
 from pipeline.configtree import build, to_plain
 from pipeline.data.loader import decode_image
@@ -66,6 +67,8 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
                                           Progress("capfilt", len(shards), samples_in))
     summaries = [shard_summary(results[name]) | {"pairs": results[name]["pairs"]} for name in jobs]
     ctx.out.write_sizes(summaries)
+    # Every shard is committed; a mass drop stops the stage here, before its manifest.
+    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
     pairs = {k: sum(s["pairs"][k] for s in summaries) for k in ("web", "synthetic")}
     total_pairs = pairs["web"] + pairs["synthetic"]
     extra = {"base_model": str(base_model), "base_model_fingerprint": model_fingerprint(base_model),

@@ -20,7 +20,7 @@ VLP = [sys.executable, "-m", "pipeline.cli"]
 
 # The tests' web: every fault and noise kind occurs; slow URLs answer long after the 3 s timeout.
 TEST_WEB = ToyWebConfig(num_urls=240, eval_size=40, seed_size=40, slow_seconds=20, world_seed=7,
-                         exact_duplicates=0.08, near_duplicates=0.08)
+                         exact_duplicates=0.08, near_duplicates=0.08, eval_leaks=0.04)
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +52,7 @@ def write_config(path: Path, toyweb_files, **sections) -> Path:
         "download": {"samples_per_shard": 40, "thread_count": 16, "image_size": 48, "timeout": 3,
                      "max_image_area": 4_000_000, "allow_private_hosts": ["127.0.0.1"]},
         "prefilter": {"min_image_side": 32},
+        "evaluate": {"shards": str(toyweb_files.eval_shards[0])},  # prefilter decontaminates against it
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

@@ -1,14 +1,10 @@
-"""Small pieces with exact answers: shard bytes, the near-duplicate index, the rules, the toy world."""
-import io
-import random
+"""Small pieces with exact answers: shard bytes, the rules, the toy world (near dedup: test_neardup.py)."""
 import re
 
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from pipeline.config import DEFAULT_BOILERPLATE, PrefilterConfig, ToyWebConfig
-from pipeline.data.imagehash import NearDuplicateIndex, dhash_bytes
 from pipeline.data.shards import read_shard, write_shard
 from pipeline.data.toyworld import ToyWorld
 from pipeline.runs import Accounting
@@ -30,37 +26,6 @@ def test_shards_are_byte_reproducible_and_webdataset_readable(tmp_path):
     assert [s["__key__"] for s in got] == [f"{i:09d}" for i in range(5)]
     assert [s["__key__"] for s in read_shard(a)] == [s["__key__"] for s in got]
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-
-
-def test_near_duplicate_index_agrees_with_brute_force():
-    rng = random.Random(0)
-    for distance in (0, 2, 4, 7):
-        index, stored = NearDuplicateIndex(distance), []
-        for _ in range(400):
-            base = rng.choice(stored) if stored and rng.random() < 0.5 else rng.getrandbits(64)
-            h = base
-            for bit in rng.sample(range(64), rng.randint(0, distance + 2)):
-                h ^= 1 << bit
-            brute = any((h ^ s).bit_count() <= distance for s in stored)
-            assert (index.find(h) is not None) == brute
-            if not brute:
-                index.add(h)
-                stored.append(h)
-
-
-def test_dhash_survives_resize_and_reencode_of_toy_images():
-    world = ToyWorld(ToyWebConfig(num_urls=50))
-    distances, unrelated = [], []
-    for i in range(40):
-        data = world.render(world.item(i))
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        small = io.BytesIO()
-        img.resize((img.width * 3 // 4, img.height * 3 // 4)).save(small, "JPEG", quality=70)
-        distances.append((dhash_bytes(data) ^ dhash_bytes(small.getvalue())).bit_count())
-        unrelated.append((dhash_bytes(data) ^ dhash_bytes(world.render(world.item(i + 1)))).bit_count())
-    near = PrefilterConfig().near_max_distance
-    assert sum(d <= near for d in distances) >= 0.85 * len(distances)  # copies: few bits apart
-    assert sum(d > near for d in unrelated) >= 0.95 * len(unrelated)  # different pictures: many
 
 
 CFG = PrefilterConfig()

@@ -134,6 +134,7 @@ def _truth_rows(world: ToyWorld, port: int, a: int, b: int) -> pa.Table:
         "duplicate_of": pa.array([it.duplicate_of for it in items], pa.int64()),
         "near_duplicate": [it.near_duplicate for it in items],
         "image_of": pa.array([it.render_index for it in items], pa.int64()),
+        "eval_leak": [it.eval_leak for it in items],
         "width": pa.array([it.width for it in items], pa.int32()),
         "height": pa.array([it.height for it in items], pa.int32()),
     }

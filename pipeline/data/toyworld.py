@@ -64,6 +64,7 @@ class Item:
     noise: str                 # "none" or one of NOISE_KINDS
     fault: str                 # "none" or one of FAULT_KINDS
     duplicate_of: int          # -1, or the earlier index whose image this one repeats
+    eval_leak: bool = False    # a web URL serving a picture of the eval split (render_index is the eval item)
 
 
 def _pick(rng: random.Random, rates: dict[str, float]) -> str:
@@ -128,6 +129,11 @@ class ToyWorld:
                 dup = rng.randrange(index)
                 # Follow a duplicate of a duplicate back to the picture it shows.
                 render_index, near = self.item(dup).render_index, u >= self.cfg.exact_duplicates
+        leak = split == "web" and self.cfg.eval_leaks > 0 and self._rng(index, "leak").random() < self.cfg.eval_leaks
+        if leak:  # contamination: the very picture of an eval item, or a near copy of it (own rng: no other
+            # item changes when the rate does)
+            pick = self._rng(index, "leak-of")
+            render_index, near, dup = self.cfg.num_urls + pick.randrange(self.cfg.eval_size), pick.random() < 0.5, -1
         scene = self.scene(render_index)
         width, height = self.size(render_index)
         if near:  # the same picture re-published smaller (and re-encoded, see render)
@@ -139,7 +145,8 @@ class ToyWorld:
             width = height = HUGE_SIDE
         return Item(index=index, split=split, scene=scene, width=width, height=height,
                     render_index=render_index, near_duplicate=near,
-                    caption=self._caption(scene, noise, rng), noise=noise, fault=fault, duplicate_of=dup)
+                    caption=self._caption(scene, noise, rng), noise=noise, fault=fault, duplicate_of=dup,
+                    eval_leak=leak)
 
     def _caption(self, scene: Scene, noise: str, rng: random.Random) -> str | None:
         if noise == "mismatched":

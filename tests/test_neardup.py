@@ -1,0 +1,114 @@
+"""The near-duplicate signature, its candidate keys and the pairwise verification, on pictures drawn here;
+and the caption language identifier."""
+import io
+import math
+
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance
+
+from pipeline.data import language, lookalikes, neardup
+
+
+def picture(colour=(220, 30, 30), x=0.3, y=0.5, r=0.15, bg=(245, 245, 245), size=(200, 150), shape="ellipse"):
+    """A flat background with one small object: the case a grey 64-bit hash merges."""
+    img = Image.new("RGB", size, bg)
+    w, h = size
+    box = [x * w - r * h, y * h - r * h, x * w + r * h, y * h + r * h]
+    draw = ImageDraw.Draw(img)
+    draw.ellipse(box, fill=colour) if shape == "ellipse" else draw.rectangle(box, fill=colour)
+    return img
+
+
+def republished(img, crop=(0.02, 0.0, 0.01, 0.03), scale=0.7, quality=60, brightness=1.0):
+    """The same picture as the web re-publishes it: cropped a little, smaller, brighter, re-encoded."""
+    w, h = img.size
+    left, top, right, bottom = crop
+    img = img.crop((round(left * w), round(top * h), w - round(right * w), h - round(bottom * h)))
+    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+    img = ImageEnhance.Brightness(img).enhance(brightness)
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(out.getvalue()))
+
+
+def sig(img):
+    return neardup.decode(neardup.signature(img))
+
+
+def match(a, b):
+    return neardup.near_copy_distance(sig(a), sig(b), 0.08)
+
+
+def test_signature_is_compact_and_keeps_shape_and_mean_colour():
+    data = neardup.signature(picture(size=(240, 120)))
+    assert len(data) == neardup.SIZE <= 256
+    s = neardup.decode(data)
+    assert s.aspect == pytest.approx(math.log(2), abs=1 / 32)
+    assert abs(s.mean[0] - 230) < 15 and s.information > neardup.MIN_INFORMATION
+    with pytest.raises(ValueError):
+        neardup.decode(data[:-1])
+
+
+def test_a_picture_and_its_copies_match():
+    base = picture()
+    assert match(base, base) == 0.0
+    for copy in (republished(base), republished(base, crop=(0, 0.03, 0.03, 0), scale=0.5, quality=40),
+                 republished(base, crop=(0.0, 0.0, 0.0, 0.0), brightness=1.07)):
+        assert match(base, copy) is not None and match(copy, base) is not None
+
+
+@pytest.mark.parametrize("other", [
+    dict(colour=(30, 170, 50)),                    # the same object in another colour (same grey level, nearly)
+    dict(colour=(250, 140, 20)),                   # a close hue: orange for red
+    dict(x=0.6),                                   # at another place
+    dict(r=0.22),                                  # larger
+    dict(bg=(128, 128, 128)),                      # on another background
+    dict(size=(150, 200)),                         # in another frame
+])
+def test_distinct_but_similar_pictures_do_not_match(other):
+    base = picture()
+    assert match(base, picture(**other)) is None
+    assert match(republished(base), picture(**other)) is None
+
+
+def test_near_uniform_images_have_no_candidate_keys():
+    flat = Image.new("RGB", (120, 90), (200, 180, 40))
+    assert sig(flat).information < neardup.MIN_INFORMATION
+    assert neardup.candidate_keys(neardup.signature(flat)) == []
+    assert match(flat, flat) is None  # deduplicated only exactly
+    keys = neardup.candidate_keys(neardup.signature(picture()))
+    assert len(keys) == neardup.BANDS == len({k >> neardup.BAND_BITS for k in keys})
+    assert keys == neardup.candidate_keys(neardup.signature(picture()))  # a pure function
+
+
+def test_index_finds_what_verification_accepts():
+    """The LSH candidates lose few pairs that pairwise verification would accept, and never add one."""
+    items = lookalikes.generate(12, seed=3)
+    signatures = [neardup.signature(Image.open(io.BytesIO(x.jpeg))) for x in items]
+    index, stored, brute_hits, index_hits = neardup.NearDuplicateIndex(0.08), [], 0, 0
+    for s in signatures:
+        brute = [i for i, t in enumerate(stored)
+                 if neardup.near_copy_distance(neardup.decode(s), neardup.decode(t), 0.08) is not None]
+        found = index.find(s)
+        assert found is None or found in brute
+        brute_hits, index_hits = brute_hits + bool(brute), index_hits + (found is not None)
+        if found is None:
+            index.add(s)
+            stored.append(s)
+    assert brute_hits >= 10 and index_hits >= 0.9 * brute_hits
+
+
+@pytest.mark.parametrize("text, other", [
+    ("a small red circle on the left of a grey background", False),
+    ("beautiful sunset over the ocean with boats", False),
+    ("ein kleiner roter Kreis links auf grauem Hintergrund", True),
+    ("un petit cercle rouge à gauche sur un fond gris", True),
+    ("un pequeño círculo rojo a la izquierda sobre un fondo gris", True),
+    ("灰色背景左侧的一个红色小圆圈", True),
+    ("маленький красный круг слева на сером фоне", True),
+    ("der Hund", False),   # two words: the identifier cannot tell, the caption stays
+    ("red circle", False),
+])
+def test_language_identifier(text, other):
+    assert language.in_other_language(text, ("en",), 0.7) is other
+    assert {"en", "de", "fr", "es", "zh", "ru", "ja"} <= language.known_languages()
