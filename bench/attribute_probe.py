@@ -10,6 +10,10 @@ web's truth (the scene the image shows, whatever its caption says). The filter c
 "wrong attribute" caption for attributes the encoder tells apart, so this bounds the filter's recall.
 
     .venv/bin/python bench/attribute_probe.py [--run runs/demo] [--steps 800]
+    .venv/bin/python bench/attribute_probe.py --run RUN --curve   # (a) at every kept round-0 checkpoint
+
+With --curve: figure vs steps. For each complete round-0 checkpoint, (a) as above and the evaluate
+stage's own probe (5-fold over the eval split's 500 images, pipeline/probe.py), side by side.
 """
 from __future__ import annotations
 
@@ -86,15 +90,47 @@ def train_heads(features_of, width: int, encoder_params, images, labels, steps: 
     return dict(zip(ATTRIBUTES, acc)), history
 
 
+def frozen_features(model, images: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model("encode_image", images[i:i + 256])[0][:, 0] for i in range(0, len(images), 256)])
+
+
+def curve(run: RunDir, model, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """The probes at every complete round-0 checkpoint (DeepSpeed's module states hold the full weights)."""
+    from pipeline.probe import probe_accuracy
+    from pipeline.train.checkpoints import complete_checkpoints
+
+    eval_images, eval_labels = [], []
+    for tar in sorted((run.root / "toyweb" / "eval").glob("*.tar")):
+        for sample in read_shard(tar):
+            eval_images.append(decode_image(sample["jpg"], model.cfg.image_size, None))
+            eval_labels.append(json.loads(sample["json"])["attributes"])
+    eval_images = torch.stack(eval_images)
+    print(f"{'step':>6}  (a) probe on web features: shape position  |  evaluate's 5-fold probe: shape position")
+    for step, tag in complete_checkpoints(run.stage("pretrain", 0).path / "checkpoints"):
+        state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+        model.load_state_dict(state)
+        frozen = frozen_features(model, images)
+        torch.manual_seed(0)
+        acc, _ = train_heads(lambda x: frozen[x], frozen.shape[1], [], torch.arange(len(images)), labels, 2000, 1e-2, 0)
+        five_fold = probe_accuracy(frozen_features(model, eval_images), eval_labels)
+        print(f"{step:>6}  {acc['shape']:>32.3f} {acc['position']:>8.3f}  |  "
+              f"{five_fold['shape']:>29.3f} {five_fold['position']:>8.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--curve", action="store_true", help="the probes at every kept round-0 checkpoint")
     args = ap.parse_args()
     run = RunDir(args.run).require()
     model, _, _ = load_pretrained(run.stage("pretrain", 0).path / "model")
     images, labels = load_images(run, model.cfg.image_size)
+    if args.curve:
+        return curve(run, model, images, labels)
     print(f"{len(images)} round-0 web images ({HELD_OUT} held out), {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
 

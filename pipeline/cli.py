@@ -147,14 +147,19 @@ def _jobs(args) -> int:
 
 def _print_status(run_dir) -> None:
     from pipeline import runner
-    from pipeline.measure import format_attributes, format_rounds, rounds
+    from pipeline.measure import format_attributes, format_noise_kinds, format_rounds, rounds
 
     print(runner.format_status(runner.status(run_dir)))
     per_round = rounds(run_dir)
     if per_round:
-        print("\nper round (retrieval: ITC on the held-out pairs; filter P/R at removing noisy web pairs, "
-              "measured against the toy web's truth):")
+        print("\nper round (retrieval: ITC on the held-out pairs; filter P/R at removing noisy web pairs and "
+              "caption 5/5, the synthetic captions naming all five attributes right, against the toy web's "
+              "truth; probe: a linear probe per attribute on the frozen image features of the held-out images):")
         print(format_rounds(per_round))
+        by_kind = format_noise_kinds(per_round)
+        if by_kind:
+            print("\nnoisy web pairs the filter removed, by kind of noise (recall per kind):")
+            print(by_kind)
         by_attribute = format_attributes(per_round)
         if by_attribute:
             print("\nwrong-attribute web captions the filter removed, and synthetic captions that name the "

@@ -291,6 +291,10 @@ class PrefilterConfig:
                 raise ValueError(f"boilerplate_patterns[{i}]: not a valid regex ({err})") from None
 
 
+OBJECTIVES = ("itc", "itm", "mlm", "lm", "bow")
+UNIMODAL_OBJECTIVES = ("itc", "bow")  # need no fusion pass
+
+
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Pretraining on Ray Train + DeepSpeed. Batch sizes are per rank; the global batch is
@@ -320,9 +324,20 @@ class PretrainConfig:
     """Recompute each block in backward (fairscale's checkpoint_wrapper): less memory, more time."""
     augment: bool = True
     loss_weights: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0})
+    """Objectives and their weights: itc, itm, mlm, lm (VLMo/BLIP), and bow (the words of the caption
+    predicted from the image [CLS]; cheap, and it teaches the image encoder what captions name fastest)."""
+    fusion_every: int = 1
+    """Run the objectives that need the fusion encoder (itm, mlm, lm: ~3/4 of a full step's compute) on
+    every n-th step only; itc and bow run on every step. The encoders then get several times more steps
+    per second, and the fusion heads still learn all along (a late start left ITM at its prior)."""
     itm_easy_negatives: float = 0.0
     """Share of ITM negatives drawn uniformly from the batch instead of by ITC similarity (hard). BLIP
     uses hard ones only; a small model trained from scratch needs some easy ones to learn ITM at all."""
+    text_queue: int = 0
+    """Texts of earlier global batches kept as a pool of ITM hard negatives (0: the batch only). A batch
+    rarely holds a caption that differs from a pair's own in one detail; a pool of ~1,000 usually does."""
+    queue_in_itc: bool = False
+    """Also use the queued texts' (stale) features as ITC negatives."""
     with_seed: bool = True
     """Also train on the clean seed set (data.seed_shards), in every round, as BLIP adds COCO."""
     init: Literal["fresh", "previous"] = "fresh"
@@ -341,11 +356,15 @@ class PretrainConfig:
         _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        _require(self.text_queue >= 0, "text_queue: must be >= 0")
         _rate("itm_easy_negatives", self.itm_easy_negatives)
-        unknown = set(self.loss_weights) - {"itc", "itm", "mlm", "lm"}
-        _require(not unknown, f"loss_weights: unknown objective(s) {sorted(unknown)}; use itc, itm, mlm, lm")
+        unknown = set(self.loss_weights) - set(OBJECTIVES)
+        _require(not unknown, f"loss_weights: unknown objective(s) {sorted(unknown)}; use {', '.join(OBJECTIVES)}")
         _require(all(w >= 0 for w in self.loss_weights.values()) and any(self.loss_weights.values()),
                  "loss_weights: must be >= 0 and not all 0")
+        _require(self.fusion_every >= 1, "fusion_every: must be >= 1")
+        _require(self.fusion_every == 1 or any(self.loss_weights.get(k) for k in UNIMODAL_OBJECTIVES),
+                 "fusion_every: steps between fusion steps need itc or bow in loss_weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -371,9 +390,13 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     itm_easy_negatives: float = 0.5
     """The filter's share of uniformly drawn ITM negatives (see PretrainConfig)."""
+    text_queue: int = 0
+    """The filter's pool of earlier texts for hard ITM negatives (see PretrainConfig)."""
+    queue_in_itc: bool = False
 
     def __post_init__(self) -> None:
         _rate("itm_easy_negatives", self.itm_easy_negatives)
+        _require(self.text_queue >= 0, "text_queue: must be >= 0")
         _require(self.steps >= 1 and self.batch_size >= 1, "steps, batch_size: must be >= 1")
         _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
@@ -382,7 +405,7 @@ class FinetuneConfig:
 @dataclass(frozen=True, kw_only=True)
 class CapfiltConfig:
     """BLIP's CapFilt: a captioner writes a synthetic caption per image, a filter keeps the texts
-    (web and synthetic) whose image-text match probability reaches `threshold`."""
+    (web and synthetic) that match the image well enough (`rule`)."""
     model: str | None = None
     """An exported model folder (model.safetensors + config.yaml + tokenizer/) for round 1's CapFilt,
     e.g. for a curation job. None: the model pretrained in the previous round of this run."""
@@ -390,8 +413,19 @@ class CapfiltConfig:
     """Fine-tuned with the LM loss."""
     filter: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=200))
     """Fine-tuned with ITC + ITM (hard negatives)."""
+    rule: Literal["calibrated", "itm"] = "calibrated"
+    """How the filter decides. "itm" (BLIP): keep a text whose ITM match probability reaches `threshold`.
+    "calibrated": add the ITM log-odds and the ITC similarity, each standardised on clean seed pairs held
+    out of the filter's fine-tuning, and keep a text scoring above the lowest `clean_reject_rate` of those
+    clean pairs (pipeline/model/scoring.py). ITM alone misses text that is not a caption at all and
+    attributes its hard negatives rarely showed; ITC catches those; and the threshold is set by the
+    loss of clean pairs one accepts, not guessed."""
     threshold: float = 0.5
-    """ITM match probability a text needs to be kept."""
+    """rule "itm": the ITM match probability a text needs to be kept."""
+    clean_reject_rate: float = 0.03
+    """rule "calibrated": the share of clean held-out pairs the rule may reject."""
+    calibration_share: float = 0.2
+    """rule "calibrated": the share of seed pairs (chosen by key) held out of the filter's fine-tuning."""
     prompt: str = "a picture of "
     """Text the captioner starts from (trained on `prompt + caption`); removed from the synthetic caption."""
     top_p: float = 0.9
@@ -417,6 +451,8 @@ class CapfiltConfig:
 
     def __post_init__(self) -> None:
         _rate("threshold", self.threshold)
+        _require(0 < self.clean_reject_rate < 0.5, "clean_reject_rate: must be in (0, 0.5)")
+        _require(0 < self.calibration_share < 1, "calibration_share: must be in (0, 1)")
         _require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         _require(0 <= self.min_len < self.max_len, "min_len, max_len: need 0 <= min_len < max_len")
         _require(self.repetition_penalty >= 1.0, "repetition_penalty: must be >= 1")

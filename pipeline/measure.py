@@ -117,7 +117,8 @@ def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[di
             row["train_samples"] = pretrain["totals"]["samples_in"]
         if evaluate is not None:
             m = evaluate["metrics"]
-            row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"])
+            row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"],
+                       probe=m.get("attribute_probe") or None)
         rows.append(row)
     return rows
 
@@ -127,13 +128,30 @@ def format_rounds(rows: list[dict]) -> str:
         return "-" if v is None else pattern.format(v)
 
     lines = [f"{'round':>5}  {'capfilt in':>10} {'kept':>6} {'pairs out':>9} {'synthetic':>9} {'train':>7} "
-             f"{'TR@1':>6} {'IR@1':>6} {'filter P':>8} {'filter R':>8}"]
+             f"{'TR@1':>6} {'IR@1':>6} {'filter P':>8} {'filter R':>8} {'caption 5/5':>11} "
+             f"{'probe shape':>11} {'probe pos.':>10}"]
     for r in rows:
-        flt = r.get("filter") or {}
+        flt, probe = r.get("filter") or {}, r.get("probe") or {}
         lines.append(f"{r['round']:>5}  {f(r.get('capfilt_in'), '{}'):>10} {f(r.get('capfilt_kept'), '{}'):>6} "
                      f"{f(r.get('pairs_out'), '{}'):>9} {f(r.get('synthetic_share'), '{:.1%}'):>9} "
                      f"{f(r.get('train_samples'), '{}'):>7} {f(r.get('tr_r1')):>6} {f(r.get('ir_r1')):>6} "
-                     f"{f(flt.get('precision')):>8} {f(flt.get('recall')):>8}")
+                     f"{f(flt.get('precision')):>8} {f(flt.get('recall')):>8} "
+                     f"{f((r.get('captioner') or {}).get('all_correct'), '{:.1%}'):>11} "
+                     f"{f(probe.get('shape')):>11} {f(probe.get('position')):>10}")
+    return "\n".join(lines)
+
+
+def format_noise_kinds(rows: list[dict]) -> str:
+    """Per round, the filter's recall for each kind of noise (toy web only; empty otherwise)."""
+    lines = []
+    for r in rows:
+        kinds = (r.get("filter") or {}).get("removed_by_noise") or {}
+        noisy = {k: v for k, v in kinds.items() if k != "none"}
+        if noisy:
+            clean = kinds.get("none", {"removed": 0, "of": 0})
+            lines.append(f"{r['round']:>5}  " + "  ".join(
+                f"{k} {v['removed']}/{v['of']} ({v['removed'] / v['of']:.1%})" for k, v in sorted(noisy.items()))
+                + f"  | clean pairs removed {clean['removed']}/{clean['of']}")
     return "\n".join(lines)
 
 

@@ -61,9 +61,14 @@ def _build(run: RunDir, out: Path) -> str:
         parts.append(_source_table(fates, truth))
 
     if decided:
+        manifest = last_capfilt.manifest()
+        calibrated = manifest["config"].get("rule") == "calibrated"
+        what = "calibrated ITM + ITC score" if calibrated else "ITM match probability"
         parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
-                     "<p>ITM match probability the filter gave each web caption and each synthetic caption.</p>")
-        _score_chart(decided, truth, float(last_capfilt.manifest()["config"]["threshold"]), out / "scores.png")
+                     f"<p>The {what} the filter gave each web caption and each synthetic caption; the dashed "
+                     "line is the threshold.</p>")
+        _score_chart(decided, truth, float(manifest.get("threshold", manifest["config"]["threshold"])),
+                     out / "scores.png", what)
         parts.append('<img src="scores.png" alt="histograms of filter scores">')
         parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")
         parts.append(_sample_grid(run, decided, truth, out))
@@ -184,12 +189,15 @@ def _source_table(fates: dict, truth: dict | None) -> str:
     return "".join(rows) + "</table>"
 
 
-def _score_chart(decided: list[dict], truth: dict | None, threshold: float, path: Path) -> None:
+def _score_chart(decided: list[dict], truth: dict | None, threshold: float, path: Path,
+                 label: str = "ITM match probability") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
-    bins = [i / 20 for i in range(21)]
     web = [d["web_score"] for d in decided]
+    every = web + [d["synthetic_score"] for d in decided] + [threshold]
+    low, high = min(every), max(every)  # ITM probabilities lie in 0..1, calibrated scores do not
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
     if truth is not None:
         clean = [d["web_score"] for d in decided if d.get("url") in truth and not truth[d["url"]]["noisy"]]
         noisy = [d["web_score"] for d in decided if d.get("url") in truth and truth[d["url"]]["noisy"]]
@@ -203,7 +211,7 @@ def _score_chart(decided: list[dict], truth: dict | None, threshold: float, path
     axes[1].set_title("synthetic captions")
     for ax in axes:
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
-        ax.set_xlabel("ITM match probability")
+        ax.set_xlabel(label)
     _save(fig, path)
 
 

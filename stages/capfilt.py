@@ -4,9 +4,10 @@
    tasks in parallel: a captioner (LM) and a filter (ITC + ITM). Separate copies, because a filter that
    shares its weights with the captioner waves the captioner's mistakes through (BLIP, Table 4).
 2. A pool of Ray actors, each holding both models, takes the web shards one by one. Per image, the
-   captioner samples one synthetic caption (nucleus sampling, KV cache) and the filter gives the ITM
-   match probability of the web caption and of the synthetic one; each text at or above the threshold
-   becomes one output sample. An image with no kept text is dropped ("filter_rejected").
+   captioner samples one synthetic caption (nucleus sampling, KV cache) and the filter scores the web
+   caption and the synthetic one (`rule`: BLIP's ITM probability, or ITM + ITC calibrated on seed pairs
+   held out of the filter's fine-tuning); each text at or above the threshold becomes one output
+   sample. An image with no kept text is dropped ("filter_rejected").
 
 Each shard's sampling is seeded by (run seed, round, shard name), so a shard redone after a kill, or by
 another actor, is the same bytes. Besides the tar and its stats, each shard commits
@@ -33,6 +34,7 @@ from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.parallel import Progress, run_on_actor_pool
 from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
 from pipeline.stage import StageContext
+from pipeline.model.scoring import Calibration, match_scores
 from stages.finetune import finetune, model_fingerprint
 
 log = logging.getLogger("vlp")
@@ -58,9 +60,11 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
     fps = {role: models[role]["fingerprint"] for role in ROLES}
     worker = ray.remote(CapfiltWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
 
+    calibration = models["filter"].get("calibration")
+
     def make_actor():
         return worker.remote(str(ctx.out.path / "captioner"), str(ctx.out.path / "filter"), to_plain(cfg),
-                             str(ctx.out.path), ctx.out.round, ctx.seed, fps)
+                             str(ctx.out.path), ctx.out.round, ctx.seed, fps, calibration)
 
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"]) for s in shards}
     results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
@@ -72,6 +76,7 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
     pairs = {k: sum(s["pairs"][k] for s in summaries) for k in ("web", "synthetic")}
     total_pairs = pairs["web"] + pairs["synthetic"]
     extra = {"base_model": str(base_model), "base_model_fingerprint": model_fingerprint(base_model),
+             "rule": cfg.rule, "threshold": calibration["threshold"] if calibration else cfg.threshold,
              "models": models, "pairs": pairs, "pairs_out": total_pairs,
              "synthetic_share": round(pairs["synthetic"] / total_pairs, 4) if total_pairs else 0.0,
              "actor_restarts": restarts, "gpus_per_actor": gpus}
@@ -90,8 +95,11 @@ def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str],
         if summary_path.is_file() and (folder / "model.safetensors").is_file():
             summaries[role] = read_json(summary_path)
             continue
+        calibrated = role == "filter" and cfg.rule == "calibrated"
         refs[role] = task.remote(str(base_model), seed_shards, str(folder), role, to_plain(getattr(cfg, role)),
-                                 cfg.prompt, ctx.seed * 1000 + ctx.out.round * 10 + i)
+                                 cfg.prompt, ctx.seed * 1000 + ctx.out.round * 10 + i,
+                                 cfg.calibration_share if calibrated else 0.0,
+                                 cfg.clean_reject_rate if calibrated else None)
     for role, ref in refs.items():
         summaries[role] = ray.get(ref)
         atomic_write_json(ctx.out.path / f"{role}.json", summaries[role])
@@ -104,10 +112,12 @@ class CapfiltWorker:
     """A Ray actor: loads the captioner and the filter once, then processes shard after shard."""
 
     def __init__(self, captioner_dir: str, filter_dir: str, cfg: dict, out_dir: str, round_: int, seed: int,
-                 fps: dict):
+                 fps: dict, calibration: dict | None = None):
         from pipeline.modelio import load_pretrained
 
         self.cfg = build(CapfiltConfig, cfg, source="capfilt")
+        self.calibration = Calibration(**calibration) if self.cfg.rule == "calibrated" else None
+        self.threshold = self.calibration.threshold if self.calibration else self.cfg.threshold
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.captioner, self.tok, _ = load_pretrained(captioner_dir, self.device)
         self.filter, _, _ = load_pretrained(filter_dir, self.device)
@@ -150,7 +160,8 @@ class CapfiltWorker:
         return self.out.commit_shard(name, out, acc, rejects, started, {"pairs": pairs})
 
     def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float, out: list[dict]) -> dict:
-        threshold = self.cfg.threshold
+        threshold = self.threshold
+        pw, ps = round(pw, 6), round(ps, 6)  # decide on the score the decisions file records
         web_kept, syn_kept = pw >= threshold, ps >= threshold and bool(syn.strip())
         origin = json.loads(sample["json"]) if "json" in sample else {}
         key = sample["__key__"]
@@ -180,8 +191,11 @@ class CapfiltWorker:
 
     @torch.no_grad()
     def match(self, images: torch.Tensor, texts: list[str]) -> list[float]:
+        """Per text, the score the rule compares with the threshold: the ITM match probability ("itm") or
+        the calibrated sum of both standardised scores ("calibrated")."""
         enc = self.tok(texts, padding="max_length", truncation=True, max_length=self.filter.cfg.max_text_len,
                        return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        logits = self.filter("itm_logits", self.filter("fuse", images, ids, mask))
-        return logits.float().softmax(-1)[:, 1].tolist()
+        itm, itc = match_scores(self.filter, images, ids, mask)
+        scores = self.calibration.combine(itm, itc) if self.calibration else torch.sigmoid(itm)
+        return scores.tolist()

@@ -5,6 +5,8 @@ is a correct image among the k best-ranked images. *Correct* means the retrieved
 attributes as the query (toy web: shape, colour, size, position, background), since many held-out
 pairs share a scene; where the split carries no attributes, only the item's own partner is correct.
 Ranked by ITC similarity alone, and by ITM match probability over the ITC top-k ("rerank").
+Where the split labels its images' attributes, a linear probe per attribute on the frozen image
+features ([CLS], 5-fold) says which ones the encoder tells apart (pipeline/probe.py).
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ def run(cfg: EvaluateConfig, model_dir: Path, eval_shards: list[str], ctx: Stage
 @torch.no_grad()
 def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dict:
     from pipeline.modelio import load_pretrained
+    from pipeline.probe import probe_accuracy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, _ = load_pretrained(model_dir, device)
     size, max_len = model.cfg.image_size, model.cfg.max_text_len
-    images, captions, labels = [], [], []
+    images, captions, labels, attributes = [], [], [], []
     for shard in eval_shards:
         for sample in read_shard(Path(shard)):
             meta = json.loads(sample["json"])
@@ -48,11 +51,14 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dic
             captions.append(sample["txt"].decode("utf-8"))
             attrs = meta.get("attributes")
             labels.append(json.dumps(attrs, sort_keys=True) if attrs else sample["__key__"])
+            attributes.append(attrs if isinstance(attrs, dict) else {})
     n, bs = len(images), cfg["batch_size"]
     enc = tok(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     images_t = torch.stack(images).to(device)
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    img_feat = torch.cat([model("encode_image", images_t[i:i + bs])[1] for i in range(0, n, bs)])
+    encoded = [model("encode_image", images_t[i:i + bs]) for i in range(0, n, bs)]
+    img_feat = torch.cat([feat for _, feat in encoded])
+    cls_hidden = torch.cat([hidden[:, 0] for hidden, _ in encoded]).cpu()
     txt_feat = torch.cat([model("encode_text", ids[i:i + bs], mask[i:i + bs])[1] for i in range(0, n, bs)])
     sim = img_feat @ txt_feat.t()  # [images, texts]
     same = torch.tensor([[a == b for b in labels] for a in labels])
@@ -66,7 +72,8 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dic
             out.append(logits.softmax(-1)[:, 1])
         return torch.cat(out)
 
-    result = {"pairs": n, "chance_r1": round(same.float().mean().item(), 4), "rerank_k": k}
+    result = {"pairs": n, "chance_r1": round(same.float().mean().item(), 4), "rerank_k": k,
+              "attribute_probe": probe_accuracy(cls_hidden, attributes)}
     for direction, scores in (("tr", sim), ("ir", sim.t())):
         top = scores.topk(k, dim=1).indices.cpu()  # [queries, k]
         queries = torch.arange(n).repeat_interleave(k)

@@ -16,7 +16,8 @@ from pipeline.config import FinetuneConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.fsutil import sha256_file
-from pipeline.model.objectives import Batch, SpecialTokens, pretrain_losses
+from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
+from pipeline.model.scoring import Calibration, match_scores
 
 OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
 
@@ -27,8 +28,10 @@ def model_fingerprint(folder: Path) -> str:
 
 
 def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg: dict, prompt: str,
-             seed: int) -> dict:
-    """Fine-tune the model in `base_dir` as `role` and export it to `out_dir`; returns a summary."""
+             seed: int, holdout: float = 0.0, reject_rate: float | None = None) -> dict:
+    """Fine-tune the model in `base_dir` as `role` and export it to `out_dir`; returns a summary. The
+    filter with `holdout` > 0 trains without that share of the seed pairs and calibrates its keep rule
+    on them (pipeline/model/scoring.py), rejecting `reject_rate` of such clean pairs."""
     from stages.pretrain_loop import lr_lambda, param_groups
     from pipeline.modelio import load_pretrained, save_pretrained
 
@@ -42,17 +45,19 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     spec = StreamSpec(shards=tuple(seed_shards), rank=0, world=1, seed=seed, batch_size=ft.batch_size,
                       image_size=model.cfg.image_size, max_text_len=model.cfg.max_text_len,
                       tokenizer_dir=str(Path(base_dir) / "tokenizer"), augment=True,
-                      caption_prefix=prompt if role == "captioner" else "")
+                      caption_prefix=prompt if role == "captioner" else "", holdout=holdout)
     optimizer = torch.optim.AdamW(param_groups(model, ft.weight_decay), lr=ft.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(ft))
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = OBJECTIVES[role]
     history = []
+    queue = TextQueue(ft.text_queue) if ft.text_queue and "itm" in weights else None
     batches = iter(make_loader(spec))
     for step in range(1, ft.steps + 1):
         raw = next(batches)
         batch = Batch(raw["images"].to(device), raw["ids"].to(device), raw["mask"].to(device))
-        losses = pretrain_losses(model, batch, special, weights, generator, ft.itm_easy_negatives)
+        losses = pretrain_losses(model, batch, special, weights, generator, ft.itm_easy_negatives, queue,
+                                 ft.queue_in_itc)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -60,9 +65,38 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
         schedule.step()
         if step % 10 == 0 or step == ft.steps:
             history.append({"step": step, **{k: round(float(v.detach()), 5) for k, v in losses.items()}})
+    calibration = None
+    if holdout > 0 and reject_rate is not None:
+        model.eval()
+        calibration = calibrate(model, tok, seed_shards, holdout, reject_rate, device).to_json()
     out = Path(out_dir)
     save_pretrained(out, model.cfg, model.state_dict(), Path(base_dir) / "tokenizer",
                     {"role": role, "base_model": model_fingerprint(Path(base_dir)), "finetune": cfg,
-                     "prompt": prompt, "history": history})
+                     "prompt": prompt, "history": history, "calibration": calibration})
     return {"role": role, "fingerprint": model_fingerprint(out), "final": history[-1],
-            "duration_s": round(time.time() - started, 2)}
+            "duration_s": round(time.time() - started, 2), "calibration": calibration}
+
+
+def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: float, device: str,
+              batch_size: int = 64) -> Calibration:
+    """Both match scores of the held-out (never trained on) clean seed pairs, and the rule fitted to them."""
+    from pipeline.data.loader import decode_image, in_holdout
+    from pipeline.data.shards import read_shard
+
+    images, captions = [], []
+    for shard in seed_shards:
+        for sample in read_shard(Path(shard)):
+            if in_holdout(sample["__key__"], holdout):
+                images.append(decode_image(sample["jpg"], model.cfg.image_size, None))
+                captions.append(sample["txt"].decode("utf-8"))
+    itm, itc = [], []
+    for i in range(0, len(images), batch_size):
+        enc = tok(captions[i:i + batch_size], padding="max_length", truncation=True,
+                  max_length=model.cfg.max_text_len, return_tensors="pt")
+        a, b = match_scores(model, torch.stack(images[i:i + batch_size]).to(device),
+                            enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        itm.append(a)
+        itc.append(b)
+    if not itm:
+        raise ValueError(f"capfilt.calibration_share {holdout}: no seed pair falls in the held-out share")
+    return Calibration.fit(torch.cat(itm), torch.cat(itc), reject_rate)

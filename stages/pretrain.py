@@ -125,11 +125,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     from pipeline.fsutil import atomic_path
 
-    names = [k for k in ("loss", "itc", "itm", "mlm", "lm") if history and k in history[0]]
+    seen = {k for h in history for k in h}
+    names = [k for k in ("loss", "itc", "itm", "mlm", "lm", "bow") if k in seen]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    steps = [h["step"] for h in history]
     for ax, name in zip(axes[0], names):
-        ax.plot(steps, [h[name] for h in history])
+        points = [(h["step"], h[name]) for h in history if name in h]  # see fusion_every
+        ax.plot([p[0] for p in points], [p[1] for p in points])
         ax.set_title(name)
         ax.set_xlabel("step")
     fig.tight_layout()

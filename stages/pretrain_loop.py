@@ -17,13 +17,13 @@ import torch
 import torch.distributed as dist
 
 from cluster.deepspeed_config import deepspeed_config, import_deepspeed
-from pipeline.config import PretrainConfig
+from pipeline.config import UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.model import ModelConfig, MultiwayTransformer
-from pipeline.model.objectives import Batch, SpecialTokens, pretrain_losses
+from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.train import checkpoints
 
 log = logging.getLogger("vlp")
@@ -85,6 +85,7 @@ def train_loop_per_worker(config: dict) -> None:
     random.seed(seed * 1000 + rank)
     np.random.seed(seed * 1000 + rank)
 
+    queue = TextQueue(cfg.text_queue) if cfg.text_queue else None
     ckpt_dir = out / "checkpoints"
     start, consumed = 0, {}
     latest = checkpoints.latest_complete(ckpt_dir)
@@ -96,6 +97,8 @@ def train_loop_per_worker(config: dict) -> None:
         np.random.set_state(state["numpy_rng"])
         generator.set_state(state["objective_rng"])
         consumed = state["consumed"]
+        if queue is not None:
+            queue.load_state_dict(state["text_queue"])
         if rank == 0:
             log.info("pretrain: resumed from the complete checkpoint at step %d", start)
 
@@ -107,7 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
     batches = iter(make_loader(spec, consumed))
     metrics = MetricsLog(out, rank, start)
     weights = dict(cfg.loss_weights)
-    window, t0, bad = {}, time.time(), 0
+    unimodal = {k: w for k, w in weights.items() if k in UNIMODAL_OBJECTIVES}
+    window, steps_in_window, t0, bad = {}, 0, time.time(), 0
     for step in range(start + 1, cfg.steps + 1):
         for _ in range(cfg.grad_accum):
             raw = next(batches)
@@ -115,30 +119,36 @@ def train_loop_per_worker(config: dict) -> None:
             bad = raw["bad"]
             images = raw["images"].to(device, torch.bfloat16 if bf16 else torch.float32)
             batch = Batch(images, raw["ids"].to(device), raw["mask"].to(device))
-            losses = pretrain_losses(engine, batch, special, weights, generator, cfg.itm_easy_negatives)
+            phase = weights if step % cfg.fusion_every == 0 else unimodal
+            losses = pretrain_losses(engine, batch, special, phase, generator, cfg.itm_easy_negatives, queue,
+                                     cfg.queue_in_itc)
             engine.backward(losses["loss"])
             engine.step()
             for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        window["_steps"] = window.get("_steps", 0) + 1
+                window.setdefault(k, [0.0, 0])[0] += float(v.detach()) / cfg.grad_accum
+        for k in losses:  # a mean per objective over the steps that ran it (see fusion_every)
+            window[k][1] += 1
+        steps_in_window += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            samples = window["_steps"] * cfg.micro_batch * cfg.grad_accum * world
+            samples = steps_in_window * cfg.micro_batch * cfg.grad_accum * world
             metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0],
                           samples_per_s=samples / (time.time() - t0), bad_samples=bad)
-            window, t0 = {}, time.time()
+            window, steps_in_window, t0 = {}, 0, time.time()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, {
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(), "objective_rng": generator.get_state(),
-                "consumed": dict(consumed)}, cfg.keep_checkpoints)
+                "consumed": dict(consumed), "text_queue": queue.state_dict() if queue else None},
+                cfg.keep_checkpoints)
     metrics.close()
     ray.train.report({"step": cfg.steps})
 
 
-def _mean_over_ranks(window: dict) -> dict:
-    steps = window.pop("_steps")
+def _mean_over_ranks(window: dict[str, list]) -> dict:
+    """{objective: mean over the window's steps that ran it, averaged over ranks} (every rank runs the
+    same objectives at the same steps, so the names agree)."""
     names = sorted(window)
-    t = torch.tensor([window[n] / steps for n in names], dtype=torch.float64)
+    t = torch.tensor([window[n][0] / window[n][1] for n in names], dtype=torch.float64)
     dist.all_reduce(t)
     return {n: float(v) / dist.get_world_size() for n, v in zip(names, t)}
 
@@ -169,7 +179,7 @@ class MetricsLog:
             if k != "step":
                 self.tb.add_scalar(f"train/{k}", v, step)
         log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s", step, losses["loss"],
-                 ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm")),
+                 ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
                  extra["samples_per_s"])
 
     def close(self) -> None:

@@ -173,7 +173,7 @@ def _itc_of(x_img, x_txt, enc_img, enc_txt, scale):
     """A replicated two-tower 'encoder' (one linear map each) followed by the ITC loss."""
     img = torch.nn.functional.normalize(x_img @ enc_img, dim=-1)
     txt = torch.nn.functional.normalize(x_txt @ enc_txt, dim=-1)
-    loss, _, offset = itc_loss(img, txt, scale)
+    loss, _, offset, _ = itc_loss(img, txt, scale)
     return loss, offset
 
 

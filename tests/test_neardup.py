@@ -41,12 +41,23 @@ def match(a, b):
 
 def test_signature_is_compact_and_keeps_shape_and_mean_colour():
     data = neardup.signature(picture(size=(240, 120)))
-    assert len(data) == neardup.SIZE <= 256
+    assert len(data) == neardup.SIZE <= 1400
     s = neardup.decode(data)
     assert s.aspect == pytest.approx(math.log(2), abs=1 / 32)
     assert abs(s.mean[0] - 230) < 15 and s.information > neardup.MIN_INFORMATION
+    y, cb, cr = s.detail   # the detail thumbnail keeps the aspect; chroma at half its resolution
+    assert y.shape == (28, 54) and cb.shape == cr.shape == (14, 27)
+    assert abs(float(y.max()) - 245) <= 9 and float(y.min()) < 120   # the background and the red object
     with pytest.raises(ValueError):
         neardup.decode(data[:-1])
+
+
+def test_detail_shape_fits_its_bytes_at_any_aspect():
+    for width, height in [(1, 1), (4, 3), (3, 4), (16, 9), (4, 1), (1, 4), (40, 1), (1, 40), (1000, 999)]:
+        w, h = neardup.detail_shape(width, height)
+        assert neardup.DETAIL_SIDES[0] <= min(w, h) and max(w, h) <= neardup.DETAIL_SIDES[1]
+        assert w * h <= neardup.DETAIL_PIXELS and (w // 2) * (h // 2) <= 2 * neardup.DETAIL_CHROMA_BYTES
+        assert (w >= h) == (width >= height) or width == height
 
 
 def test_a_picture_and_its_copies_match():
@@ -71,11 +82,65 @@ def test_distinct_but_similar_pictures_do_not_match(other):
     assert match(republished(base), picture(**other)) is None
 
 
-def test_near_uniform_images_have_no_candidate_keys():
+@pytest.mark.parametrize("r", [0.08, 0.1])
+def test_a_small_shape_swap_is_another_picture(r):
+    """A small ellipse and a small box, same colour, same place, on a flat background: their band-limited
+    thumbnails agree (within near_max_distance: the same low frequencies), their detail does not. The
+    ellipse's re-published copies, cropped and re-encoded, still match it."""
+    ellipse, box = picture(r=r, x=0.4), picture(r=r, x=0.4, shape="rect")
+    a, b = sig(ellipse), sig(box)
+    assert min(neardup.compare(a, b), neardup.compare(b, a)).distance < 0.08   # the coarse test alone merges them
+    assert match(ellipse, box) is None and match(box, ellipse) is None
+    assert match(republished(ellipse), box) is None and match(box, republished(ellipse)) is None
+    for copy in (republished(ellipse), republished(ellipse, crop=(0.03, 0.0, 0.0, 0.02), quality=40),
+                 republished(ellipse, crop=(0.0, 0.0, 0.0, 0.0), scale=0.5, brightness=0.93)):
+        assert match(ellipse, copy) is not None and match(copy, ellipse) is not None
+
+
+def test_detail_differences_name_what_differs():
+    base = picture(r=0.1, x=0.4)
+    a = sig(base)
+    for other, test in [(picture(r=0.1, x=0.4, shape="rect"), "luma"), (faint_pattern(base), "smooth")]:
+        b = sig(other)
+        c = min(neardup.compare(a, b), neardup.compare(b, a))
+        d = neardup.detail_differences(a, b, c.crop_x, c.crop_y)
+        assert not d.copy and getattr(d, test) > 1, (test, d)
+    b = sig(republished(base))
+    c = neardup.compare(a, b)
+    assert neardup.detail_differences(a, b, c.crop_x, c.crop_y).copy
+
+
+def faint_pattern(img, delta=-16):
+    """The picture with a faint shape drawn into its background (16 grey levels darker)."""
+    img = img.copy()
+    w, h = img.size
+    shade = tuple(v + delta for v in img.getpixel((1, 1)))
+    ImageDraw.Draw(img).ellipse([0.55 * w, 0.1 * h, 0.95 * w, 0.6 * h], fill=shade)
+    return img
+
+
+def test_a_faint_pattern_added_is_another_picture():
+    base = picture()
+    assert match(base, faint_pattern(base)) is None and match(republished(base), faint_pattern(base)) is None
+    assert match(faint_pattern(base), republished(faint_pattern(base))) is not None
+
+
+def test_blanks_match_their_copies_and_nothing_else():
+    """A near-uniform image has no coarse signature to speak of; a blank (no detail at all) is its colour."""
     flat = Image.new("RGB", (120, 90), (200, 180, 40))
-    assert sig(flat).information < neardup.MIN_INFORMATION
-    assert neardup.candidate_keys(neardup.signature(flat)) == []
-    assert match(flat, flat) is None  # deduplicated only exactly
+    s = sig(flat)
+    assert s.information < neardup.MIN_INFORMATION and s.blank
+    keys = neardup.candidate_keys(neardup.signature(flat))
+    assert keys and keys == neardup.candidate_keys(neardup.signature(flat))  # a pure function
+    copy = republished(flat)
+    assert set(keys) & set(neardup.candidate_keys(neardup.signature(copy)))
+    assert match(flat, copy) is not None and match(copy, flat) is not None
+    assert match(flat, Image.new("RGB", (120, 90), (200, 170, 40))) is None   # another colour
+    assert match(flat, Image.new("RGB", (90, 120), (200, 180, 40))) is None   # another shape
+    tiny = picture(r=0.02)   # a dot: too little for the coarse signature, too much for a blank
+    assert sig(tiny).information < neardup.MIN_INFORMATION and not sig(tiny).blank
+    assert neardup.candidate_keys(neardup.signature(tiny)) == [] and match(tiny, tiny) is None
+    assert match(flat, tiny) is None
     keys = neardup.candidate_keys(neardup.signature(picture()))
     assert len(keys) == neardup.BANDS == len({k >> neardup.BAND_BITS for k in keys})
     assert keys == neardup.candidate_keys(neardup.signature(picture()))  # a pure function

@@ -43,6 +43,16 @@ class StreamSpec:
     num_workers: int = 0
     caption_prefix: str = ""
     """Text put before every caption (the captioner's prompt)."""
+    holdout: float = 0.0
+    """Share of samples left out of the stream, chosen by key (see `in_holdout`), e.g. for calibration."""
+
+
+def in_holdout(key: str, share: float) -> bool:
+    """Whether a sample belongs to the held-out `share`: a hash of its key, so the same samples on every
+    rank, every run and every reader."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") < share * 2 ** 32
 
 
 class _RateLimitedLog:
@@ -87,6 +97,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 # seeded by the shard name, not its path: a copied or moved run shuffles the same way
                 random.Random(f"{s.seed}:{epoch}:{Path(shard).name}").shuffle(samples)
                 for sample in samples:
+                    if s.holdout and in_holdout(sample["__key__"], s.holdout):
+                        continue
                     if by_shard or counter % streams == me:
                         yield sample
                     counter += 1

@@ -41,10 +41,14 @@ def _colour(rng: random.Random):
 
 
 def _other_colour(rng: random.Random, c):
-    """Another hue (70%), or the same hue much darker or lighter."""
+    """Another hue (70%), or the same hue much darker or lighter. A grey has no hue to turn (turning it gave
+    the same grey back: a 'recolour' identical to its base); it is always made darker or lighter (the
+    random draws stay the same, so the rest of a set does not change)."""
     h, s, v = colorsys.rgb_to_hsv(*(x / 255 for x in c))
     if rng.random() < 0.7:
-        return _hsv(h + rng.uniform(0.12, 0.88), s, v)
+        turn = rng.uniform(0.12, 0.88)
+        if s >= 0.05:
+            return _hsv(h + turn, s, v)
     return _hsv(h, s, v * 0.55 if v > 0.6 else min(1.0, v * 1.8))
 
 

@@ -20,6 +20,17 @@ class ModelConfig:
     embed_dim: int = 128
     """Width of the ITC projection."""
     dropout: float = 0.0
+    stem: str = "patch"
+    """How pixels become tokens: "patch" (ViT's one strided convolution, patch_size x patch_size) or
+    "conv" (stride-2 3x3 convolutions down to the same grid, then a norm: sees edges and corners inside
+    a patch, which small objects need)."""
+    cls_from_patches: bool = False
+    """Start the image [CLS] token from the mean of the patch tokens (plus the learned [CLS]), as global
+    average pooling does: it carries the image's content from the first step instead of having to learn
+    where to look first."""
+    pos_init: str = "trunc_normal"
+    """Initial image position embeddings: "trunc_normal" (std 0.02, ViT/BEiT) or "sincos" (2-D sine-cosine,
+    unit amplitude, MAE): position is then visible from the first step instead of 6% of each token."""
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -30,6 +41,13 @@ class ModelConfig:
             raise ValueError(f"image_size: {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.max_text_len < 4:
             raise ValueError("max_text_len: must be >= 4")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem: one of patch, conv; got {self.stem!r}")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"patch_size: the conv stem halves the image per layer, so it needs a power of 2, "
+                             f"got {self.patch_size}")
+        if self.pos_init not in ("trunc_normal", "sincos"):
+            raise ValueError(f"pos_init: one of trunc_normal, sincos; got {self.pos_init!r}")
 
     @property
     def num_patches(self) -> int:
@@ -40,12 +58,14 @@ class ModelConfig:
 
 
 # Named sizes. base/large follow VLMo (BEiT-style ViT-B/16 and ViT-L/16 at 224 px, 40 text tokens,
-# BERT's 30522-token vocabulary); tiny is for tests, demo learns the toy web in minutes on 2 CPU cores.
+# BERT's 30522-token vocabulary); tiny is for tests, demo learns the toy web in minutes on 2 CPU cores:
+# 64 px through a conv stem to 4 x 4 tokens (small objects need the pixels and the convolutions; the
+# transformer's cost is that of 32 px with 8 px patches).
 SIZES = {
     "tiny": ModelConfig(width=32, depth=2, heads=2, mlp_ratio=2.0, vl_layers=1, image_size=32, patch_size=8,
-                        max_text_len=16, vocab_size=512, embed_dim=32),
-    "demo": ModelConfig(width=128, depth=4, heads=4, mlp_ratio=4.0, vl_layers=1, image_size=32, patch_size=8,
-                        max_text_len=16, vocab_size=1000, embed_dim=128),
+                        max_text_len=16, vocab_size=512, embed_dim=32, stem="conv", cls_from_patches=True),
+    "demo": ModelConfig(width=128, depth=4, heads=4, mlp_ratio=4.0, vl_layers=1, image_size=64, patch_size=16,
+                        max_text_len=16, vocab_size=1000, embed_dim=128, stem="conv", cls_from_patches=True),
     "base": ModelConfig(width=768, depth=12, heads=12, mlp_ratio=4.0, vl_layers=2, image_size=224, patch_size=16,
                         max_text_len=40, vocab_size=30522, embed_dim=768),
     "large": ModelConfig(width=1024, depth=24, heads=16, mlp_ratio=4.0, vl_layers=3, image_size=224, patch_size=16,

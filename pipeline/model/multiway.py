@@ -83,7 +83,8 @@ class MultiwayTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = ConvStem(w, cfg.patch_size) if cfg.stem == "conv" else \
+            nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, w))
         self.image_pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, w))
         self.token_embed = nn.Embedding(cfg.vocab_size, w)
@@ -102,8 +103,12 @@ class MultiwayTransformer(nn.Module):
         self.apply(_init)
         for p in (self.image_cls, self.image_pos, self.text_pos):
             nn.init.trunc_normal_(p, std=0.02)
+        if cfg.pos_init == "sincos":
+            with torch.no_grad():
+                self.image_pos[0, 1:] = sincos_2d(cfg.image_size // cfg.patch_size, w)
 
-    MODES = ("encode_image", "encode_text", "fuse", "decode_step", "itm_logits", "lm_logits", "itc_scale")
+    MODES = ("embed_image", "encode_image", "encode_text", "fuse", "decode_step", "itm_logits", "lm_logits",
+             "itc_scale")
 
     def forward(self, mode: str, *args, **kwargs):
         """Every entry point goes through forward, e.g. `model("encode_image", images)`: DeepSpeed
@@ -121,7 +126,10 @@ class MultiwayTransformer(nn.Module):
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.image_cls.expand(x.shape[0], -1, -1), x], dim=1)
+        cls = self.image_cls.expand(x.shape[0], -1, -1)
+        if self.cfg.cls_from_patches:
+            cls = cls + x.mean(1, keepdim=True)
+        x = torch.cat([cls, x], dim=1)
         return x + self.image_pos + self.type_embed.weight[IMAGE]
 
     def embed_text(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -130,9 +138,10 @@ class MultiwayTransformer(nn.Module):
 
     # --- modes --------------------------------------------------------------------------------
 
-    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image encoder: (hidden states, L2-normalised ITC feature)."""
-        x = self.embed_image(images)
+    def encode_image(self, images: torch.Tensor, embedded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image encoder: (hidden states, L2-normalised ITC feature). `embedded`: `images` are already
+        tokens from `embed_image` (one embedding of a batch serves every objective of a step)."""
+        x = images if embedded else self.embed_image(images)
         for block in self.blocks:
             x = block(x, None, "v")
         x = self.norm(x)
@@ -148,11 +157,11 @@ class MultiwayTransformer(nn.Module):
         return x, F.normalize(self.text_proj(x[:, 0]), dim=-1)
 
     def fuse(self, images: torch.Tensor, ids: torch.Tensor, attention_mask: torch.Tensor,
-             causal: bool = False, cache: list[dict] | None = None) -> torch.Tensor:
+             causal: bool = False, cache: list[dict] | None = None, embedded: bool = False) -> torch.Tensor:
         """Fusion encoder (bidirectional) or, with `causal`, the captioner: image tokens attend to image
         tokens only, text tokens to all image tokens and to earlier text. Returns the text positions'
-        hidden states (the image positions' are never needed by a head)."""
-        img = self.embed_image(images)
+        hidden states (the image positions' are never needed by a head). `embedded`: as in encode_image."""
+        img = images if embedded else self.embed_image(images)
         n_img = img.shape[1]
         x = torch.cat([img, self.embed_text(ids)], dim=1)
         mask = joint_mask(attention_mask.bool(), n_img, causal)
@@ -184,6 +193,43 @@ class MultiwayTransformer(nn.Module):
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in self.blocks]
+
+
+class ConvStem(nn.Module):
+    """A small convolutional network in place of the patch projection (Xiao et al. 2021, "Early
+    convolutions help transformers see better"): per stage a stride-2 and a stride-1 3x3 convolution,
+    each with BatchNorm and ReLU, channels doubling up to the width, until one position per patch.
+    A transformer from a patch projection learns shapes of small objects slowly; this learns them fast."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        channels = [3] + [max(32, width >> (stages - i)) for i in range(1, stages + 1)]
+        layers = []
+        for c_in, c_out in zip(channels, channels[1:]):
+            for stride, c in ((2, c_in), (1, c_out)):
+                layers += [nn.Conv2d(c, c_out, 3, stride=stride, padding=1, bias=False),
+                           nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers.append(nn.Conv2d(channels[-1], width, 1))
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, width, H / patch, W / patch], like the patch convolution."""
+        return self.convs(images)
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """[grid * grid, width] 2-D sine-cosine position code (row-major), half the channels per axis."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    coords = torch.arange(grid, dtype=torch.float32)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for axis in (ys.reshape(-1), xs.reshape(-1)):
+        angles = axis[:, None] * omega[None]
+        parts += [angles.sin(), angles.cos()]
+    code = torch.cat(parts, dim=1)
+    return F.pad(code, (0, width - code.shape[1]))
 
 
 def joint_mask(text_mask: torch.Tensor, n_image: int, causal: bool) -> torch.Tensor:

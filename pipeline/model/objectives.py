@@ -1,4 +1,5 @@
-"""Pretraining objectives: ITC over the global batch, ITM with hard negatives, MLM, LM.
+"""Pretraining objectives: ITC over the global batch, ITM with hard negatives, MLM, LM, and a
+bag-of-words prediction from the image (BoW).
 
 Distributed ITC: every rank gathers all ranks' features and computes the loss of the *whole* global
 batch, so each rank's loss equals the single-process loss on the concatenated batch. Only the local
@@ -40,15 +41,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather(x: torch.Tensor, with_grad_local: bool = True) -> torch.Tensor:
-    """Concatenate `x` from all ranks (rank order). The local slice keeps its gradient."""
+def gather(x: torch.Tensor, with_grad_local: bool = True, scale_local: bool = True) -> torch.Tensor:
+    """Concatenate `x` from all ranks (rank order). The local slice keeps its gradient, multiplied by the
+    world size when `scale_local` (for losses every rank computes over the whole global batch: ITC)."""
     rank, size = world()
     if size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.detach().contiguous())
     if with_grad_local:
-        parts[rank] = _ScaleGrad.apply(x, float(size))
+        parts[rank] = _ScaleGrad.apply(x, float(size)) if scale_local else x
     return torch.cat(parts)
 
 
@@ -65,33 +67,74 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, scale: torch.Tensor):
-    """Symmetric InfoNCE over the global batch, `scale` = 1 / temperature. Returns (loss, global i2t
-    logits, offset of the local rows in the global batch)."""
+def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, scale: torch.Tensor,
+             queued_text: torch.Tensor | None = None):
+    """Symmetric InfoNCE over the global batch, `scale` = 1 / temperature; `queued_text` (features of
+    earlier batches' texts, no gradient) are extra negatives for the image-to-text direction. Returns
+    (loss, global i2t logits over the batch's texts, offset of the local rows, the gathered text features)."""
     rank, _ = world()
     all_img, all_txt = gather(image_feat), gather(text_feat)
     logits = scale * all_img @ all_txt.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
-    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-    return loss, logits.detach(), rank * image_feat.shape[0]
+    i2t = logits if queued_text is None else torch.cat([logits, scale * all_img @ queued_text.t()], dim=1)
+    loss = (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    return loss, logits.detach(), rank * image_feat.shape[0], all_txt.detach()
+
+
+class TextQueue:
+    """The texts of the last global batches (token ids, mask, and their ITC features when they were
+    encoded), a pool of negatives far larger than one batch (BLIP and ALBEF keep such a queue).
+
+    Why: the most useful negative for an image is a caption that differs from its own in one detail,
+    and a batch of 64 rarely holds one; a pool of ~1,000 recent captions usually does. Hard ITM
+    negatives are sampled from it (the fusion encoder recomputes them, so stale features only steer the
+    sampling); optionally the queued features are ITC negatives too. Every rank pushes the same gathered
+    batch, so the queue is identical on all ranks; it is part of a checkpoint's rank state."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.feats = self.ids = self.mask = None
+
+    def __len__(self) -> int:
+        return 0 if self.ids is None else self.ids.shape[0]
+
+    def push(self, feats: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        new = (feats.detach().float(), ids, mask)
+        if self.ids is None:
+            self.feats, self.ids, self.mask = (t[:self.size] for t in new)
+        else:
+            self.feats, self.ids, self.mask = (torch.cat([t, old])[:self.size]
+                                               for t, old in zip(new, (self.feats, self.ids, self.mask)))
+
+    def state_dict(self) -> dict:
+        return {"size": self.size, "feats": self.feats, "ids": self.ids, "mask": self.mask}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.size, self.feats, self.ids, self.mask = state["size"], state["feats"], state["ids"], state["mask"]
 
 
 def hard_negatives(sim_i2t: torch.Tensor, all_ids: torch.Tensor, offset: int, local: int,
-                   generator: torch.Generator | None = None, easy: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator | None = None, easy: float = 0.0,
+                   queued_sim: torch.Tensor | None = None, queued_ids: torch.Tensor | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each local pair, one negative text index and one negative image index into the global batch,
     sampled with probability softmax(similarity) — never the positive, nor a pair whose text is
     identical to the positive's (a false negative). `easy` mixes in that share of uniform probability:
-    a small model trained from scratch sees ITM stay at its prior on hard negatives alone."""
-    same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(-1)  # [global, global], diagonal included
+    a small model trained from scratch sees ITM stay at its prior on hard negatives alone. With a queue
+    (`queued_sim`: local images x queued texts), text indices past the global batch point into it."""
     rows = slice(offset, offset + local)
+    texts, sim_texts = all_ids, sim_i2t[rows]
+    if queued_ids is not None:
+        texts, sim_texts = torch.cat([all_ids, queued_ids]), torch.cat([sim_texts, queued_sim], dim=1)
+    same_text = (all_ids[rows, None, :] == texts[None, :, :]).all(-1)  # [local, candidates]
+    same_image_text = (all_ids[rows, None, :] == all_ids[None, :, :]).all(-1)
 
-    def weights(sim: torch.Tensor) -> torch.Tensor:
+    def weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         p = F.softmax(sim.float(), dim=1)
-        return ((1 - easy) * p + easy / p.shape[1]).masked_fill(same_text[rows], 0)
+        return ((1 - easy) * p + easy / p.shape[1]).masked_fill(same, 0)
 
-    w_i2t, w_t2i = weights(sim_i2t[rows]), weights(sim_i2t.t()[rows])
-    neg_text = _sample(w_i2t, generator)
-    neg_image = _sample(w_t2i, generator)
+    neg_text = _sample(weights(sim_texts, same_text), generator)
+    neg_image = _sample(weights(sim_i2t.t()[rows], same_image_text), generator)
     return neg_text, neg_image
 
 
@@ -122,41 +165,75 @@ def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special: Specia
 
 
 def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, special: SpecialTokens, weights: dict[str, float],
-                    generator: torch.Generator | None = None, itm_easy: float = 0.0) -> dict[str, torch.Tensor]:
+                    generator: torch.Generator | None = None, itm_easy: float = 0.0, queue: TextQueue | None = None,
+                    queue_in_itc: bool = False) -> dict[str, torch.Tensor]:
     """All weighted objectives for one batch; "loss" is what to call backward on. `itm_easy`: share of
-    uniform (easy) ITM negatives, see hard_negatives."""
+    uniform (easy) ITM negatives, see hard_negatives. `queue`: earlier texts as extra ITM negatives (and
+    ITC negatives with `queue_in_itc`); this batch's texts are pushed to it at the end."""
     out: dict[str, torch.Tensor] = {}
     total = batch.images.new_zeros(())
+    # The batch's images are embedded once (a conv stem is not free) and reused by every objective.
+    image_tokens = model("embed_image", batch.images)
+    if weights.get("itc", 0) or weights.get("itm", 0) or weights.get("bow", 0):
+        image_hidden, img_feat = model("encode_image", image_tokens, embedded=True)
+    if weights.get("bow", 0):
+        out["bow"] = bag_of_words_loss(model, image_hidden[:, 0], batch, special)
+        total = total + weights["bow"] * out["bow"]
     if weights.get("itc", 0) or weights.get("itm", 0):
-        _, img_feat = model("encode_image", batch.images)
         _, txt_feat = model("encode_text", batch.ids, batch.mask)
-        itc, sim, offset = itc_loss(img_feat, txt_feat, model("itc_scale"))
+        queued = queue.feats if queue is not None and queue_in_itc and len(queue) else None
+        scale = model("itc_scale")
+        itc, sim, offset, all_txt = itc_loss(img_feat, txt_feat, scale, queued)
         out["itc"] = itc
         total = total + weights.get("itc", 0) * itc
     if weights.get("itm", 0):
         b = batch.images.shape[0]
-        all_images, all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.images, batch.ids, batch.mask))
-        neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator, itm_easy)
-        images = torch.cat([batch.images, batch.images, all_images[neg_image]])
-        ids = torch.cat([batch.ids, all_ids[neg_text], batch.ids])
-        mask = torch.cat([batch.mask, all_mask[neg_text], batch.mask])
+        all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
+        # negative images may live on another rank: their tokens travel, with gradient for the local ones
+        all_tokens = gather(image_tokens, scale_local=False)
+        text_ids, text_mask, queued_sim, queued_ids = all_ids, all_mask, None, None
+        if queue is not None and len(queue):
+            queued_sim = (scale * img_feat @ queue.feats.t()).detach()
+            queued_ids = queue.ids
+            text_ids, text_mask = torch.cat([all_ids, queue.ids]), torch.cat([all_mask, queue.mask])
+        neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator, itm_easy, queued_sim, queued_ids)
+        tokens = torch.cat([image_tokens, image_tokens, all_tokens[neg_image]])
+        ids = torch.cat([batch.ids, text_ids[neg_text], batch.ids])
+        mask = torch.cat([batch.mask, text_mask[neg_text], batch.mask])
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-        logits = model("itm_logits", model("fuse", images, ids, mask))
+        logits = model("itm_logits", model("fuse", tokens, ids, mask, embedded=True))
         out["itm"] = F.cross_entropy(logits, labels)
         out["itm_acc"] = (logits.argmax(1) == labels).float().mean().detach()
         total = total + weights["itm"] * out["itm"]
     if weights.get("mlm", 0):
         inputs, labels = mask_tokens(batch.ids, batch.mask, special, vocab_size(model), generator=generator)
-        logits = model("lm_logits", model("fuse", batch.images, inputs, batch.mask))
+        logits = model("lm_logits", model("fuse", image_tokens, inputs, batch.mask, embedded=True))
         out["mlm"] = _ce_or_zero(logits, labels)
         total = total + weights["mlm"] * out["mlm"]
     if weights.get("lm", 0):
-        hidden = model("fuse", batch.images, batch.ids, batch.mask, causal=True)
+        hidden = model("fuse", image_tokens, batch.ids, batch.mask, causal=True, embedded=True)
         labels = batch.ids[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)
         out["lm"] = _ce_or_zero(model("lm_logits", hidden[:, :-1]), labels)
         total = total + weights["lm"] * out["lm"]
+    if queue is not None and "itc" in out:
+        all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
+        queue.push(all_txt, all_ids, all_mask)
     out["loss"] = total
     return out
+
+
+def bag_of_words_loss(model, image_cls: torch.Tensor, batch: Batch, special: SpecialTokens) -> torch.Tensor:
+    """Which words does the caption contain? Multi-label logistic loss of the image [CLS] against the
+    caption's bag of tokens, through the tied vocabulary decoder (summed over the vocabulary, averaged
+    over the batch). Each word the caption names is a direct target for the image encoder, read from the
+    very feature ITC uses: learned far faster per step than through a caption decoder (CLIP, Fig. 2, found
+    bag-of-words prediction 3x more efficient than captioning), and ~free (one linear layer)."""
+    logits = model("lm_logits", image_cls[:, None])[:, 0].float()  # [B, vocab]
+    real = batch.mask.bool() & (batch.ids != special.cls) & (batch.ids != special.sep) & (batch.ids != special.pad)
+    targets = torch.zeros_like(logits)
+    targets.scatter_(1, batch.ids.masked_fill(~real, special.pad), 1.0)
+    targets[:, special.pad] = 0.0
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
 
 
 def _ce_or_zero(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""How well a text matches an image, as the CapFilt filter judges it.
+
+Two views of one model: the ITM head's log-odds (fusion encoder: reads the text against the image's
+tokens; good at details it was trained to check, blind to text that is not a caption at all) and the
+ITC cosine (the two encoders' features; sees garbage and mismatched text at once, and what the image
+[CLS] knows). The calibrated rule adds both after standardising each on clean held-out pairs, and keeps
+a text whose sum is above what the lowest `reject_rate` of those clean pairs score (a normal fit of
+their sums, steadier than an empirical tail of a few hundred pairs).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from statistics import NormalDist
+
+import torch
+
+
+@torch.no_grad()
+def match_scores(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ITM log-odds of "match", ITC cosine similarity) per (image, text) row, float32 on the CPU."""
+    tokens = model("embed_image", images)
+    logits = model("itm_logits", model("fuse", tokens, ids, mask, embedded=True)).float()
+    _, image_feat = model("encode_image", tokens, embedded=True)
+    _, text_feat = model("encode_text", ids, mask)
+    cosine = (image_feat.float() * text_feat.float()).sum(-1)
+    return (logits[:, 1] - logits[:, 0]).cpu(), cosine.cpu()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Standardisation of both scores and the keep threshold, measured on clean held-out pairs."""
+    itm_mean: float
+    itm_std: float
+    itc_mean: float
+    itc_std: float
+    threshold: float
+    reject_rate: float
+    pairs: int
+
+    @classmethod
+    def fit(cls, itm: torch.Tensor, itc: torch.Tensor, reject_rate: float) -> "Calibration":
+        if len(itm) < 10:
+            raise ValueError(f"calibration needs at least 10 clean held-out pairs, got {len(itm)}")
+        im, isd = itm.mean().item(), itm.std().item() + 1e-6
+        cm, csd = itc.mean().item(), itc.std().item() + 1e-6
+        combined = (itm - im) / isd + (itc - cm) / csd
+        threshold = combined.mean().item() + NormalDist().inv_cdf(reject_rate) * combined.std().item()
+        return cls(im, isd, cm, csd, threshold, reject_rate, len(itm))
+
+    def combine(self, itm: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
+        return (itm - self.itm_mean) / self.itm_std + (itc - self.itc_mean) / self.itc_std
+
+    def to_json(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
