@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--urls", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    web = ToyWebConfig(num_urls=args.urls, eval_size=0, seed_size=0, formats=("laion",), slow_seconds=30)
+    web = ToyWebConfig(num_urls=args.urls, eval_size=0, seed_size=0, eval_leaks=0, formats=("laion",), slow_seconds=30)
     tmp = Path(tempfile.mkdtemp(prefix="vlp-bench-"))
     results = {"bare": [], "ours": []}
     with ToyWebServer(web) as server:

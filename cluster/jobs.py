@@ -18,27 +18,24 @@ import time
 import uuid
 from pathlib import Path
 
+from cluster.auth import auth_token
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.runlock import RunInUse, describe, holder
 from pipeline.runs import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Not shipped with the job: environments, outputs, caches.
-EXCLUDES = [".venv", "runs", ".git", ".gl", "bench/out", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+EXCLUDES = [".venv", "runs", ".git", ".gl", "bench/out", "**/__pycache__", "*.egg-info", ".pytest_cache",
+            # nor secrets that happen to lie in a checkout: keys, certificates, tokens, credentials
+            ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
+            "*.token", "auth_token", ".netrc", ".git-credentials", ".aws", ".ssh", ".ray", ".kube"]
 MARKER_PREFIX = ".submitted-"
 
 
 def address_or_default(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-
-
-def auth_token() -> str | None:
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if token:
-        return token.strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    return path.read_text().strip() if path.is_file() else None
 
 
 def client(address: str | None):
@@ -76,6 +73,11 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     from pipeline.runner import default_run_dir
     from pipeline.runs import RunDir
 
+    target = resume or run_dir
+    if target is None:
+        target = str(default_run_dir(load_config(config, overrides)))
+    if (held := holder(Path(check_run_dir(target)))) is not None:   # refused before anything is written
+        raise RunInUse(f"{target} is in use by {describe(held)}: one writer per run directory")
     c = client(address)
     if resume:
         run = RunDir(check_run_dir(resume)).require()
@@ -91,15 +93,7 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
         name = cfg.name
     marker = run.root / f"{MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
     atomic_write_bytes(marker, b"vlp submit\n")
-    # The driver leaves the working_dir for the run directory: Ray may replace an unpacked working_dir
-    # while a job runs (when it sets up the same package for new workers), which would pull the
-    # current directory from under the driver. Code still imports from the working_dir's path.
-    quoted = shlex.quote(str(run.root))
-    entrypoint = (f'export PYTHONPATH="$PWD${{PYTHONPATH:+:$PYTHONPATH}}"; cd {quoted} 2>/dev/null || '
-                  f'{{ echo "vlp: error: the run directory {run.root} is not visible from the head node: put it '
-                  f'on storage every node mounts"; exit 2; }}; '
-                  + " ".join(["python", "-m", "pipeline.cli", *map(shlex.quote, args), "--submitted-marker",
-                              shlex.quote(str(marker))]))
+    entrypoint = job_entrypoint(run.root, args, marker)
     runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES,
                    "env_vars": {"VLP_RAY_JOB": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                                 "PYTHONWARNINGS": "ignore::UserWarning"}}
@@ -107,6 +101,19 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
                           metadata={"vlp_run_dir": str(run.root), "vlp_name": name})
     _wait_until_visible(c, job_id, marker, wait_visible_s)
     return job_id, run.root
+
+
+def job_entrypoint(run_root: Path, args: list[str], marker: Path) -> str:
+    """The job's shell command. The driver leaves the working_dir for the run directory: Ray may replace an
+    unpacked working_dir while a job runs (when it sets up the same package for new workers), which would
+    pull the current directory from under the driver; code still imports from the working_dir's path.
+    Every piece that comes from the user goes through shlex.quote: a run directory named `$(...)` is a name."""
+    unseen = shlex.quote(f"vlp: error: the run directory {run_root} is not visible from the head node: put it "
+                         "on storage every node mounts")
+    return (f'export PYTHONPATH="$PWD${{PYTHONPATH:+:$PYTHONPATH}}"; cd {shlex.quote(str(run_root))} 2>/dev/null || '
+            f"{{ printf '%s\\n' {unseen}; exit 2; }}; "
+            + " ".join(["python", "-m", "pipeline.cli", *map(shlex.quote, args), "--submitted-marker",
+                        shlex.quote(str(marker))]))
 
 
 def _wait_until_visible(c, job_id: str, marker: Path, timeout: float) -> None:

@@ -175,30 +175,38 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DownloadConfig:
-    """img2dataset settings and how the work is spread on Ray."""
+    """What the downloader fetches, within which limits, and how the work is spread on Ray."""
     samples_per_shard: int = 1000
-    thread_count: int = 32
+    thread_count: int = keeps_output(32)
     """Download threads inside each shard task."""
-    cpus_per_task: float = 1.0
+    cpus_per_task: float = keeps_output(1.0)
     """Ray CPUs one shard task reserves (how many shards run at once per node)."""
-    shard_retries: int = 2
+    shard_retries: int = keeps_output(2)
     """Times a failed shard task is run again before the stage fails."""
     image_size: int = 256
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "keep_ratio"
     resize_only_if_bigger: bool = True
     encode_quality: int = 95
     timeout: float = 10.0
-    """Seconds per HTTP request."""
+    """Seconds per connect or read of one HTTP request."""
+    deadline: float = 60.0
+    """Seconds one URL may take in all: redirects, retries and a body that drips in slowly."""
     retries: int = 0
-    """Times img2dataset retries one URL."""
+    """Extra tries of one URL after a transient failure (timeout, reset, 5xx, DNS), within its deadline."""
+    max_redirects: int = 5
+    """Redirect hops followed per URL, each checked like the URL itself."""
+    max_body_bytes: int = 16 * 2**20
+    """Response bodies larger than this are refused (Content-Length, then while reading): body_too_large."""
     min_image_size: int = 0
-    max_image_area: float | None = None
-    """Reject images whose width x height exceeds this (None: no limit)."""
+    max_image_area: float = 25_000_000
+    """Reject images whose width x height exceeds this, read from the header before any decode
+    (image_too_large): a 140 KB PNG can claim 12000 x 12000 pixels. Also the pixels a task decodes at once."""
     max_aspect_ratio: float | None = None
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     """X-Robots-Tag directives that opt an image out; empty list: ignore the header."""
     allow_private_hosts: tuple[str, ...] = ()
-    """Hosts (IP literals or names) allowed although loopback/private/link-local."""
+    """Exceptions to the refusal of non-public addresses: host names (whatever they resolve to), or
+    addresses and networks ("127.0.0.2", "10.0.0.0/8"), whatever name resolves to them."""
     user_agent_token: str | None = None
 
     def __post_init__(self) -> None:
@@ -209,7 +217,12 @@ class DownloadConfig:
         _require(self.image_size >= 8, f"image_size: must be >= 8, got {self.image_size}")
         _require(1 <= self.encode_quality <= 100, "encode_quality: must be in 1..100")
         _require(self.timeout > 0, f"timeout: must be > 0, got {self.timeout}")
-        _require(self.max_image_area is None or self.max_image_area > 0, "max_image_area: must be > 0")
+        _require(self.deadline >= self.timeout, f"deadline: must be >= timeout ({self.timeout}), got {self.deadline}")
+        _require(self.max_redirects >= 0, "max_redirects: must be >= 0")
+        _require(self.max_body_bytes > 0, "max_body_bytes: must be > 0")
+        _require(self.max_image_area > 0, "max_image_area: must be > 0")
+        for host in self.allow_private_hosts:
+            _require(isinstance(host, str) and host.strip() != "", "allow_private_hosts: entries must be non-empty strings")
         _require(self.max_aspect_ratio is None or self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
 
 
@@ -255,7 +268,7 @@ class PrefilterConfig:
     language_min_confidence: float = 0.7
     """A caption is dropped only when the identifier gives a language outside `languages` at least this
     probability: on 2-3 words it rarely does (it cannot tell), and such captions are kept."""
-    cpus_per_task: float = 1.0
+    cpus_per_task: float = keeps_output(1.0)
     max_drop_share: float = keeps_output(0.5)
     """The breaker: when one drop reason removes more than this share of the stage's input, the stage stops
     before committing its manifest, naming the reason (committed shards are kept: raise it and `vlp resume`
@@ -306,7 +319,7 @@ class PretrainConfig:
     """Target size of a trained tokenizer (the model takes the tokenizer's real size)."""
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = keeps_output(1.0)
     loader_workers: int = 0
     """DataLoader processes per rank (0: load in the training process)."""
     zero_stage: int = 2
@@ -320,7 +333,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = keeps_output(False)
     """Recompute each block in backward (fairscale's checkpoint_wrapper): less memory, more time."""
     augment: bool = True
     loss_weights: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0})
@@ -342,10 +355,10 @@ class PretrainConfig:
     """Also train on the clean seed set (data.seed_shards), in every round, as BLIP adds COCO."""
     init: Literal["fresh", "previous"] = "fresh"
     """Rounds after 0: train a new model (BLIP) or continue from the model that cleaned the round's data."""
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    max_failures: int = 2
+    checkpoint_every: int = keeps_output(100)
+    keep_checkpoints: int = keeps_output(2)
+    log_every: int = keeps_output(10)
+    max_failures: int = keeps_output(2)
     """Times Ray Train restarts the workers (from the last complete checkpoint) before giving up."""
 
     def __post_init__(self) -> None:
@@ -373,7 +386,7 @@ class EvaluateConfig:
     """Eval webdataset (brace pattern). None: the toy web's clean held-out split."""
     rerank_k: int = 16
     """ITC top-k candidates re-ranked by ITM."""
-    batch_size: int = 64
+    batch_size: int = keeps_output(64)
 
     def __post_init__(self) -> None:
         _require(self.rerank_k >= 1 and self.batch_size >= 1, "rerank_k, batch_size: must be >= 1")
@@ -435,12 +448,12 @@ class CapfiltConfig:
     """Most text tokens in all ([CLS] and prompt included; capped by the model's max_text_len)."""
     repetition_penalty: float = 1.0
     batch_size: int = 64
-    actors: int = 2
+    actors: int = keeps_output(2)
     """Ray actors, each holding the captioner and the filter, that process shards in parallel."""
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = keeps_output(1.0)
     gpus_per_actor: float | None = None
     """None: one GPU per actor where the cluster has GPUs, none otherwise. Fractions share a GPU."""
-    shard_retries: int = 2
+    shard_retries: int = keeps_output(2)
     """Times a shard is redone after its actor died before the stage fails."""
     max_drop_share: float = keeps_output(0.5)
     """The breaker: when the filter rejects every text of more than this share of the input images

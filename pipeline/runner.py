@@ -22,10 +22,12 @@ from pipeline.breaker import describe
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pipeline.runlock import RunLock
 from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
+SEEDED_STAGES = ("pretrain", "capfilt")  # the stages that draw random numbers from the run's seed
 TOYWEB_FORMAT = 5  # bump when the files prepare_toy_web writes change (5: eval leaks)
 
 
@@ -38,6 +40,13 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
     run = RunDir(run_dir)
     selected = _select(cfg, only)
     run.root.mkdir(parents=True, exist_ok=True)
+    # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
+    # run refused here leaves config.yaml as the first one wrote it.
+    with RunLock(run.root):
+        return _execute(cfg, run, selected)
+
+
+def _execute(cfg: RunConfig, run: RunDir, selected: list[str]) -> RunDir:
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     log.info("run directory %s; stages %s; %d bootstrapping round(s)", run.root, ", ".join(selected), cfg.rounds)
     lists, toyweb = list(cfg.data.inputs), None
@@ -143,6 +152,8 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: 
         # prefilter drops training images that copy an eval image; with no eval set it has none to compare
         eval_shards = _eval_shards(cfg, toyweb, required=stage == "evaluate")
         inputs += [fingerprint("eval-shard", Path(p).name, [sha256_file(p)]) for p in eval_shards]
+    if stage in SEEDED_STAGES:  # their output depends on the run's seed: a new seed is a new result
+        inputs.append(f"seed:{cfg.seed}")
     # Settings marked `keeps_output` (e.g. max_drop_share) stay out: changing them keeps committed work.
     fp = fingerprint(stage, to_plain(stage_cfg, output_only=True), inputs)
     done = out.manifest()
@@ -271,6 +282,9 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
     elif cfg.ray.address:
         ray.init(address=cfg.ray.address, **kwargs)
     else:
+        from cluster.auth import secure_local_token
+
+        secure_local_token()  # token auth on, token file 0600 (cluster/auth.py)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
     try:

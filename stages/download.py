@@ -1,36 +1,50 @@
-"""download: URL lists -> webdataset shards, with img2dataset doing the fetching and resizing.
+"""download: URL lists -> webdataset shards: our guarded fetcher, img2dataset's resizer.
 
-We split the lists into shards ourselves and run img2dataset's own `Downloader` on each shard inside a
-Ray task, because img2dataset's Ray distributor neither retries a failed shard nor commits atomically.
-Each task downloads into a temporary folder, then writes the tar (sorted by key, so bytes are
-reproducible), renames it into place and writes the shard's stats last. Refused URLs and per-sample
-download errors are recorded in the stats with their reasons.
+We split the lists into shards ourselves and download each shard inside a Ray task, because
+img2dataset's Ray distributor neither retries a failed shard nor commits atomically. Inside a task a
+pool of `thread_count` threads fetches the URLs with pipeline/data/fetch.py (every address resolved,
+checked and pinned; redirects checked hop by hop; bodies capped; one deadline per URL; image size read
+from the header before any decode) and resizes them with img2dataset's `Resizer`, one at a time.
+img2dataset's own fetcher cannot be made safe from outside (see fetch.py). The task writes the tar
+(sorted by key, so bytes are reproducible), renames it into place and writes the shard's stats last.
+Refused URLs and per-sample download errors are recorded in the stats with their reasons.
+
+Memory: a task holds at most `thread_count` bodies of up to `max_body_bytes` and decodes one image of
+at most `max_image_area` pixels at a time (~64 bytes a pixel at worst); it asks Ray for that much
+(`task_memory`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import math
-import shutil
+import threading
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.feather as feather
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import DownloadConfig, UrlListConfig
 from pipeline.configtree import build
 from pipeline.data.shards import encode_json
 from pipeline.data.urllists import read_url_list
-from pipeline.data.urlpolicy import refusal
+from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_missing_shards
 from pipeline.runs import Accounting, build_manifest, shard_summary
 from pipeline.stage import StageContext
 
 SHARD_DIGITS = 5
+DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
+BASE_TASK_MEMORY = 512 * 2**20   # the task's Python, pyarrow, cv2 and its shard's samples
+
+
+def task_memory(cfg: DownloadConfig) -> int:
+    """Bytes one shard task may use at most: its bodies in flight, one decode, its base."""
+    return int(BASE_TASK_MEMORY + cfg.thread_count * cfg.max_body_bytes + DECODE_BYTES_PER_PIXEL * cfg.max_image_area)
 
 
 def shard_name(shard_id: int) -> str:
@@ -43,8 +57,8 @@ def plan(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...]) -> list[pa.Table
     Each row gets its key (shard id + position) and, for URLs we will not fetch, the refusal reason."""
     tables = [read_url_list(spec) for spec in lists]
     rows = pa.concat_tables(tables)
-    allowed = frozenset(h.lower() for h in cfg.allow_private_hosts)
-    refusals = [refusal(u, allowed) for u in rows.column("url").to_pylist()]
+    policy = HostPolicy(cfg.allow_private_hosts)
+    refusals = [policy.refusal(u) for u in rows.column("url").to_pylist()]
     rows = rows.append_column("refusal", pa.array(refusals, pa.string()))
     per = cfg.samples_per_shard
     digits = max(1, math.ceil(math.log10(per)))
@@ -63,7 +77,7 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.T
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
     task = ray.remote(download_shard).options(
-        num_cpus=cfg.cpus_per_task, max_retries=cfg.shard_retries, retry_exceptions=True)
+        num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
     jobs = {shard_name(i): (str(ctx.out.path), i, table, stage_cfg) for i, table in enumerate(shards)}
     results = run_missing_shards(ctx.out, task, jobs, Progress("download", len(shards), samples_in))
     summaries = [shard_summary(results[name]) for name in jobs]
@@ -84,12 +98,7 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    tmp = Path(stage_path) / f".{shard_id:0{SHARD_DIGITS}d}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        fetched = _fetch_with_img2dataset(cfg, shard_id, rows, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    fetched = fetch_rows(cfg, [r for r in rows.select(["key", "url", "refusal"]).to_pylist() if r["refusal"] is None])
     samples, rejects, acc = [], [], Accounting(samples_in=rows.num_rows)
     for row in rows.to_pylist():
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
@@ -99,7 +108,7 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
             continue
         got = fetched[row["key"]]
         if got["status"] != "success":
-            reason = failure_reason(got["error_message"])
+            reason = got["reason"]
             acc.failed[reason] += 1
             rejects.append({**base, "outcome": "failed", "reason": reason, "error": got["error_message"]})
             continue
@@ -112,53 +121,53 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
     return out.commit_shard(name, samples, acc, rejects, started)
 
 
-def _fetch_with_img2dataset(cfg: DownloadConfig, shard_id: int, rows: pa.Table, tmp: Path) -> dict[str, dict]:
-    """Run img2dataset's Downloader over the fetchable rows; returns {key: its result row}."""
-    from img2dataset.downloader import Downloader
+def fetch_rows(cfg: DownloadConfig, rows: list[dict]) -> dict[str, dict]:
+    """Fetch and resize every row ({key, url}) on `thread_count` threads; returns {key: result}: status
+    "success" with jpg, sizes and the original bytes' sha256, or "failed" with reason and error_message."""
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import ParquetSampleWriter
 
-    todo = rows.filter(pc.is_null(rows.column("refusal")))
-    if todo.num_rows == 0:
-        return {}
-    todo = todo.select(["url", "caption", "key"]).rename_columns(["url", "caption", "vlp_key"])
-    feather.write_feather(todo, tmp / "input.feather")
     resizer = Resizer(
         image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
         upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
         encode_format="jpg", skip_reencode=False, disable_all_reencoding=False,
-        min_image_size=cfg.min_image_size,
-        max_image_area=cfg.max_image_area if cfg.max_image_area is not None else float("inf"),
+        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area,
         max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
     )
-    downloader = Downloader(
-        sample_writer_class=ParquetSampleWriter, resizer=resizer, thread_count=cfg.thread_count,
-        save_caption=True, extract_exif=False, output_folder=str(tmp), column_list=["url", "caption", "vlp_key"],
-        timeout=cfg.timeout, number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=SHARD_DIGITS,
-        compute_hash="sha256", verify_hash_type=None, encode_format="jpg", retries=cfg.retries,
-        user_agent_token=cfg.user_agent_token,
-        disallowed_header_directives=list(cfg.disallowed_header_directives) or None,
-    )
-    # download_shard (not __call__, which swallows errors): an exception here fails the task, and Ray retries it.
-    downloader.download_shard((shard_id, str(tmp / "input.feather")))
-    table = pq.read_table(tmp / f"{shard_id:0{SHARD_DIGITS}d}.parquet")
-    fetched = {r["vlp_key"]: r for r in table.to_pylist()}
-    missing = set(todo.column("vlp_key").to_pylist()) - set(fetched)
-    if missing:  # img2dataset logs and skips a sample whose handling raised: we count it as failed
-        fetched.update({k: {"status": "failed", "error_message": "img2dataset lost the sample"} for k in missing})
-    return fetched
+    policy = HostPolicy(cfg.allow_private_hosts)
+    limits = Limits(timeout=cfg.timeout, deadline=cfg.deadline, max_bytes=cfg.max_body_bytes,
+                    max_redirects=cfg.max_redirects, max_image_area=cfg.max_image_area, retries=cfg.retries,
+                    user_agent_token=cfg.user_agent_token,
+                    disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives))
+    # One decode at a time, as in img2dataset (which resizes in its main loop): its resizer swaps the
+    # process's stdout/stderr file descriptors for /dev/null while it runs, and two threads doing that at
+    # once leave them pointing at /dev/null for good. It also bounds decode memory to one image.
+    resizing = threading.Lock()
+
+    def one(row: dict) -> tuple[str, dict]:
+        try:
+            data = fetch(row["url"], policy, limits)
+            width, height = image_size(data, cfg.max_image_area)
+            with resizing:
+                jpg, w, h, original_w, original_h, err = resizer(io.BytesIO(data))
+        except FetchFailed as err:
+            return row["key"], {"status": "failed", "reason": err.reason, "error_message": str(err)}
+        except Exception as err:  # noqa: BLE001 (one URL's surprise is its own failure, counted with its message)
+            return row["key"], {"status": "failed", "reason": "other_error", "error_message": f"{type(err).__name__}: {err}"}
+        if err is not None:
+            return row["key"], {"status": "failed", "reason": failure_reason(err), "error_message": err}
+        return row["key"], {"status": "success", "jpg": jpg, "width": w, "height": h, "original_width": original_w,
+                            "original_height": original_h, "sha256": hashlib.sha256(data).hexdigest()}
+
+    if not rows:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(cfg.thread_count, len(rows)), thread_name_prefix="fetch") as pool:
+        return dict(pool.map(one, rows))
 
 
-# img2dataset reports free-text errors; we group them into reasons a user can count and act on.
+# img2dataset's resizer reports free-text errors; we group them into reasons a user can count and act on.
 _REASONS = (
-    ("http error 404", "http_404"), ("http error 403", "http_403"), ("http error 410", "http_410"),
-    ("http error 5", "http_5xx"), ("http error", "http_other"),
-    ("timed out", "timeout"), ("incompleteread", "truncated"), ("connection refused", "connection_refused"),
-    ("connection reset", "connection_reset"), ("remote end closed", "connection_reset"),
-    ("x-robots-tag", "opt_out"), ("image decoding error", "decode_error"),
-    ("image too small", "image_too_small"), ("image area too large", "image_too_large"),
-    ("aspect ratio too large", "aspect_ratio_too_large"), ("name or service not known", "dns_error"),
-    ("lost the sample", "lost_by_downloader"),
+    ("image decoding error", "decode_error"), ("image too small", "image_too_small"),
+    ("image area too large", "image_too_large"), ("aspect ratio too large", "aspect_ratio_too_large"),
 )
 
 

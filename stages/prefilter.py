@@ -13,6 +13,7 @@ A resumed run rescans (cheap), reaches the same decisions and writes only the mi
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import hashlib
 import io
@@ -29,7 +30,7 @@ from pipeline.config import PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language
 from pipeline.data.neardup import NearDuplicateIndex, signature
-from pipeline.data.shards import encode_json, read_shard
+from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
@@ -207,7 +208,7 @@ def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[s
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    acc, kept, rejects = Accounting(), [], []
+    acc, kept, rejects, foreign = Accounting(), [], [], collections.Counter()
     for sample in read_shard(Path(in_path)):
         key = sample["__key__"]
         acc.samples_in += 1
@@ -217,8 +218,11 @@ def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[s
             meta = _json(sample.get("json"))
             # the near-duplicate signature travels with the sample, for dedup across runs and datasets
             meta["prefilter"] = {"signature": base64.b64encode(verdict["signature"]).decode()}
-            kept.append({**sample, "json": encode_json(meta)})
+            # Only the members this stage owns: a planted `.pyd` or `.pth` member would run code in
+            # whoever reads the shards with webdataset's default decoders.
+            foreign.update(ext for ext in sample if ext != "__key__" and ext not in OWNED_MEMBERS)
+            kept.append({"__key__": key, "jpg": sample["jpg"], "txt": sample.get("txt", b""), "json": encode_json(meta)})
             continue
         (acc.dropped if verdict["outcome"] == "dropped" else acc.failed)[verdict["reason"]] += 1
         rejects.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"]})
-    return out.commit_shard(name, kept, acc, rejects, started)
+    return out.commit_shard(name, kept, acc, rejects, started, {"members_dropped": dict(sorted(foreign.items()))})

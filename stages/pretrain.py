@@ -8,7 +8,6 @@ from its last complete checkpoint, with the same fingerprint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pipeline.modelio import read_info, save_pretrained
 from pipeline.runs import Accounting, build_manifest
 from pipeline.stage import StageContext
 from pipeline.train import checkpoints
+from pipeline.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
 
@@ -59,7 +59,7 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
     n_params = sum(t.numel() for t in state.values())
     save_pretrained(ctx.out.path / "model", model_cfg, state, tokenizer_dir,
                     {"pretrain": to_plain(cfg), "fingerprint": ctx.fingerprint, "parameters": n_params})
-    history = [json.loads(line) for line in (ctx.out.path / "metrics.jsonl").read_text().splitlines()]
+    history = read_metrics(ctx.out.path / "metrics.jsonl")
     plot_curves(history, ctx.out.path / "training_curves.png")
     epochs = cfg.steps * global_batch / samples
     totals = Accounting(samples_in=samples, samples_kept=samples)
@@ -107,14 +107,18 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
 
 def consolidate(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint (zero_to_fp32 for ZeRO 1-3)."""
+    from pipeline.train.checkpoints import safe_loads
+
     if zero_stage == 0:
-        return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        with safe_loads():
+            return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     from cluster.deepspeed_config import import_deepspeed
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with safe_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

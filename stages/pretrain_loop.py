@@ -25,6 +25,7 @@ from pipeline.fsutil import atomic_write_bytes
 from pipeline.model import ModelConfig, MultiwayTransformer
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.train import checkpoints
+from pipeline.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
 
@@ -92,10 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     if latest is not None:
         start = latest[0]
         state = checkpoints.load(engine, ckpt_dir, start, rank)
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
-        generator.set_state(state["objective_rng"])
+        checkpoints.restore_rng(state["rng"], generator)
         consumed = state["consumed"]
         if queue is not None:
             queue.load_state_dict(state["text_queue"])
@@ -136,10 +134,8 @@ def train_loop_per_worker(config: dict) -> None:
             window, steps_in_window, t0 = {}, 0, time.time()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, {
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "numpy_rng": np.random.get_state(), "objective_rng": generator.get_state(),
-                "consumed": dict(consumed), "text_queue": queue.state_dict() if queue else None},
-                cfg.keep_checkpoints)
+                "rng": checkpoints.rng_state(generator), "consumed": dict(consumed),
+                "text_queue": queue.state_dict() if queue else None}, cfg.keep_checkpoints)
     metrics.close()
     ray.train.report({"step": cfg.steps})
 
@@ -162,8 +158,7 @@ class MetricsLog:
         self.tb = None
         if rank != 0:
             return
-        lines = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [ln for ln in lines if json.loads(ln)["step"] <= start]
+        kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= start]
         atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
         from torch.utils.tensorboard import SummaryWriter
 

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, VLP, pretrain_config, vlp
+from conftest import ROOT, VLP, load_config, pretrain_config, vlp
 from pipeline import runner
 
 def _history(run_dir):
@@ -76,6 +76,8 @@ def test_resume_from_a_checkpoint_reproduces_the_next_steps(tmp_path, toyweb, tr
     (ckpts / "step-00000012" / "COMPLETE").unlink()
     for path in ("manifest.json", "model"):
         shutil.rmtree(stage / path) if (stage / path).is_dir() else (stage / path).unlink()
+    with open(stage / "metrics.jsonl", "a") as f:   # a line torn by a kill in the middle of writing it
+        f.write('{"step": 13, "loss": 1.2')
     # A fresh Ray per training run (the CLI's own): see docs/architecture.md, "Ray Train in a long-lived Ray".
     vlp("run", str(pretrain_config(tmp_path / "c.yaml", toyweb)), "--run-dir", str(run_dir), "--only", "pretrain")
     assert _losses(_history(run_dir)) == _losses(_history(trained))
@@ -119,3 +121,17 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toy
     assert proc.returncode == 0, err[-3000:]
     assert _losses(_history(run_dir)) == _losses(_history(trained)), "resumed exactly"
     assert (run_dir / "round-0" / "pretrain" / "manifest.json").is_file()
+
+
+def test_the_seed_is_part_of_what_pretraining_made(tmp_path, toyweb, trained):
+    """`--set seed=1` over a run trained with seed 0 must not skip pretraining (nor claim seed 1 made it)."""
+    from pipeline import runner
+    from pipeline.runs import RunDir
+
+    config = pretrain_config(tmp_path / "c.yaml", toyweb)
+    cfg = load_config(config)
+    run = RunDir(trained)
+    assert runner._prepare_stage(cfg, run, "pretrain", 0, list(cfg.data.inputs), None) is None   # committed
+    reseeded = load_config(config, ["seed=1"])
+    assert runner._prepare_stage(reseeded, run, "pretrain", 0, list(cfg.data.inputs), None) is not None
+    assert runner._prepare_stage(reseeded, run, "prefilter", 0, list(cfg.data.inputs), None) is None  # unseeded

@@ -15,6 +15,9 @@ from typing import Iterable, Iterator
 from pipeline.fsutil import atomic_path
 
 Sample = dict  # {"__key__": str, "jpg": bytes, "txt": bytes, "json": bytes, ...}
+# The members our stages write. Anything else in an input shard is dropped (and counted), never copied:
+# webdataset's default decoders unpickle `.pyd`/`.pickle` and torch.load `.pth` members.
+OWNED_MEMBERS = ("jpg", "txt", "json")
 
 
 def encode_json(obj: dict) -> bytes:

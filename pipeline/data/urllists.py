@@ -41,6 +41,11 @@ def read_url_list(spec: UrlListConfig) -> pa.Table:
         raise InputError(f"{path}: cannot read as {spec.format}: {err}") from None
     if not urls:
         raise InputError(f"{path}: the URL list is empty")
+    if not any(u is not None and u[:8].lower().startswith(("http://", "https://")) for u in urls):
+        # Every row would be refused: this is no URL list (binary garbage, the wrong format or column).
+        sample = next((u for u in urls if u), "")[:60]
+        raise InputError(f"{path}: no row holds an http(s) URL (first value: {sample!r}); is it a {spec.format} "
+                         f"list, and is the url column right?")
     n = len(urls)
     return pa.table({"url": urls, "caption": captions, "caption_error": errors or [None] * n,
                      "source": [source_name(spec)] * n, "source_row": list(range(n))}, schema=SCHEMA)
@@ -56,12 +61,9 @@ def _read_cc3m(path: Path):
             caption, tab, url = line.rpartition(b"\t")
             if not tab:  # no tab: the line is a URL at best; its caption is missing
                 caption, url = b"", line
-            try:
-                captions.append(caption.decode("utf-8"))
-                errors.append(None)
-            except UnicodeDecodeError:
-                captions.append(None)
-                errors.append("not_utf8")
+            text, error = _caption(caption)
+            captions.append(text)
+            errors.append(error)
             urls.append(url.decode("utf-8", errors="replace").strip())
     if urls and urls[0].lower() == "url":  # a header someone added: not a sample
         del urls[0], captions[0], errors[0]
@@ -80,13 +82,15 @@ def _read_columns(spec: UrlListConfig, path: Path):
         found = pq.read_schema(path).names
         _check_columns(path, fmt, found, url_col, caption_col)
         table = pq.read_table(path, columns=[url_col, caption_col])
-        return _strings(table.column(url_col)), _strings(table.column(caption_col)), None
+        captions, errors = _texts(table.column(caption_col))
+        return _strings(table.column(url_col)), captions, errors
     if fmt in ("csv", "tsv"):
         opts = pacsv.ParseOptions(delimiter="," if fmt == "csv" else "\t")
         table = pacsv.read_csv(path, parse_options=opts,
                                convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
         _check_columns(path, fmt, table.column_names, url_col, caption_col)
-        return _strings(table.column(url_col)), _strings(table.column(caption_col)), None
+        captions, errors = _texts(table.column(caption_col))
+        return _strings(table.column(url_col)), captions, errors
     if fmt == "jsonl":
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return _from_records(path, fmt, records, url_col, caption_col)
@@ -127,7 +131,27 @@ def _strings(column: pa.ChunkedArray) -> list:
     return [_str(v) for v in column.to_pylist()]
 
 
+def _texts(column: pa.ChunkedArray) -> tuple[list, list]:
+    """Captions and their defects: a binary column's bytes are decoded as UTF-8 (not written as "b'...'"),
+    and bytes that are not UTF-8 become a counted `not_utf8` caption, as in CC3M's file."""
+    pairs = [_caption(v) if isinstance(v, bytes) else (_str(v), None) for v in column.to_pylist()]
+    return [text for text, _ in pairs], [error for _, error in pairs]
+
+
+def _caption(raw: bytes) -> tuple[str | None, str | None]:
+    """(caption, defect): UTF-8 text, or None and "not_utf8"."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+
+
 def _str(value) -> str | None:
     if value is None:
         return None
+    if isinstance(value, bytes):  # a binary URL column: UTF-8, else no URL at all
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
     return value if isinstance(value, str) else str(value)

@@ -4,12 +4,22 @@ DeepSpeed writes its `latest` file before its final barrier, so `latest` can nam
 some rank never finished. Ours: every rank saves (DeepSpeed's files + its own RNG and data position),
 all ranks meet at a barrier, then rank 0 writes `COMPLETE`. Only checkpoints with `COMPLETE` are ever
 resumed from.
+
+Loading never unpickles code: whoever can write the run directory must not run code in the train
+workers. Our rank state holds only tensors, numbers and strings (RNG states are converted), and every
+checkpoint file — ours and DeepSpeed's, whose loaders pass `weights_only=False` themselves — is read
+with `torch.load(weights_only=True)` (`safe_loads`), which admits tensors, containers and the three
+plain DeepSpeed classes its checkpoints hold, and refuses any other global.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 import re
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -60,7 +70,59 @@ def load(engine, folder: Path, step: int, rank: int) -> dict:
     if meta["world_size"] != dist.get_world_size():
         raise RuntimeError(f"checkpoint {tag} was written by {meta['world_size']} ranks; this run has "
                            f"{dist.get_world_size()} (resuming on another world size is not supported)")
-    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
-    return torch.load(folder / tag / f"rank-{rank}.pt", weights_only=False)
+    with safe_loads():
+        path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
+        return torch.load(folder / tag / f"rank-{rank}.pt")
+
+
+def _deepspeed_globals() -> list:
+    """The plain classes DeepSpeed's checkpoints pickle (no code of theirs runs on load: the unpickler
+    only makes the object and sets its fields)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loads():
+    """Every torch.load in the block is `weights_only=True`, whatever its caller asked (DeepSpeed's
+    checkpoint and zero_to_fp32 loaders ask for False), with DeepSpeed's plain classes admitted."""
+    original = torch.load
+
+    def weights_only_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """This process's RNG states as tensors and numbers (no numpy arrays or pickled objects)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "objective": generator.get_state(),
+            "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def restore_rng(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["objective"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))

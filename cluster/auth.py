@@ -1,0 +1,46 @@
+"""Ray token authentication, as vlp uses it.
+
+A Ray cluster without auth runs any code anyone who can reach it sends. vlp's local Ray always starts
+with token auth (RAY_AUTH_MODE=token, set explicitly rather than relying on one Ray version's default),
+and the token file is the user's alone (0600): Ray 2.60 writes ~/.ray/auth_token world-readable.
+The token is found as Ray finds it: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
+~/.ray/auth_token.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+
+def token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+
+
+def auth_token() -> str | None:
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = token_path()
+    return path.read_text().strip() if path.is_file() else None
+
+
+def secure_local_token() -> Path | None:
+    """Before a local Ray starts: token auth on, and a token file only its owner can read (made with
+    mode 0600 if there is none, tightened to 0600 if it is readable by others). Returns the file, or
+    None when the token comes from RAY_AUTH_TOKEN."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = token_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            path.chmod(0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path

@@ -1,0 +1,159 @@
+"""The downloader's guards against a hostile URL list, on real sockets (tests/webguard.py): an allowed
+server on 127.0.0.2, a secret one on 127.0.0.1 that no spelling, name or redirect may reach."""
+from __future__ import annotations
+
+import ipaddress
+import time
+
+import pytest
+
+from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+from pipeline.data.urlpolicy import HostPolicy, is_public, literal_address, refusal
+from webguard import ALLOWED, HostileWeb, TlsServer, jpeg, png_bomb
+
+POLICY = HostPolicy([ALLOWED])
+LIMITS = Limits(timeout=1.5, deadline=3.0, max_bytes=2**20, max_redirects=3, max_image_area=4_000_000)
+
+
+@pytest.fixture(scope="module")
+def web():
+    with HostileWeb() as w:
+        yield w
+        assert w.secret_hits == [], f"the secret server was reached: {w.secret_hits}"
+
+
+def failure(url, policy=POLICY, limits=LIMITS, resolver=None) -> str:
+    with pytest.raises(FetchFailed) as caught:
+        fetch(url, policy, limits, **({"resolver": resolver} if resolver else {}))
+    return caught.value.reason
+
+
+def test_the_allowed_server_serves(web):
+    assert fetch(web.url("/img.jpg"), POLICY, LIMITS) == jpeg()
+    assert fetch(web.url("/a picture é.jpg"), POLICY, LIMITS) == jpeg()   # as web lists write paths
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "0", "0.0.0.0",
+                                  "127.000.000.001", "0x7f.1", "[::1]", "[::ffff:127.0.0.1]", "[::ffff:7f00:1]",
+                                  "[0:0:0:0:0:ffff:127.0.0.1]", "localhost", "LOCALHOST.", "a.localhost"])
+def test_every_spelling_of_the_secret_host_is_refused(web, host):
+    url = web.secret_url(host)
+    assert refusal(url, [ALLOWED]) == "url_private_address"   # when the list is planned
+    assert failure(url) == "url_private_address"              # and again when fetched
+
+
+@pytest.mark.parametrize("address, public", [
+    ("93.184.216.34", True), ("2606:2800:220:1:248:1893:25c8:1946", True),
+    ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("100.64.0.1", False),
+    ("169.254.169.254", False), ("224.0.0.1", False), ("239.255.255.250", False), ("255.255.255.255", False),
+    ("fe80::1", False), ("fc00::1", False), ("ff02::1", False), ("::", False),
+    ("64:ff9b::a9fe:a9fe", False),     # NAT64 to the metadata address
+    ("2002:7f00:1::", False),          # 6to4 of 127.0.0.1
+    ("2001:0:4136:e378:8000:63bf:80ff:fffe", False),   # Teredo whose client is 127.0.0.1
+    ("::ffff:169.254.169.254", False),
+])
+def test_address_ranges(address, public):
+    assert is_public(ipaddress.ip_address(address)) is public
+
+
+def test_literal_addresses_in_resolver_spellings():
+    assert str(literal_address("0177.0.0.1")) == "127.0.0.1" and str(literal_address("2130706433")) == "127.0.0.1"
+    assert str(literal_address("[::1]")) == "::1" and literal_address("example.com") is None
+    assert literal_address("deadbeef") is None   # a name (no 0x): the resolver decides
+
+
+def test_names_are_resolved_once_checked_and_pinned(web):
+    calls = []
+
+    def resolver(answers):
+        def resolve(host, port):
+            calls.append(host)
+            return answers[host]
+        return resolve
+
+    # a name the system cannot resolve: fetched from the address the resolver gave, Host header kept
+    url = f"http://images.example:{web.port}/img.jpg"
+    assert fetch(url, POLICY, LIMITS, resolver({"images.example": [ALLOWED]})) == jpeg()
+    # a name that resolves to the secret host (an /etc/hosts entry, or a hostile DNS)
+    assert failure(web.secret_url("rebind.example"), resolver=resolver({"rebind.example": ["127.0.0.1"]})) \
+        == "url_private_address"
+    # one good and one bad address: refused (which one a client gets is the name owner's choice)
+    assert failure(web.secret_url("mixed.example"), resolver=resolver({"mixed.example": [ALLOWED, "127.0.0.1"]})) \
+        == "url_private_address"
+    # DNS rebinding: the first answer passes the check, a second lookup would answer the secret host;
+    # the fetch connects to the first answer and never asks again
+    calls.clear()
+    answers = [[ALLOWED], ["127.0.0.1"]]
+
+    def flip(host, port):
+        calls.append(host)
+        return answers.pop(0)
+    assert fetch(f"http://flip.example:{web.port}/img.jpg", POLICY, LIMITS, flip) == jpeg()
+    assert calls == ["flip.example"]
+    assert failure(f"http://nowhere.example:{web.port}/x", resolver=lambda h, p: (_ for _ in ()).throw(OSError("NXDOMAIN"))) \
+        == "dns_error"
+
+
+def test_allowed_names_and_networks():
+    policy = HostPolicy(["toyweb.internal", "10.0.0.0/8"])
+    assert policy.refusal("http://toyweb.internal/a.jpg") is None
+    assert policy.refusal("http://10.2.3.4/a.jpg") is None and policy.refusal("http://11.2.3.4/a.jpg") is None
+    assert policy.refusal("http://192.168.0.1/a.jpg") == "url_private_address"
+    assert policy.pin("http://toyweb.internal/a.jpg", lambda h, p: ["192.168.9.9"]) == ("toyweb.internal", 80, "192.168.9.9")
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirects_to_the_secret_host_are_refused(web, code):
+    for target in (web.secret_url(), web.secret_url("2130706433"), web.secret_url("[::ffff:127.0.0.1]")):
+        assert failure(web.url(f"/redirect?code={code}&to={target}")) == "redirect_private_address"
+
+
+def test_redirect_kinds(web):
+    assert failure(web.url("/redirect?to=http://169.254.169.254/latest/meta-data/")) == "redirect_private_address"
+    assert failure(web.url("/redirect?to=ftp://127.0.0.1/secret")) == "redirect_scheme_refused"
+    assert failure(web.url("/redirect?to=file:///etc/passwd")) == "redirect_scheme_refused"
+    assert failure(web.url("/loop")) == "too_many_redirects"
+    assert fetch(web.url("/hops/3"), POLICY, LIMITS) == jpeg()            # 3 hops: allowed
+    assert failure(web.url("/hops/4")) == "too_many_redirects"            # 4: one too many
+    assert fetch(web.url("/redirect?to=/img.jpg"), POLICY, LIMITS) == jpeg()   # relative, same host
+
+
+def test_bodies_are_capped(web):
+    started = time.monotonic()
+    assert failure(web.url("/declared-huge")) == "body_too_large"   # refused on its Content-Length
+    assert failure(web.url("/endless")) == "body_too_large"         # chunked: stopped at the cap
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("path", ["/drip?every=0.4", "/drip-headers?every=0.4"])
+def test_a_slow_drip_meets_the_deadline(web, path):
+    started = time.monotonic()
+    assert failure(web.url(path)) == "deadline_exceeded"   # every read is quick; the whole is not
+    assert time.monotonic() - started < LIMITS.deadline + 1
+
+
+def test_image_size_is_read_without_decoding():
+    bomb = png_bomb()
+    assert len(bomb) < 1_000_000   # 12000 x 12000 RGBA in well under a megabyte
+    with pytest.raises(FetchFailed) as caught:
+        image_size(bomb, 25_000_000)
+    assert caught.value.reason == "image_too_large"
+    assert image_size(jpeg(), 25_000_000) == (96, 64)
+    with pytest.raises(FetchFailed) as caught:
+        image_size(b"<!doctype html><html>sign in</html>", 25_000_000)
+    assert caught.value.reason == "decode_error"
+
+
+def test_tls_goes_to_the_pinned_address_and_checks_the_name(tmp_path):
+    """The TCP connection goes to the checked address; TLS (SNI, certificate) is for the URL's name."""
+    with TlsServer(tmp_path, "images.example") as tls:
+        resolve = {"images.example": [ALLOWED], "other.example": [ALLOWED]}
+        url = f"https://images.example:{tls.port}/img.jpg"
+        assert fetch(url, POLICY, LIMITS, lambda h, p: resolve[h], tls.client_context()) == jpeg()
+        with pytest.raises(FetchFailed) as caught:   # the same server under a name its certificate lacks
+            fetch(f"https://other.example:{tls.port}/img.jpg", POLICY, LIMITS, lambda h, p: resolve[h],
+                  tls.client_context())
+        assert caught.value.reason == "tls_error"
+        with pytest.raises(FetchFailed) as caught:   # and a certificate nobody vouches for
+            fetch(url, POLICY, LIMITS, lambda h, p: resolve[h])
+        assert caught.value.reason == "tls_error"

@@ -1,0 +1,111 @@
+"""Fingerprints hash meaning: execution-only settings (parallelism, retries, logging, checkpoint
+intervals, safety limits) stay out, so changing one and resuming keeps every committed shard and
+checkpoint; settings that change a stage's output, and the run's seed for the seeded stages, go in."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from conftest import load_config, pretrain_config, vlp, write_config
+from pipeline import config as C
+from pipeline.configtree import CHANGES_OUTPUT, to_plain
+from pipeline.runs import STATS_SUFFIX
+
+# Every field that does not change its stage's output, by stage, with another value to try. Adding a
+# field here is a decision: the test below checks that this table is exactly what the config marks.
+EXECUTION_ONLY = {
+    "download": {"thread_count": 4, "cpus_per_task": 0.5, "shard_retries": 5},
+    "prefilter": {"cpus_per_task": 0.5, "max_drop_share": 0.9, "drop_share_limits": {"duplicate_near": 0.9}},
+    "pretrain": {"cpus_per_worker": 2.0, "activation_checkpointing": True, "checkpoint_every": 7,
+                 "keep_checkpoints": 5, "log_every": 3, "max_failures": 4},
+    "evaluate": {"batch_size": 16},
+    "capfilt": {"actors": 1, "cpus_per_actor": 0.5, "shard_retries": 0, "max_drop_share": 0.9,
+                "drop_share_limits": {"filter_rejected": 0.9}},
+}
+# Some that do change it: they must move the fingerprint.
+OUTPUT = {
+    "download": {"image_size": 40, "timeout": 4.0, "max_body_bytes": 2**20, "allow_private_hosts": ["127.0.0.2"]},
+    "prefilter": {"min_caption_words": 3, "near_max_distance": 0.05},
+    "pretrain": {"steps": 301, "num_workers": 1, "micro_batch": 8, "zero_stage": 1},
+    "evaluate": {"rerank_k": 2},
+    "capfilt": {"batch_size": 8, "top_p": 0.8, "threshold": 0.7},
+}
+
+
+def _config_for(tmp_path, toyweb):
+    return load_config(write_config(tmp_path / "c.yaml", toyweb, stages=["download", "prefilter"]))
+
+
+def _output_view(cfg, stage: str, field: str, value):
+    section = getattr(cfg, stage)
+    return to_plain(section, output_only=True), to_plain(dataclasses.replace(section, **{field: _typed(section, field, value)}),
+                                                        output_only=True)
+
+
+def _typed(section, field: str, value):
+    current = getattr(section, field)
+    if isinstance(current, tuple):
+        return tuple(value)
+    return value
+
+
+@pytest.mark.parametrize("stage", sorted(EXECUTION_ONLY))
+def test_the_table_is_what_the_config_marks(stage):
+    cls = {"download": C.DownloadConfig, "prefilter": C.PrefilterConfig, "pretrain": C.PretrainConfig,
+           "evaluate": C.EvaluateConfig, "capfilt": C.CapfiltConfig}[stage]
+    marked = {f.name for f in dataclasses.fields(cls) if f.metadata.get(CHANGES_OUTPUT) is False}
+    assert marked == set(EXECUTION_ONLY[stage])
+
+
+@pytest.mark.parametrize("stage, field, value", [(s, f, v) for s, fields in EXECUTION_ONLY.items()
+                                                 for f, v in fields.items()])
+def test_an_execution_only_setting_keeps_the_fingerprint(tmp_path, toyweb, stage, field, value):
+    before, after = _output_view(_config_for(tmp_path, toyweb), stage, field, value)
+    assert before == after
+
+
+@pytest.mark.parametrize("stage, field, value", [(s, f, v) for s, fields in OUTPUT.items() for f, v in fields.items()])
+def test_an_output_setting_moves_the_fingerprint(tmp_path, toyweb, stage, field, value):
+    before, after = _output_view(_config_for(tmp_path, toyweb), stage, field, value)
+    assert before != after
+
+
+def test_more_threads_on_a_half_done_download_keep_its_committed_shards(tmp_path, toyweb, reference_run):
+    """The measured loss: `--set download.thread_count=8` used to delete and re-download every shard."""
+    from pipeline import runner
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    stage = run_dir / "round-0" / "download"
+    (stage / "manifest.json").unlink()
+    stats = sorted(stage.glob(f"*{STATS_SUFFIX}"))
+    for s in stats[3:]:   # only the first three shards are committed now
+        s.unlink()
+        (stage / s.name.replace(STATS_SUFFIX, ".tar")).unlink()
+    kept = {s.name: s.stat().st_mtime_ns for s in stats[:3]}
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=["download"], download={"thread_count": 3}))
+    runner.execute(cfg, run_dir)
+    assert {s.name: s.stat().st_mtime_ns for s in stats[:3]} == kept, "committed shards were redone"
+    assert json.loads((stage / "manifest.json").read_text())["shards"] == \
+        json.loads((reference_run.stage("download").path / "manifest.json").read_text())["shards"]
+
+
+def test_a_new_logging_interval_resumes_from_the_checkpoint(tmp_path, toyweb, trained_run):
+    """The measured loss: `--set pretrain.log_every=2` used to delete a complete checkpoint and the model."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    stage = run_dir / "round-0" / "pretrain"
+    ckpts = stage / "checkpoints"
+    (ckpts / "step-00000012" / "COMPLETE").unlink()   # the run "died" after its step-8 checkpoint
+    for path in ("manifest.json", "model"):
+        shutil.rmtree(stage / path) if (stage / path).is_dir() else (stage / path).unlink()
+    step8 = {p.name: p.stat().st_mtime_ns for p in (ckpts / "step-00000008").iterdir()}
+    config = pretrain_config(tmp_path / "c.yaml", toyweb, log_every=2, checkpoint_every=6)
+    vlp("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpts / "step-00000008").iterdir()} == step8
+    history = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == list(range(1, 9)) + [10, 12], "resumed at 8, not retrained from 0"
+    assert (stage / "model" / "model.safetensors").is_file()
