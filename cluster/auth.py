@@ -31,6 +31,12 @@ def secure_local_token() -> Path | None:
     mode 0600 if there is none, tightened to 0600 if it is readable by others). Returns the file, or
     None when the token comes from RAY_AUTH_TOKEN."""
     os.environ["RAY_AUTH_MODE"] = "token"
+    # Ray reads the mode once, when it is first imported (a stage module imports it early), and caches it:
+    # without this the driver stays in "disabled" mode and its own cluster refuses it. Ray's default path
+    # (ray.init with the mode unset) refreshes it the same way.
+    from ray._raylet import Config
+
+    Config.initialize("")
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     path = token_path()

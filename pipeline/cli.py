@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write the run's HTML report (<run>/report/index.html)")
     report.add_argument("run_dir")
+
+    gc = sub.add_parser("gc", help="list the results newer ones replaced (<run>/superseded/); --yes deletes them")
+    gc.add_argument("run_dir")
+    gc.add_argument("--yes", action="store_true", help="delete them (without it, only list what would go)")
     return p
 
 
@@ -119,6 +123,8 @@ def _dispatch(args) -> int:
             check_cluster(steps, args.address)
             print(f"cluster at {args.address}: every request fits")
         return 0
+    if args.command == "gc":
+        return _gc(args.run_dir, args.yes)
     if args.command == "report":
         from pipeline.report import write_report
 
@@ -145,11 +151,40 @@ def _jobs(args) -> int:
     return 0
 
 
+def _gc(run_dir: str, delete: bool) -> int:
+    """Superseded results are committed work: they go only when the user says so, under the run's lock."""
+    import shutil
+
+    from pipeline.runlock import RunLock
+    from pipeline.runs import RunDir
+
+    run = RunDir(run_dir).require()
+    with RunLock(run.root):
+        old = run.superseded()
+        if not old:
+            print(f"{run.root}: nothing superseded")
+            return 0
+        for row in old:
+            print(f"{'deleting' if delete else 'would delete'} {row['path']} ({row['bytes'] / 1e6:.1f} MB, "
+                  f"{'complete' if row['complete'] else 'partial'})")
+            if delete:
+                shutil.rmtree(row["path"])
+        if not delete:
+            print("run `vlp gc RUN_DIR --yes` to delete them")
+    return 0
+
+
 def _print_status(run_dir) -> None:
     from pipeline import runner
     from pipeline.measure import format_attributes, format_noise_kinds, format_rounds, rounds
+    from pipeline.runs import RunDir
 
     print(runner.format_status(runner.status(run_dir)))
+    superseded = RunDir(run_dir).superseded()
+    if superseded:
+        print("\nsuperseded results (replaced by a rebuild; kept until `vlp gc RUN_DIR --yes`):")
+        for row in superseded:
+            print(f"  {row['name']}  {row['bytes'] / 1e6:.1f} MB")
     per_round = rounds(run_dir)
     if per_round:
         print("\nper round (retrieval: ITC on the held-out pairs; filter P/R at removing noisy web pairs and "

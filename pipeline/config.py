@@ -5,6 +5,7 @@ Each stage receives only its own sub-config (plus the run-level seed), never the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +40,9 @@ class RayConfig:
     """CPUs for a local Ray (None: all of this machine's). Ignored when `address` is set."""
     include_dashboard: bool = False
     """Start the dashboard with a local Ray (bound to 127.0.0.1)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_cpus is None or self.num_cpus >= 1, f"num_cpus: must be >= 1 (or null: all), got {self.num_cpus}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,9 +370,13 @@ class PretrainConfig:
         _require(self.zero_stage in (0, 1, 2, 3), f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         for name in ("micro_batch", "grad_accum", "steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             _require(getattr(self, name) >= 1, f"{name}: must be >= 1")
-        _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
+        _require(math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr_ratio <= 1,
+                 "lr: must be finite and > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        _require(self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip: must be >= 0 (0: no clipping)")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay: must be >= 0")
         _require(self.text_queue >= 0, "text_queue: must be >= 0")
         _rate("itm_easy_negatives", self.itm_easy_negatives)
         unknown = set(self.loss_weights) - set(OBJECTIVES)
@@ -411,8 +419,10 @@ class FinetuneConfig:
         _rate("itm_easy_negatives", self.itm_easy_negatives)
         _require(self.text_queue >= 0, "text_queue: must be >= 0")
         _require(self.steps >= 1 and self.batch_size >= 1, "steps, batch_size: must be >= 1")
-        _require(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "lr: must be > 0 (min_lr_ratio in 0..1)")
+        _require(math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr_ratio <= 1,
+                 "lr: must be finite and > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
+        _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay: must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,9 +526,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{source}: cannot read config ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {err.start}): is it a config file?") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -20,15 +20,16 @@ from pipeline.config import (LATER_ROUNDS, ROUND_ZERO, STAGE_ORDER, RunConfig, T
                              dump_config)
 from pipeline.breaker import describe
 from pipeline.configtree import to_plain
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StageFailed
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from pipeline.faults import crash_point
 from pipeline.runlock import RunLock
 from pipeline.runs import RunDir, fingerprint
 from pipeline.stage import StageContext
 
 log = logging.getLogger("vlp")
 SEEDED_STAGES = ("pretrain", "capfilt")  # the stages that draw random numbers from the run's seed
-TOYWEB_FORMAT = 5  # bump when the files prepare_toy_web writes change (5: eval leaks)
+TOYWEB_FORMAT = 6  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -39,14 +40,25 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
     """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory."""
     run = RunDir(run_dir)
     selected = _select(cfg, only)
-    run.root.mkdir(parents=True, exist_ok=True)
     # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
     # run refused here leaves config.yaml as the first one wrote it.
-    with RunLock(run.root):
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run.root).acquire()
+    except OSError as err:
+        raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None
+    try:
         return _execute(cfg, run, selected)
+    finally:
+        lock.release()
 
 
 def _execute(cfg: RunConfig, run: RunDir, selected: list[str]) -> RunDir:
+    for finished in run.recover():   # a kill between a new result's commit and its move into place
+        log.info("%s: finished putting its new result in place (the old one is in superseded/)", finished)
+    order = _rounds_that_can_run(cfg, run, selected, schedule(cfg, selected))
+    for line in explain_reruns(cfg, run, order):
+        log.warning("%s", line)
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
     log.info("run directory %s; stages %s; %d bootstrapping round(s)", run.root, ", ".join(selected), cfg.rounds)
     lists, toyweb = list(cfg.data.inputs), None
@@ -55,7 +67,7 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str]) -> RunDir:
         lists = [UrlListConfig(**s) for s in toyweb["inputs"]] + lists
     with contextlib.ExitStack() as stack:
         ray_started = False
-        for stage, round_ in schedule(cfg, selected):
+        for stage, round_ in order:
             job = _prepare_stage(cfg, run, stage, round_, lists, toyweb)
             if job is None:
                 continue
@@ -84,6 +96,21 @@ def schedule(cfg: RunConfig, selected: list[str]) -> list[tuple[str, int]]:
         return order
     for round_ in range(1, cfg.rounds + 1):
         order += [(s, round_) for s in LATER_ROUNDS if s in selected]
+    return order
+
+
+def _rounds_that_can_run(cfg: RunConfig, run: RunDir, selected: list[str],
+                         order: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`--only download,prefilter,pretrain,evaluate` asks for round 0: a bootstrapping round whose capfilt
+    is neither selected nor committed cannot run, so it and the rounds after it are left out (and said)."""
+    if "capfilt" in selected:
+        return order
+    for round_ in range(1, cfg.rounds + 1):
+        if run.stage("capfilt", round_).manifest() is None:
+            if any(r >= round_ for _, r in order):
+                log.info("rounds %d..%d left out: capfilt (round %d) is neither selected nor committed",
+                         round_, cfg.rounds, round_)
+            return [(s, r) for s, r in order if r < round_]
     return order
 
 
@@ -160,9 +187,19 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: 
     if done is not None and done.get("fingerprint") == fp:
         log.info("%s (round %d): already committed (fingerprint %s), skipped", stage, round_, fp)
         return None
-    ctx = StageContext(run=run, out=out, fingerprint=fp, input_fingerprints=tuple(inputs), seed=cfg.seed)
+    for up_dir, manifest in ups:   # it will run: are its inputs what their stages committed?
+        _check_shard_files(up_dir, manifest)
+    # A changed result is built beside the old one, which stays complete until the new one commits.
+    ctx = StageContext(run=run, out=run.build_dir(stage, round_, fp), fingerprint=fp,
+                       input_fingerprints=tuple(inputs), seed=cfg.seed)
 
     def job() -> tuple[StageContext, dict]:
+        ctx_manifest = _run_stage()
+        if stage in ("prefilter", "capfilt"):  # filtering stages: every upstream sample comes in
+            _check_conservation(stage, round_, ups[0][1], ctx_manifest[1])
+        return ctx_manifest
+
+    def _run_stage() -> tuple[StageContext, dict]:
         log.info("%s (round %d): running (fingerprint %s)", stage, round_, fp)
         if stage == "download":
             return ctx, download.run(stage_cfg, tuple(lists), shards, ctx)
@@ -172,10 +209,29 @@ def _prepare_stage(cfg: RunConfig, run: RunDir, stage: str, round_: int, lists: 
         if stage == "capfilt":
             return ctx, capfilt.run(stage_cfg, base_model, upstream, up_dir.path, seed_shards, ctx)
         if stage == "pretrain":
-            previous = None if round_ == 0 else Path(upstream["base_model"])
+            previous = None if round_ == 0 else run.resolve(upstream["base_model"])
             return ctx, pretrain.run(stage_cfg, upstream, up_dir.path, seed_shards, ctx, previous)
         return ctx, evaluate.run(stage_cfg, up_dir.path / upstream["export"], eval_shards, ctx)
     return job
+
+
+def _check_shard_files(up_dir, manifest: dict) -> None:
+    """Every shard an upstream manifest lists is there with its committed size (a stat each: the tasks
+    that read them check their sha256)."""
+    for shard in manifest["shards"]:
+        path = up_dir.path / shard["shard"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard["bytes"]:
+            raise InputError(f"{path}: {'missing' if size is None else f'{size} bytes'}, but {up_dir.stage} "
+                             f"(round {up_dir.round}) committed it with {shard['bytes']} bytes: the shard changed "
+                             "after its commit; rebuild that stage")
+
+
+def _check_conservation(stage: str, round_: int, upstream: dict, manifest: dict) -> None:
+    came, kept = manifest["totals"]["samples_in"], upstream["totals"]["samples_kept"]
+    if came != kept:
+        raise StageFailed(f"{stage} (round {round_}): read {came} samples, but its input kept {kept}: shards "
+                          "changed under the run; nothing was committed as this stage's result")
 
 
 def _seed_shards(cfg: RunConfig, toyweb: dict | None) -> list[str]:
@@ -210,10 +266,48 @@ def _eval_shards(cfg: RunConfig, toyweb: dict | None, required: bool = True) -> 
 def _commit(done: tuple[StageContext, dict]) -> None:
     ctx, manifest = done
     ctx.out.commit(manifest)
+    crash_point("committed")   # the new result is complete; the old one still in place
+    replaced = ctx.run.stage(ctx.out.stage, ctx.out.round).path.exists() and ctx.out.path != \
+        ctx.run.stage(ctx.out.stage, ctx.out.round).path
+    ctx.run.publish(ctx.out)
+    if replaced:
+        log.info("%s (round %d): the result it replaces is kept in %s (vlp gc removes it)", ctx.out.stage,
+                 ctx.out.round, ctx.run.root / "superseded")
     totals = manifest["totals"]
     log.info("%s: committed %d shards in %.1fs: %d in, %d kept, %d dropped, %d failed", ctx.out.stage,
              len(manifest["shards"]), manifest["duration_s"], totals["samples_in"], totals["samples_kept"],
              totals["samples_dropped"], totals["samples_failed"])
+
+
+def explain_reruns(cfg: RunConfig, run: RunDir, order: list[tuple[str, int]]) -> list[str]:
+    """Before anything runs: which committed stages this config will rebuild, and why (the settings that
+    differ from the committed result, or an upstream that is rebuilt). Inputs whose content changed
+    (a URL list, the seed set) are found, and said, when the stage is prepared."""
+    lines, rebuilt = [], set()
+    for stage, round_ in order:
+        manifest = run.stage(stage, round_).manifest()
+        if manifest is None:
+            continue
+        old, new = _flat(manifest.get("config", {})), _flat(to_plain(getattr(cfg, stage), output_only=True))
+        changed = [f"{stage}.{k}: {old.get(k)!r} -> {new[k]!r}" for k in sorted(new) if old.get(k) != new[k]]
+        if stage in SEEDED_STAGES and f"seed:{cfg.seed}" not in manifest.get("inputs", [f"seed:{cfg.seed}"]):
+            changed.append(f"seed -> {cfg.seed}")
+        ups = [f"{s} (round {r})" for s, r in upstreams(cfg, stage, round_) if (s, r) in rebuilt]
+        if changed or ups:
+            rebuilt.add((stage, round_))
+            why = "; ".join(changed + [f"its input {u} is rebuilt" for u in ups])
+            lines.append(f"{stage} (round {round_}) will be rebuilt: {why}. Its committed result stays in place "
+                         "until the new one commits, then moves to superseded/ (vlp gc removes it)")
+    return lines
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: list(tree) if isinstance(tree, tuple) else tree}
 
 
 def _list_fingerprint(spec: UrlListConfig) -> str:
@@ -233,12 +327,18 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
     if state is None or state["config"] != to_plain(cfg) or state.get("format") != TOYWEB_FORMAT:
         port = cfg.port or _free_port()
         files = write_toyweb(cfg, folder, port)
-        state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port, "inputs": [asdict(s) for s in files.inputs],
-                 "truth": str(files.truth), "eval": str(files.eval), "seed": str(files.seed),
-                 "eval_shards": [str(p) for p in files.eval_shards],
-                 "seed_shards": [str(p) for p in files.seed_shards]}
+
+        def rel(path) -> str:  # paths inside the run directory are kept relative: the run can be moved
+            return str(Path(path).relative_to(folder))
+        state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port,
+                 "inputs": [asdict(s) | {"path": rel(s.path)} for s in files.inputs],
+                 "truth": rel(files.truth), "eval": rel(files.eval), "seed": rel(files.seed),
+                 "eval_shards": [rel(p) for p in files.eval_shards], "seed_shards": [rel(p) for p in files.seed_shards]}
         atomic_write_json(state_path, state)
-    return state
+    resolved = {k: str(folder / v) for k, v in state.items() if k in ("truth", "eval", "seed")}
+    return {**state, **resolved, "inputs": [s | {"path": str(folder / s["path"])} for s in state["inputs"]],
+            "eval_shards": [str(folder / p) for p in state["eval_shards"]],
+            "seed_shards": [str(folder / p) for p in state["seed_shards"]]}
 
 
 @contextlib.contextmanager
@@ -306,15 +406,20 @@ def status(run_dir: str | Path) -> list[dict]:
         within = ROUND_ZERO if sd.round == 0 else LATER_ROUNDS
         return sd.round, within.index(sd.stage) if sd.stage in within else len(within), sd.stage
 
+    states: dict[tuple[str, int], str] = {}
     for sd in sorted(run.stage_dirs(), key=order):
         manifest, plan = sd.manifest(), sd.plan() or {}
         acc = Accounting()
         if manifest is not None:
             acc.add(manifest["totals"])
             state, done, duration = "done", len(manifest["shards"]), manifest["duration_s"]
-            ups = [run.stage(s, r).manifest() for s, r in upstreams(cfg, sd.stage, sd.round)]
-            if any(up is None for up in ups) or manifest["inputs"][:len(ups)] != [up["fingerprint"] for up in ups]:
+            up_keys = upstreams(cfg, sd.stage, sd.round)
+            ups = [run.stage(s, r).manifest() for s, r in up_keys]
+            # stale: built from an upstream result that has changed since, or from one that is stale itself
+            if any(up is None for up in ups) or manifest["inputs"][:len(ups)] != [up["fingerprint"] for up in ups] \
+                    or any(states.get(k) == "stale" for k in up_keys):
                 state = "stale"
+            states[(sd.stage, sd.round)] = state
         else:
             stats = sorted(sd.path.glob("*.stats.json"))
             for path in stats:
@@ -358,5 +463,6 @@ def format_status(rows: list[dict]) -> str:
 def status_json(run_dir: str | Path) -> str:
     from pipeline.measure import rounds
 
-    return json.dumps({"run_dir": str(RunDir(run_dir).root), "stages": status(run_dir), "rounds": rounds(run_dir)},
-                      indent=2)
+    run = RunDir(run_dir)
+    return json.dumps({"run_dir": str(run.root), "stages": status(run_dir), "rounds": rounds(run_dir),
+                       "superseded": run.superseded()}, indent=2)

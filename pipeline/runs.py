@@ -5,7 +5,14 @@ Commit protocol (DESIGN.md, "The stage contract"):
     a shard without its stats file does not exist;
   * the stage's `manifest.json` is written last, atomically; its fingerprint is a hash of the stage
     name, the stage config and the input fingerprints. Same fingerprint = already done = skipped.
-A stage folder holds `.fingerprint` while it is being built; shards of another fingerprint are cleared.
+A stage folder holds `.fingerprint` while it is being built.
+
+No silent loss: when a stage must be rebuilt for another fingerprint (an output-changing setting
+changed), its old folder stays where it is, complete, while the new one is built beside it in
+`round-<r>/.next-<stage>/`. Once the new manifest commits, `publish` moves the old folder to
+`<run>/superseded/` and the new one into place (two renames; `recover` finishes them after a kill, the
+committed manifest deciding). Superseded folders are listed by `vlp status` and removed only by
+`vlp gc`. A kill at any point leaves the old or the new result complete under the stage's name.
 """
 from __future__ import annotations
 
@@ -19,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
+from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 FINGERPRINT = ".fingerprint"
 STATS_SUFFIX = ".stats.json"
+NEXT_PREFIX = ".next-"      # round-<r>/.next-<stage>/: a rebuild in progress beside the result it replaces
+SUPERSEDED = "superseded"   # <run>/superseded/: replaced results, kept until `vlp gc`
 
 
 def fingerprint(stage: str, stage_config: Any, input_fingerprints: list[str]) -> str:
@@ -118,16 +128,20 @@ class StageDir:
         path = self.path / PLAN
         return read_json(path) if path.is_file() else None
 
-    def begin(self, fp: str, plan: dict) -> None:
-        """Claim the folder for fingerprint `fp`; clear whatever another fingerprint left."""
+    def fingerprint(self) -> str | None:
+        """The fingerprint this folder is (being) built for, or None."""
         marker = self.path / FINGERPRINT
-        if self.path.exists() and (not marker.is_file() or marker.read_text().strip() != fp):
-            shutil.rmtree(self.path)
+        return marker.read_text().strip() if marker.is_file() else None
+
+    def begin(self, fp: str, plan: dict) -> None:
+        """Claim the folder for fingerprint `fp` (RunDir.build_dir chose it: empty, or fp's own)."""
+        if self.path.exists() and self.fingerprint() not in (None, fp):
+            raise AssertionError(f"{self.path} holds fingerprint {self.fingerprint()}, not {fp}: use RunDir.build_dir")
         self.path.mkdir(parents=True, exist_ok=True)
         for leftover in self.path.iterdir():  # temp files of a killed run
             if is_temporary(leftover):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        atomic_write_bytes(marker, fp.encode())
+        atomic_write_bytes(self.path / FINGERPRINT, fp.encode())
         atomic_write_json(self.path / PLAN, {"fingerprint": fp, **plan})
 
     def commit(self, manifest: dict) -> None:
@@ -151,8 +165,75 @@ class RunDir:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
+    def relative(self, path: str | Path) -> str:
+        """`path` as a manifest records it: relative to the run directory when inside it (so the run can be
+        moved or copied), absolute otherwise."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def resolve(self, recorded: str) -> Path:
+        """The path a manifest recorded (see `relative`)."""
+        return Path(recorded) if Path(recorded).is_absolute() else self.root / recorded
+
     def stage(self, stage: str, round_: int = 0) -> StageDir:
         return StageDir(self.root / f"round-{round_}" / stage, stage, round_)
+
+    def _next(self, stage: str, round_: int) -> StageDir:
+        return StageDir(self.root / f"round-{round_}" / f"{NEXT_PREFIX}{stage}", stage, round_)
+
+    def build_dir(self, stage: str, round_: int, fp: str) -> StageDir:
+        """Where (stage, round) is built for fingerprint `fp`: its own folder if that is free or already
+        fp's, else `.next-<stage>` beside it (the old result stays until the new one commits)."""
+        current = self.stage(stage, round_)
+        if not current.path.exists() or current.fingerprint() in (None, fp):
+            return current
+        staged = self._next(stage, round_)
+        if staged.path.exists() and staged.fingerprint() not in (None, fp):
+            self._supersede(staged)   # an unfinished build for yet another config: its shards are kept
+        return staged
+
+    def publish(self, out: StageDir) -> None:
+        """After `out`'s manifest committed: put it in place, moving the result it replaces aside."""
+        current = self.stage(out.stage, out.round)
+        if out.path == current.path:
+            return
+        if current.path.exists():
+            self._supersede(current)
+            crash_point("superseded")   # the old result moved aside, the new one not yet in place
+        out.path.rename(current.path)
+
+    def recover(self) -> list[str]:
+        """Finish the publishes a kill interrupted (a committed `.next-<stage>` wins); returns what it did."""
+        done = []
+        for staged in self.root.glob(f"round-*/{NEXT_PREFIX}*"):
+            out = StageDir(staged, staged.name[len(NEXT_PREFIX):], int(staged.parent.name.split("-")[1]))
+            if out.manifest() is not None:
+                self.publish(out)
+                done.append(f"{out.stage} (round {out.round})")
+        return done
+
+    def _supersede(self, sd: StageDir) -> Path:
+        """Move a stage folder to <run>/superseded/ under a name that says what it was."""
+        kind = "complete" if sd.manifest() is not None else "partial"
+        name = f"round-{sd.round}-{sd.stage}-{sd.fingerprint() or 'unknown'}-{kind}"
+        target = self.root / SUPERSEDED / name
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.root / SUPERSEDED / f"{name}-{n}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sd.path.rename(target)
+        return target
+
+    def superseded(self) -> list[dict]:
+        """Results replaced by newer ones, kept until `vlp gc`: name, size in bytes, complete or not."""
+        folder = self.root / SUPERSEDED
+        rows = []
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            rows.append({"name": path.name, "path": str(path), "bytes": size,
+                         "complete": (path / MANIFEST).is_file()})
+        return rows
 
     def require(self) -> "RunDir":
         if not self.config_path.is_file():
@@ -166,6 +247,18 @@ class RunDir:
                 if stage_path.is_dir() and not stage_path.name.startswith((".", "_")):
                     found.append(StageDir(stage_path, stage_path.name, int(round_dir.name.split("-")[1])))
         return found
+
+
+def verify_shard(path: Path, expected: dict) -> None:
+    """An input shard must be the bytes its stage committed (manifest: sha256, bytes): a shard cut or
+    rewritten since would pass through a stage as if its samples never existed."""
+    from pipeline.fsutil import sha256_file
+
+    size = path.stat().st_size if path.is_file() else None
+    if size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
+        found = "missing" if size is None else f"{size} bytes, sha256 {sha256_file(path)[:12]}"
+        raise InputError(f"{path}: not the shard its stage committed ({found}; the manifest says "
+                         f"{expected['bytes']} bytes, sha256 {expected['sha256'][:12]}): rebuild that stage")
 
 
 def shard_summary(stats: dict) -> dict:

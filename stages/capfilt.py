@@ -32,7 +32,7 @@ from pipeline.data.loader import decode_image
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.parallel import Progress, run_on_actor_pool
-from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
+from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary, verify_shard
 from pipeline.stage import StageContext
 from pipeline.model.scoring import Calibration, match_scores
 from stages.finetune import finetune, model_fingerprint
@@ -51,7 +51,7 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
     shards = upstream["shards"]
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in,
-                                    "base_model": str(base_model)})
+                                    "base_model": ctx.run.relative(base_model)})
     gpus = cfg.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -66,7 +66,7 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
         return worker.remote(str(ctx.out.path / "captioner"), str(ctx.out.path / "filter"), to_plain(cfg),
                              str(ctx.out.path), ctx.out.round, ctx.seed, fps, calibration)
 
-    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"]) for s in shards}
+    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"], s) for s in shards}
     results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
                                           Progress("capfilt", len(shards), samples_in))
     summaries = [shard_summary(results[name]) | {"pairs": results[name]["pairs"]} for name in jobs]
@@ -75,7 +75,7 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
     check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
     pairs = {k: sum(s["pairs"][k] for s in summaries) for k in ("web", "synthetic")}
     total_pairs = pairs["web"] + pairs["synthetic"]
-    extra = {"base_model": str(base_model), "base_model_fingerprint": model_fingerprint(base_model),
+    extra = {"base_model": ctx.run.relative(base_model), "base_model_fingerprint": model_fingerprint(base_model),
              "rule": cfg.rule, "threshold": calibration["threshold"] if calibration else cfg.threshold,
              "models": models, "pairs": pairs, "pairs_out": total_pairs,
              "synthetic_share": round(pairs["synthetic"] / total_pairs, 4) if total_pairs else 0.0,
@@ -126,7 +126,8 @@ class CapfiltWorker:
         prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
         self.prompt = torch.tensor(prompt, device=self.device)[None]
 
-    def process(self, shard_path: str, name: str) -> dict:
+    def process(self, shard_path: str, name: str, expected: dict) -> dict:
+        verify_shard(Path(shard_path), expected)   # the bytes prefilter committed, or a clear error
         started = time.time()
         acc, rejects, loaded = Accounting(), [], []
         size = self.filter.cfg.image_size

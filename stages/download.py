@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
+import logging
 import math
 import threading
 import time
@@ -31,13 +33,14 @@ from pipeline.config import DownloadConfig, UrlListConfig
 from pipeline.configtree import build
 from pipeline.data.shards import encode_json
 from pipeline.data.urllists import read_url_list
-from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+from pipeline.data.fetch import TRANSIENT, FetchFailed, Limits, fetch, image_size
 from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_missing_shards
 from pipeline.runs import Accounting, build_manifest, shard_summary
 from pipeline.stage import StageContext
 
 SHARD_DIGITS = 5
+log = logging.getLogger("vlp")
 DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
 BASE_TASK_MEMORY = 512 * 2**20   # the task's Python, pyarrow, cv2 and its shard's samples
 
@@ -76,20 +79,35 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.T
     samples_in = sum(t.num_rows for t in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
+    # Shards a killed run committed with transient failures (its toy web or DNS gone with its driver, a
+    # network blip) are not final: their stats are withdrawn and the task re-fetches just those URLs.
+    retry = {}
+    for i in range(len(shards)):
+        stats = ctx.out.shard_stats(shard_name(i))
+        if stats is not None and transient_failures(stats):
+            retry[shard_name(i)] = stats
+            ctx.out.stats_path(shard_name(i)).unlink()
+    if retry:
+        log.info("download: %d committed shard(s) have transient failures (%d URLs): re-fetching those URLs",
+                 len(retry), sum(len(transient_failures(s)) for s in retry.values()))
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
-    jobs = {shard_name(i): (str(ctx.out.path), i, table, stage_cfg) for i, table in enumerate(shards)}
+    jobs = {shard_name(i): (str(ctx.out.path), i, table, stage_cfg, retry.get(shard_name(i)))
+            for i, table in enumerate(shards)}
     results = run_missing_shards(ctx.out, task, jobs, Progress("download", len(shards), samples_in))
     summaries = [shard_summary(results[name]) for name in jobs]
     ctx.out.write_sizes(summaries)
     return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints),
-                          summaries, started, {"lists": [dataclasses.asdict(s) for s in lists]})
+                          summaries, started, {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists]})
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
 
-def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: dict) -> dict:
-    """Download one shard and commit it. Safe to run again: a committed shard is returned as it is."""
+def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: dict,
+                   previous: dict | None = None) -> dict:
+    """Download one shard and commit it. Safe to run again: a committed shard is returned as it is.
+    `previous`: the withdrawn stats of this shard's earlier commit; only its transient failures are
+    fetched again, every other outcome (and image) is kept from the earlier tar."""
     from pipeline.runs import StageDir
 
     cfg = build(DownloadConfig, stage_cfg, source="download task")
@@ -98,7 +116,13 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    fetched = fetch_rows(cfg, [r for r in rows.select(["key", "url", "refusal"]).to_pylist() if r["refusal"] is None])
+    todo = [r for r in rows.select(["key", "url", "refusal"]).to_pylist() if r["refusal"] is None]
+    fetched = {}
+    if previous is not None:
+        again = set(transient_failures(previous))
+        fetched = _earlier_outcomes(out.shard_path(name), previous, again)
+        todo = [r for r in todo if r["key"] in again]
+    fetched.update(fetch_rows(cfg, todo))
     samples, rejects, acc = [], [], Accounting(samples_in=rows.num_rows)
     for row in rows.to_pylist():
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
@@ -119,6 +143,25 @@ def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: di
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
     return out.commit_shard(name, samples, acc, rejects, started)
+
+
+def transient_failures(stats: dict) -> list[str]:
+    """Keys a shard failed for reasons that may pass (timeouts, resets, refused connections, 5xx, DNS)."""
+    return [r["key"] for r in stats["rejects"] if r["outcome"] == "failed" and r["reason"] in TRANSIENT]
+
+
+def _earlier_outcomes(tar: Path, stats: dict, again: set[str]) -> dict[str, dict]:
+    """{key: result} of an earlier commit of this shard, as fetch_rows gives them, except `again`."""
+    from pipeline.data.shards import read_shard
+
+    outcomes = {r["key"]: {"status": "failed", "reason": r["reason"], "error_message": r.get("error")}
+                for r in stats["rejects"] if r["outcome"] == "failed" and r["key"] not in again}
+    for sample in read_shard(tar) if tar.is_file() else []:
+        meta = json.loads(sample["json"])
+        outcomes[sample["__key__"]] = {"status": "success", "jpg": sample["jpg"],
+                                       **{k: meta[k] for k in ("width", "height", "original_width",
+                                                               "original_height", "sha256")}}
+    return outcomes
 
 
 def fetch_rows(cfg: DownloadConfig, rows: list[dict]) -> dict[str, dict]:

@@ -33,7 +33,7 @@ from pipeline.data.neardup import NearDuplicateIndex, signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
-from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary
+from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary, verify_shard
 from pipeline.stage import StageContext
 
 
@@ -48,7 +48,7 @@ def run(cfg: PrefilterConfig, upstream: dict, upstream_dir: Path, eval_shards: l
     options = {"num_cpus": cfg.cpus_per_task, "max_retries": 2, "retry_exceptions": True}
 
     scan = ray.remote(scan_shard).options(**options)
-    scans = run_shard_tasks(scan, {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg) for s in shards},
+    scans = run_shard_tasks(scan, {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s) for s in shards},
                             Progress("prefilter/scan", len(shards), samples_in), len)
     eval_images = []
     if cfg.decontaminate and eval_shards:
@@ -109,7 +109,9 @@ def _check_languages(cfg: PrefilterConfig) -> None:
 
 # --- inside the Ray tasks -------------------------------------------------------------------------
 
-def scan_shard(shard_path: str, stage_cfg: dict) -> list[dict]:
+def scan_shard(shard_path: str, stage_cfg: dict, expected: dict) -> list[dict]:
+    """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest)."""
+    verify_shard(Path(shard_path), expected)
     cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
     records = []

@@ -65,7 +65,7 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
     totals = Accounting(samples_in=samples, samples_kept=samples)
     return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), [], started,
                           {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
-                           "seed_samples": seed_samples, "init_from": str(init_from) if init_from else None,
+                           "seed_samples": seed_samples, "init_from": ctx.run.relative(init_from) if init_from else None,
                            "final": history[-1] if history else {}, "export": "model"}, totals=totals)
 
 

@@ -82,6 +82,9 @@ def pretrain_config(path: Path, toyweb_files, stages=("download", "prefilter", "
 def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    # As a user's shell has it: the session's own ray.init() put RAY_AUTH_MODE=token here, which hid a CLI
+    # that could not start its local Ray without it.
+    env.pop("RAY_AUTH_MODE", None)
     proc = subprocess.run(VLP + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"vlp {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

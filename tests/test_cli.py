@@ -33,6 +33,13 @@ def test_tiny_config_end_to_end_with_its_own_toy_web_and_ray(tmp_path):
     text = vlp("status", str(run_dir)).stdout
     assert "download" in text and "failed: " in text and "dropped: " in text
 
+    # a run directory can be moved: nothing in it names where it was
+    moved = tmp_path / "moved"
+    run_dir.rename(moved)
+    after = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(moved), "--only", "download,prefilter")
+    assert after.stderr.count("already committed") == 2 and "toy web: serving" not in after.stderr
+    assert str(run_dir) not in (moved / "toyweb" / "state.json").read_text()
+
 
 def test_config_errors_exit_2_with_the_file_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
@@ -62,3 +69,21 @@ def test_status_and_resume_of_a_missing_run(tmp_path):
         assert out.returncode == 2 and "not a vlp run directory" in out.stderr
     out = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--only", "bogus", check=False)
     assert out.returncode == 2 and "unknown stage(s) bogus" in out.stderr
+
+
+def test_bad_settings_and_places_are_one_line_errors(tmp_path):
+    """Exit 2 and a sentence, never a traceback: a config that is not text, impossible values, a run
+    directory that cannot be written."""
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    cases = [(["run", str(binary)], "not UTF-8 text"),
+             (["run", "configs/tiny.yaml", "--set", "ray.num_cpus=-2"], "ray.num_cpus: must be >= 1"),
+             (["run", "configs/tiny.yaml", "--set", "pretrain.cpus_per_worker=0"], "pretrain.cpus_per_worker: must be > 0"),
+             (["run", "configs/tiny.yaml", "--set", "pretrain.grad_clip=-1"], "pretrain.grad_clip: must be >= 0"),
+             (["run", "configs/tiny.yaml", "--set", "pretrain.weight_decay=-0.1"], "pretrain.weight_decay: must be >= 0"),
+             (["run", "configs/tiny.yaml", "--set", "pretrain.lr=.nan"], "pretrain.lr: must be finite")]
+    (tmp_path / "a-file").write_text("x")
+    cases.append((["run", "configs/tiny.yaml", "--run-dir", str(tmp_path / "a-file" / "run")], "cannot write to it"))
+    for args, message in cases:
+        done = vlp(*args, check=False, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)

@@ -3,6 +3,7 @@ the secret server never reached, a decompression bomb refused without decoding i
 memory measured), oversized and dripping bodies bounded. Real Ray, real sockets on 127/8."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -105,3 +106,32 @@ def test_a_bomb_is_refused_within_the_tasks_memory_bound(tmp_path, web):
     assert accounting["failed_by_reason"] == {"image_too_large": 3} and accounting["samples_kept"] == 3
     bound = 600 * 2**20   # what the process needs for its imports and a few small images, with margin
     assert result["peak_rss"] < bound < task_memory(CFG), result["peak_rss"]
+
+
+def test_transient_failures_of_a_killed_run_are_fetched_again(tmp_path, ray_cluster):
+    """A kill -9 of the driver took its web server down while a shard task went on and committed every
+    URL as connection_refused; the resumed stage must fetch those URLs again, keeping the rest."""
+    import socket
+
+    from pipeline import runner
+    from pipeline.config import DataConfig, RayConfig, RunConfig
+
+    with socket.socket() as s:   # a port nobody serves yet
+        s.bind((ALLOWED, 0))
+        port = s.getsockname()[1]
+    urls = [f"http://{ALLOWED}:{port}/img.jpg?n={i}" for i in range(6)] + ["ftp://127.0.0.2/x.jpg"]
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}),
+                   tmp_path / "list.parquet")
+    cfg = RunConfig(name="transient", stages=("download",), ray=RayConfig(num_cpus=2),
+                    data=DataConfig(inputs=(UrlListConfig(path=str(tmp_path / "list.parquet"), format="parquet"),)),
+                    download=dataclasses.replace(CFG, samples_per_shard=4))
+    run = runner.execute(cfg, tmp_path / "run")
+    stage = run.stage("download").path
+    first = json.loads((stage / "manifest.json").read_text())["totals"]
+    assert first["failed_by_reason"] == {"connection_refused": 6} and first["dropped_by_reason"] == {"url_scheme_refused": 1}
+    (stage / "manifest.json").unlink()   # the driver died before the manifest
+    with HostileWeb(port):
+        runner.execute(cfg, tmp_path / "run")
+    totals = json.loads((stage / "manifest.json").read_text())["totals"]
+    assert totals["samples_kept"] == 6 and totals["samples_failed"] == 0
+    assert totals["dropped_by_reason"] == {"url_scheme_refused": 1}

@@ -85,10 +85,16 @@ def test_more_threads_on_a_half_done_download_keep_its_committed_shards(tmp_path
     for s in stats[3:]:   # only the first three shards are committed now
         s.unlink()
         (stage / s.name.replace(STATS_SUFFIX, ".tar")).unlink()
-    kept = {s.name: s.stat().st_mtime_ns for s in stats[:3]}
+    from stages.download import transient_failures
+
+    # Shards with transient failures (the toy web's slow URLs time out) fetch those URLs again on resume,
+    # by design; every other committed shard must stay untouched.
+    untouched = [s for s in stats[:3] if not transient_failures(json.loads(s.read_text()))]
+    assert untouched, "the test needs a committed shard without transient failures"
+    kept = {s.name: s.stat().st_mtime_ns for s in untouched}
     cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=["download"], download={"thread_count": 3}))
     runner.execute(cfg, run_dir)
-    assert {s.name: s.stat().st_mtime_ns for s in stats[:3]} == kept, "committed shards were redone"
+    assert {s.name: s.stat().st_mtime_ns for s in untouched} == kept, "committed shards were redone"
     assert json.loads((stage / "manifest.json").read_text())["shards"] == \
         json.loads((reference_run.stage("download").path / "manifest.json").read_text())["shards"]
 
@@ -109,3 +115,16 @@ def test_a_new_logging_interval_resumes_from_the_checkpoint(tmp_path, toyweb, tr
     history = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == list(range(1, 9)) + [10, 12], "resumed at 8, not retrained from 0"
     assert (stage / "model" / "model.safetensors").is_file()
+
+
+def test_status_marks_everything_downstream_of_a_change_stale(tmp_path, trained_run):
+    from pipeline import runner
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    manifest = run_dir / "round-0" / "prefilter" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["fingerprint"] = "0" * 20   # prefilter was rebuilt since pretrain read it
+    manifest.write_text(json.dumps(data))
+    states = {r["stage"]: r["state"] for r in runner.status(run_dir)}
+    assert states == {"download": "done", "prefilter": "done", "pretrain": "stale", "evaluate": "stale"}

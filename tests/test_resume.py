@@ -16,6 +16,7 @@ from conftest import ROOT, VLP, shard_digests, vlp, wait_for, write_config
 from pipeline import runner
 from pipeline.config import load_config
 from pipeline.errors import InputError
+from pipeline.runs import RunDir
 
 
 def _totals(run_dir, stage):
@@ -126,3 +127,33 @@ def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
     cfg = load_config(write_config(tmp_path / "c.yaml", toyweb))
     with pytest.raises(InputError, match=r"prefilter \(round 0\) needs the output of download \(round 0\)"):
         runner.execute(cfg, tmp_path / "run", ["prefilter"])
+
+
+def test_only_round_zero_stages_run_round_zero(tmp_path, toyweb):
+    """`--only download,prefilter,pretrain,evaluate` on a bootstrapping config, as a new user asks for a
+    round-0 model: the later rounds (whose capfilt is neither selected nor committed) are left out."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(runner.STAGE_ORDER), rounds=2))
+    selected = runner._select(cfg, ["download", "prefilter", "pretrain", "evaluate"])
+    order = runner._rounds_that_can_run(cfg, RunDir(tmp_path / "run"), selected, runner.schedule(cfg, selected))
+    assert order == [("download", 0), ("prefilter", 0), ("pretrain", 0), ("evaluate", 0)]
+    everything = runner.schedule(cfg, list(cfg.stages))
+    assert runner._rounds_that_can_run(cfg, RunDir(tmp_path / "run"), list(cfg.stages), everything) == everything
+
+
+def test_an_upstream_shard_changed_after_its_commit_is_refused(tmp_path, toyweb, reference_run):
+    """A download shard cut at a member boundary (fewer samples, still a valid tar) used to pass through
+    prefilter with rc 0; now the size (driver) and sha256 (task) checks name it."""
+    from pipeline.data.shards import read_shard, write_shard
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    shard = run_dir / "round-0" / "download" / "00001.tar"
+    samples = list(read_shard(shard))
+    shard.chmod(0o644)
+    write_shard(shard, samples[: len(samples) // 2])
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, prefilter={"min_caption_words": 3}))
+    with pytest.raises(InputError, match=r"00001\.tar: .* but download \(round 0\) committed it with"):
+        runner.execute(cfg, run_dir)
+    prefilter = run_dir / "round-0" / "prefilter"
+    assert json.loads((prefilter / "manifest.json").read_text()) == \
+        json.loads((reference_run.stage("prefilter").path / "manifest.json").read_text()), "the old result stands"

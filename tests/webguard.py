@@ -133,12 +133,16 @@ class _Server(ThreadingHTTPServer):
 class HostileWeb:
     """Both servers, in threads of the test process; `stop()` shuts them down."""
 
+    def __init__(self, port: int = 0):
+        self.requested_port = port
+
     def __enter__(self) -> "HostileWeb":
         png_bomb()   # made once, before any client's timeout runs
         self.secret_hits: list[str] = []
         self.secret = _Server((SECRET, 0), type("Secret", (_Secret,), {"hits": self.secret_hits}))
         self.secret_port = self.secret.server_address[1]
-        self.allowed = _Server((ALLOWED, 0), type("Allowed", (_Allowed,), {"secret_port": self.secret_port}))
+        self.allowed = _Server((ALLOWED, self.requested_port),
+                               type("Allowed", (_Allowed,), {"secret_port": self.secret_port}))
         self.port = self.allowed.server_address[1]
         self.threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
                         for s in (self.secret, self.allowed)]
