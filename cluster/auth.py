@@ -30,13 +30,7 @@ def secure_local_token() -> Path | None:
     """Before a local Ray starts: token auth on, and a token file only its owner can read (made with
     mode 0600 if there is none, tightened to 0600 if it is readable by others). Returns the file, or
     None when the token comes from RAY_AUTH_TOKEN."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    # Ray reads the mode once, when it is first imported (a stage module imports it early), and caches it:
-    # without this the driver stays in "disabled" mode and its own cluster refuses it. Ray's default path
-    # (ray.init with the mode unset) refreshes it the same way.
-    from ray._raylet import Config
-
-    Config.initialize("")
+    _token_mode()
     if os.environ.get("RAY_AUTH_TOKEN"):
         return None
     path = token_path()
@@ -50,3 +44,20 @@ def secure_local_token() -> Path | None:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return path
+
+
+def use_token_if_available() -> None:
+    """Before joining a cluster (`ray.init(address=...)`): token auth on if a token is there, unless the
+    user set RAY_AUTH_MODE. A token-auth cluster refuses a client in "disabled" mode even with the token."""
+    if os.environ.get("RAY_AUTH_MODE") is None and auth_token() is not None:
+        _token_mode()
+
+
+def _token_mode() -> None:
+    os.environ["RAY_AUTH_MODE"] = "token"
+    # Ray reads the mode once, when it is first imported (a stage module imports it early), and caches it:
+    # without this the driver stays in "disabled" mode and the cluster refuses it. Ray's own default path
+    # (ray.init with the mode unset) refreshes it the same way.
+    from ray._raylet import Config
+
+    Config.initialize("")

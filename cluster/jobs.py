@@ -104,13 +104,17 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
 
 
 def job_entrypoint(run_root: Path, args: list[str], marker: Path) -> str:
-    """The job's shell command. The driver leaves the working_dir for the run directory: Ray may replace an
-    unpacked working_dir while a job runs (when it sets up the same package for new workers), which would
-    pull the current directory from under the driver; code still imports from the working_dir's path.
-    Every piece that comes from the user goes through shlex.quote: a run directory named `$(...)` is a name."""
+    """The job's shell command. Ray may replace an unpacked working_dir while a job runs (when it sets up
+    the same package for new workers): the driver's current directory vanished at the start of
+    pretraining, and a module imported late (pipeline/plan.py, at Ray's start) was missing for a moment.
+    So the driver imports from a private copy of the code, removed when the job ends, and works in the
+    run directory. Every piece that comes from the user goes through shlex.quote: a run directory named
+    `$(...)` is a name."""
     unseen = shlex.quote(f"vlp: error: the run directory {run_root} is not visible from the head node: put it "
                          "on storage every node mounts")
-    return (f'export PYTHONPATH="$PWD${{PYTHONPATH:+:$PYTHONPATH}}"; cd {shlex.quote(str(run_root))} 2>/dev/null || '
+    return ('code=$(mktemp -d "${TMPDIR:-/tmp}/vlp-job-code-XXXXXX") && cp -r "$PWD"/. "$code"/ && '
+            """trap 'rm -rf "$code"' EXIT; """
+            f'export PYTHONPATH="$code${{PYTHONPATH:+:$PYTHONPATH}}"; cd {shlex.quote(str(run_root))} 2>/dev/null || '
             f"{{ printf '%s\\n' {unseen}; exit 2; }}; "
             + " ".join(["python", "-m", "pipeline.cli", *map(shlex.quote, args), "--submitted-marker",
                         shlex.quote(str(marker))]))

@@ -110,6 +110,9 @@ def check_connected(steps: list[Step]) -> None:
 def check_cluster(steps: list[Step], address: str) -> None:
     import ray
 
+    from cluster.auth import use_token_if_available
+
+    use_token_if_available()
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         check_connected(steps)

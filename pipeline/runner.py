@@ -380,6 +380,9 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
         kwargs.pop("runtime_env")
         ray.init(address=cfg.ray.address or "auto", **kwargs)
     elif cfg.ray.address:
+        from cluster.auth import use_token_if_available
+
+        use_token_if_available()
         ray.init(address=cfg.ray.address, **kwargs)
     else:
         from cluster.auth import secure_local_token
@@ -396,7 +399,6 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
 def status(run_dir: str | Path) -> list[dict]:
     """Per stage and round: state, shards done/total, the accounting, duration."""
     from pipeline.config import load_config
-    from pipeline.runs import Accounting
 
     run = RunDir(run_dir).require()
     cfg = load_config(run.config_path)
@@ -408,33 +410,44 @@ def status(run_dir: str | Path) -> list[dict]:
 
     states: dict[tuple[str, int], str] = {}
     for sd in sorted(run.stage_dirs(), key=order):
-        manifest, plan = sd.manifest(), sd.plan() or {}
-        acc = Accounting()
-        if manifest is not None:
-            acc.add(manifest["totals"])
-            state, done, duration = "done", len(manifest["shards"]), manifest["duration_s"]
+        row = _status_row(sd)
+        if row["state"] == "done":
             up_keys = upstreams(cfg, sd.stage, sd.round)
             ups = [run.stage(s, r).manifest() for s, r in up_keys]
             # stale: built from an upstream result that has changed since, or from one that is stale itself
-            if any(up is None for up in ups) or manifest["inputs"][:len(ups)] != [up["fingerprint"] for up in ups] \
+            if any(up is None for up in ups) or sd.manifest()["inputs"][:len(ups)] != [up["fingerprint"] for up in ups] \
                     or any(states.get(k) == "stale" for k in up_keys):
-                state = "stale"
-            states[(sd.stage, sd.round)] = state
-        else:
-            stats = sorted(sd.path.glob("*.stats.json"))
-            for path in stats:
-                acc.add(read_json(path)["accounting"])
-            state, done, duration = ("incomplete" if plan else "pending"), len(stats), None
-        row = {"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
-               "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()}
-        if manifest is None and plan.get("stopped"):  # the mass-drop breaker (pipeline/breaker.py)
-            row["stopped"] = plan["stopped"]
-        if manifest is not None:
-            for key in ("metrics", "pairs_out", "synthetic_share", "actor_restarts"):
-                if key in manifest:
-                    row[key] = manifest[key]
+                row["state"] = "stale"
+            states[(sd.stage, sd.round)] = row["state"]
         rows.append(row)
+        staged = run.staged(sd.stage, sd.round)
+        if staged is not None:   # a rebuild in progress (or stopped) beside the result it will replace
+            rows.append(_status_row(staged) | {"state": "rebuilding", "rebuild": True})
     return rows
+
+
+def _status_row(sd) -> dict:
+    from pipeline.runs import Accounting
+
+    manifest, plan = sd.manifest(), sd.plan() or {}
+    acc = Accounting()
+    if manifest is not None:
+        acc.add(manifest["totals"])
+        state, done, duration = "done", len(manifest["shards"]), manifest["duration_s"]
+    else:
+        stats = sorted(sd.path.glob("*.stats.json"))
+        for path in stats:
+            acc.add(read_json(path)["accounting"])
+        state, done, duration = ("incomplete" if plan else "pending"), len(stats), None
+    row = {"stage": sd.stage, "round": sd.round, "state": state, "shards_done": done,
+           "shards_total": plan.get("shards_total", done), "duration_s": duration, **acc.to_json()}
+    if manifest is None and plan.get("stopped"):  # the mass-drop breaker (pipeline/breaker.py)
+        row["stopped"] = plan["stopped"]
+    if manifest is not None:
+        for key in ("metrics", "pairs_out", "synthetic_share", "actor_restarts"):
+            if key in manifest:
+                row[key] = manifest[key]
+    return row
 
 
 def format_status(rows: list[dict]) -> str:

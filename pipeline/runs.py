@@ -181,6 +181,11 @@ class RunDir:
     def _next(self, stage: str, round_: int) -> StageDir:
         return StageDir(self.root / f"round-{round_}" / f"{NEXT_PREFIX}{stage}", stage, round_)
 
+    def staged(self, stage: str, round_: int) -> StageDir | None:
+        """The rebuild of (stage, round) in progress beside its current result, if there is one."""
+        staged = self._next(stage, round_)
+        return staged if staged.path.is_dir() else None
+
     def build_dir(self, stage: str, round_: int, fp: str) -> StageDir:
         """Where (stage, round) is built for fingerprint `fp`: its own folder if that is free or already
         fp's, else `.next-<stage>` beside it (the old result stays until the new one commits)."""

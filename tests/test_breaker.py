@@ -80,8 +80,10 @@ def test_the_error_names_stage_reason_share_and_the_setting(tmp_path):
 
 def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(tmp_path, toyweb, reference_run):
     run_dir = tmp_path / "run"
-    shutil.copytree(reference_run.root, run_dir)  # download committed
-    stage = run_dir / "round-0" / "prefilter"
+    shutil.copytree(reference_run.root, run_dir)  # download and prefilter committed
+    # the rebuild happens beside the committed prefilter result, which stays in place until it commits
+    stage, current = run_dir / "round-0" / ".next-prefilter", run_dir / "round-0" / "prefilter"
+    old_manifest = (current / "manifest.json").read_text()
     # The toy web's short sides are drawn in [40, 160]: a 130 px minimum drops about three quarters.
     config = write_config(tmp_path / "c.yaml", toyweb, prefilter={"min_image_side": 130})
     out = vlp("run", str(config), "--run-dir", str(run_dir), check=False)
@@ -91,6 +93,7 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     error = errors[0]
 
     assert not (stage / "manifest.json").exists(), "the stage is not done"
+    assert (current / "manifest.json").read_text() == old_manifest, "the old result stands meanwhile"
     acc = _accounting(stage)
     small = acc.dropped["image_too_small"]
     download = json.loads((run_dir / "round-0" / "download" / "manifest.json").read_text())["totals"]
@@ -98,8 +101,11 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     assert (f"vlp: error: prefilter (round 0) stopped before committing its manifest: image_too_small dropped "
             f"{small / acc.samples_in:.1%} ({small:,} of {acc.samples_in:,}) > prefilter.max_drop_share 0.5. "
             "Its 6 shards are committed and kept.") in error
-    row = json.loads(vlp("status", str(run_dir), "--json").stdout)["stages"][1]
-    assert (row["stage"], row["state"], row["shards_done"], row["shards_total"]) == ("prefilter", "incomplete", 6, 6)
+    rows = json.loads(vlp("status", str(run_dir), "--json").stdout)["stages"]
+    assert [(r["stage"], r["state"]) for r in rows] == [("download", "done"), ("prefilter", "done"),
+                                                         ("prefilter", "rebuilding")]
+    row = rows[2]
+    assert (row["shards_done"], row["shards_total"]) == (6, 6)
     assert row["samples_in"] == row["samples_kept"] + row["samples_dropped"] + row["samples_failed"]
     assert row["stopped"]["over"][0]["reason"] == "image_too_small"
     assert "stopped: image_too_small dropped" in vlp("status", str(run_dir)).stdout
@@ -109,6 +115,8 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     command = shlex.split(re.search(r"continue with `vlp (resume [^`]+)`", error).group(1))
     assert command[1] == str(run_dir) and command[2] == "--set" and command[3].startswith("prefilter.max_drop_share=")
     vlp(*command)
+    assert not stage.exists(), "the rebuild was put in place"
+    stage = current
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["fingerprint"] == fp
     assert _committed_files(stage) == committed, "committed shards were not rewritten"
@@ -121,6 +129,8 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     assert saved["prefilter"]["max_drop_share"] == float(command[3].split("=")[1]) > small / acc.samples_in
     rows = runner.status(run_dir)
     assert [r["state"] for r in rows] == ["done", "done"] and "stopped" not in rows[1]
+    [old] = list((run_dir / "superseded").iterdir())
+    assert (old / "manifest.json").read_text() == old_manifest
 
 
 def test_capfilt_mass_drop_stops_and_a_per_reason_limit_continues(tmp_path, toyweb, trained_run, ray_cluster, capsys):

@@ -11,7 +11,7 @@ from pipeline.config import PrefilterConfig
 from pipeline.data import lookalikes
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import ConfigError
-from pipeline.runs import Accounting, RunDir
+from pipeline.runs import Accounting, RunDir, shard_summary
 from pipeline.stage import StageContext
 from stages import prefilter
 
@@ -37,7 +37,7 @@ def _download(images: list[bytes], captions: list[str], run: RunDir, per_shard: 
             acc.samples_kept += 1
         name = f"{start // per_shard:05d}.tar"
         shards.append(out.commit_shard(name, samples, acc, [], 0.0))
-    return {"shards": [{"shard": s["shard"], "samples": s["samples"]} for s in shards]}
+    return {"shards": [shard_summary(s) for s in shards]}   # as a manifest lists them: prefilter verifies each
 
 
 def _prefilter(cfg: PrefilterConfig, upstream: dict, run: RunDir) -> dict[int, str]:

@@ -112,9 +112,13 @@ def test_the_job_command_quotes_the_run_directory(tmp_path):
     marker = tmp_path / "pwned"
     run_root = tmp_path / f"run$(touch {marker})`touch {marker}`"   # never created: cd fails
     command = job_entrypoint(run_root, ["run", "x.yaml"], tmp_path / ".submitted-1")
-    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30)
+    code = tmp_path / "working_dir"   # as Ray unpacks the job's code: the command copies it first
+    code.mkdir()
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=code,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 2 and "is not visible from the head node" in done.stdout
     assert str(run_root) in done.stdout and not marker.exists()
+    assert not list(tmp_path.glob("vlp-job-code-*")), "the private copy of the code is removed at exit"
 
 
 def test_the_local_token_file_is_its_owners_only(tmp_path, monkeypatch):
