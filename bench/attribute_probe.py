@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.loader import decode_image  # noqa: E402
 from pipeline.data.shards import read_shard  # noqa: E402
-from pipeline.data.toyworld import ATTRIBUTES, CHOICES  # noqa: E402
-from pipeline.measure import load_truth  # noqa: E402
+from pipeline.toyweb.world import ATTRIBUTES, CHOICES  # noqa: E402
+from pipeline.toyweb.measures import load_truth  # noqa: E402
 from pipeline.modelio import load_pretrained  # noqa: E402
 from pipeline.model import MultiwayTransformer  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402

@@ -83,8 +83,8 @@ def actors(workdir: Path) -> dict:
     from conftest import CAPFILT, PRETRAIN, TEST_WEB  # the tests' tiny web and settings
     from pipeline import runner
     from pipeline.config import load_config
-    from pipeline.data.toyweb import write_toyweb
-    from pipeline.data.toyweb_server import ToyWebServer
+    from pipeline.toyweb.lists import write_toyweb
+    from pipeline.toyweb.server import ToyWebServer
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})

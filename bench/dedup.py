@@ -5,7 +5,7 @@ Two labelled sets, each put through the download's resize (img2dataset keep_rati
 JPEG 95) and deduplicated as prefilter does (in order; exact copies by the original bytes' sha256 first,
 then near copies of a kept image):
   - the toy web's pictures with its injected exact and near duplicates (the truth says which);
-  - lookalikes (pipeline/data/lookalikes.py): distinct but similar pictures of another look, each with
+  - lookalikes (pipeline/toyweb/lookalikes.py): distinct but similar pictures of another look, each with
     a near copy.
 Per rule: near-dup precision (a near drop is right when its match shows the same picture), recall (copies
 dropped, of those whose picture was kept earlier), false-drop rate (pictures wrongly dropped, of all
@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 
 from pipeline.config import PrefilterConfig, ToyWebConfig  # noqa: E402
-from pipeline.data import lookalikes, neardup  # noqa: E402
-from pipeline.data.toyworld import ToyWorld  # noqa: E402
+from pipeline.data import neardup  # noqa: E402
+from pipeline.toyweb import lookalikes  # noqa: E402
+from pipeline.toyweb.world import ToyWorld  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipeline.config import DownloadConfig, RunConfig, ToyWebConfig, UrlListConfig, DataConfig, RayConfig
-from pipeline.data.toyweb import write_toyweb
-from pipeline.data.toyweb_server import ToyWebServer
+from pipeline.toyweb.lists import write_toyweb
+from pipeline.toyweb.server import ToyWebServer
 
 THREADS, WORKERS, SHARD, SIZE, TIMEOUT = 32, 2, 1000, 64, 5
 

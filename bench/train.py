@@ -84,7 +84,7 @@ def _rank(rank, world, port, mode, cfg, micro, steps, results):
     else:
         import deepspeed
 
-        from cluster.deepspeed_config import deepspeed_config
+        from pipeline.train.deepspeed_config import deepspeed_config
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         pcfg = PretrainConfig(zero_stage=int(mode[-1]), micro_batch=micro, num_workers=world)
@@ -121,7 +121,7 @@ def run_ranks(mode, cfg, micro, steps, world=2):
 
 
 def _peak_rss(ckpt, steps, results):
-    from stages.pretrain_loop import build_model
+    from pipeline.train.loop import build_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ from typing import Mapping
 
 from pipeline.errors import StageFailed
 from pipeline.fsutil import atomic_write_json
-from pipeline.runs import PLAN, Accounting, StageDir
+from pipeline.manifest import Accounting
+from pipeline.runs import PLAN, StageDir
 
 log = logging.getLogger("vlp")
 

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from pipeline import runner
+    from pipeline.status import status_json
     from pipeline.config import load_config
 
     if getattr(args, "submitted_marker", None):
@@ -107,7 +108,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "status":
         if args.json:
-            print(runner.status_json(args.run_dir))
+            print(status_json(args.run_dir))
         else:
             _print_status(args.run_dir)
         return 0
@@ -175,11 +176,11 @@ def _gc(run_dir: str, delete: bool) -> int:
 
 
 def _print_status(run_dir) -> None:
-    from pipeline import runner
-    from pipeline.measure import format_attributes, format_noise_kinds, format_rounds, rounds
     from pipeline.runs import RunDir
+    from pipeline.status import format_status, status
+    from pipeline.toyweb.measures import format_attributes, format_noise_kinds, format_rounds, rounds
 
-    print(runner.format_status(runner.status(run_dir)))
+    print(format_status(status(run_dir)))
     superseded = RunDir(run_dir).superseded()
     if superseded:
         print("\nsuperseded results (replaced by a rebuild; kept until `vlp gc RUN_DIR --yes`):")

@@ -8,11 +8,11 @@ cluster.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
+from pipeline.graph import schedule, spec
 
 
 @dataclass(frozen=True)
@@ -27,44 +27,21 @@ class Step:
 
 
 def plan(cfg: RunConfig, count_urls: bool = True) -> list[Step]:
-    """The steps of `cfg`. Without `count_urls`, URL lists are not read (the resource check before a
-    run needs only the requests; the runner has read the lists already), so counts stay unknown."""
-    from pipeline.runner import schedule
-
+    """The steps of `cfg`, each stage's request as its module declares it. Without `count_urls`, URL
+    lists are not read (the resource check before a run needs only the requests; the runner has read the
+    lists already), so counts stay unknown."""
     urls = cfg.data.toyweb.num_urls if cfg.data.toyweb else (_count_urls(cfg) if count_urls else None)
-    dl_shards = math.ceil(urls / cfg.download.samples_per_shard) if urls is not None else None
-    in_words = f"{urls}" if urls is not None else "all listed"
     steps = []
     for stage, round_ in schedule(cfg, list(cfg.stages)):
-        if stage == "download":
-            steps.append(Step(stage, round_, {"CPU": cfg.download.cpus_per_task}, dl_shards or 1, False, dl_shards,
-                              f"{in_words} URLs in; {cfg.download.thread_count} download threads per task"))
-        elif stage == "prefilter":
-            steps.append(Step(stage, round_, {"CPU": cfg.prefilter.cpus_per_task}, dl_shards or 1, False, dl_shards,
-                              f"at most {in_words} in (what download keeps)"))
-        elif stage == "pretrain":
-            p = cfg.pretrain
-            bundle = {"CPU": p.cpus_per_worker, **({"GPU": 1.0} if p.use_gpu else {})}
-            batch = p.micro_batch * p.grad_accum * p.num_workers
-            steps.append(Step(stage, round_, bundle, p.num_workers, True, None,
-                              f"{p.steps} steps x global batch {batch} = {p.steps * batch} samples seen"
-                              + (" (data + seed set)" if p.with_seed else "")))
-        elif stage == "evaluate":
-            steps.append(Step(stage, round_, {"CPU": 1.0}, 1, False, None, "the held-out split"))
-        elif stage == "capfilt":
-            c = cfg.capfilt
-            gpus = c.gpus_per_actor
-            bundle = {"CPU": c.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
-            steps.append(Step(stage, round_, bundle, c.actors, False, dl_shards,
-                              f"at most {in_words} images in; up to 2 texts (web, synthetic) out per image"
-                              + ("; GPU per actor: 1 where the cluster has GPUs" if gpus is None else "")))
+        r = spec(stage).request(cfg, urls)
+        steps.append(Step(stage, round_, r.bundle, r.count, r.gang, r.shards, r.samples))
     return steps
 
 
 def _count_urls(cfg: RunConfig) -> int:
-    from stages import download
+    from pipeline.data.urllists import read_url_list
 
-    return sum(t.num_rows for t in download.plan(cfg.download, tuple(cfg.data.inputs)))
+    return sum(read_url_list(spec).num_rows for spec in cfg.data.inputs)
 
 
 def format_plan(cfg: RunConfig, steps: list[Step]) -> str:

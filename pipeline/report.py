@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline.data.shards import read_shard
 from pipeline.fsutil import atomic_path
-from pipeline.measure import decisions, format_attributes, format_rounds, load_truth, rounds
-from pipeline.runner import status
+from pipeline.toyweb.measures import decisions, format_attributes, format_rounds, load_truth, rounds
+from pipeline.status import status
 from pipeline.runs import RunDir
 
 SAMPLES_PER_VERDICT = 6
@@ -62,12 +62,12 @@ def _build(run: RunDir, out: Path) -> str:
 
     if decided:
         manifest = last_capfilt.manifest()
-        calibrated = manifest["config"].get("rule") == "calibrated"
+        calibrated = manifest.config.get("rule") == "calibrated"
         what = "calibrated ITM + ITC score" if calibrated else "ITM match probability"
         parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
                      f"<p>The {what} the filter gave each web caption and each synthetic caption; the dashed "
                      "line is the threshold.</p>")
-        _score_chart(decided, truth, float(manifest.get("threshold", manifest["config"]["threshold"])),
+        _score_chart(decided, truth, float(manifest.details.get("threshold", manifest.config["threshold"])),
                      out / "scores.png", what)
         parts.append('<img src="scores.png" alt="histograms of filter scores">')
         parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")

@@ -16,18 +16,17 @@ committed manifest deciding). Superseded folders are listed by `vlp status` and 
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError
 from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
+from pipeline.manifest import Accounting, Manifest
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -40,48 +39,6 @@ SUPERSEDED = "superseded"   # <run>/superseded/: replaced results, kept until `v
 def fingerprint(stage: str, stage_config: Any, input_fingerprints: list[str]) -> str:
     blob = json.dumps({"stage": stage, "config": stage_config, "inputs": input_fingerprints}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vlp")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass
-class Accounting:
-    """Where every sample that went in ended up. `samples_in` always equals kept + dropped + failed."""
-    samples_in: int = 0
-    samples_kept: int = 0
-    dropped: collections.Counter = field(default_factory=collections.Counter)
-    failed: collections.Counter = field(default_factory=collections.Counter)
-
-    def add(self, other: "Accounting | dict") -> None:
-        if isinstance(other, dict):
-            other = Accounting.from_json(other)
-        self.samples_in += other.samples_in
-        self.samples_kept += other.samples_kept
-        self.dropped.update(other.dropped)
-        self.failed.update(other.failed)
-
-    def check(self, where: str) -> None:
-        total = self.samples_kept + sum(self.dropped.values()) + sum(self.failed.values())
-        if total != self.samples_in:
-            raise AssertionError(f"{where}: {self.samples_in} samples in, but kept + dropped + failed = {total}")
-
-    def to_json(self) -> dict:
-        return {"samples_in": self.samples_in, "samples_kept": self.samples_kept,
-                "samples_dropped": sum(self.dropped.values()), "samples_failed": sum(self.failed.values()),
-                "dropped_by_reason": dict(sorted(self.dropped.items())),
-                "failed_by_reason": dict(sorted(self.failed.items()))}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "Accounting":
-        return cls(d["samples_in"], d["samples_kept"], collections.Counter(d.get("dropped_by_reason", {})),
-                   collections.Counter(d.get("failed_by_reason", {})))
 
 
 class StageDir:
@@ -101,7 +58,7 @@ class StageDir:
         path = self.stats_path(shard_name)
         return read_json(path) if path.is_file() else None
 
-    def commit_shard(self, name: str, samples: list[dict], acc: "Accounting", rejects: list[dict],
+    def commit_shard(self, name: str, samples: list[dict], acc: Accounting, rejects: list[dict],
                      started: float, extra: dict | None = None) -> dict:
         """Write shard `name` atomically, then its stats (the commit); returns the stats."""
         from pipeline.data.shards import write_shard
@@ -120,9 +77,9 @@ class StageDir:
         """sizes.json, open_clip's convention: {shard: samples}."""
         atomic_write_json(self.path / "sizes.json", {s["shard"]: s["samples"] for s in summaries})
 
-    def manifest(self) -> dict | None:
+    def manifest(self) -> Manifest | None:
         path = self.path / MANIFEST
-        return read_json(path) if path.is_file() else None
+        return Manifest.from_json(read_json(path)) if path.is_file() else None
 
     def plan(self) -> dict | None:
         path = self.path / PLAN
@@ -144,8 +101,8 @@ class StageDir:
         atomic_write_bytes(self.path / FINGERPRINT, fp.encode())
         atomic_write_json(self.path / PLAN, {"fingerprint": fp, **plan})
 
-    def commit(self, manifest: dict) -> None:
-        atomic_write_json(self.path / MANIFEST, manifest)
+    def commit(self, manifest: Manifest) -> None:
+        atomic_write_json(self.path / MANIFEST, manifest.to_json())
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -264,23 +221,3 @@ def verify_shard(path: Path, expected: dict) -> None:
         found = "missing" if size is None else f"{size} bytes, sha256 {sha256_file(path)[:12]}"
         raise InputError(f"{path}: not the shard its stage committed ({found}; the manifest says "
                          f"{expected['bytes']} bytes, sha256 {expected['sha256'][:12]}): rebuild that stage")
-
-
-def shard_summary(stats: dict) -> dict:
-    """What a manifest keeps of a shard's stats (the per-sample rejects stay in the stats file)."""
-    return {k: stats[k] for k in ("shard", "samples", "sha256", "bytes", "accounting")}
-
-
-def build_manifest(stage_dir: StageDir, fp: str, stage_config: Any, inputs: list[str],
-                   shards: list[dict], started: float, extra: dict | None = None,
-                   totals: Accounting | None = None) -> dict:
-    """The stage manifest; totals are the sum over shards unless given (stages without shards)."""
-    if totals is None:
-        totals = Accounting()
-        for shard in shards:
-            totals.add(shard["accounting"])
-    totals.check(f"{stage_dir.stage} (round {stage_dir.round})")
-    return {"stage": stage_dir.stage, "round": stage_dir.round, "fingerprint": fp, "config": stage_config,
-            "inputs": inputs, "code_version": code_version(), "shards": shards, "totals": totals.to_json(),
-            "started": started, "finished": time.time(), "duration_s": round(time.time() - started, 3),
-            **(extra or {})}

@@ -1,15 +1,106 @@
-"""What every stage gets besides its own config: where to write and which inputs it reads."""
+"""The stage contract: what a stage declares, what it is given, what it returns.
+
+A stage module declares one `Stage`: its name, config type, the rounds it runs in, the upstream
+stages it reads, the extra inputs it needs (URL lists, seed or eval shards, a base model) and its
+`run(cfg, inputs, ctx) -> Manifest`. `stages/__init__.py` lists them in graph order; the runner
+(pipeline/runner.py) walks that table and knows no stage by name.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir, StageDir
 
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.sources import Sources
 
 @dataclass(frozen=True)
 class StageContext:
+    """Where a stage writes (`out`: its own folder, or the rebuild beside it) and what it is built from."""
     run: RunDir
     out: StageDir
     fingerprint: str
     input_fingerprints: tuple[str, ...]
     seed: int
+
+    def manifest(self, config: Any, shards: list[dict], started: float, details: dict | None = None,
+                 totals: Accounting | None = None) -> Manifest:
+        return Manifest.build(self.out, self.fingerprint, config, list(self.input_fingerprints), shards, started,
+                              details, totals)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """A committed upstream result a stage reads."""
+    dir: StageDir
+    manifest: Manifest
+
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    def exported_model(self) -> Path:
+        """The model folder a training stage exported (its manifest's `export`)."""
+        return self.path / self.manifest.details["export"]
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An input that is not an upstream stage's result, with the fingerprints of its content."""
+    value: Any
+    fingerprints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Inputs:
+    upstream: tuple[Upstream, ...]
+    extra: dict[str, Any]
+
+    def first(self) -> Upstream:
+        return self.upstream[0]
+
+
+@dataclass(frozen=True)
+class Request:
+    """What `vlp plan` shows and checks against the cluster: `count` bundles of `bundle`, granted at
+    once if `gang` (Ray Train's workers), else one by one (shard tasks, actors)."""
+    bundle: dict[str, float]
+    count: int
+    gang: bool
+    shards: int | None
+    samples: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config: type
+    rounds: Literal["first", "later", "every"]
+    """first: round 0 only (the web's data); later: bootstrapping rounds 1.. only; every: all rounds.
+    Bootstrapping rounds exist when a `later` stage is among the config's stages."""
+    upstreams: Callable[["RunConfig", int], list[tuple[str, int]]]
+    """(stage, round) of the committed results it reads; the first is its main input."""
+    run: Callable[[Any, Inputs, StageContext], Manifest]
+    request: Callable[["RunConfig", int | None], Request]
+    """Its Ray resource request, given the number of URLs (None: unknown)."""
+    extra_inputs: Callable[["RunConfig", int, "Sources", tuple[Upstream, ...]], dict[str, Extra]] = \
+        lambda cfg, round_, sources, upstream: {}
+    """Checked before Ray starts; their fingerprints enter the stage's, in the order given."""
+    seeded: bool = False
+    """Draws random numbers from the run's seed: a new seed is a new result."""
+    conserves: bool = False
+    """A filtering stage: every sample its main input kept must come in (checked after it runs)."""
+    fetches: bool = False
+    """Reads the URL lists' web: the toy web (if the run has one) is served while it runs."""
+
+    def runs_in(self, round_: int) -> bool:
+        return self.rounds == "every" or (self.rounds == "first") == (round_ == 0)
+
+
+def web_shards(cfg: "RunConfig", urls: int | None) -> int | None:
+    """How many shards the web's data is cut into (download's, kept by prefilter and capfilt)."""
+    return None if urls is None else max(1, -(-urls // cfg.download.samples_per_shard))

@@ -1,6 +1,6 @@
 """capfilt: BLIP's captioning and filtering, with the model of the previous round.
 
-1. Two copies of the model are fine-tuned on the clean seed set (stages/finetune.py), as two Ray
+1. Two copies of the model are fine-tuned on the clean seed set (pipeline/train/finetune.py), as two Ray
    tasks in parallel: a captioner (LM) and a filter (ITC + ITM). Separate copies, because a filter that
    shares its weights with the captioner waves the captioner's mistakes through (BLIP, Table 4).
 2. A pool of Ray actors, each holding both models, takes the web shards one by one. Per image, the
@@ -30,12 +30,15 @@ from pipeline.config import CapfiltConfig
 from pipeline.configtree import build, to_plain
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import encode_json, read_shard
-from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.parallel import Progress, run_on_actor_pool
-from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary, verify_shard
-from pipeline.stage import StageContext
+from pipeline.runs import StageDir, fingerprint, verify_shard
+from pipeline.sources import Sources, shard_fingerprints
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 from pipeline.model.scoring import Calibration, match_scores
-from stages.finetune import finetune, model_fingerprint
+from pipeline.train.finetune import finetune, model_fingerprint
 
 log = logging.getLogger("vlp")
 ROLES = ("captioner", "filter")
@@ -45,10 +48,12 @@ def decisions_path(out: StageDir, shard_name: str) -> Path:
     return out.path / (shard_name.split(".")[0] + ".decisions.json")
 
 
-def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path, seed_shards: list[str],
-        ctx: StageContext) -> dict:
+def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
+    """Fine-tune the captioner and filter from `base_model` on the seed set, then caption and filter every
+    shard of prefilter's output on an actor pool."""
     started = time.time()
-    shards = upstream["shards"]
+    upstream_dir, shards = inputs.first().path, inputs.first().manifest.shards
+    base_model, seed_shards = inputs.extra["base_model"], inputs.extra["seed_shards"]
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in,
                                     "base_model": ctx.run.relative(base_model)})
@@ -80,8 +85,35 @@ def run(cfg: CapfiltConfig, base_model: Path, upstream: dict, upstream_dir: Path
              "models": models, "pairs": pairs, "pairs_out": total_pairs,
              "synthetic_share": round(pairs["synthetic"] / total_pairs, 4) if total_pairs else 0.0,
              "actor_restarts": restarts, "gpus_per_actor": gpus}
-    return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), summaries,
-                          started, extra)
+    return ctx.manifest(to_plain(cfg), summaries, started, extra)
+
+
+def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
+    """Round 0's web data, cleaned with the previous round's model (or `capfilt.model` in round 1)."""
+    return [("prefilter", 0)] + ([] if round_ == 1 and cfg.capfilt.model else [("pretrain", round_ - 1)])
+
+
+def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    seed = sources.seed_shards()
+    given = round_ == 1 and cfg.capfilt.model
+    base_model = Path(cfg.capfilt.model) if given else upstream[1].exported_model()
+    if not (base_model / "model.safetensors").is_file():
+        raise InputError(f"capfilt.model: {base_model} is not an exported vlp model (no model.safetensors)")
+    # a model from outside the run enters by its content; the previous round's by its stage's fingerprint
+    model_fps = (fingerprint("model", base_model.name, [sha256_file(base_model / "model.safetensors")]),) if given else ()
+    return {"seed_shards": Extra(seed, shard_fingerprints("seed-shard", seed)), "base_model": Extra(base_model, model_fps)}
+
+
+def _request(cfg, urls: int | None) -> Request:
+    c, shards = cfg.capfilt, web_shards(cfg, urls)
+    bundle = {"CPU": c.cpus_per_actor, **({"GPU": c.gpus_per_actor} if c.gpus_per_actor else {})}
+    return Request(bundle, c.actors, False, shards,
+                   f"at most {urls if urls is not None else 'all listed'} images in; up to 2 texts (web, synthetic) "
+                   "out per image" + ("; GPU per actor: 1 where the cluster has GPUs" if c.gpus_per_actor is None else ""))
+
+
+STAGE = Stage("capfilt", CapfiltConfig, "later", upstreams=_upstreams, run=run, request=_request,
+              extra_inputs=_extra_inputs, seeded=True, conserves=True)
 
 
 def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str], ctx: StageContext,

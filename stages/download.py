@@ -36,8 +36,9 @@ from pipeline.data.urllists import read_url_list
 from pipeline.data.fetch import TRANSIENT, FetchFailed, Limits, fetch, image_size
 from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_missing_shards
-from pipeline.runs import Accounting, build_manifest, shard_summary
-from pipeline.stage import StageContext
+from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.sources import Sources, list_fingerprint
+from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
 
 SHARD_DIGITS = 5
 log = logging.getLogger("vlp")
@@ -73,7 +74,7 @@ def plan(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...]) -> list[pa.Table
     return shards
 
 
-def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.Table], ctx: StageContext) -> dict:
+def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.Table], ctx: StageContext) -> Manifest:
     """Download `shards` (from `plan(cfg, lists)`) into ctx.out; returns the stage manifest."""
     started = time.time()
     samples_in = sum(t.num_rows for t in shards)
@@ -97,8 +98,26 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.T
     results = run_missing_shards(ctx.out, task, jobs, Progress("download", len(shards), samples_in))
     summaries = [shard_summary(results[name]) for name in jobs]
     ctx.out.write_sizes(summaries)
-    return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints),
-                          summaries, started, {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists]})
+    return ctx.manifest(stage_cfg, summaries, started,
+                        {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists]})
+
+
+def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    shards = plan(cfg.download, sources.lists)  # reads and checks every list: fails before Ray starts
+    return {"lists": Extra(sources.lists, tuple(list_fingerprint(spec) for spec in sources.lists)),
+            "shards": Extra(shards)}
+
+
+def _request(cfg, urls: int | None) -> Request:
+    shards = web_shards(cfg, urls)
+    return Request({"CPU": cfg.download.cpus_per_task}, shards or 1, False, shards,
+                   f"{urls if urls is not None else 'all listed'} URLs in; "
+                   f"{cfg.download.thread_count} download threads per task")
+
+
+STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_: [],
+              run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], inputs.extra["shards"], ctx),
+              request=_request, extra_inputs=_extra_inputs, fetches=True)
 
 
 # --- inside the Ray task --------------------------------------------------------------------------

@@ -21,18 +21,31 @@ import torch
 from pipeline.config import EvaluateConfig
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import read_shard
-from pipeline.runs import Accounting, build_manifest
-from pipeline.stage import StageContext
+from pipeline.manifest import Accounting, Manifest
+from pipeline.sources import Sources, shard_fingerprints
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 
 
-def run(cfg: EvaluateConfig, model_dir: Path, eval_shards: list[str], ctx: StageContext) -> dict:
+def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
+    """Retrieval (ITC, ITM re-rank) and the attribute probe of the round's model on the held-out set."""
     started = time.time()
+    model_dir, eval_shards = inputs.first().exported_model(), inputs.extra["eval_shards"]
     ctx.out.begin(ctx.fingerprint, {"eval_shards": eval_shards})
     task = ray.remote(evaluate_retrieval).options(num_cpus=1)
     metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg)))
     n = metrics["pairs"]
-    return build_manifest(ctx.out, ctx.fingerprint, dataclasses.asdict(cfg), list(ctx.input_fingerprints), [],
-                          started, {"metrics": metrics}, totals=Accounting(samples_in=n, samples_kept=n))
+    return ctx.manifest(dataclasses.asdict(cfg), [], started, {"metrics": metrics},
+                        totals=Accounting(samples_in=n, samples_kept=n))
+
+
+def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    shards = sources.eval_shards(required=True)
+    return {"eval_shards": Extra(shards, shard_fingerprints("eval-shard", shards))}
+
+
+STAGE = Stage("evaluate", EvaluateConfig, "every", upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,
+              request=lambda cfg, urls: Request({"CPU": 1.0}, 1, False, None, "the held-out split"),
+              extra_inputs=_eval_shards)
 
 
 @torch.no_grad()

@@ -33,15 +33,19 @@ from pipeline.data.neardup import NearDuplicateIndex, signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
-from pipeline.runs import Accounting, StageDir, build_manifest, shard_summary, verify_shard
-from pipeline.stage import StageContext
+from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.runs import StageDir, verify_shard
+from pipeline.sources import Sources, shard_fingerprints
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 
 
-def run(cfg: PrefilterConfig, upstream: dict, upstream_dir: Path, eval_shards: list[str], ctx: StageContext) -> dict:
-    """`eval_shards`: the evaluation images training must not contain (empty: nothing to decontaminate)."""
+def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
+    """Filter download's shards; `inputs.extra["eval_shards"]`: the evaluation images training must not
+    contain (empty: nothing to decontaminate)."""
     started = time.time()
     _check_languages(cfg)
-    shards = [s for s in upstream["shards"]]
+    upstream_dir, eval_shards = inputs.first().path, inputs.extra["eval_shards"]
+    shards = list(inputs.first().manifest.shards)
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
@@ -65,7 +69,23 @@ def run(cfg: PrefilterConfig, upstream: dict, upstream_dir: Path, eval_shards: l
     ctx.out.write_sizes(summaries)
     # Every shard is committed; a mass drop stops the stage here, before its manifest.
     check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
-    return build_manifest(ctx.out, ctx.fingerprint, stage_cfg, list(ctx.input_fingerprints), summaries, started)
+    return ctx.manifest(stage_cfg, summaries, started)
+
+
+def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    # training images that copy an eval image are dropped; with no eval set there is nothing to compare
+    shards = sources.eval_shards(required=False) if cfg.prefilter.decontaminate else []
+    return {"eval_shards": Extra(shards, shard_fingerprints("eval-shard", shards))}
+
+
+def _request(cfg, urls: int | None) -> Request:
+    shards = web_shards(cfg, urls)
+    return Request({"CPU": cfg.prefilter.cpus_per_task}, shards or 1, False, shards,
+                   f"at most {urls if urls is not None else 'all listed'} in (what download keeps)")
+
+
+STAGE = Stage("prefilter", PrefilterConfig, "first", upstreams=lambda cfg, round_: [("download", 0)], run=run,
+              request=_request, extra_inputs=_eval_shards, conserves=True)
 
 
 def deduplicate(cfg: PrefilterConfig, scans: list[tuple[str, list[dict]]],

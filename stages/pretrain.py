@@ -1,6 +1,6 @@
 """pretrain: Ray Train `TorchTrainer` + DeepSpeed ZeRO over the upstream shards, then export.
 
-The driver (this module) prepares the tokenizer, launches the workers (stages/pretrain_loop.py), and
+The driver (this module) prepares the tokenizer, launches the workers (pipeline/train/loop.py), and
 after training consolidates the last complete checkpoint with DeepSpeed's zero_to_fp32 into
 `model/` (safetensors + config.yaml + tokenizer), loadable without DeepSpeed. A killed run resumes
 from its last complete checkpoint, with the same fingerprint.
@@ -21,21 +21,23 @@ from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.errors import InputError, StageFailed
 from pipeline.model import SIZES, ModelConfig
 from pipeline.modelio import read_info, save_pretrained
-from pipeline.runs import Accounting, build_manifest
-from pipeline.stage import StageContext
+from pipeline.manifest import Accounting, Manifest
+from pipeline.sources import Sources, shard_fingerprints
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.train import checkpoints
 from pipeline.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
 
 
-def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: list[str], ctx: StageContext,
-        previous_model: Path | None = None) -> dict:
+def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     """Train on the upstream shards (plus the seed set). In rounds after 0, `previous_model` is the model
     that cleaned the data: its tokenizer is kept (the synthetic captions are written in it), and with
     `init: previous` its weights are the starting point."""
     started = time.time()
-    web_samples = sum(s["samples"] for s in upstream["shards"])
+    upstream, upstream_dir = inputs.first().manifest, inputs.first().path
+    seed_shards, previous_model = inputs.extra["seed_shards"], inputs.extra["previous_model"]
+    web_samples = sum(s["samples"] for s in upstream.shards)
     seed_samples = sum(1 for p in seed_shards for _ in read_shard(Path(p)))
     samples = web_samples + seed_samples
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_workers
@@ -43,7 +45,7 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
         raise InputError(f"pretrain: {samples} training samples in {upstream_dir} is fewer than one global batch "
                          f"({global_batch} = micro_batch x grad_accum x num_workers)")
     ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples, "seed_samples": seed_samples})
-    shards = [str(upstream_dir / s["shard"]) for s in upstream["shards"] if s["samples"] > 0] + list(seed_shards)
+    shards = [str(upstream_dir / s["shard"]) for s in upstream.shards if s["samples"] > 0] + list(seed_shards)
     tokenizer_dir = _tokenizer(cfg, shards, ctx.out.path / "tokenizer", previous_model)
     model_cfg = SIZES[cfg.model].replace(vocab_size=len(load_tokenizer(tokenizer_dir)))
     init_from = None
@@ -63,10 +65,33 @@ def run(cfg: PretrainConfig, upstream: dict, upstream_dir: Path, seed_shards: li
     plot_curves(history, ctx.out.path / "training_curves.png")
     epochs = cfg.steps * global_batch / samples
     totals = Accounting(samples_in=samples, samples_kept=samples)
-    return build_manifest(ctx.out, ctx.fingerprint, to_plain(cfg), list(ctx.input_fingerprints), [], started,
-                          {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
-                           "seed_samples": seed_samples, "init_from": ctx.run.relative(init_from) if init_from else None,
-                           "final": history[-1] if history else {}, "export": "model"}, totals=totals)
+    return ctx.manifest(to_plain(cfg), [], started,
+                        {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
+                         "seed_samples": seed_samples, "init_from": ctx.run.relative(init_from) if init_from else None,
+                         "final": history[-1] if history else {}, "export": "model"}, totals=totals)
+
+
+def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    seed = sources.seed_shards() if cfg.pretrain.with_seed else []
+    # after round 0 the data was cleaned by a model (capfilt's manifest says which; its fingerprint has it)
+    previous = None if round_ == 0 else sources.run.resolve(upstream[0].manifest.details["base_model"])
+    return {"seed_shards": Extra(seed, shard_fingerprints("seed-shard", seed)), "previous_model": Extra(previous)}
+
+
+def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
+    return [("prefilter", 0)] if round_ == 0 else [("capfilt", round_)]
+
+
+def _request(cfg, urls: int | None) -> Request:
+    p = cfg.pretrain
+    batch = p.micro_batch * p.grad_accum * p.num_workers
+    return Request({"CPU": p.cpus_per_worker, **({"GPU": 1.0} if p.use_gpu else {})}, p.num_workers, True, None,
+                   f"{p.steps} steps x global batch {batch} = {p.steps * batch} samples seen"
+                   + (" (data + seed set)" if p.with_seed else ""))
+
+
+STAGE = Stage("pretrain", PretrainConfig, "every", upstreams=_upstreams, run=run, request=_request,
+              extra_inputs=_extra_inputs, seeded=True)
 
 
 def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None) -> Path:
@@ -86,7 +111,7 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from stages.pretrain_loop import train_loop_per_worker
+    from pipeline.train.loop import train_loop_per_worker
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -112,7 +137,7 @@ def consolidate(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     if zero_stage == 0:
         with safe_loads():
             return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-    from cluster.deepspeed_config import import_deepspeed
+    from pipeline.train.deepspeed_config import import_deepspeed
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.config import ToyWebConfig, load_config
 from pipeline.configtree import to_plain
-from pipeline.data.toyweb import write_toyweb
-from pipeline.data.toyweb_server import ToyWebServer
+from pipeline.toyweb.lists import write_toyweb
+from pipeline.toyweb.server import ToyWebServer
 
 ROOT = Path(__file__).resolve().parents[1]
 VLP = [sys.executable, "-m", "pipeline.cli"]

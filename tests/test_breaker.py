@@ -11,12 +11,13 @@ import pytest
 import yaml
 
 from conftest import CAPFILT, ROOT, load_config, pretrain_config, vlp, write_config
-from pipeline import cli, runner
+from pipeline import cli, runner, status
 from pipeline.breaker import check_drop_shares
 from pipeline.config import CapfiltConfig, PrefilterConfig
 from pipeline.configtree import to_plain
 from pipeline.errors import ConfigError, StageFailed
-from pipeline.runs import Accounting, RunDir
+from pipeline.manifest import Accounting
+from pipeline.runs import RunDir
 
 
 def _committed_files(stage):
@@ -127,7 +128,7 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     assert t == acc.to_json() and t["samples_in"] == t["samples_kept"] + t["samples_dropped"] + t["samples_failed"]
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["prefilter"]["max_drop_share"] == float(command[3].split("=")[1]) > small / acc.samples_in
-    rows = runner.status(run_dir)
+    rows = status.status(run_dir)
     assert [r["state"] for r in rows] == ["done", "done"] and "stopped" not in rows[1]
     [old] = list((run_dir / "superseded").iterdir())
     assert (old / "manifest.json").read_text() == old_manifest

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from conftest import TEST_WEB
-from pipeline import runner
+from pipeline import status
 from pipeline.data import neardup
 
 URL_INDEX = re.compile(r"/(\d+)\.jpg$")
@@ -34,7 +34,7 @@ def _stats(stage_dir):
 
 def test_status_adds_up(curated):
     run, _ = curated
-    rows = json.loads(runner.status_json(run.root))["stages"]
+    rows = json.loads(status.status_json(run.root))["stages"]
     assert [(r["stage"], r["round"], r["state"]) for r in rows] == [("download", 0, "done"), ("prefilter", 0, "done")]
     for r in rows:
         assert r["samples_in"] == r["samples_kept"] + r["samples_dropped"] + r["samples_failed"]

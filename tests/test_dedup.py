@@ -8,19 +8,20 @@ import os
 import pytest
 
 from pipeline.config import PrefilterConfig
-from pipeline.data import lookalikes
+from pipeline.toyweb import lookalikes
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import ConfigError
-from pipeline.runs import Accounting, RunDir, shard_summary
-from pipeline.stage import StageContext
+from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.runs import RunDir
+from pipeline.stage import Inputs, StageContext, Upstream
 from stages import prefilter
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
-def _download(images: list[bytes], captions: list[str], run: RunDir, per_shard: int = 40) -> dict:
+def _download(images: list[bytes], captions: list[str], run: RunDir, per_shard: int = 40) -> Inputs:
     """Commit the images as a download stage would: resized by img2dataset (keep_ratio, 64 px), with the
-    original bytes' sha256 and size in the json. Returns the stage's manifest (its shard list)."""
+    original bytes' sha256 and size in the json. Returns what prefilter is given: that manifest, no eval set."""
     from img2dataset.resizer import Resizer
 
     resize = Resizer(image_size=64, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_quality=95)
@@ -37,22 +38,22 @@ def _download(images: list[bytes], captions: list[str], run: RunDir, per_shard: 
             acc.samples_kept += 1
         name = f"{start // per_shard:05d}.tar"
         shards.append(out.commit_shard(name, samples, acc, [], 0.0))
-    return {"shards": [shard_summary(s) for s in shards]}   # as a manifest lists them: prefilter verifies each
+    manifest = Manifest.build(out, "test", {}, [], [shard_summary(s) for s in shards], 0.0)  # prefilter verifies each
+    return Inputs((Upstream(out, manifest),), {"eval_shards": []})
 
 
-def _prefilter(cfg: PrefilterConfig, upstream: dict, run: RunDir) -> dict[int, str]:
+def _prefilter(cfg: PrefilterConfig, upstream: Inputs, run: RunDir) -> dict[int, str]:
     """Run the stage; {sample index: reason} ("kept" for kept samples), checked against its accounting."""
     ctx = StageContext(run=run, out=run.stage("prefilter"), fingerprint="test", input_fingerprints=(), seed=0)
-    manifest = prefilter.run(cfg, upstream, run.stage("download").path, [], ctx)
+    manifest = prefilter.run(cfg, upstream, ctx)
     outcome = {}
-    for s in manifest["shards"]:
+    for s in manifest.shards:
         stats = json.loads(run.stage("prefilter").stats_path(s["shard"]).read_text())
         outcome.update({int(r["key"]): r["reason"] for r in stats["rejects"]})
         for sample in read_shard(run.stage("prefilter").shard_path(s["shard"])):
             outcome[int(sample["__key__"])] = "kept"
-    totals = manifest["totals"]
-    assert totals["samples_in"] == len(outcome) == \
-        totals["samples_kept"] + totals["samples_dropped"] + totals["samples_failed"]
+    totals = manifest.totals
+    assert totals.samples_in == len(outcome) == totals.samples_kept + totals.samples_dropped + totals.samples_failed
     return outcome
 
 
@@ -93,4 +94,4 @@ def test_caption_language_rule(tmp_path, ray_cluster):
     assert [outcome[i] for i in range(len(captions))] == list(captions.values())
     with pytest.raises(ConfigError, match="prefilter.languages: xx not known"):
         ctx = StageContext(run=run, out=run.stage("prefilter2"), fingerprint="t", input_fingerprints=(), seed=0)
-        prefilter.run(PrefilterConfig(languages=("xx",)), upstream, run.stage("download").path, [], ctx)
+        prefilter.run(PrefilterConfig(languages=("xx",)), upstream, ctx)

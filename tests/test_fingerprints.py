@@ -118,7 +118,7 @@ def test_a_new_logging_interval_resumes_from_the_checkpoint(tmp_path, toyweb, tr
 
 
 def test_status_marks_everything_downstream_of_a_change_stale(tmp_path, trained_run):
-    from pipeline import runner
+    from pipeline import status
 
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
@@ -126,5 +126,5 @@ def test_status_marks_everything_downstream_of_a_change_stale(tmp_path, trained_
     data = json.loads(manifest.read_text())
     data["fingerprint"] = "0" * 20   # prefilter was rebuilt since pretrain read it
     manifest.write_text(json.dumps(data))
-    states = {r["stage"]: r["state"] for r in runner.status(run_dir)}
+    states = {r["stage"]: r["state"] for r in status.status(run_dir)}
     assert states == {"download": "done", "prefilter": "done", "pretrain": "stale", "evaluate": "stale"}

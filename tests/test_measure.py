@@ -1,5 +1,5 @@
 """Filter and captioner quality against the toy web's truth, attribute by attribute."""
-from pipeline.measure import captioner_quality, filter_quality, format_attributes, named_correctly
+from pipeline.toyweb.measures import captioner_quality, filter_quality, format_attributes, named_correctly
 
 SCENE = {"shape": "circle", "colour": "red", "size": "small", "position": "left", "background": "white"}
 

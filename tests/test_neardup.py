@@ -6,7 +6,8 @@ import math
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from pipeline.data import language, lookalikes, neardup
+from pipeline.data import language, neardup
+from pipeline.toyweb import lookalikes
 
 
 def picture(colour=(220, 30, 30), x=0.3, y=0.5, r=0.15, bg=(245, 245, 245), size=(200, 150), shape="ellipse"):

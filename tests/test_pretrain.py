@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, VLP, load_config, pretrain_config, vlp
-from pipeline import runner
+from pipeline import runner, status
 
 def _history(run_dir):
     lines = (run_dir / "round-0" / "pretrain" / "metrics.jsonl").read_text().splitlines()
@@ -41,7 +41,7 @@ def test_trains_exports_and_evaluates(trained):
     assert (stage / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["model"]["width"] == 32 and manifest["parameters"] > 10_000
-    rows = {r["stage"]: r for r in runner.status(trained)}
+    rows = {r["stage"]: r for r in status.status(trained)}
     assert [r["state"] for r in rows.values()] == ["done"] * 4
     metrics = rows["evaluate"]["metrics"]
     assert metrics["pairs"] == 40
@@ -125,13 +125,14 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toy
 
 def test_the_seed_is_part_of_what_pretraining_made(tmp_path, toyweb, trained):
     """`--set seed=1` over a run trained with seed 0 must not skip pretraining (nor claim seed 1 made it)."""
-    from pipeline import runner
     from pipeline.runs import RunDir
+    from pipeline.sources import Sources
 
     config = pretrain_config(tmp_path / "c.yaml", toyweb)
     cfg = load_config(config)
     run = RunDir(trained)
-    assert runner._prepare_stage(cfg, run, "pretrain", 0, list(cfg.data.inputs), None) is None   # committed
+    assert runner.prepare_stage(cfg, Sources(cfg, run, cfg.data.inputs, None), "pretrain", 0) is None  # committed
     reseeded = load_config(config, ["seed=1"])
-    assert runner._prepare_stage(reseeded, run, "pretrain", 0, list(cfg.data.inputs), None) is not None
-    assert runner._prepare_stage(reseeded, run, "prefilter", 0, list(cfg.data.inputs), None) is None  # unseeded
+    sources = Sources(reseeded, run, reseeded.data.inputs, None)
+    assert runner.prepare_stage(reseeded, sources, "pretrain", 0) is not None
+    assert runner.prepare_stage(reseeded, sources, "prefilter", 0) is None  # unseeded

@@ -13,7 +13,8 @@ import psutil
 import pytest
 
 from conftest import ROOT, VLP, shard_digests, vlp, wait_for, write_config
-from pipeline import runner
+from pipeline import graph, runner, status
+from pipeline.config import STAGE_ORDER
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.runs import RunDir
@@ -120,7 +121,7 @@ def test_changed_config_reruns_that_stage_and_downstream(tmp_path, toyweb, refer
     # its inputs: the download, then the eval shards it decontaminates against
     assert prefilter["inputs"][0] == download["fingerprint"], "prefilter re-ran on the new download"
     assert len(prefilter["inputs"]) == 2
-    assert [r["state"] for r in runner.status(run_dir)] == ["done", "done"]
+    assert [r["state"] for r in status.status(run_dir)] == ["done", "done"]
 
 
 def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
@@ -132,12 +133,13 @@ def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
 def test_only_round_zero_stages_run_round_zero(tmp_path, toyweb):
     """`--only download,prefilter,pretrain,evaluate` on a bootstrapping config, as a new user asks for a
     round-0 model: the later rounds (whose capfilt is neither selected nor committed) are left out."""
-    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(runner.STAGE_ORDER), rounds=2))
-    selected = runner._select(cfg, ["download", "prefilter", "pretrain", "evaluate"])
-    order = runner._rounds_that_can_run(cfg, RunDir(tmp_path / "run"), selected, runner.schedule(cfg, selected))
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(STAGE_ORDER), rounds=2))
+    selected = graph.select(cfg, ["download", "prefilter", "pretrain", "evaluate"])
+    order = graph.rounds_that_can_run(cfg, RunDir(tmp_path / "run"), graph.schedule(cfg, selected))
     assert order == [("download", 0), ("prefilter", 0), ("pretrain", 0), ("evaluate", 0)]
-    everything = runner.schedule(cfg, list(cfg.stages))
-    assert runner._rounds_that_can_run(cfg, RunDir(tmp_path / "run"), list(cfg.stages), everything) == everything
+    everything = graph.schedule(cfg, list(cfg.stages))
+    assert everything[4:7] == [("capfilt", 1), ("pretrain", 1), ("evaluate", 1)] and len(everything) == 10
+    assert graph.rounds_that_can_run(cfg, RunDir(tmp_path / "run"), everything) == everything
 
 
 def test_an_upstream_shard_changed_after_its_commit_is_refused(tmp_path, toyweb, reference_run):

@@ -6,8 +6,8 @@ import webdataset as wds
 
 from pipeline.config import DEFAULT_BOILERPLATE, PrefilterConfig, ToyWebConfig
 from pipeline.data.shards import read_shard, write_shard
-from pipeline.data.toyworld import ToyWorld
-from pipeline.runs import Accounting
+from pipeline.toyweb.world import ToyWorld
+from pipeline.manifest import Accounting
 from stages.download import failure_reason
 from stages.prefilter import caption_rule, image_rule
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster.deepspeed_config import deepspeed_config, import_deepspeed
+from pipeline.train.deepspeed_config import deepspeed_config, import_deepspeed
 from pipeline.config import UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
@@ -25,27 +24,10 @@ from pipeline.fsutil import atomic_write_bytes
 from pipeline.model import ModelConfig, MultiwayTransformer
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.train import checkpoints
+from pipeline.train.optim import lr_lambda, param_groups
 from pipeline.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
-
-
-def lr_lambda(cfg: PretrainConfig):
-    """Linear warmup to lr, then cosine down to lr x min_lr_ratio at the last step."""
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings of positions/CLS and the temperature."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name.endswith(("_pos", "_cls")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_model(model_cfg: ModelConfig, activation_checkpointing: bool) -> MultiwayTransformer:

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pipeline.config import ToyWebConfig
 from pipeline.configtree import build, to_plain
-from pipeline.data.toyworld import ToyWorld
+from pipeline.toyweb.world import ToyWorld
 
 PATH = re.compile(r"^/(\d+)/(\d+)\.jpg$")
 
@@ -111,7 +111,7 @@ class ToyWebServer:
         self.port: int | None = None
 
     def start(self) -> "ToyWebServer":
-        cmd = [sys.executable, "-m", "pipeline.data.toyweb_server",
+        cmd = [sys.executable, "-m", "pipeline.toyweb.server",
                "--config", json.dumps(to_plain(self.cfg)), "--port", str(self.requested_port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
         line = self.proc.stdout.readline()

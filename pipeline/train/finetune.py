@@ -32,7 +32,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     """Fine-tune the model in `base_dir` as `role` and export it to `out_dir`; returns a summary. The
     filter with `holdout` > 0 trains without that share of the seed pairs and calibrates its keep rule
     on them (pipeline/model/scoring.py), rejecting `reject_rate` of such clean pairs."""
-    from stages.pretrain_loop import lr_lambda, param_groups
+    from pipeline.train.optim import lr_lambda, param_groups
     from pipeline.modelio import load_pretrained, save_pretrained
 
     ft = build(FinetuneConfig, cfg, source=f"capfilt.{role}")

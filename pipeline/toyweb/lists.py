@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ToyWebConfig, UrlListConfig
-from pipeline.data.toyweb_server import url_for
-from pipeline.data.toyworld import ATTRIBUTES, ToyWorld
+from pipeline.toyweb.server import url_for
+from pipeline.toyweb.world import ATTRIBUTES, ToyWorld
 from pipeline.data.shards import encode_json, write_shard
 from pipeline.fsutil import atomic_path
 

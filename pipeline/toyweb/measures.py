@@ -11,7 +11,7 @@ import collections
 import re
 from pathlib import Path
 
-from pipeline.data.toyworld import ATTRIBUTES, CHOICES
+from pipeline.toyweb.world import ATTRIBUTES, CHOICES
 from pipeline.fsutil import read_json
 from pipeline.runs import RunDir
 
@@ -105,18 +105,18 @@ def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[di
             continue
         row: dict = {"round": r}
         if capfilt is not None:
-            t = capfilt["totals"]
-            row.update(capfilt_in=t["samples_in"], capfilt_kept=t["samples_kept"], pairs_out=capfilt["pairs_out"],
-                       synthetic_share=capfilt["synthetic_share"])
+            t = capfilt.totals
+            row.update(capfilt_in=t.samples_in, capfilt_kept=t.samples_kept, pairs_out=capfilt.details["pairs_out"],
+                       synthetic_share=capfilt.details["synthetic_share"])
             truth = truth if truth is not None else load_truth(run)
             if truth is not None:
                 decided = decisions(run.stage("capfilt", r).path)
                 row["filter"] = filter_quality(decided, truth)
                 row["captioner"] = captioner_quality(decided, truth)
         if pretrain is not None:
-            row["train_samples"] = pretrain["totals"]["samples_in"]
+            row["train_samples"] = pretrain.totals.samples_in
         if evaluate is not None:
-            m = evaluate["metrics"]
+            m = evaluate.details["metrics"]
             row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"],
                        probe=m.get("attribute_probe") or None)
         rows.append(row)

@@ -1,0 +1,56 @@
+"""The run's inputs that no stage produces: the URL lists (the config's and the toy web's), the clean
+seed set, the held-out evaluation set. Stages turn them into `Extra` inputs with fingerprints of their
+content (stages/*.py, `extra_inputs`)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import RunConfig, UrlListConfig
+from pipeline.errors import InputError
+from pipeline.fsutil import sha256_file
+from pipeline.runs import RunDir, fingerprint
+
+
+@dataclass(frozen=True)
+class Sources:
+    cfg: RunConfig
+    run: RunDir
+    lists: tuple[UrlListConfig, ...]
+    toyweb: dict | None   # what pipeline.toyweb.service.prepare_toy_web wrote, or None
+
+    def seed_shards(self) -> list[str]:
+        if self.cfg.data.seed_shards:
+            return expand_shards("data.seed_shards", self.cfg.data.seed_shards)
+        if self.toyweb is None:
+            raise InputError("data.seed_shards: CapFilt and pretrain.with_seed need a clean seed set (a webdataset, "
+                             "e.g. COCO); set data.seed_shards, or pretrain.with_seed: false without CapFilt")
+        return self.toyweb["seed_shards"]
+
+    def eval_shards(self, required: bool = True) -> list[str]:
+        if self.cfg.evaluate.shards:
+            return expand_shards("evaluate.shards", self.cfg.evaluate.shards)
+        if self.toyweb is None:
+            if not required:
+                return []
+            raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
+        return self.toyweb["eval_shards"]
+
+
+def expand_shards(name: str, pattern: str) -> list[str]:
+    import braceexpand
+
+    shards = list(braceexpand.braceexpand(pattern))
+    missing = [p for p in shards if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return shards
+
+
+def shard_fingerprints(kind: str, paths: list[str]) -> tuple[str, ...]:
+    """One fingerprint per shard, of its name and content: a changed seed or eval set is a new input."""
+    return tuple(fingerprint(kind, Path(p).name, [sha256_file(p)]) for p in paths)
+
+
+def list_fingerprint(spec: UrlListConfig) -> str:
+    return fingerprint("url-list", asdict(spec) | {"path": Path(spec.path).name}, [sha256_file(spec.path)])

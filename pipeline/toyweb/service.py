@@ -1,0 +1,67 @@
+"""The toy web inside a run: its lists written once into `<run>/toyweb/` (state.json keeps the port the
+URLs name, so a resumed run serves the same one), and its server while a stage fetches from it."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import ToyWebConfig
+from pipeline.configtree import to_plain
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_json, read_json
+from pipeline.runs import RunDir
+from pipeline.toyweb.lists import write_toyweb
+from pipeline.toyweb.server import ToyWebServer
+
+log = logging.getLogger("vlp")
+TOYWEB_FORMAT = 6  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths)
+
+
+def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
+    """Write the toy web's lists into the run, once per toy-web config; returns them and their port.
+
+    The port is chosen at the first run and kept in toyweb/state.json: the URLs contain it, so a resumed
+    run must serve the same port for its lists (and so its download fingerprint) to stay the same."""
+    folder = run.root / "toyweb"
+    state_path = folder / "state.json"
+    state = read_json(state_path) if state_path.is_file() else None
+    if state is None or state["config"] != to_plain(cfg) or state.get("format") != TOYWEB_FORMAT:
+        port = cfg.port or _free_port()
+        files = write_toyweb(cfg, folder, port)
+
+        def rel(path) -> str:  # paths inside the run directory are kept relative: the run can be moved
+            return str(Path(path).relative_to(folder))
+        state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port,
+                 "inputs": [asdict(s) | {"path": rel(s.path)} for s in files.inputs],
+                 "truth": rel(files.truth), "eval": rel(files.eval), "seed": rel(files.seed),
+                 "eval_shards": [rel(p) for p in files.eval_shards], "seed_shards": [rel(p) for p in files.seed_shards]}
+        atomic_write_json(state_path, state)
+    resolved = {k: str(folder / v) for k, v in state.items() if k in ("truth", "eval", "seed")}
+    return {**state, **resolved, "inputs": [s | {"path": str(folder / s["path"])} for s in state["inputs"]],
+            "eval_shards": [str(folder / p) for p in state["eval_shards"]],
+            "seed_shards": [str(folder / p) for p in state["seed_shards"]]}
+
+
+@contextlib.contextmanager
+def serve_toy_web(cfg: ToyWebConfig, port: int) -> Iterator[None]:
+    server = ToyWebServer(cfg, port)
+    try:
+        server.start()
+    except RuntimeError as err:
+        raise InputError(f"toy web: cannot serve on 127.0.0.1:{port} (the port this run's URL lists "
+                         f"use; is another run using it?): {err}") from None
+    log.info("toy web: serving %d URLs on 127.0.0.1:%d (pid %d)", cfg.num_urls, server.port, server.proc.pid)
+    try:
+        yield
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
