@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,11 +35,18 @@ def start(args: list[str]) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
-def run_args(run_dir: Path, first: bool) -> list[str]:
+def run_args(run_dir: Path, first: bool, port: int) -> list[str]:
+    # One port for every run: the URLs (and so the shards' json) contain it.
     if first:
         return ["run", "configs/tiny.yaml", "--run-dir", str(run_dir), "--set", f"stages={STAGES}",
-                "--set", "rounds=0"]
+                "--set", "rounds=0", "--set", f"data.toyweb.port={port}"]
     return ["resume", str(run_dir)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def kill_tree(proc: subprocess.Popen) -> int:
@@ -101,50 +109,61 @@ def main() -> None:
     t0 = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="vlp-chaos-"))
 
+    port = free_port()
     started = time.time()
-    reference = start(run_args(tmp / "reference", True))
+    reference = start(run_args(tmp / "reference", True, port))
     _, err = reference.communicate(timeout=args.attempt_timeout)
     if reference.returncode != 0:
         sys.exit(f"the uninterrupted run failed: {err[-2000:]}")
     span = time.time() - started
+    want = digests(tmp / "reference")
     print(f"uninterrupted run: {span:.0f} s", flush=True)
 
-    run_dir, first, kills = tmp / "chaos", True, []
+    # Kill runs at random points until N kills; a run that completes is finished, compared, and a new one
+    # started (a run only has so many points to be killed at).
+    kills, results = [], []
     while len(kills) < args.kills and time.time() - t0 < args.budget:
-        proc = start(run_args(run_dir, first))
-        first = False
-        delay = rng.uniform(1.0, span)
-        try:
-            proc.wait(timeout=delay)
-            print(f"attempt ended by itself after {delay:.1f} s (exit {proc.returncode}); {where(run_dir)}", flush=True)
-            if proc.returncode == 0:
-                break
-            continue
-        except subprocess.TimeoutExpired:
-            pass
-        target = "a Ray worker" if rng.random() < 0.3 else "the driver"
-        if target == "a Ray worker" and (worker := a_ray_worker(proc, rng)) is not None:
-            name = " ".join(worker.cmdline())[:40]
-            worker.kill()
-            kills.append(f"at {delay:5.1f} s: a Ray worker ({name}); {where(run_dir)}")
-            proc.wait(timeout=args.attempt_timeout)   # Ray retries the task or restarts the train worker
-        else:
-            n = kill_tree(proc)
-            kills.append(f"at {delay:5.1f} s: the driver and {n} processes it started; {where(run_dir)}")
-        print(f"kill {len(kills)}: {kills[-1]}", flush=True)
+        run_dir, first = tmp / f"chaos-{len(results)}", True
+        while len(kills) < args.kills and time.time() - t0 < args.budget:
+            proc = start(run_args(run_dir, first, port))
+            first = False
+            delay = rng.uniform(1.0, 0.9 * span)
+            try:
+                proc.wait(timeout=delay)
+                print(f"attempt ended by itself after {delay:.1f} s (exit {proc.returncode}); {where(run_dir)}",
+                      flush=True)
+                if proc.returncode == 0:
+                    break
+                continue
+            except subprocess.TimeoutExpired:
+                pass
+            target = "a Ray worker" if rng.random() < 0.3 else "the driver"
+            if target == "a Ray worker" and (worker := a_ray_worker(proc, rng)) is not None:
+                name = " ".join(worker.cmdline())[:40]
+                worker.kill()
+                kills.append(f"{run_dir.name} at {delay:5.1f} s: a Ray worker ({name}); {where(run_dir)}")
+                proc.wait(timeout=args.attempt_timeout)   # Ray retries the task or restarts the train worker
+            else:
+                n = kill_tree(proc)
+                kills.append(f"{run_dir.name} at {delay:5.1f} s: the driver and {n} processes it started; "
+                             f"{where(run_dir)}")
+            print(f"kill {len(kills)}: {kills[-1]}", flush=True)
+        final = start(run_args(run_dir, first, port))
+        _, err = final.communicate(timeout=args.attempt_timeout)
+        if final.returncode != 0:
+            sys.exit(f"the final resume of {run_dir.name} failed: {err[-2000:]}")
+        got = digests(run_dir)
+        results.append((run_dir.name, [k for k in want if want[k] != got[k]], leftovers(run_dir)))
 
-    final = start(run_args(run_dir, first))
-    _, err = final.communicate(timeout=args.attempt_timeout)
-    if final.returncode != 0:
-        sys.exit(f"the final resume failed: {err[-2000:]}")
-    want, got = digests(tmp / "reference"), digests(run_dir)
-    differ = [k for k in want if want[k] != got[k]]
-    left = leftovers(run_dir)
-    print(f"\n{len(kills)} kills in {time.time() - t0:.0f} s (seed {args.seed}); after the final resume:")
-    print(f"  download and prefilter shards, their totals, the model, the eval metrics identical to the "
-          f"uninterrupted run: {'yes' if not differ else 'NO: ' + ', '.join(differ)}")
-    print(f"  temporary files, unpublished rebuilds, superseded results left: {left or 'none'}")
-    sys.exit(1 if differ or left else 0)
+    print(f"\n{len(kills)} kills over {len(results)} runs in {time.time() - t0:.0f} s (seed {args.seed}); "
+          "after each run's final resume:")
+    bad = False
+    for name, differ, left in results:
+        bad = bad or bool(differ or left)
+        print(f"  {name}: download and prefilter shards, their totals, the model, the eval metrics identical to "
+              f"the uninterrupted run: {'yes' if not differ else 'NO: ' + ', '.join(differ)}; temporary files, "
+              f"unpublished rebuilds, superseded results left: {left or 'none'}")
+    sys.exit(1 if bad else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -136,3 +137,21 @@ def test_the_seed_is_part_of_what_pretraining_made(tmp_path, toyweb, trained):
     sources = Sources(reseeded, run, reseeded.data.inputs, None)
     assert runner.prepare_stage(reseeded, sources, "pretrain", 0) is not None
     assert runner.prepare_stage(reseeded, sources, "prefilter", 0) is None  # unseeded
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_training(tmp_path):
+    """DeepSpeed's CPU backend JIT-builds an op under torch's lock *file*; a build killed by SIGKILL used
+    to leave it, and every later `init_distributed` on the machine waited for it forever (bench/chaos.py
+    found it). The build vlp runs first takes a kernel lock and removes such a file."""
+    code = ("import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); "
+            "from deepspeed.accelerator import get_accelerator; from torch.utils import cpp_extension; "
+            "b = get_accelerator().create_op_builder('ShareMemCommBuilder'); "
+            "print(cpp_extension._get_build_directory(b.NAME, verbose=False))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    baton = Path(out.stdout.strip().splitlines()[-1]) / "lock"
+    baton.parent.mkdir(parents=True, exist_ok=True)
+    baton.write_text("")   # as a build killed between taking the lock and releasing it leaves it
+    build = subprocess.run([sys.executable, "-c", "from pipeline.train.deepspeed_config import build_comm_op; "
+                            "build_comm_op()"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert build.returncode == 0, build.stderr[-2000:]
+    assert not baton.exists() and "removing the build lock a killed build left" in build.stderr

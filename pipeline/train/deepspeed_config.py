@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from pipeline.config import PretrainConfig
 
@@ -16,6 +17,36 @@ def import_deepspeed():
     import deepspeed
 
     return deepspeed
+
+
+def build_comm_op() -> None:
+    """Build (or load) the op DeepSpeed's CPU backend JIT-compiles at its first `init_distributed`,
+    under a lock the kernel releases when its holder dies.
+
+    torch guards a JIT build with a lock *file* (`<build dir>/lock`, FileBaton) and every other process
+    waits for it to disappear, forever. bench/chaos.py found a SIGKILL during a first pretraining start
+    leaving it behind: every later pretraining on that machine hung in `init_distributed`. Every vlp
+    build goes through the flock here, so a baton file found while holding it is a dead builder's and
+    is removed. The module loaded here is cached by DeepSpeed: `init_distributed` then builds nothing."""
+    import fcntl
+    import logging
+
+    import_deepspeed()
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils import cpp_extension
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return   # what init_distributed checks too: no such op on this accelerator
+    build_dir = Path(cpp_extension._get_build_directory(builder.NAME, verbose=False))
+    with open(build_dir.parent / f".{builder.NAME}.vlp-lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        baton = build_dir / "lock"
+        if baton.exists():
+            logging.getLogger("vlp").warning("%s: removing the build lock a killed build left", baton)
+            baton.unlink()
+        builder.load(verbose=False)
 
 
 def deepspeed_config(cfg: PretrainConfig, world_size: int, bf16: bool) -> dict:

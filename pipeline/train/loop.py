@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline.train.deepspeed_config import deepspeed_config, import_deepspeed
+from pipeline.train.deepspeed_config import build_comm_op, deepspeed_config, import_deepspeed
 from pipeline.config import UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
@@ -49,6 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
     out = Path(config["out"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    build_comm_op()   # before init_distributed, which would build it under a lock a kill can orphan
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
     seed = config["seed"]
