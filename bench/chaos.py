@@ -4,7 +4,7 @@ config. Checks: every shard (download, prefilter) byte-identical, the exported m
 metrics identical, accounting adding up in every manifest, no temporary files, no half-published
 rebuilds, nothing superseded. Prints each kill and what it interrupted.
 
-    .venv/bin/python bench/chaos.py [--kills 8] [--seed 0] [--budget 1500]
+    .venv/bin/python bench/chaos.py [--kills 8] [--seed 0] [--budget 1500] [--worker-share 0.3]
 
 Bounded: each attempt gets at most --attempt-timeout seconds, the whole at most --budget.
 """
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=1500, help="seconds for the whole")
     parser.add_argument("--attempt-timeout", type=float, default=300)
+    parser.add_argument("--worker-share", type=float, default=0.3,
+                        help="share of kills aimed at one Ray worker (a shard task or a train worker) instead of the driver")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     t0 = time.time()
@@ -137,7 +139,7 @@ def main() -> None:
                 continue
             except subprocess.TimeoutExpired:
                 pass
-            target = "a Ray worker" if rng.random() < 0.3 else "the driver"
+            target = "a Ray worker" if rng.random() < args.worker_share else "the driver"
             if target == "a Ray worker" and (worker := a_ray_worker(proc, rng)) is not None:
                 name = " ".join(worker.cmdline())[:40]
                 worker.kill()
