@@ -31,15 +31,37 @@ class Progress:
                      self.shards_total, self.samples_done, self.samples_total, rate)
 
 
-def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
-                    samples_of: Callable[[Any], int]) -> dict[str, Any]:
-    """Submit `remote_fn.remote(*args)` for each shard name in `jobs` and wait for all of them.
+def task_window(cluster_cpus: float | None = None) -> int:
+    """How many shard tasks are in flight at once: about twice the cluster's CPU slots, so every slot
+    has its next task queued while the driver holds (and waits on) a bounded number of refs."""
+    if cluster_cpus is None:
+        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(4, 2 * int(cluster_cpus))
 
-    Shards that succeed are committed by their task, so a failure elsewhere loses nothing: we let every
-    task finish, then raise StageFailed naming the shards that failed after their retries.
+
+def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
+                    samples_of: Callable[[Any], int], window: int | None = None) -> dict[str, Any]:
+    """Run `remote_fn.remote(*args)` for each shard name in `jobs`, at most `window` (default
+    `task_window()`) at a time, refilled as results arrive, and wait for all of them.
+
+    Submitting every task at once would put every task's arguments in the object store together and
+    make each `ray.wait` cost O(pending) (O(shards²) over a stage). Shards that succeed are committed by
+    their task, so a failure elsewhere loses nothing: we let every task finish, then raise StageFailed
+    naming the shards that failed after their retries.
     """
-    pending = {remote_fn.remote(*args): name for name, args in jobs.items()}
+    window = window or task_window()
+    queue = iter(jobs.items())
+    pending: dict[Any, str] = {}
     results, failures = {}, {}
+
+    def refill() -> None:
+        while len(pending) < window:
+            item = next(queue, None)
+            if item is None:
+                return
+            pending[remote_fn.remote(*item[1])] = item[0]
+
+    refill()
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.interval)
         for ref in ready:
@@ -50,6 +72,7 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
             except (ray.exceptions.RayError, Exception) as err:  # noqa: BLE001 (reported below)
                 failures[name] = err
                 log.error("%s: shard %s failed after its retries: %s", progress.stage, name, _short(err))
+        refill()
         if not ready:
             progress.update(0, 0)
     progress.update(0, 0, force=True)

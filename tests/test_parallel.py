@@ -1,0 +1,48 @@
+"""Shard tasks run in a bounded window, refilled as results arrive; failures are reported, not lost."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from pipeline.errors import StageFailed
+from pipeline.parallel import Progress, run_shard_tasks, task_window
+
+
+def test_no_more_than_the_window_is_in_flight_and_every_shard_is_answered(ray_cluster):
+    # defined in here, so that Ray ships them by value (the workers cannot import the tests)
+    @ray.remote
+    class InFlight:
+        def __init__(self):
+            self.now = self.most = 0
+
+        def enter(self):
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+        def leave(self):
+            self.now -= 1
+
+        def peak(self):
+            return self.most
+
+
+    def _shard(counter, i: int) -> int:
+        ray.get(counter.enter.remote())
+        time.sleep(0.05)
+        ray.get(counter.leave.remote())
+        if i == 5:
+            raise ValueError("shard 5 is broken")
+        return i
+
+    counter = InFlight.remote()
+    task = ray.remote(_shard).options(num_cpus=0.1, max_retries=0)
+    jobs = {f"{i:05d}.tar": (counter, i) for i in range(12)}
+    with pytest.raises(StageFailed, match=r"1 of 12 shards failed \(00005.tar\)"):
+        run_shard_tasks(task, jobs, Progress("test", 12, 0), lambda r: 1, window=3)
+    assert ray.get(counter.peak.remote()) <= 3   # 12 tasks of 0.1 CPU would all fit on 2 CPUs at once
+    good = {k: v for k, v in jobs.items() if k != "00005.tar"}
+    assert run_shard_tasks(task, good, Progress("test", 11, 0), lambda r: 1, window=3) == \
+        {k: int(k[:5]) for k in good}
+    assert task_window(2.0) == 4 and task_window(64.0) == 128
