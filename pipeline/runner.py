@@ -155,12 +155,10 @@ def _commit(done: tuple[StageContext, Manifest]) -> None:
     ctx, manifest = done
     ctx.out.commit(manifest)
     crash_point("committed")   # the new result is complete; the old one still in place
-    current = ctx.run.stage(ctx.out.stage, ctx.out.round)
-    replaced = current.path.exists() and ctx.out.path != current.path
-    ctx.run.publish(ctx.out)
-    if replaced:
+    replaced = ctx.run.publish(ctx.out)
+    if replaced is not None:
         log.info("%s (round %d): the result it replaces is kept in %s (vlp gc removes it)", ctx.out.stage,
-                 ctx.out.round, ctx.run.root / "superseded")
+                 ctx.out.round, replaced)
     t = manifest.totals
     log.info("%s: committed %d shards in %.1fs: %d in, %d kept, %d dropped, %d failed", ctx.out.stage,
              len(manifest.shards), manifest.duration_s, t.samples_in, t.samples_kept, t.samples_dropped,

@@ -154,15 +154,18 @@ class RunDir:
             self._supersede(staged)   # an unfinished build for yet another config: its shards are kept
         return staged
 
-    def publish(self, out: StageDir) -> None:
-        """After `out`'s manifest committed: put it in place, moving the result it replaces aside."""
+    def publish(self, out: StageDir) -> Path | None:
+        """After `out`'s manifest committed: put it in place, moving the result it replaces aside.
+        Returns where the replaced result went, or None if it replaced nothing."""
         current = self.stage(out.stage, out.round)
         if out.path == current.path:
-            return
+            return None
+        moved = None
         if current.path.exists():
-            self._supersede(current)
+            moved = self._supersede(current)
             crash_point("superseded")   # the old result moved aside, the new one not yet in place
         out.path.rename(current.path)
+        return moved
 
     def recover(self) -> list[str]:
         """Finish the publishes a kill interrupted (a committed `.next-<stage>` wins); returns what it did."""

@@ -3,7 +3,7 @@ seed set, the held-out evaluation set. Stages turn them into `Extra` inputs with
 content (stages/*.py, `extra_inputs`)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig, UrlListConfig
@@ -18,6 +18,15 @@ class Sources:
     run: RunDir
     lists: tuple[UrlListConfig, ...]
     toyweb: dict | None   # what pipeline.toyweb.service.prepare_toy_web wrote, or None
+    # sha256 by path: the seed and eval sets are inputs of a stage in every round, hashed once a run
+    _sha256: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def shard_fingerprints(self, kind: str, paths: list[str]) -> tuple[str, ...]:
+        """One fingerprint per shard, of its name and content: a changed seed or eval set is a new input."""
+        for path in paths:
+            if path not in self._sha256:
+                self._sha256[path] = sha256_file(path)
+        return tuple(fingerprint(kind, Path(p).name, [self._sha256[p]]) for p in paths)
 
     def seed_shards(self) -> list[str]:
         if self.cfg.data.seed_shards:
@@ -45,11 +54,6 @@ def expand_shards(name: str, pattern: str) -> list[str]:
     if missing:
         raise InputError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
     return shards
-
-
-def shard_fingerprints(kind: str, paths: list[str]) -> tuple[str, ...]:
-    """One fingerprint per shard, of its name and content: a changed seed or eval set is a new input."""
-    return tuple(fingerprint(kind, Path(p).name, [sha256_file(p)]) for p in paths)
 
 
 def list_fingerprint(spec: UrlListConfig) -> str:

@@ -9,7 +9,7 @@ from pipeline.breaker import describe
 from pipeline.config import load_config
 from pipeline.fsutil import read_json
 from pipeline.graph import registry, upstreams
-from pipeline.manifest import Accounting
+from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir
 
 
@@ -24,26 +24,29 @@ def status(run_dir: str | Path) -> list[dict]:
     def order(sd) -> tuple:
         return sd.round, names.index(sd.stage) if sd.stage in names else len(names), sd.stage
 
+    dirs = sorted(run.stage_dirs(), key=order)
+    manifests = {(sd.stage, sd.round): sd.manifest() for sd in dirs}   # each read once
     states: dict[tuple[str, int], str] = {}
-    for sd in sorted(run.stage_dirs(), key=order):
-        row = _status_row(sd)
-        if row["state"] == "done":
+    for sd in dirs:
+        manifest = manifests[(sd.stage, sd.round)]
+        row = _status_row(sd, manifest)
+        if manifest is not None:
             up_keys = upstreams(cfg, sd.stage, sd.round)
-            ups = [run.stage(s, r).manifest() for s, r in up_keys]
+            ups = [manifests.get(k) for k in up_keys]
             # stale: built from an upstream result that has changed since, or from one that is stale itself
-            if any(up is None for up in ups) or sd.manifest().inputs[:len(ups)] != [up.fingerprint for up in ups] \
+            if any(up is None for up in ups) or manifest.inputs[:len(ups)] != [up.fingerprint for up in ups] \
                     or any(states.get(k) == "stale" for k in up_keys):
                 row["state"] = "stale"
             states[(sd.stage, sd.round)] = row["state"]
         rows.append(row)
         staged = run.staged(sd.stage, sd.round)
         if staged is not None:   # a rebuild in progress (or stopped) beside the result it will replace
-            rows.append(_status_row(staged) | {"state": "rebuilding", "rebuild": True})
+            rows.append(_status_row(staged, staged.manifest()) | {"state": "rebuilding", "rebuild": True})
     return rows
 
 
-def _status_row(sd) -> dict:
-    manifest, plan = sd.manifest(), sd.plan() or {}
+def _status_row(sd, manifest: Manifest | None) -> dict:
+    plan = sd.plan() or {}
     acc = Accounting()
     if manifest is not None:
         acc.add(manifest.totals)

@@ -35,7 +35,7 @@ from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.parallel import Progress, run_on_actor_pool
 from pipeline.runs import StageDir, fingerprint, verify_shard
-from pipeline.sources import Sources, shard_fingerprints
+from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.train.finetune import finetune, model_fingerprint
@@ -101,7 +101,7 @@ def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, 
         raise InputError(f"capfilt.model: {base_model} is not an exported vlp model (no model.safetensors)")
     # a model from outside the run enters by its content; the previous round's by its stage's fingerprint
     model_fps = (fingerprint("model", base_model.name, [sha256_file(base_model / "model.safetensors")]),) if given else ()
-    return {"seed_shards": Extra(seed, shard_fingerprints("seed-shard", seed)), "base_model": Extra(base_model, model_fps)}
+    return {"seed_shards": Extra(seed, sources.shard_fingerprints("seed-shard", seed)), "base_model": Extra(base_model, model_fps)}
 
 
 def _request(cfg, urls: int | None) -> Request:

@@ -22,7 +22,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import read_shard
 from pipeline.manifest import Accounting, Manifest
-from pipeline.sources import Sources, shard_fingerprints
+from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 
 
@@ -40,7 +40,7 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
     shards = sources.eval_shards(required=True)
-    return {"eval_shards": Extra(shards, shard_fingerprints("eval-shard", shards))}
+    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards))}
 
 
 STAGE = Stage("evaluate", EvaluateConfig, "every", upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,

@@ -35,7 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import StageDir, verify_shard
-from pipeline.sources import Sources, shard_fingerprints
+from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 
 
@@ -75,7 +75,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
     # training images that copy an eval image are dropped; with no eval set there is nothing to compare
     shards = sources.eval_shards(required=False) if cfg.prefilter.decontaminate else []
-    return {"eval_shards": Extra(shards, shard_fingerprints("eval-shard", shards))}
+    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards))}
 
 
 def _request(cfg, urls: int | None) -> Request:

@@ -22,7 +22,7 @@ from pipeline.errors import InputError, StageFailed
 from pipeline.model import SIZES, ModelConfig
 from pipeline.modelio import read_info, save_pretrained
 from pipeline.manifest import Accounting, Manifest
-from pipeline.sources import Sources, shard_fingerprints
+from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.train import checkpoints
 from pipeline.train.metrics import read_metrics
@@ -75,7 +75,7 @@ def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, 
     seed = sources.seed_shards() if cfg.pretrain.with_seed else []
     # after round 0 the data was cleaned by a model (capfilt's manifest says which; its fingerprint has it)
     previous = None if round_ == 0 else sources.run.resolve(upstream[0].manifest.details["base_model"])
-    return {"seed_shards": Extra(seed, shard_fingerprints("seed-shard", seed)), "previous_model": Extra(previous)}
+    return {"seed_shards": Extra(seed, sources.shard_fingerprints("seed-shard", seed)), "previous_model": Extra(previous)}
 
 
 def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
