@@ -115,11 +115,14 @@ def _dispatch(args) -> int:
     if args.command in ("submit", "jobs", "logs", "stop"):
         return _jobs(args)
     if args.command == "plan":
-        from pipeline.plan import check_cluster, format_plan, plan
+        from pipeline.plan import check_cluster, format_plan, missing_lists, plan
 
         cfg = load_config(args.config, args.overrides)
         steps = plan(cfg)
         print(format_plan(cfg, steps))
+        if missing := missing_lists(cfg):
+            print(f"counts unknown: {len(missing)} of {len(cfg.data.inputs)} URL lists are not on this machine "
+                  f"(e.g. {missing[0]}); `vlp run` checks them before it starts")
         if args.address:
             check_cluster(steps, args.address)
             print(f"cluster at {args.address}: every request fits")

@@ -266,6 +266,9 @@ class PrefilterConfig:
     """`near_max_distance` for matches against eval images: looser, since a leaked eval image costs more
     than a training image lost (bench/dedup.py: 140 of 144 leaked eval pictures found, 1 of ~8,000 clean
     images dropped)."""
+    dedup_partitions: int | None = keeps_output(None)
+    """Partitions the dedup shuffle hashes its keys into, a Ray task each (pipeline/dedup.py). None: about
+    one per 500k samples, at least 2. The decisions do not depend on it."""
     languages: tuple[str, ...] | None = None
     """Keep only captions in these languages (ISO 639-1 codes as py3langid names them, e.g. [en]);
     others are dropped as `caption_language`. None: no language rule."""
@@ -289,6 +292,8 @@ class PrefilterConfig:
         _require(self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
         _require(self.min_caption_words >= 0 and self.min_caption_chars >= 0, "min_caption_*: must be >= 0")
         _require(self.max_caption_chars > self.min_caption_chars, "max_caption_chars: must exceed min_caption_chars")
+        _require(self.dedup_partitions is None or 1 <= self.dedup_partitions <= 4096,
+                 f"dedup_partitions: 1..4096 or null (automatic), got {self.dedup_partitions}")
         _require(0 <= self.near_max_distance <= 0.5,
                  f"near_max_distance: must be a relative distance in 0..0.5 (default 0.08), "
                  f"got {self.near_max_distance}")

@@ -9,6 +9,7 @@ cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
@@ -38,10 +39,18 @@ def plan(cfg: RunConfig, count_urls: bool = True) -> list[Step]:
     return steps
 
 
-def _count_urls(cfg: RunConfig) -> int:
-    from pipeline.data.urllists import read_url_list
+def _count_urls(cfg: RunConfig) -> int | None:
+    """URLs in the lists (a parquet file's metadata, else one streamed pass), or None if some list is not
+    on this machine (a cluster's config checked from a laptop): the counts are then unknown."""
+    from pipeline.data.urllists import count_rows
 
-    return sum(read_url_list(spec).num_rows for spec in cfg.data.inputs)
+    if missing_lists(cfg):
+        return None
+    return sum(count_rows(spec) for spec in cfg.data.inputs)
+
+
+def missing_lists(cfg: RunConfig) -> list[str]:
+    return [spec.path for spec in cfg.data.inputs if not Path(spec.path).is_file()]
 
 
 def format_plan(cfg: RunConfig, steps: list[Step]) -> str:

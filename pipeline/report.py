@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import collections
 import html
-import json
 import shutil
 from pathlib import Path
 
-from pipeline.data.shards import read_shard
+from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
+from pipeline.ledger import stage_ledger
 from pipeline.toyweb.measures import decisions, format_attributes, format_rounds, load_truth, rounds
 from pipeline.status import status
 from pipeline.runs import RunDir
@@ -128,32 +128,33 @@ def _funnel_chart(stages: list[dict], path: Path) -> None:
 
 
 def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> dict[str, collections.Counter]:
-    """{source: Counter of fates} over every URL of round 0's download."""
+    """{source: Counter of fates} over every URL of round 0's download, from the stages' ledgers (joined
+    and counted in Arrow: no tar is read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     download = run.stage("download", 0)
     if download.manifest() is None:
         return {}
-    prefilter = run.stage("prefilter", 0)
-    dropped = {}
-    for stats in prefilter.path.glob("*.stats.json"):
-        for r in json.loads(stats.read_text())["rejects"]:
-            dropped[r["key"]] = r["reason"]
-    capfilt = {d["key"]: d for d in decided}
+    urls = stage_ledger(download.path, ["key", "outcome", "source", "url"])
+    prefilter = stage_ledger(run.stage("prefilter", 0).path, ["key", "outcome"]).rename_columns(["key", "prefilter"])
+    capfilt = pa.table({"key": pa.array([d["key"] for d in decided], pa.string()),
+                        "web_kept": pa.array([d["web_kept"] for d in decided], pa.bool_())})
+    table = urls.join(prefilter, "key", join_type="left outer").join(capfilt, "key", join_type="left outer")
+    kept = pc.equal(table["outcome"], "kept")
+    prefilter_dropped = pc.and_(pc.is_valid(table["prefilter"]), pc.not_equal(table["prefilter"], "kept"))
+    fate = pc.case_when(
+        pc.make_struct(pc.invert(kept), prefilter_dropped, pc.fill_null(table["web_kept"], False),
+                       pc.is_valid(table["web_kept"])),
+        "download failed", "prefilter dropped", "web caption kept", "web caption rejected", "kept (no capfilt)")
+    noisy = pa.array([bool(truth and truth.get(u, {}).get("noisy")) for u in table["url"].to_pylist()]) \
+        if truth else pa.nulls(table.num_rows, pa.bool_()).fill_null(False)
+    counts = pa.table({"source": pc.fill_null(table["source"], "?"), "fate": fate, "noisy": noisy}) \
+        .group_by(["source", "fate"]).aggregate([("fate", "count"), ("noisy", "sum")])
     fates: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for stats in download.path.glob("*.stats.json"):
-        for r in json.loads(stats.read_text())["rejects"]:
-            fates[r.get("source", "?")]["download failed"] += 1
-            fates[r.get("source", "?")]["_noisy"] += bool(truth and truth.get(r.get("url"), {}).get("noisy"))
-    for tar in sorted(download.path.glob("*.tar")):
-        for sample in read_shard(tar):
-            meta = json.loads(sample["json"])
-            key, source = sample["__key__"], meta.get("source", "?")
-            if key in dropped:
-                fates[source]["prefilter dropped"] += 1
-            elif key in capfilt:
-                fates[source]["web caption kept" if capfilt[key]["web_kept"] else "web caption rejected"] += 1
-            else:
-                fates[source]["kept (no capfilt)"] += 1
-            fates[source]["_noisy"] += bool(truth and truth.get(meta.get("url"), {}).get("noisy"))
+    for row in counts.to_pylist():
+        fates[row["source"]][row["fate"]] += row["fate_count"]
+        fates[row["source"]]["_noisy"] += row["noisy_sum"] or 0
     for source, counter in fates.items():
         counter["_urls"] = sum(v for k, v in counter.items() if not k.startswith("_"))
     return dict(sorted(fates.items()))
@@ -222,11 +223,13 @@ def _sample_grid(run: RunDir, decided: list[dict], truth: dict | None, out: Path
         if len(by_verdict[d["verdict"]]) < SAMPLES_PER_VERDICT:
             by_verdict[d["verdict"]].append(d)
     wanted = {d["key"]: d for group in by_verdict.values() for d in group}
-    images = {}
-    for tar in sorted(run.stage("prefilter", 0).path.glob("*.tar")):
-        for sample in read_shard(tar):
-            if sample["__key__"] in wanted:
-                images[sample["__key__"]] = sample["jpg"]
+    images, prefilter = {}, run.stage("prefilter", 0)
+    # a key starts with its shard's number (stages/download.py): only the shards that hold a wanted key
+    for name in sorted({key[:SHARD_DIGITS] + ".tar" for key in wanted}):
+        if prefilter.shard_path(name).is_file():
+            for sample in read_shard(prefilter.shard_path(name)):
+                if sample["__key__"] in wanted:
+                    images[sample["__key__"]] = sample["jpg"]
     (out / "samples").mkdir()
     cards = []
     for verdict in ("both", "web", "synthetic", "dropped"):

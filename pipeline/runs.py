@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.errors import InputError
 from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
+from pipeline.ledger import SUFFIX as LEDGER_SUFFIX
 from pipeline.manifest import Accounting, Manifest
 
 MANIFEST = "manifest.json"
@@ -58,18 +59,26 @@ class StageDir:
         path = self.stats_path(shard_name)
         return read_json(path) if path.is_file() else None
 
-    def commit_shard(self, name: str, samples: list[dict], acc: Accounting, rejects: list[dict],
+    def ledger_path(self, shard_name: str) -> Path:
+        return self.path / (shard_name.split(".")[0] + LEDGER_SUFFIX)
+
+    def commit_shard(self, name: str, samples: list[dict], acc: Accounting, records: list[dict],
                      started: float, extra: dict | None = None) -> dict:
-        """Write shard `name` atomically, then its stats (the commit); returns the stats."""
+        """Write shard `name` atomically, then its ledger (`records`: every sample that went in, with its
+        outcome; pipeline/ledger.py), then its stats (the commit); returns the stats."""
         from pipeline.data.shards import write_shard
         from pipeline.fsutil import sha256_file
+        from pipeline.ledger import write_ledger
 
         acc.check(f"{self.stage} shard {name}")
+        if len(records) != acc.samples_in:
+            raise AssertionError(f"{self.stage} shard {name}: {acc.samples_in} samples in, {len(records)} in its ledger")
         path = self.shard_path(name)
         write_shard(path, samples)
+        write_ledger(self.ledger_path(name), records)
         stats = {"shard": name, "samples": len(samples), "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                 "accounting": acc.to_json(), "rejects": rejects, "duration_s": round(time.time() - started, 3),
-                 **(extra or {})}
+                 "accounting": acc.to_json(), "ledger": self.ledger_path(name).name,
+                 "duration_s": round(time.time() - started, 3), **(extra or {})}
         atomic_write_json(self.stats_path(name), stats)
         return stats
 
@@ -100,6 +109,10 @@ class StageDir:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         atomic_write_bytes(self.path / FINGERPRINT, fp.encode())
         atomic_write_json(self.path / PLAN, {"fingerprint": fp, **plan})
+
+    def update_plan(self, **fields) -> None:
+        """Add what the stage learnt once it started (e.g. how many shards its inputs make) to its plan."""
+        atomic_write_json(self.path / PLAN, {**(self.plan() or {}), **fields})
 
     def commit(self, manifest: Manifest) -> None:
         atomic_write_json(self.path / MANIFEST, manifest.to_json())

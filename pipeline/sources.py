@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig, UrlListConfig
 from pipeline.errors import InputError
-from pipeline.fsutil import sha256_file
+from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.runs import RunDir, fingerprint
 
 
@@ -27,6 +27,24 @@ class Sources:
             if path not in self._sha256:
                 self._sha256[path] = sha256_file(path)
         return tuple(fingerprint(kind, Path(p).name, [self._sha256[p]]) for p in paths)
+
+    def list_fingerprints(self) -> tuple[str, ...]:
+        """One fingerprint per URL list, of its settings and content. A list's sha256 is cached in the run
+        directory by (path, size, mtime): a resume does not read 50 GB of LAION parquet again."""
+        cache_path = self.run.root / ".cache" / "list-sha256.json"
+        cache = read_json(cache_path) if cache_path.is_file() else {}
+        fps, changed = [], False
+        for spec in self.lists:
+            path = Path(spec.path).resolve()
+            st = path.stat()
+            key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+            if cache.get(key, {}).get("stamp") != stamp:
+                cache[key] = {"stamp": stamp, "sha256": sha256_file(path)}
+                changed = True
+            fps.append(fingerprint("url-list", asdict(spec) | {"path": path.name}, [cache[key]["sha256"]]))
+        if changed:
+            atomic_write_json(cache_path, cache)
+        return tuple(fps)
 
     def seed_shards(self) -> list[str]:
         if self.cfg.data.seed_shards:
@@ -56,5 +74,3 @@ def expand_shards(name: str, pattern: str) -> list[str]:
     return shards
 
 
-def list_fingerprint(spec: UrlListConfig) -> str:
-    return fingerprint("url-list", asdict(spec) | {"path": Path(spec.path).name}, [sha256_file(spec.path)])

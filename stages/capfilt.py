@@ -11,7 +11,7 @@
 
 Each shard's sampling is seeded by (run seed, round, shard name), so a shard redone after a kill, or by
 another actor, is the same bytes. Besides the tar and its stats, each shard commits
-`<shard>.decisions.json`: both texts and both scores of every image, kept or not (for the report and
+`<shard>.decisions.parquet`: both texts and both scores of every image, kept or not (for the report and
 for measuring the filter).
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pipeline.data.loader import decode_image
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
+from pipeline.ledger import DECISIONS_SCHEMA, DECISIONS_SUFFIX, write_records
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.parallel import Progress, run_on_actor_pool
 from pipeline.runs import StageDir, fingerprint, verify_shard
@@ -45,7 +46,7 @@ ROLES = ("captioner", "filter")
 
 
 def decisions_path(out: StageDir, shard_name: str) -> Path:
-    return out.path / (shard_name.split(".")[0] + ".decisions.json")
+    return out.path / (shard_name.split(".")[0] + DECISIONS_SUFFIX)
 
 
 def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
@@ -161,7 +162,7 @@ class CapfiltWorker:
     def process(self, shard_path: str, name: str, expected: dict) -> dict:
         verify_shard(Path(shard_path), expected)   # the bytes prefilter committed, or a clear error
         started = time.time()
-        acc, rejects, loaded = Accounting(), [], []
+        acc, records, loaded = Accounting(), [], []
         size = self.filter.cfg.image_size
         for sample in read_shard(Path(shard_path)):
             acc.samples_in += 1
@@ -169,7 +170,8 @@ class CapfiltWorker:
                 loaded.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))
             except Exception as err:  # noqa: BLE001 (counted and reported, never silently lost)
                 acc.failed["decode_error"] += 1
-                rejects.append({"key": sample["__key__"], "reason": "decode_error", "error": str(err)[:200]})
+                records.append({"key": sample["__key__"], "outcome": "failed", "reason": "decode_error",
+                                "error": str(err)[:200]})
         digest = hashlib.sha256(f"{self.seed}:{self.round}:{name}".encode()).digest()
         generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little"))
         out, decisions = [], []
@@ -184,13 +186,14 @@ class CapfiltWorker:
                 decisions.append(decision)
                 if decision["verdict"] == "dropped":
                     acc.dropped["filter_rejected"] += 1
-                    rejects.append({"key": decision["key"], "reason": "filter_rejected",
-                                    "web_score": decision["web_score"], "synthetic_score": decision["synthetic_score"]})
+                    records.append({"key": decision["key"], "outcome": "dropped", "reason": "filter_rejected",
+                                    "url": decision["url"]})
                 else:
                     acc.samples_kept += 1
-        atomic_write_json(decisions_path(self.out, name), decisions)
+                    records.append({"key": decision["key"], "outcome": "kept", "url": decision["url"]})
+        write_records(decisions_path(self.out, name), decisions, DECISIONS_SCHEMA)
         pairs = {"web": sum(d["web_kept"] for d in decisions), "synthetic": sum(d["synthetic_kept"] for d in decisions)}
-        return self.out.commit_shard(name, out, acc, rejects, started, {"pairs": pairs})
+        return self.out.commit_shard(name, out, acc, records, started, {"pairs": pairs})
 
     def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float, out: list[dict]) -> dict:
         threshold = self.threshold

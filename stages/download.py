@@ -6,8 +6,9 @@ pool of `thread_count` threads fetches the URLs with pipeline/data/fetch.py (eve
 checked and pinned; redirects checked hop by hop; bodies capped; one deadline per URL; image size read
 from the header before any decode) and resizes them with img2dataset's `Resizer`, one at a time.
 img2dataset's own fetcher cannot be made safe from outside (see fetch.py). The task writes the tar
-(sorted by key, so bytes are reproducible), renames it into place and writes the shard's stats last.
-Refused URLs and per-sample download errors are recorded in the stats with their reasons.
+(sorted by key, so bytes are reproducible), renames it into place, writes the shard's ledger (every
+URL's outcome, with the reason of each refusal or failure: pipeline/ledger.py), and its stats last.
+The lists reach the tasks as a row group per shard, written by planning tasks (pipeline/data/listplan.py).
 
 Memory: a task holds at most `thread_count` bodies of up to `max_body_bytes` and decodes one image of
 at most `max_image_area` pixels at a time (~64 bytes a pixel at worst); it asks Ray for that much
@@ -26,21 +27,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import ray
 
 from pipeline.config import DownloadConfig, UrlListConfig
 from pipeline.configtree import build
-from pipeline.data.shards import encode_json
-from pipeline.data.urllists import read_url_list
+from pipeline.data.shards import SHARD_DIGITS, encode_json, shard_name
+from pipeline.data.listplan import ShardInput, plan_shards, read_shard_input
+from pipeline.data.urllists import check_url_list
 from pipeline.data.fetch import TRANSIENT, FetchFailed, Limits, fetch, image_size
 from pipeline.data.urlpolicy import HostPolicy
-from pipeline.parallel import Progress, run_missing_shards
+from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
-from pipeline.sources import Sources, list_fingerprint
+from pipeline.sources import Sources
 from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
 
-SHARD_DIGITS = 5
 log = logging.getLogger("vlp")
 DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
 BASE_TASK_MEMORY = 512 * 2**20   # the task's Python, pyarrow, cv2 and its shard's samples
@@ -51,61 +51,46 @@ def task_memory(cfg: DownloadConfig) -> int:
     return int(BASE_TASK_MEMORY + cfg.thread_count * cfg.max_body_bytes + DECODE_BYTES_PER_PIXEL * cfg.max_image_area)
 
 
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{SHARD_DIGITS}d}.tar"
-
-
-def plan(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...]) -> list[pa.Table]:
-    """Read and check every list (before anything is fetched) and cut the rows into shards.
-
-    Each row gets its key (shard id + position) and, for URLs we will not fetch, the refusal reason."""
-    tables = [read_url_list(spec) for spec in lists]
-    rows = pa.concat_tables(tables)
-    policy = HostPolicy(cfg.allow_private_hosts)
-    refusals = [policy.refusal(u) for u in rows.column("url").to_pylist()]
-    rows = rows.append_column("refusal", pa.array(refusals, pa.string()))
-    per = cfg.samples_per_shard
-    digits = max(1, math.ceil(math.log10(per)))
-    shards = []
-    for shard_id in range(math.ceil(rows.num_rows / per)):
-        part = rows.slice(shard_id * per, per)
-        keys = [f"{shard_id:0{SHARD_DIGITS}d}{i:0{digits}d}" for i in range(part.num_rows)]
-        shards.append(part.append_column("key", pa.array(keys, pa.string())))
-    return shards
-
-
-def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], shards: list[pa.Table], ctx: StageContext) -> Manifest:
-    """Download `shards` (from `plan(cfg, lists)`) into ctx.out; returns the stage manifest."""
+def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext) -> Manifest:
+    """Download every URL of `lists` into ctx.out; returns the stage manifest."""
     started = time.time()
-    samples_in = sum(t.num_rows for t in shards)
-    ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
-    # Shards a killed run committed with transient failures (its toy web or DNS gone with its driver, a
-    # network blip) are not final: their stats are withdrawn and the task re-fetches just those URLs.
-    retry = {}
-    for i in range(len(shards)):
-        stats = ctx.out.shard_stats(shard_name(i))
-        if stats is not None and transient_failures(stats):
-            retry[shard_name(i)] = stats
-            ctx.out.stats_path(shard_name(i)).unlink()
-    if retry:
-        log.info("download: %d committed shard(s) have transient failures (%d URLs): re-fetching those URLs",
-                 len(retry), sum(len(transient_failures(s)) for s in retry.values()))
+    ctx.out.begin(ctx.fingerprint, {})
+    shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task)
+    samples_in = sum(s.rows for s in shards)
+    ctx.out.update_plan(shards_total=len(shards), samples_in=samples_in)
+    progress = Progress("download", len(shards), samples_in)
+    # One pass over the committed stats. Shards a killed run committed with transient failures (its toy
+    # web or DNS gone with its driver, a network blip) are not final: their stats are withdrawn and the
+    # task re-fetches just those URLs, keeping every other outcome.
+    done, jobs, again = {}, {}, 0
+    for s in shards:
+        name = shard_name(s.shard_id)
+        stats = ctx.out.shard_stats(name)
+        retry = stats is not None and transient_failures(stats) > 0
+        if stats is not None and not retry:
+            done[name] = stats
+            continue
+        if retry:
+            again += transient_failures(stats)
+            ctx.out.stats_path(name).unlink()
+        jobs[name] = (str(ctx.out.path), dataclasses.astuple(s), stage_cfg, retry)
+    if again:
+        log.info("download: committed shards have %d URLs with transient failures: fetching those again", again)
+    progress.update(len(done), sum(st["accounting"]["samples_in"] for st in done.values()), force=True)
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
-    jobs = {shard_name(i): (str(ctx.out.path), i, table, stage_cfg, retry.get(shard_name(i)))
-            for i, table in enumerate(shards)}
-    results = run_missing_shards(ctx.out, task, jobs, Progress("download", len(shards), samples_in))
-    summaries = [shard_summary(results[name]) for name in jobs]
+    results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"])
+    summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
     ctx.out.write_sizes(summaries)
     return ctx.manifest(stage_cfg, summaries, started,
                         {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists]})
 
 
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
-    shards = plan(cfg.download, sources.lists)  # reads and checks every list: fails before Ray starts
-    return {"lists": Extra(sources.lists, tuple(list_fingerprint(spec) for spec in sources.lists)),
-            "shards": Extra(shards)}
+    for spec in sources.lists:   # a list that cannot be used fails now, before Ray starts
+        check_url_list(spec)
+    return {"lists": Extra(sources.lists, sources.list_fingerprints())}
 
 
 def _request(cfg, urls: int | None) -> Request:
@@ -116,71 +101,86 @@ def _request(cfg, urls: int | None) -> Request:
 
 
 STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_: [],
-              run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], inputs.extra["shards"], ctx),
+              run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], ctx),
               request=_request, extra_inputs=_extra_inputs, fetches=True)
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
 
-def download_shard(stage_path: str, shard_id: int, rows: pa.Table, stage_cfg: dict,
-                   previous: dict | None = None) -> dict:
-    """Download one shard and commit it. Safe to run again: a committed shard is returned as it is.
-    `previous`: the withdrawn stats of this shard's earlier commit; only its transient failures are
-    fetched again, every other outcome (and image) is kept from the earlier tar."""
+def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry: bool = False) -> dict:
+    """Download one shard (`shard`: its ShardInput from the plan, as a tuple) and commit it.
+    Safe to run again: a committed shard is returned as it is. `retry`: the shard's earlier commit was
+    withdrawn for its transient failures; only those are fetched again, every other outcome (and image)
+    is kept from the earlier tar and ledger."""
     from pipeline.runs import StageDir
 
     cfg = build(DownloadConfig, stage_cfg, source="download task")
     out = StageDir(Path(stage_path), "download", 0)
-    name = shard_name(shard_id)
+    shard_input = ShardInput(*shard)
+    shard_id, name = shard_input.shard_id, shard_name(shard_input.shard_id)
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    todo = [r for r in rows.select(["key", "url", "refusal"]).to_pylist() if r["refusal"] is None]
+    rows = read_shard_input(out.path, shard_input)
+    policy = HostPolicy(cfg.allow_private_hosts)
+    digits = max(1, math.ceil(math.log10(cfg.samples_per_shard)))
+    for i, row in enumerate(rows):
+        row["key"] = f"{shard_id:0{SHARD_DIGITS}d}{i:0{digits}d}"
+        row["refusal"] = policy.refusal(row["url"])
+    todo = [r for r in rows if r["refusal"] is None]
     fetched = {}
-    if previous is not None:
-        again = set(transient_failures(previous))
-        fetched = _earlier_outcomes(out.shard_path(name), previous, again)
+    if retry and out.ledger_path(name).is_file():
+        fetched, again = _earlier_outcomes(out, name)
         todo = [r for r in todo if r["key"] in again]
     fetched.update(fetch_rows(cfg, todo))
-    samples, rejects, acc = [], [], Accounting(samples_in=rows.num_rows)
-    for row in rows.to_pylist():
+    samples, records, acc = [], [], Accounting(samples_in=len(rows))
+    for row in rows:
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
         if row["refusal"] is not None:
             acc.dropped[row["refusal"]] += 1
-            rejects.append({**base, "outcome": "dropped", "reason": row["refusal"]})
+            records.append({**base, "outcome": "dropped", "reason": row["refusal"]})
             continue
         got = fetched[row["key"]]
         if got["status"] != "success":
-            reason = got["reason"]
-            acc.failed[reason] += 1
-            rejects.append({**base, "outcome": "failed", "reason": reason, "error": got["error_message"]})
+            acc.failed[got["reason"]] += 1
+            records.append({**base, "outcome": "failed", "reason": got["reason"], "error": got["error_message"]})
             continue
         acc.samples_kept += 1
+        records.append({**base, "outcome": "kept"})
         meta = {**base, "caption": row["caption"], "caption_error": row["caption_error"],
                 **{k: got[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
                 "round": 0, "stage": "download"}
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
-    return out.commit_shard(name, samples, acc, rejects, started)
+    return out.commit_shard(name, samples, acc, records, started)
 
 
-def transient_failures(stats: dict) -> list[str]:
-    """Keys a shard failed for reasons that may pass (timeouts, resets, refused connections, 5xx, DNS)."""
-    return [r["key"] for r in stats["rejects"] if r["outcome"] == "failed" and r["reason"] in TRANSIENT]
+def transient_failures(stats: dict) -> int:
+    """How many of a shard's URLs failed for reasons that may pass (timeouts, resets, refused connections,
+    5xx, DNS)."""
+    return sum(n for reason, n in stats["accounting"]["failed_by_reason"].items() if reason in TRANSIENT)
 
 
-def _earlier_outcomes(tar: Path, stats: dict, again: set[str]) -> dict[str, dict]:
-    """{key: result} of an earlier commit of this shard, as fetch_rows gives them, except `again`."""
+def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:
+    """({key: result} of an earlier commit of this shard, as fetch_rows gives them, except its transient
+    failures; the keys of those)."""
     from pipeline.data.shards import read_shard
+    from pipeline.ledger import read_ledger
 
-    outcomes = {r["key"]: {"status": "failed", "reason": r["reason"], "error_message": r.get("error")}
-                for r in stats["rejects"] if r["outcome"] == "failed" and r["key"] not in again}
+    outcomes, again = {}, set()
+    for r in read_ledger(out.ledger_path(name)):
+        if r["outcome"] == "failed":
+            if r["reason"] in TRANSIENT:
+                again.add(r["key"])
+            else:
+                outcomes[r["key"]] = {"status": "failed", "reason": r["reason"], "error_message": r["error"]}
+    tar = out.shard_path(name)
     for sample in read_shard(tar) if tar.is_file() else []:
         meta = json.loads(sample["json"])
         outcomes[sample["__key__"]] = {"status": "success", "jpg": sample["jpg"],
                                        **{k: meta[k] for k in ("width", "height", "original_width",
                                                                "original_height", "sha256")}}
-    return outcomes
+    return outcomes, again
 
 
 def fetch_rows(cfg: DownloadConfig, rows: list[dict]) -> dict[str, dict]:

@@ -2,13 +2,14 @@
 
 Three passes, so that deduplication is global across the stage and still deterministic:
   1. scan (a Ray task per shard): rule verdicts (image size, aspect ratio, caption rules, caption
-     language) and fingerprints (sha256 of the original bytes, near-duplicate signature); the eval
-     images are fingerprinted the same way (a task per eval shard);
-  2. dedup (driver): in (shard, key) order, an image that is an exact or near copy of an eval image is
-     dropped (`eval_contaminated`); otherwise the first copy is kept, and exact copies (same original
-     bytes) and near copies (pipeline/data/neardup.py) of a kept image are dropped;
-  3. write (a Ray task per shard): kept samples into a new shard, committed atomically.
-A resumed run rescans (cheap), reaches the same decisions and writes only the missing shards.
+     language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
+     the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard);
+  2. dedup (Ray tasks per partition, pipeline/dedup.py): copies of eval images are dropped
+     (`eval_contaminated`), then exact copies (same original bytes) and near copies
+     (pipeline/data/neardup.py) of a kept image, in (shard, key) order, whatever the number of workers;
+  3. write (a Ray task per shard): kept samples into a new shard, committed atomically with its ledger.
+The driver holds only per-shard summaries. A resumed run redoes the units of work without a marker
+in `dedup/` and writes only the missing shards; once every shard is committed, `dedup/` is removed.
 """
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
@@ -29,14 +34,18 @@ from pipeline.breaker import check_drop_shares
 from pipeline.config import PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language
-from pipeline.data.neardup import NearDuplicateIndex, signature
+from pipeline import dedup
+from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
+from pipeline.fsutil import atomic_path
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import StageDir, verify_shard
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
+
+DEDUP = "dedup"   # the shuffle's working folder inside the stage's, removed once every shard is committed
 
 
 def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
@@ -50,26 +59,35 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
     options = {"num_cpus": cfg.cpus_per_task, "max_retries": 2, "retry_exceptions": True}
-
-    scan = ray.remote(scan_shard).options(**options)
-    scans = run_shard_tasks(scan, {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s) for s in shards},
-                            Progress("prefilter/scan", len(shards), samples_in), len)
-    eval_images = []
-    if cfg.decontaminate and eval_shards:
-        prints = run_shard_tasks(ray.remote(fingerprint_eval_shard).options(**options), {p: (p,) for p in eval_shards},
-                                 Progress("prefilter/eval", len(eval_shards), 0), len)
-        eval_images = [fp for p in eval_shards for fp in prints[p]]
-    decisions = deduplicate(cfg, [(s["shard"], scans[s["shard"]]) for s in shards], eval_images)
-
-    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], decisions[s["shard"]])
-            for s in shards}
+    root = ctx.out.path / DEDUP
+    details = {}
+    # Once every shard is committed (a resume after the breaker, or a kill before the manifest), the
+    # decisions are in the shards: nothing is scanned again.
+    todo = {s["shard"] for s in shards if ctx.out.shard_stats(s["shard"]) is None}
+    if todo:
+        settings = dedup.load_settings(root, dedup.Settings(
+            dedup.partitions_for(samples_in, cfg.dedup_partitions), cfg.dedup_exact, cfg.dedup_near,
+            cfg.decontaminate and bool(eval_shards), cfg.near_max_distance, cfg.decontaminate_max_distance))
+        scans = {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s, i, str(root), settings)
+                 for i, s in enumerate(shards) if not (root / "done" / f"scan-{i}").is_file()}
+        run_shard_tasks(ray.remote(scan_shard).options(**options), scans,
+                        Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
+        if settings.decontaminate:
+            prints = {p: (p, i, str(root), settings) for i, p in enumerate(eval_shards)
+                      if not (root / "done" / f"scan-eval-{i}").is_file()}
+            run_shard_tasks(ray.remote(fingerprint_eval_shard).options(**options), prints,
+                            Progress("prefilter/eval", len(eval_shards), 0), lambda summary: 0)
+        details["dedup"] = dedup.run_phases(root, len(shards), settings, options)
+    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root))
+            for i, s in enumerate(shards)}
     write = ray.remote(write_shard_task).options(**options)
     results = run_missing_shards(ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
     summaries = [shard_summary(results[name]) for name in jobs]
     ctx.out.write_sizes(summaries)
     # Every shard is committed; a mass drop stops the stage here, before its manifest.
     check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
-    return ctx.manifest(stage_cfg, summaries, started)
+    shutil.rmtree(root, ignore_errors=True)   # the shuffle's files: every decision is in the shards now
+    return ctx.manifest(stage_cfg, summaries, started, details)
 
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
@@ -88,36 +106,6 @@ STAGE = Stage("prefilter", PrefilterConfig, "first", upstreams=lambda cfg, round
               request=_request, extra_inputs=_eval_shards, conserves=True)
 
 
-def deduplicate(cfg: PrefilterConfig, scans: list[tuple[str, list[dict]]],
-                eval_images: list[tuple[str, bytes]] = ()) -> dict[str, dict[str, dict]]:
-    """Per shard, {key: {"outcome": kept|dropped|failed, "reason": ..., "signature": ...}} for every sample.
-    `eval_images`: (sha256, signature) of each evaluation image."""
-    eval_exact = {digest for digest, _ in eval_images}
-    eval_near = NearDuplicateIndex(cfg.decontaminate_max_distance)
-    for _, sig in eval_images:
-        eval_near.add(sig)
-    seen_exact: set[str] = set()
-    near = NearDuplicateIndex(cfg.near_max_distance)
-    out: dict[str, dict[str, dict]] = {}
-    for shard, records in scans:
-        decided = out[shard] = {}
-        for rec in sorted(records, key=lambda r: r["key"]):
-            sig = rec["signature"]
-            verdict = {"outcome": rec["outcome"], "reason": rec["reason"], "signature": sig}
-            if rec["outcome"] == "kept":
-                if rec["exact"] in eval_exact or eval_near.find(sig) is not None:
-                    verdict.update(outcome="dropped", reason="eval_contaminated")
-                elif cfg.dedup_exact and rec["exact"] in seen_exact:
-                    verdict.update(outcome="dropped", reason="duplicate_exact")
-                elif cfg.dedup_near and near.find(sig) is not None:
-                    verdict.update(outcome="dropped", reason="duplicate_near")
-                else:
-                    seen_exact.add(rec["exact"])
-                    near.add(sig)
-            decided[rec["key"]] = verdict
-    return out
-
-
 def _check_languages(cfg: PrefilterConfig) -> None:
     """A language code the identifier does not know would drop every caption: refuse it up front."""
     if cfg.languages:
@@ -129,15 +117,26 @@ def _check_languages(cfg: PrefilterConfig) -> None:
 
 # --- inside the Ray tasks -------------------------------------------------------------------------
 
-def scan_shard(shard_path: str, stage_cfg: dict, expected: dict) -> list[dict]:
-    """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest)."""
+def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, root: str,
+               settings: dedup.Settings) -> dict:
+    """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest),
+    written to dedup/scan/ and hashed into the dedup partitions (pipeline/dedup.py)."""
     verify_shard(Path(shard_path), expected)
     cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
-    records = []
-    for sample in read_shard(Path(shard_path)):
-        records.append(_scan_sample(sample, cfg, patterns))
-    return records
+    records = sorted((_scan_sample(sample, cfg, patterns) for sample in read_shard(Path(shard_path))),
+                     key=lambda r: r["key"])
+    nodes = (index << 32) + np.arange(len(records), dtype=np.int64)
+    root_path = Path(root)
+    kept = [r["outcome"] == "kept" for r in records]
+    dedup.write_partitions(root_path, str(index), nodes, [r["exact"] if k else None for r, k in zip(records, kept)],
+                           [r["signature"] if k else None for r, k in zip(records, kept)], settings)
+    table = pa.table({"key": [r["key"] for r in records], "node": nodes, "outcome": [r["outcome"] for r in records],
+                      "reason": [r["reason"] for r in records], "error": [r.get("error") for r in records],
+                      "signature": [r["signature"] for r in records]}, schema=dedup.SCAN)
+    with atomic_path(root_path / "scan" / f"{index}.parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return dedup._mark(root_path, "scan", str(index), {"samples": len(records)})
 
 
 def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
@@ -209,9 +208,10 @@ def _words(text: str) -> int:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # how webdatasets (ours, COCO's, open_clip's) name images
 
 
-def fingerprint_eval_shard(shard_path: str) -> list[tuple[str, bytes]]:
-    """(sha256 of the bytes, near-duplicate signature) of every readable image of an eval shard."""
-    prints = []
+def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: dedup.Settings) -> dict:
+    """(sha256 of the bytes, near-duplicate signature) of every readable image of an eval shard, hashed
+    into the dedup partitions as eval nodes."""
+    exact, sigs = [], []
     for sample in read_shard(Path(shard_path)):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
@@ -219,22 +219,31 @@ def fingerprint_eval_shard(shard_path: str) -> list[tuple[str, bytes]]:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
-                prints.append((hashlib.sha256(data).hexdigest(), signature(img)))
+                sigs.append(signature(img))
+                exact.append(hashlib.sha256(data).hexdigest())
         except Exception:  # noqa: BLE001 (an unreadable eval image cannot leak into training either)
             continue
-    return prints
+    nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
+    dedup.write_partitions(Path(root), f"eval-{index}", nodes, exact, sigs, settings)
+    return dedup._mark(Path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 
-def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[str, dict]) -> dict:
+def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root: str) -> dict:
     out = StageDir(Path(stage_path), "prefilter", 0)
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    acc, kept, rejects, foreign = Accounting(), [], [], collections.Counter()
+    scanned = {r["key"]: r for r in pq.read_table(Path(root) / "scan" / f"{index}.parquet").to_pylist()}
+    dropped = dedup.decisions_of(Path(root), index)
+    acc, kept, records, foreign = Accounting(), [], [], collections.Counter()
     for sample in read_shard(Path(in_path)):
         key = sample["__key__"]
         acc.samples_in += 1
-        verdict = decisions[key]
+        verdict = scanned[key]
+        if verdict["outcome"] == "kept" and verdict["node"] in dropped:
+            verdict = {**verdict, "outcome": "dropped", "reason": dropped[verdict["node"]]}
+        records.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"],
+                        "error": verdict["error"]})
         if verdict["outcome"] == "kept":
             acc.samples_kept += 1
             meta = _json(sample.get("json"))
@@ -246,5 +255,4 @@ def write_shard_task(in_path: str, stage_path: str, name: str, decisions: dict[s
             kept.append({"__key__": key, "jpg": sample["jpg"], "txt": sample.get("txt", b""), "json": encode_json(meta)})
             continue
         (acc.dropped if verdict["outcome"] == "dropped" else acc.failed)[verdict["reason"]] += 1
-        rejects.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"]})
-    return out.commit_shard(name, kept, acc, rejects, started, {"members_dropped": dict(sorted(foreign.items()))})
+    return out.commit_shard(name, kept, acc, records, started, {"members_dropped": dict(sorted(foreign.items()))})

@@ -15,6 +15,7 @@ import yaml
 from conftest import CAPFILT, ROOT, VLP, load_config, pretrain_config, shard_digests, vlp, write_config
 from pipeline import runner
 from pipeline.data.shards import read_shard
+from pipeline.ledger import not_kept, stage_decisions
 
 STAGES = ("download", "prefilter", "pretrain", "evaluate", "capfilt")
 
@@ -36,10 +37,7 @@ def _capfilt(tmp_path, toyweb, trained_run, **capfilt):
 
 
 def _decisions(stage_dir):
-    out = []
-    for path in sorted(stage_dir.glob("*.decisions.json")):
-        out.extend(json.loads(path.read_text()))
-    return out
+    return stage_decisions(stage_dir)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +91,7 @@ def test_filtering_accounts_for_every_image_and_text(filtered):
         assert (f"{d['key']}_web" in out) == d["web_kept"]
         assert (f"{d['key']}_syn" in out) == d["synthetic_kept"]
         assert (d["verdict"] == "dropped") == (not d["web_kept"] and not d["synthetic_kept"])
-    rejects = [r for p in stage.glob("*.stats.json") for r in json.loads(p.read_text())["rejects"]]
+    rejects = not_kept(stage)
     assert {r["key"] for r in rejects} == {d["key"] for d in decided if d["verdict"] == "dropped"}
 
 

@@ -89,3 +89,15 @@ def test_config_is_frozen():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     with pytest.raises(Exception):
         cfg.download.timeout = 1  # type: ignore[misc]
+
+
+def test_vlp_plan_accepts_the_laion400m_config_without_its_lists():
+    """configs/laion400m.yaml is checked from a machine that does not mount LAION's lists: the plan has
+    every stage and its request, with the counts unknown."""
+    from pipeline.plan import format_plan, missing_lists, plan
+
+    cfg = load_config(ROOT / "configs" / "laion400m.yaml")
+    steps = plan(cfg)
+    assert [s.stage for s in steps][:3] == ["download", "prefilter", "pretrain"]
+    assert len(missing_lists(cfg)) == len(cfg.data.inputs) == 32
+    assert "32 x {CPU 1, GPU 1} together" in format_plan(cfg, steps)

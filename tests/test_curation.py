@@ -12,6 +12,7 @@ import webdataset as wds
 from conftest import TEST_WEB
 from pipeline import status
 from pipeline.data import neardup
+from pipeline.ledger import not_kept
 
 URL_INDEX = re.compile(r"/(\d+)\.jpg$")
 FAULT_TO_REASON = {"not_found": "http_404", "slow": "timeout", "truncated": "truncated", "corrupt": "decode_error",
@@ -49,9 +50,8 @@ def test_status_adds_up(curated):
 def test_download_outcome_of_every_url_matches_the_truth(curated):
     run, truth = curated
     outcome = {}
-    for stats in _stats(run.stage("download").path):
-        for rej in stats["rejects"]:
-            outcome[_index(rej["url"])] = rej["reason"]
+    for rej in not_kept(run.stage("download").path):
+        outcome[_index(rej["url"])] = rej["reason"]
     for sample in wds.WebDataset(str(run.stage("download").path / "{00000..00005}.tar"), shardshuffle=False):
         meta = json.loads(sample["json"])
         outcome[_index(meta["url"])] = "kept"
@@ -85,9 +85,8 @@ def test_prefilter_decisions_match_the_truth(curated):
     keys_to_index = {}
     for sample in wds.WebDataset(str(run.stage("download").path / "{00000..00005}.tar"), shardshuffle=False):
         keys_to_index[sample["__key__"]] = _index(json.loads(sample["json"])["url"])
-    for stats in _stats(run.stage("prefilter").path):
-        for rej in stats["rejects"]:
-            dropped[rej["reason"]].append(truth[keys_to_index[rej["key"]]])
+    for rej in not_kept(run.stage("prefilter").path):
+        dropped[rej["reason"]].append(truth[keys_to_index[rej["key"]]])
     for sample in wds.WebDataset(str(run.stage("prefilter").path / "{00000..00005}.tar"), shardshuffle=False):
         kept.append(truth[keys_to_index[sample["__key__"]]])
     # caption rules drop exactly what the toy web made empty, garbage-free boilerplate or non-UTF-8
@@ -119,8 +118,7 @@ def test_prefilter_drops_every_copy_of_an_eval_image(curated):
     keys_to_index = {}
     for sample in wds.WebDataset(str(run.stage("download").path / "{00000..00005}.tar"), shardshuffle=False):
         keys_to_index[sample["__key__"]] = _index(json.loads(sample["json"])["url"])
-    reasons = {keys_to_index[rej["key"]]: rej["reason"] for stats in _stats(run.stage("prefilter").path)
-               for rej in stats["rejects"]}
+    reasons = {keys_to_index[rej["key"]]: rej["reason"] for rej in not_kept(run.stage("prefilter").path)}
     kept = [i for i in keys_to_index.values() if i not in reasons]
     contaminated = {i for i in keys_to_index.values() if truth[i]["image_of"] in evals}
     assert any(truth[i]["eval_leak"] and truth[i]["near_duplicate"] for i in contaminated), "a near-copy leak"

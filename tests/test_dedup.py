@@ -2,7 +2,6 @@
 download step. Distinct but similar pictures stay, their near copies go; the caption language rule."""
 import hashlib
 import io
-import json
 import os
 
 import pytest
@@ -11,6 +10,7 @@ from pipeline.config import PrefilterConfig
 from pipeline.toyweb import lookalikes
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import ConfigError
+from pipeline.ledger import read_ledger
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import RunDir
 from pipeline.stage import Inputs, StageContext, Upstream
@@ -37,7 +37,8 @@ def _download(images: list[bytes], captions: list[str], run: RunDir, per_shard: 
             acc.samples_in += 1
             acc.samples_kept += 1
         name = f"{start // per_shard:05d}.tar"
-        shards.append(out.commit_shard(name, samples, acc, [], 0.0))
+        records = [{"key": sample["__key__"], "outcome": "kept"} for sample in samples]
+        shards.append(out.commit_shard(name, samples, acc, records, 0.0))
     manifest = Manifest.build(out, "test", {}, [], [shard_summary(s) for s in shards], 0.0)  # prefilter verifies each
     return Inputs((Upstream(out, manifest),), {"eval_shards": []})
 
@@ -48,8 +49,8 @@ def _prefilter(cfg: PrefilterConfig, upstream: Inputs, run: RunDir) -> dict[int,
     manifest = prefilter.run(cfg, upstream, ctx)
     outcome = {}
     for s in manifest.shards:
-        stats = json.loads(run.stage("prefilter").stats_path(s["shard"]).read_text())
-        outcome.update({int(r["key"]): r["reason"] for r in stats["rejects"]})
+        outcome.update({int(r["key"]): r["reason"] for r in read_ledger(run.stage("prefilter").ledger_path(s["shard"]))
+                        if r["outcome"] != "kept"})
         for sample in read_shard(run.stage("prefilter").shard_path(s["shard"])):
             outcome[int(sample["__key__"])] = "kept"
     totals = manifest.totals

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT
 from pipeline.config import DownloadConfig, UrlListConfig
 from pipeline.configtree import to_plain
-from pipeline.runs import STATS_SUFFIX
+from pipeline.ledger import not_kept
 from stages.download import task_memory
 from webguard import ALLOWED, HostileWeb
 
@@ -74,8 +74,7 @@ def test_the_stage_counts_every_refusal_and_never_reaches_the_secret_host(tmp_pa
     totals = manifest["totals"]
     assert totals["samples_in"] == len(expected) and totals["samples_kept"] == 5
     outcome = {}
-    for stats in stage.glob(f"*{STATS_SUFFIX}"):
-        outcome.update({r["url"]: r["reason"] for r in json.loads(stats.read_text())["rejects"]})
+    outcome.update({r["url"]: r["reason"] for r in not_kept(stage)})
     for url, reason in expected.items():
         assert outcome.get(url, "kept") == reason, url
 
@@ -91,11 +90,11 @@ def test_a_bomb_is_refused_within_the_tasks_memory_bound(tmp_path, web):
         from pathlib import Path
         from pipeline.config import DownloadConfig, UrlListConfig
         from pipeline.configtree import build
-        from stages.download import download_shard, plan
-        cfg = build(DownloadConfig, json.loads(sys.argv[1]), source="test")
-        [rows] = plan(cfg, (UrlListConfig(path={str(parquet)!r}, format="parquet"),))
-        out = Path({str(tmp_path / "stage")!r}); out.mkdir()
-        stats = download_shard(str(out), 0, rows, json.loads(sys.argv[1]))
+        from pipeline.data.listplan import input_name, plan_list
+        from stages.download import download_shard
+        out = Path({str(tmp_path / "stage")!r}); (out / "inputs").mkdir(parents=True)
+        plan_list(dict(path={str(parquet)!r}, format="parquet"), 0, str(out / "inputs"), 1000)
+        stats = download_shard(str(out), (0, "inputs/" + input_name(0), 0, 6), json.loads(sys.argv[1]))
         print(json.dumps({{"stats": stats, "peak_rss": peak_rss()}}))
     """)
     done = subprocess.run([sys.executable, "-c", PEAK_RSS + script, json.dumps(to_plain(CFG))], cwd=ROOT, capture_output=True,

@@ -178,3 +178,38 @@ def test_index_finds_what_verification_accepts():
 def test_language_identifier(text, other):
     assert language.in_other_language(text, ("en",), 0.7) is other
     assert {"en", "de", "fr", "es", "zh", "ru", "ja"} <= language.known_languages()
+
+
+def test_lsh_of_a_batch_is_lsh_of_each():
+    """Scan tasks hash a shard's signatures at once; the keys must not depend on the batch (or on the
+    number of workers that cut the data into batches)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data import neardup
+    from pipeline.toyweb import lookalikes
+
+    sigs = [neardup.signature(Image.open(io.BytesIO(x.jpeg))) for x in lookalikes.generate(6, seed=5)]
+    sigs += [neardup.signature(Image.new("RGB", (64, 48), (250, 250, 250))),
+             neardup.signature(Image.new("RGB", (64, 64), (128, 120, 128)))]
+    batch = neardup.lsh_many(sigs)
+    assert batch == [neardup.lsh_many([s])[0] for s in sigs]
+    assert any(len(keys) == neardup.BANDS for keys, _ in batch) and any(len(keys) == 16 for keys, _ in batch)
+
+
+def test_a_signature_is_a_near_copy_of_itself():
+    """pipeline/dedup.py takes equal signatures for copies without verifying them: that is the rule's answer
+    for every image that has candidate keys."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data import neardup
+    from pipeline.toyweb import lookalikes
+
+    for x in lookalikes.generate(2, seed=7)[:12]:
+        sig = neardup.signature(Image.open(io.BytesIO(x.jpeg)))
+        if neardup.candidate_keys(sig):
+            s = neardup.decode(sig)
+            assert neardup.near_copy_distance(s, s, 0.0) is not None, x.family

@@ -42,13 +42,24 @@ def planted_shard(path: Path, marker: Path) -> None:
 
 
 def test_prefilter_writes_only_its_own_members(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import dedup
     from stages.prefilter import write_shard_task
 
     marker = tmp_path / "pwned"
     planted_shard(tmp_path / "in.tar", marker)
-    decisions = {f"k{i}": {"outcome": "kept", "reason": None, "signature": b"sig"} for i in range(2)}
-    (tmp_path / "out").mkdir()
-    stats = write_shard_task(str(tmp_path / "in.tar"), str(tmp_path / "out"), "00000.tar", decisions)
+    # what the scan and dedup passes leave for the write task: both samples kept, nothing dropped
+    root = tmp_path / "out" / "dedup"
+    (root / "scan").mkdir(parents=True)
+    (root / "decisions").mkdir()
+    pq.write_table(pa.table({"key": ["k0", "k1"], "node": [0, 1], "outcome": ["kept", "kept"], "reason": [None, None],
+                             "error": [None, None], "signature": [b"sig", b"sig"]}, schema=dedup.SCAN),
+                   root / "scan" / "0.parquet")
+    pq.write_table(pa.table({"node": pa.array([], pa.int64()), "reason": pa.array([], pa.string())}),
+                   root / "decisions" / "0.parquet")
+    stats = write_shard_task(str(tmp_path / "in.tar"), str(tmp_path / "out"), "00000.tar", 0, str(root))
     assert stats["members_dropped"] == {"pyd": 1} and stats["accounting"]["samples_kept"] == 2
     with tarfile.open(tmp_path / "out" / "00000.tar") as tar:
         assert sorted({m.name.split(".", 1)[1] for m in tar}) == ["jpg", "json", "txt"]

@@ -169,7 +169,7 @@ def test_submit_runs_the_tiny_pipeline_and_logs_show_progress(cluster, tmp_path,
 
 
 def test_stop_mid_run_then_resume_does_not_redo_committed_shards(cluster, tmp_path, toyweb, reference_run):
-    cfg = write_config(tmp_path / "c.yaml", toyweb, download={"thread_count": 2})  # slow enough to stop midway
+    cfg = write_config(tmp_path / "c.yaml", toyweb, download={"thread_count": 1})  # slow enough to stop midway
     run_dir = tmp_path / "run"
     job = _job_id(cluster.vlp("submit", str(cfg), "--run-dir", str(run_dir)).stdout)
     stage = run_dir / "round-0" / "download"

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import UrlListConfig
-from pipeline.data.urllists import read_url_list
+from pipeline.data.urllists import check_url_list, count_rows, iter_url_batches, read_url_list
 from pipeline.data.urlpolicy import refusal
 from pipeline.errors import InputError
 
@@ -119,3 +119,48 @@ def test_missing_file(tmp_path):
 ])
 def test_url_policy(url, allowed, reason):
     assert refusal(url, frozenset(allowed)) == reason
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+@pytest.mark.parametrize("fmt", ["cc3m", "tsv", "jsonl"])
+def test_compressed_lists_stream_in_batches(tmp_path, fmt, suffix):
+    """A compressed list reads as the plain one, in batches whose source_row counts on across them."""
+    n = 2_500
+    if fmt == "cc3m":
+        body = "".join(f"caption {i}\thttp://e.com/{i}.jpg\n" for i in range(n))
+    elif fmt == "tsv":
+        body = "url\tcaption\n" + "".join(f"http://e.com/{i}.jpg\tcaption {i}\n" for i in range(n))
+    else:
+        body = "".join(json.dumps({"url": f"http://e.com/{i}.jpg", "caption": f"caption {i}"}) + "\n" for i in range(n))
+    plain, packed = tmp_path / f"list.{fmt}", tmp_path / f"list.{fmt}{suffix}"
+    plain.write_text(body)
+    with pa.CompressedOutputStream(str(packed), "gzip" if suffix == ".gz" else "zstd") as out:
+        out.write(body.encode())
+    batches = list(iter_url_batches(UrlListConfig(path=str(packed), format=fmt, name="l"), batch_rows=1_000))
+    assert len(batches) >= 3 and max(b.num_rows for b in batches) <= 1_000
+    rows = pa.concat_tables(batches).to_pylist()
+    assert rows == read_url_list(UrlListConfig(path=str(plain), format=fmt, name="l")).to_pylist()
+    assert [r["source_row"] for r in rows] == list(range(n))
+    assert rows[7] == {"url": "http://e.com/7.jpg", "caption": "caption 7", "caption_error": None, "source": "l",
+                       "source_row": 7}
+    assert count_rows(UrlListConfig(path=str(packed), format=fmt)) == n
+
+
+def test_csv_caption_that_is_not_utf8_is_a_counted_defect(tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_bytes(b"url,caption\nhttp://e.com/1.jpg,ok\nhttp://e.com/2.jpg,\xff\xfe bad\n")
+    rows = read_url_list(UrlListConfig(path=str(path), format="csv")).to_pylist()
+    assert [(r["caption"], r["caption_error"]) for r in rows] == [("ok", None), (None, "not_utf8")]
+
+
+def test_the_check_reads_only_the_first_batch(tmp_path):
+    """check_url_list is the driver's cheap test: a list whose first rows hold URLs passes it (a later bad
+    row is the planning task's to report); a list of no URLs fails it, naming the file."""
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"URL": ["http://e.com/1.jpg"] * 10, "TEXT": ["x"] * 10}), path)
+    check_url_list(UrlListConfig(path=str(path), format="laion"))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"URL": ["not a url"] * 10, "TEXT": ["x"] * 10}), bad)
+    with pytest.raises(InputError, match="none of its first 10 rows holds an http"):
+        check_url_list(UrlListConfig(path=str(bad), format="laion"))
+    assert count_rows(UrlListConfig(path=str(path), format="laion")) == 10

@@ -63,6 +63,7 @@ MAX_GAIN = 1.15          # the common brightness factor a copy may carry (a nudg
 MIN_CHANNEL_CONTRAST, MAX_COLOUR_SHIFT = 3.0, 0.10   # see compare()
 COARSE_K = 6         # SimHash over Y 6x6 and Cb/Cr 3x3: the part of the signature a small crop barely moves
 BANDS, BAND_BITS = 8, 16
+SIMHASH_BYTES = BANDS * BAND_BITS // 8
 
 # The detail thumbnail (see detail_differences): luma at DETAIL_PIXELS in the image's aspect, chroma at half
 # that resolution per axis, 4 bits a pixel over the plane's own range.
@@ -258,15 +259,43 @@ def _blank_keys(s: Signature) -> list[int]:
 def candidate_keys(sig: bytes) -> list[int]:
     """One key per LSH band (band number in the high bits); none for a low-information image but a blank
     (which has keys by its colour). Two signatures are verified only if they share a key."""
-    s = decode(sig)
-    if s.blank:
-        return _blank_keys(s)
-    if s.information < MIN_INFORMATION:
-        return []
-    bits = (_coarse(s.ac) @ _projections()) > 0
-    weights = 1 << np.arange(BAND_BITS - 1, -1, -1, dtype=np.int64)
-    return [(band << BAND_BITS) | int(bits[band * BAND_BITS:(band + 1) * BAND_BITS] @ weights)
-            for band in range(BANDS)]
+    return lsh(sig)[0]
+
+
+def lsh(sig: bytes) -> tuple[list[int], bytes]:
+    """(candidate keys, the whole SimHash: BANDS * BAND_BITS bits; zero for an image of little
+    information; for a blank, its aspect and colour). The SimHash's Hamming distance screens the pairs
+    that share a key before they are verified (pipeline/dedup.py); blanks are verified from theirs."""
+    return lsh_many([sig])[0]
+
+
+def lsh_many(sigs: list[bytes]) -> list[tuple[list[int], bytes]]:
+    """`lsh` of many signatures, with one matrix product. The bits do not depend on the batch: every
+    coefficient is an int8 times the signature's float16 scale, so each projection sums multiples of
+    one scale with integer factors under 2^13, exactly in float32, in any order."""
+    decoded = [decode(s) for s in sigs]
+    out: list = [None] * len(sigs)
+    rows = []
+    for i, s in enumerate(decoded):
+        if s.blank:   # a blank's "hash" is what decides it: its aspect and mean colour (header bytes 0..3)
+            out[i] = (_blank_keys(s), sigs[i][:4] + bytes(SIMHASH_BYTES - 4))
+        elif s.information < MIN_INFORMATION:
+            out[i] = ([], bytes(SIMHASH_BYTES))
+        else:
+            rows.append(i)
+    if rows:
+        coarse = np.stack([decoded[i].ac for i in rows])[:, _coarse_index()]
+        packed = np.packbits((coarse @ _projections()) > 0, axis=1)
+        values = packed.view(">u2").astype(np.int64) | (np.arange(BANDS, dtype=np.int64) << BAND_BITS)
+        for i, keys, simhash in zip(rows, values.tolist(), packed):
+            out[i] = (keys, simhash.tobytes())
+    return out
+
+
+@lru_cache(maxsize=1)
+def _coarse_index() -> np.ndarray:
+    """Which of a signature's coefficients `_coarse` keeps, in its order (it only selects)."""
+    return (_coarse(np.arange(1, COARSE_SIZE - HEADER + 1, dtype=np.float32)) - 1).astype(np.int64)
 
 
 # --- verification ---------------------------------------------------------------------------------
@@ -480,6 +509,15 @@ def detail_differences(a: Signature, b: Signature, crop_x: tuple[float, float],
 
 def _unaligned_distance(a: Signature, b: Signature) -> float:
     return float(np.linalg.norm(a.ac - b.ac) / ((np.linalg.norm(a.ac) + np.linalg.norm(b.ac)) or 1.0))
+
+
+def blank_copies(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which pairs of blanks are copies, from their `lsh` hashes (rows of bytes: aspect int8, mean Y, Cb,
+    Cr uint8): near_copy_distance's rule for two blanks, for many pairs at once."""
+    aspect = lambda h: h[:, :1].view(np.int8)[:, 0].astype(np.float64) / 32  # noqa: E731
+    means = lambda h: h[:, 1:4].astype(np.float32)  # noqa: E731
+    return (np.abs(aspect(a) - aspect(b)) <= MAX_ASPECT_CHANGE) & \
+        (np.abs(means(a) - means(b)).max(axis=1) / BLANK_LEVELS <= 1)
 
 
 def _blank_distance(a: Signature, b: Signature) -> float:

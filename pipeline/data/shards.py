@@ -18,6 +18,12 @@ Sample = dict  # {"__key__": str, "jpg": bytes, "txt": bytes, "json": bytes, ...
 # The members our stages write. Anything else in an input shard is dropped (and counted), never copied:
 # webdataset's default decoders unpickle `.pyd`/`.pickle` and torch.load `.pth` members.
 OWNED_MEMBERS = ("jpg", "txt", "json")
+# Web shards are named by a 5-digit number (`00042.tar`), and the keys in them start with it.
+SHARD_DIGITS = 5
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{SHARD_DIGITS}d}.tar"
 
 
 def encode_json(obj: dict) -> bytes:

@@ -1,15 +1,24 @@
-"""Readers for URL lists in the formats the real datasets ship, normalised to one table.
+"""Readers for URL lists in the formats the real datasets ship, streamed in record batches.
 
-Every list becomes columns `url`, `caption` (None when absent or not UTF-8), `caption_error`
-("not_utf8" or None), `source` and `source_row`. A list that cannot be used fails early, before any
-download starts, with the file, the columns found and the columns expected.
+Every list becomes batches of one table schema: `url`, `caption` (None when absent or not UTF-8),
+`caption_error` ("not_utf8" or None), `source` and `source_row`. Nothing reads a whole list into memory
+except a JSON document (SBU's file, `json`), which cannot be parsed in pieces; CSV/TSV/JSONL/CC3M files
+compressed with gzip, bz2, lz4 or zstd (by extension) are decompressed as they stream.
+
+`check_url_list` is the cheap test the driver makes before anything is fetched (the file is there, in
+its format, with its columns, and its first batch holds URLs); the download's planning tasks stream the
+whole list with `iter_url_batches` (stages/download_plan.py).
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -20,54 +29,70 @@ from pipeline.errors import InputError
 KNOWN_COLUMNS = {"laion": ("URL", "TEXT"), "sbu": ("image_urls", "captions")}
 SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("caption_error", pa.string()),
                     ("source", pa.string()), ("source_row", pa.int64())])
+BATCH_ROWS = 65_536
+TEXT_BLOCK = 8 << 20     # bytes of a line-oriented list read at once
+_URL = r"(?i)^https?://"
 
 
 def source_name(spec: UrlListConfig) -> str:
     return spec.name or Path(spec.path).name
 
 
+def check_url_list(spec: UrlListConfig) -> None:
+    """Fail now, before any download, if the list is missing, unreadable in its format, lacks its
+    columns, is empty, or its first batch holds no http(s) URL (binary garbage, the wrong column)."""
+    first = next(iter(iter_url_batches(spec, check_urls=False)), None)
+    _check_urls(Path(spec.path), spec, first)
+
+
 def read_url_list(spec: UrlListConfig) -> pa.Table:
+    """The whole list as one table (small lists and tests; the download streams it)."""
+    return pa.Table.from_batches([b for t in iter_url_batches(spec) for b in t.to_batches()], SCHEMA)
+
+
+def count_rows(spec: UrlListConfig) -> int:
+    """Rows of a list: a parquet file's metadata, else one streamed pass (memory: one batch)."""
+    if spec.format in ("laion", "parquet") and Path(spec.path).is_file():
+        return pq.ParquetFile(spec.path).metadata.num_rows
+    return sum(t.num_rows for t in iter_url_batches(spec, check_urls=False))
+
+
+def iter_url_batches(spec: UrlListConfig, batch_rows: int = BATCH_ROWS, check_urls: bool = True) -> Iterator[pa.Table]:
+    """The list in tables of at most about `batch_rows` rows, `source_row` counting from 0 across them.
+    Raises InputError (file, format, what is wrong) for a list that cannot be used."""
     path = Path(spec.path)
     if not path.is_file():
         raise InputError(f"{path}: URL list not found")
+    rows, any_url, name = 0, False, source_name(spec)
     try:
-        if spec.format == "cc3m":
-            urls, captions, errors = _read_cc3m(path)
-        else:
-            urls, captions, errors = _read_columns(spec, path)
+        for urls, captions, errors in _READERS.get(spec.format, _read_json)(spec, path, batch_rows):
+            errors = errors if errors is not None else pa.nulls(len(urls), pa.string())
+            for start in range(0, len(urls), batch_rows):   # a CSV reader's batches are blocks of bytes
+                n = min(batch_rows, len(urls) - start)
+                table = pa.table({"url": urls.slice(start, n), "caption": captions.slice(start, n),
+                                  "caption_error": errors.slice(start, n),
+                                  "source": pa.array([name], pa.string()).take(np.zeros(n, dtype=np.int32)),
+                                  "source_row": pa.array(np.arange(rows, rows + n, dtype=np.int64))}, schema=SCHEMA)
+                any_url = any_url or (check_urls and pc.any(pc.match_substring_regex(table["url"], _URL)).as_py())
+                rows += n
+                yield table
     except InputError:
         raise
     except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read as {spec.format}: {err}") from None
-    if not urls:
+    if rows == 0:
         raise InputError(f"{path}: the URL list is empty")
-    if not any(u is not None and u[:8].lower().startswith(("http://", "https://")) for u in urls):
-        # Every row would be refused: this is no URL list (binary garbage, the wrong format or column).
-        sample = next((u for u in urls if u), "")[:60]
-        raise InputError(f"{path}: no row holds an http(s) URL (first value: {sample!r}); is it a {spec.format} "
-                         f"list, and is the url column right?")
-    n = len(urls)
-    return pa.table({"url": urls, "caption": captions, "caption_error": errors or [None] * n,
-                     "source": [source_name(spec)] * n, "source_row": list(range(n))}, schema=SCHEMA)
+    if check_urls and not any_url:
+        raise InputError(f"{path}: no row holds an http(s) URL; is it a {spec.format} list, and is the url column right?")
 
 
-def _read_cc3m(path: Path):
-    """CC3M's file: `caption<TAB>url` per line and no header. Bytes that are not UTF-8 are kept as a
-    counted defect of that caption, not a crash."""
-    urls, captions, errors = [], [], []
-    with open(path, "rb") as f:
-        for line in f:
-            line = line.rstrip(b"\r\n")
-            caption, tab, url = line.rpartition(b"\t")
-            if not tab:  # no tab: the line is a URL at best; its caption is missing
-                caption, url = b"", line
-            text, error = _caption(caption)
-            captions.append(text)
-            errors.append(error)
-            urls.append(url.decode("utf-8", errors="replace").strip())
-    if urls and urls[0].lower() == "url":  # a header someone added: not a sample
-        del urls[0], captions[0], errors[0]
-    return urls, captions, errors
+def _check_urls(path: Path, spec: UrlListConfig, first: pa.Table | None) -> None:
+    if first is None:
+        raise InputError(f"{path}: the URL list is empty")
+    if not pc.any(pc.match_substring_regex(first["url"], _URL)).as_py():
+        sample = next((u for u in first["url"].to_pylist() if u), "")[:60]
+        raise InputError(f"{path}: none of its first {first.num_rows} rows holds an http(s) URL (first value: "
+                         f"{sample!r}); is it a {spec.format} list, and is the url column right?")
 
 
 def _columns_for(spec: UrlListConfig) -> tuple[str, str]:
@@ -75,47 +100,115 @@ def _columns_for(spec: UrlListConfig) -> tuple[str, str]:
     return spec.url_col or url_col, spec.caption_col or caption_col
 
 
-def _read_columns(spec: UrlListConfig, path: Path):
+def _read_parquet(spec: UrlListConfig, path: Path, batch_rows: int):
     url_col, caption_col = _columns_for(spec)
-    fmt = spec.format
-    if fmt in ("laion", "parquet"):
-        found = pq.read_schema(path).names
-        _check_columns(path, fmt, found, url_col, caption_col)
-        table = pq.read_table(path, columns=[url_col, caption_col])
-        captions, errors = _texts(table.column(caption_col))
-        return _strings(table.column(url_col)), captions, errors
-    if fmt in ("csv", "tsv"):
-        opts = pacsv.ParseOptions(delimiter="," if fmt == "csv" else "\t")
-        table = pacsv.read_csv(path, parse_options=opts,
-                               convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-        _check_columns(path, fmt, table.column_names, url_col, caption_col)
-        captions, errors = _texts(table.column(caption_col))
-        return _strings(table.column(url_col)), captions, errors
-    if fmt == "jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return _from_records(path, fmt, records, url_col, caption_col)
-    data = json.loads(path.read_text())  # json and sbu
+    file = pq.ParquetFile(path)
+    _check_columns(path, spec.format, file.schema_arrow.names, url_col, caption_col)
+    for batch in file.iter_batches(batch_size=batch_rows, columns=[url_col, caption_col]):
+        captions, errors = _texts(batch.column(caption_col))
+        yield _urls(batch.column(url_col)), captions, errors
+
+
+def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
+    url_col, caption_col = _columns_for(spec)
+    parse = pacsv.ParseOptions(delimiter="," if spec.format == "csv" else "\t")
+    with pa.input_stream(path, compression="detect") as stream:   # the header, to name missing columns
+        found = pacsv.open_csv(stream, parse_options=parse).schema.names
+    _check_columns(path, spec.format, found, url_col, caption_col)
+    # Captions as bytes: a caption that is not UTF-8 is a counted defect of its row, not a failed list.
+    convert = pacsv.ConvertOptions(strings_can_be_null=True, include_columns=[url_col, caption_col],
+                                   column_types={url_col: pa.binary(), caption_col: pa.binary()})
+    with pa.input_stream(path, compression="detect") as stream:
+        reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK // 4),
+                                parse_options=parse, convert_options=convert)
+        for batch in reader:
+            captions, errors = _texts(batch.column(caption_col))
+            yield _urls(batch.column(url_col)), captions, errors
+
+
+def _lines(path: Path) -> Iterator[list[bytes]]:
+    """Lines of a (possibly compressed) text file, in blocks, without their line ends."""
+    with pa.input_stream(path, compression="detect") as stream:
+        rest = b""
+        while block := stream.read(TEXT_BLOCK):
+            lines = (rest + block).split(b"\n")
+            rest = lines.pop()
+            yield [line.rstrip(b"\r") for line in lines]
+        if rest:
+            yield [rest.rstrip(b"\r")]
+
+
+def _read_cc3m(spec: UrlListConfig, path: Path, batch_rows: int):
+    """CC3M's file: `caption<TAB>url` per line and no header. Bytes that are not UTF-8 are kept as a
+    counted defect of that caption, not a crash."""
+    first = True
+    for block in _lines(path):
+        for start in range(0, len(block), batch_rows):
+            urls, captions, errors = [], [], []
+            for line in block[start:start + batch_rows]:
+                caption, tab, url = line.rpartition(b"\t")
+                if not tab:  # no tab: the line is a URL at best; its caption is missing
+                    caption, url = b"", line
+                text, error = _caption(caption)
+                captions.append(text)
+                errors.append(error)
+                urls.append(url.decode("utf-8", errors="replace").strip())
+            if first and urls and urls[0].lower() == "url":  # a header someone added: not a sample
+                del urls[0], captions[0], errors[0]
+            first = False
+            yield pa.array(urls, pa.string()), pa.array(captions, pa.string()), pa.array(errors, pa.string())
+
+
+def _read_jsonl(spec: UrlListConfig, path: Path, batch_rows: int):
+    url_col, caption_col = _columns_for(spec)
+    checked = False
+    for block in _lines(path):
+        records = [json.loads(line) for line in block if line.strip()]
+        if records and not checked:
+            _check_record_columns(path, spec.format, records, url_col, caption_col)
+            checked = True
+        for start in range(0, len(records), batch_rows):
+            yield _from_records(records[start:start + batch_rows], url_col, caption_col)
+
+
+def _read_json(spec: UrlListConfig, path: Path, batch_rows: int):
+    """json and sbu: one JSON document, parsed whole (by the planning task, not the driver)."""
+    url_col, caption_col = _columns_for(spec)
+    with pa.input_stream(path, compression="detect") as stream:
+        data = json.loads(stream.read())
     if isinstance(data, dict):  # SBU's layout: parallel lists
-        _check_columns(path, fmt, list(data), url_col, caption_col)
+        _check_columns(path, spec.format, list(data), url_col, caption_col)
         urls, captions = data[url_col], data[caption_col]
         if not isinstance(urls, list) or not isinstance(captions, list) or len(urls) != len(captions):
             raise InputError(f"{path}: {url_col!r} and {caption_col!r} must be lists of equal length")
-        return [_str(u) for u in urls], [_str(c) for c in captions], None
-    if isinstance(data, list):
-        return _from_records(path, fmt, data, url_col, caption_col)
-    raise InputError(f"{path}: expected a JSON object of lists or a list of records")
+        for start in range(0, len(urls), batch_rows):
+            yield (pa.array([_str(u) for u in urls[start:start + batch_rows]], pa.string()),
+                   pa.array([_str(c) for c in captions[start:start + batch_rows]], pa.string()), None)
+    elif isinstance(data, list):
+        if data:
+            _check_record_columns(path, spec.format, data, url_col, caption_col)
+        for start in range(0, len(data), batch_rows):
+            yield _from_records(data[start:start + batch_rows], url_col, caption_col)
+    else:
+        raise InputError(f"{path}: expected a JSON object of lists or a list of records")
 
 
-def _from_records(path, fmt, records, url_col, caption_col):
-    found = sorted({k for r in records[:1000] if isinstance(r, dict) for k in r})
-    if records:
-        _check_columns(path, fmt, found, url_col, caption_col)
+_READERS = {"laion": _read_parquet, "parquet": _read_parquet, "csv": _read_delimited, "tsv": _read_delimited,
+            "cc3m": _read_cc3m, "jsonl": _read_jsonl}
+
+
+def _from_records(records: list, url_col: str, caption_col: str):
     urls, captions = [], []
     for r in records:
         r = r if isinstance(r, dict) else {}
         urls.append(_str(r.get(url_col)))
         captions.append(_str(r.get(caption_col)))
-    return urls, captions, None
+    return pa.array(urls, pa.string()), pa.array(captions, pa.string()), None
+
+
+def _check_record_columns(path: Path, fmt: str, records: list, url_col: str, caption_col: str) -> None:
+    found = sorted({k for r in itertools.islice(records, 1000) if isinstance(r, dict) for k in r})
+    _check_columns(path, fmt, found, url_col, caption_col)
 
 
 def _check_columns(path: Path, fmt: str, found, url_col: str, caption_col: str) -> None:
@@ -127,15 +220,30 @@ def _check_columns(path: Path, fmt: str, found, url_col: str, caption_col: str) 
             f"column {caption_col!r} (set url_col / caption_col in data.inputs to name others)")
 
 
-def _strings(column: pa.ChunkedArray) -> list:
-    return [_str(v) for v in column.to_pylist()]
+def _urls(column: pa.Array) -> pa.Array:
+    """A URL column as strings: a binary column's values decoded as UTF-8 (else no URL at all)."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string())
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return column.cast(pa.string())
+        except pa.ArrowInvalid:
+            return pa.array([_str(v) for v in column.to_pylist()], pa.string())
+    return pa.array([_str(v) for v in column.to_pylist()], pa.string())
 
 
-def _texts(column: pa.ChunkedArray) -> tuple[list, list]:
+def _texts(column: pa.Array) -> tuple[pa.Array, pa.Array | None]:
     """Captions and their defects: a binary column's bytes are decoded as UTF-8 (not written as "b'...'"),
     and bytes that are not UTF-8 become a counted `not_utf8` caption, as in CC3M's file."""
-    pairs = [_caption(v) if isinstance(v, bytes) else (_str(v), None) for v in column.to_pylist()]
-    return [text for text, _ in pairs], [error for _, error in pairs]
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        try:
+            return column.cast(pa.string()), None   # all valid UTF-8: the fast path
+        except pa.ArrowInvalid:
+            pairs = [_caption(v) if v is not None else (None, None) for v in column.to_pylist()]
+            return pa.array([t for t, _ in pairs], pa.string()), pa.array([e for _, e in pairs], pa.string())
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column.cast(pa.string()), None
+    return pa.array([_str(v) for v in column.to_pylist()], pa.string()), None
 
 
 def _caption(raw: bytes) -> tuple[str | None, str | None]:

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 from pipeline.toyweb.world import ATTRIBUTES, CHOICES
-from pipeline.fsutil import read_json
 from pipeline.runs import RunDir
 
 
@@ -28,10 +27,9 @@ def load_truth(run: RunDir) -> dict[str, dict] | None:
 
 
 def decisions(stage_path: Path) -> list[dict]:
-    out = []
-    for path in sorted(stage_path.glob("*.decisions.json")):
-        out.extend(read_json(path))
-    return out
+    from pipeline.ledger import stage_decisions
+
+    return stage_decisions(stage_path)
 
 
 def _with_truth(decided: list[dict], truth: dict[str, dict]) -> list[tuple[dict, dict]]:

@@ -1,0 +1,67 @@
+"""Per-sample outcomes, beside each shard: `<shard>.parquet` (img2dataset's convention).
+
+One row per sample that went into the shard's task: its key, its outcome (kept, dropped, failed), the
+reason and error for the ones not kept, and where it came from (url, source list, row) when the stage
+knows. The shard's stats file holds only the counts per reason, so the driver, `vlp status` and the
+resume scan read a few hundred bytes per shard; whoever wants the samples (the report, a user asking
+"why was this URL dropped?") aggregates the ledgers with pyarrow.dataset, never the tars.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from pipeline.fsutil import atomic_path
+
+SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()),
+                    ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
+                    ("source_row", pa.int64())])
+SUFFIX = ".parquet"
+# CapFilt's `<shard>.decisions.parquet`: both texts and both scores of every image it judged.
+DECISIONS_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("web_caption", pa.string()),
+                              ("web_score", pa.float64()), ("web_kept", pa.bool_()),
+                              ("synthetic_caption", pa.string()), ("synthetic_score", pa.float64()),
+                              ("synthetic_kept", pa.bool_()), ("verdict", pa.string())])
+DECISIONS_SUFFIX = ".decisions.parquet"
+
+
+def write_records(path: Path, records: list[dict], schema: pa.Schema = SCHEMA) -> None:
+    """Write `records` (dicts; absent fields are null) as a parquet file of `schema`, atomically."""
+    table = pa.table({name: [r.get(name) for r in records] for name in schema.names}, schema=schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_ledger(path: Path, records: list[dict]) -> None:
+    """A shard's ledger: `records` are {key, outcome, ...} of every sample that went in."""
+    write_records(path, records, SCHEMA)
+
+
+def read_ledger(path: Path) -> list[dict]:
+    return pq.read_table(path, schema=SCHEMA).to_pylist()
+
+
+def stage_ledger(folder: Path, columns: list[str] | None = None, expression: ds.Expression | None = None) -> pa.Table:
+    """Every committed shard's ledger in a stage folder, as one table (or the rows matching
+    `expression`, e.g. `ds.field("outcome") != "kept"`)."""
+    return _dataset(folder, SCHEMA, lambda name: name.count(".") == 1, columns, expression)
+
+
+def stage_decisions(folder: Path) -> list[dict]:
+    """CapFilt's decisions over every shard of a stage folder, in shard order."""
+    return _dataset(folder, DECISIONS_SCHEMA, lambda name: name.endswith(DECISIONS_SUFFIX)).to_pylist()
+
+
+def _dataset(folder: Path, schema: pa.Schema, wanted, columns=None, expression=None) -> pa.Table:
+    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".") and wanted(p.name))
+    if not files:
+        return schema.empty_table().select(columns or schema.names)
+    return ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns, filter=expression)
+
+
+def not_kept(folder: Path) -> list[dict]:
+    """The ledger rows of every sample a stage dropped or that failed (small stages, tests, reports)."""
+    return stage_ledger(folder, expression=ds.field("outcome") != "kept").to_pylist()

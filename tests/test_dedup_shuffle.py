@@ -1,0 +1,126 @@
+"""Distributed dedup (pipeline/dedup.py) decides as the one-pass rule does, on any number of partitions
+and workers: copies of eval images, then exact copies, then near copies of a kept image, in node order."""
+import hashlib
+import io
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from pipeline import dedup
+from pipeline.data import neardup
+from pipeline.toyweb import lookalikes
+
+SHARDS, PER_SHARD = 4, 40
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """(web shards: [(exact, signature)], eval shard): lookalike pictures with their near copies,
+    exact copies, blanks of a few colours (copies among them), a chain A~B~C, eval leaks."""
+    rng = random.Random(3)
+    items = [(hashlib.sha256(x.jpeg).hexdigest(), x.jpeg) for x in lookalikes.generate(10, seed=2)]
+    items += [items[rng.randrange(len(items))] for _ in range(12)]                 # exact copies
+    for grey in (250, 250, 251, 200, 120, 120):                                       # blanks, some copies
+        data = _jpeg(Image.new("RGB", (64, 64), (grey, grey, grey)))
+        items.append((hashlib.sha256(data + bytes([grey, len(items)])).hexdigest(), data))
+    base = Image.new("RGB", (64, 64), (40, 90, 160))
+    ImageDraw.Draw(base).ellipse((10, 10, 40, 40), fill=(230, 200, 30))
+    for shift in (0, 2, 4):                                                           # a chain of small moves
+        moved = Image.new("RGB", (64, 64), (40, 90, 160))
+        moved.paste(base.crop((0, 0, 64 - shift, 64)), (shift, 0))
+        data = _jpeg(moved)
+        items.append((hashlib.sha256(data).hexdigest(), data))
+    leaked = items[0]
+    items += [leaked, leaked]   # exact copies of a picture an eval image re-encodes: all three are contaminated
+    rng.shuffle(items)
+    evals = [items[i][1] for i in (1, 5)] + [_jpeg(Image.open(io.BytesIO(items[9][1])), quality=70),
+                                             _jpeg(Image.open(io.BytesIO(leaked[1])), quality=70)]
+    sign = lambda data: neardup.signature(Image.open(io.BytesIO(data)))  # noqa: E731
+    web = [(e, sign(d)) for e, d in items]
+    shards = [web[i::SHARDS] for i in range(SHARDS)]
+    return shards, [(hashlib.sha256(d).hexdigest(), sign(d)) for d in evals]
+
+
+def _sequential(shards, evals, s: dedup.Settings) -> dict[int, str]:
+    """The reference: one pass in node order, with neardup's index."""
+    nodes = [((i << 32) + j, e, sig) for i, shard in enumerate(shards) for j, (e, sig) in enumerate(shard)]
+    eval_near = neardup.NearDuplicateIndex(s.decontaminate_max_distance)
+    for _, sig in evals:
+        eval_near.add(sig)
+    eval_exact = {e for e, _ in evals}
+    reason = {}
+    for node, e, sig in nodes:
+        if s.decontaminate and (e in eval_exact or eval_near.find(sig) is not None):
+            reason[node] = "eval_contaminated"
+    first = {}
+    for node, e, _ in nodes:
+        if node not in reason:
+            if s.exact and e in first:
+                reason[node] = "duplicate_exact"
+            first.setdefault(e, node)
+    near = neardup.NearDuplicateIndex(s.near_max_distance)
+    for node, _, sig in nodes:
+        if node not in reason:
+            if s.near and near.find(sig) is not None:
+                reason[node] = "duplicate_near"
+            else:
+                near.add(sig)
+    return reason
+
+
+def _distributed(tmp_path, shards, evals, s: dedup.Settings, cpus: float) -> dict[int, str]:
+    root = tmp_path / f"dedup-{abs(hash((s, cpus)))}"
+    for i, shard in enumerate(shards):
+        dedup.write_partitions(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64),
+                               [e for e, _ in shard], [sig for _, sig in shard], s)
+    if s.decontaminate:
+        dedup.write_partitions(root, "eval-0", dedup.EVAL + np.arange(len(evals), dtype=np.int64),
+                               [e for e, _ in evals], [sig for _, sig in evals], s)
+    summary = dedup.run_phases(root, len(shards), s, {"num_cpus": cpus})
+    got = {}
+    for i in range(len(shards)):
+        got |= dedup.decisions_of(root, i)
+    assert summary["dropped"] == len(got)
+    return got
+
+
+@pytest.mark.parametrize("partitions, cpus", [(1, 2), (3, 1), (8, 1)])
+def test_same_decisions_as_one_pass_on_any_partitions_and_workers(tmp_path, corpus, ray_cluster, partitions, cpus):
+    shards, evals = corpus
+    s = dedup.Settings(partitions, True, True, True, 0.08, 0.1)
+    expected = _sequential(shards, evals, s)
+    reasons = set(expected.values())
+    assert reasons == {"eval_contaminated", "duplicate_exact", "duplicate_near"}, reasons
+    assert _distributed(tmp_path, shards, evals, s, cpus) == expected
+
+
+def test_switches(tmp_path, corpus, ray_cluster):
+    shards, evals = corpus
+    for s in (dedup.Settings(2, False, True, False, 0.08, 0.1), dedup.Settings(2, True, False, True, 0.08, 0.1),
+              dedup.Settings(2, True, False, False, 0.08, 0.1)):
+        expected = _sequential(shards, evals, s)
+        assert _distributed(tmp_path, shards, evals, s, 1) == expected, s
+
+
+def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster):
+    """3,000 white images of one shape share every blank key: the band join cuts the bucket into runs
+    of BUCKET_CAP nodes (counted), instead of ~4.5M pairs; each run keeps one copy."""
+    white = neardup.signature(Image.new("RGB", (64, 64), (255, 255, 255)))
+    shards = [[(hashlib.sha256(f"{i}-{j}".encode()).hexdigest(), white) for j in range(1_000)] for i in range(3)]
+    s = dedup.Settings(2, True, True, False, 0.08, 0.1)
+    root = tmp_path / "giant"
+    for i, shard in enumerate(shards):
+        dedup.write_partitions(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64),
+                               [e for e, _ in shard], [sig for _, sig in shard], s)
+    summary = dedup.run_phases(root, len(shards), s, {"num_cpus": 1})
+    assert summary["buckets_cut"] > 0
+    runs = -(-3_000 // dedup.BUCKET_CAP)
+    assert summary["dropped"] == summary["near"] == 3_000 - runs
