@@ -133,11 +133,9 @@ def test_bad_token_no_token_and_unreachable_address_are_clear_errors(cluster, tm
     finally:
         os.environ.pop("RAY_AUTH_TOKEN_PATH") if env_path is None else os.environ.__setitem__("RAY_AUTH_TOKEN_PATH", env_path)
     assert proc.returncode == 2 and "no token was found" in proc.stderr
-    # A port we hold bound but never listen on: connections are refused, and no other process (the test
-    # cluster's workers bind ports of their own) can take it meanwhile, as it could a port merely "free".
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        proc = vlp("jobs", "--address", f"http://127.0.0.1:{held.getsockname()[1]}", check=False)
+    # Port 1 on loopback: privileged, so no Ray process (they bind ephemeral ports) can be listening there.
+    # A port merely held bound was once reached anyway: some Ray agent of the session answered on it.
+    proc = vlp("jobs", "--address", "http://127.0.0.1:1", check=False)
     assert proc.returncode == 2 and "cannot reach the Ray dashboard" in proc.stderr
     proc = cluster.vlp("submit", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "s3://bucket/run", check=False)
     assert proc.returncode == 2 and "URLs (s3://" in proc.stderr
