@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.data import neardup
-from pipeline.fsutil import atomic_path, atomic_write_json, read_json
+from pipeline.fsutil import atomic_write_json, atomic_write_parquet, read_json
 from pipeline.parallel import Progress, run_shard_tasks
 
 log = logging.getLogger("vlp")
@@ -84,11 +84,6 @@ def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
     return ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.int64)
 
 
-def _write(path: Path, table: pa.Table) -> None:
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
 def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
     tables = [pq.read_table(p) for p in files]
@@ -97,12 +92,13 @@ def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _done(root: Path, phase: str, unit: str) -> Path:
+def done_marker(root: Path, phase: str, unit: str) -> Path:
+    """A unit's marker: written last, so a resumed stage redoes only the units without one."""
     return root / "done" / f"{phase}-{unit}"
 
 
-def _mark(root: Path, phase: str, unit: str, summary: dict | None = None) -> dict:
-    atomic_write_json(_done(root, phase, unit), summary or {})
+def mark(root: Path, phase: str, unit: str, summary: dict | None = None) -> dict:
+    atomic_write_json(done_marker(root, phase, unit), summary or {})
     return summary or {}
 
 
@@ -130,13 +126,13 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
         sig_where = partition_of(nodes, P)
     for p in range(P):
         mine = np.flatnonzero(where == p)
-        _write(root / "exact" / str(p) / f"{unit}.parquet", pa.table({"exact": exact_col.take(mine), "node": nodes[mine]}))
+        atomic_write_parquet(root / "exact" / str(p) / f"{unit}.parquet", pa.table({"exact": exact_col.take(mine), "node": nodes[mine]}))
         if settings.searches_near:
             picked = np.flatnonzero(band_where == p)
-            _write(root / "band" / str(p) / f"{unit}.parquet", pa.table(
+            atomic_write_parquet(root / "band" / str(p) / f"{unit}.parquet", pa.table(
                 {"key": band_keys[picked], "node": nodes[owner[picked]], "simhash": simhash.take(picked)}))
             mine = np.flatnonzero(sig_where == p)
-            _write(root / "sig" / str(p) / f"{unit}.parquet", pa.table({"node": nodes[mine], "signature": sig_col.take(mine)}))
+            atomic_write_parquet(root / "sig" / str(p) / f"{unit}.parquet", pa.table({"node": nodes[mine], "signature": sig_col.take(mine)}))
 
 
 # --- exact -------------------------------------------------------------------------------------------
@@ -162,9 +158,9 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
             elif settings.exact and len(web) > 1:
                 drops["node"] += web[1:].tolist()
                 drops["reason"] += ["duplicate_exact"] * (len(web) - 1)
-    _write(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(drops["node"], pa.int64()),
+    atomic_write_parquet(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(drops["node"], pa.int64()),
                                                            "reason": pa.array(drops["reason"], pa.string())}))
-    return _mark(root, "exact", str(p), {"drops": len(drops["node"])})
+    return mark(root, "exact", str(p), {"drops": len(drops["node"])})
 
 
 # --- band join ---------------------------------------------------------------------------------------
@@ -203,9 +199,9 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
     where = partition_of(a, settings.partitions)
     for q in range(settings.partitions):
         rows = where == q
-        _write(root / "pairs_a" / str(q) / f"{p}.parquet", pa.table({"a": a[rows], "b": b[rows]}))
-    _write(root / "edges" / f"blank-{p}.parquet", pa.table({"a": ba, "b": bb}))
-    return _mark(root, "band", str(p), {"pairs": int(len(a)), "blank_edges": int(len(ba)), "buckets_cut": int(cut),
+        atomic_write_parquet(root / "pairs_a" / str(q) / f"{p}.parquet", pa.table({"a": a[rows], "b": b[rows]}))
+    atomic_write_parquet(root / "edges" / f"blank-{p}.parquet", pa.table({"a": ba, "b": bb}))
+    return mark(root, "band", str(p), {"pairs": int(len(a)), "blank_edges": int(len(ba)), "buckets_cut": int(cut),
                                         "pairs_left_out": left_out})
 
 
@@ -299,8 +295,8 @@ def join_partition(root: str, q: int, settings: Settings) -> dict:
     joined = pairs.join(sigs.rename_columns(["a", "sig_a"]), "a", join_type="inner")
     where = partition_of(joined["b"].to_numpy(), settings.partitions)
     for r in range(settings.partitions):
-        _write(root / "pairs_b" / str(r) / f"{q}.parquet", joined.filter(pa.array(where == r)))
-    return _mark(root, "join", str(q), {"pairs": joined.num_rows})
+        atomic_write_parquet(root / "pairs_b" / str(r) / f"{q}.parquet", joined.filter(pa.array(where == r)))
+    return mark(root, "join", str(q), {"pairs": joined.num_rows})
 
 
 def verify_partition(root: str, r: int, settings: Settings) -> dict:
@@ -328,9 +324,9 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
             if neardup.near_copy_distance(signature(a, sig_a), signature(b, sig_b), limit) is not None:
                 edges["a"].append(a)
                 edges["b"].append(b)
-    _write(root / "edges" / f"{r}.parquet", pa.table({"a": pa.array(edges["a"], pa.int64()),
+    atomic_write_parquet(root / "edges" / f"{r}.parquet", pa.table({"a": pa.array(edges["a"], pa.int64()),
                                                        "b": pa.array(edges["b"], pa.int64())}))
-    return _mark(root, "verify", str(r), {"edges": len(edges["a"])})
+    return mark(root, "verify", str(r), {"edges": len(edges["a"])})
 
 
 # --- resolve ------------------------------------------------------------------------------------------
@@ -366,10 +362,10 @@ def resolve(root: str, unit: int, shards: int) -> dict:
     bounds = np.searchsorted(dropped >> 32, np.arange(shards + 1))   # sorted: each shard's drops are a run
     for index in range(shards):
         mine = dropped[bounds[index]:bounds[index + 1]]
-        _write(root / "decisions" / f"{index}.parquet",
+        atomic_write_parquet(root / "decisions" / f"{index}.parquet",
                pa.table({"node": mine, "reason": pa.array([reason[int(n)] for n in mine], pa.string())}))
     summary = {"dropped": len(reason), "near": near, "edges": int(len(a)) + int(to_eval.sum())}
-    return _mark(root, "resolve", "all", summary)
+    return mark(root, "resolve", "all", summary)
 
 
 def decisions_of(root: Path, index: int) -> dict[int, str]:
@@ -388,7 +384,7 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
 
     def phase(name: str, fn, units: list[int], *args) -> list[dict]:
         started = time.perf_counter()
-        done = {u: read_json(_done(root, name, str(u))) for u in units if _done(root, name, str(u)).is_file()}
+        done = {u: read_json(done_marker(root, name, str(u))) for u in units if done_marker(root, name, str(u)).is_file()}
         todo = {str(u): (str(root), u, *args) for u in units if u not in done}
         got = run_shard_tasks(ray.remote(fn).options(**options), todo, Progress(f"prefilter/{name}", len(units), 0),
                               lambda s: 0) if todo else {}

@@ -51,6 +51,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def atomic_write_parquet(path: str | Path, table) -> None:
+    """A pyarrow table as a zstd parquet file, atomically (ledgers, decisions, the dedup shuffle)."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)

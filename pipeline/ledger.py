@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_write_parquet
 
 SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()),
                     ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
@@ -30,9 +30,7 @@ DECISIONS_SUFFIX = ".decisions.parquet"
 
 def write_records(path: Path, records: list[dict], schema: pa.Schema = SCHEMA) -> None:
     """Write `records` (dicts; absent fields are null) as a parquet file of `schema`, atomically."""
-    table = pa.table({name: [r.get(name) for r in records] for name in schema.names}, schema=schema)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+    atomic_write_parquet(path, pa.table({name: [r.get(name) for r in records] for name in schema.names}, schema=schema))
 
 
 def write_ledger(path: Path, records: list[dict]) -> None:

@@ -38,7 +38,7 @@ from pipeline import dedup
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
-from pipeline.fsutil import atomic_path
+from pipeline.fsutil import atomic_write_parquet
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import StageDir, verify_shard
@@ -69,12 +69,12 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
             dedup.partitions_for(samples_in, cfg.dedup_partitions), cfg.dedup_exact, cfg.dedup_near,
             cfg.decontaminate and bool(eval_shards), cfg.near_max_distance, cfg.decontaminate_max_distance))
         scans = {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s, i, str(root), settings)
-                 for i, s in enumerate(shards) if not (root / "done" / f"scan-{i}").is_file()}
+                 for i, s in enumerate(shards) if not dedup.done_marker(root, "scan", str(i)).is_file()}
         run_shard_tasks(ray.remote(scan_shard).options(**options), scans,
                         Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
         if settings.decontaminate:
             prints = {p: (p, i, str(root), settings) for i, p in enumerate(eval_shards)
-                      if not (root / "done" / f"scan-eval-{i}").is_file()}
+                      if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
             run_shard_tasks(ray.remote(fingerprint_eval_shard).options(**options), prints,
                             Progress("prefilter/eval", len(eval_shards), 0), lambda summary: 0)
         details["dedup"] = dedup.run_phases(root, len(shards), settings, options)
@@ -134,9 +134,8 @@ def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, roo
     table = pa.table({"key": [r["key"] for r in records], "node": nodes, "outcome": [r["outcome"] for r in records],
                       "reason": [r["reason"] for r in records], "error": [r.get("error") for r in records],
                       "signature": [r["signature"] for r in records]}, schema=dedup.SCAN)
-    with atomic_path(root_path / "scan" / f"{index}.parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return dedup._mark(root_path, "scan", str(index), {"samples": len(records)})
+    atomic_write_parquet(root_path / "scan" / f"{index}.parquet", table)
+    return dedup.mark(root_path, "scan", str(index), {"samples": len(records)})
 
 
 def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
@@ -225,7 +224,7 @@ def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: ded
             continue
     nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
     dedup.write_partitions(Path(root), f"eval-{index}", nodes, exact, sigs, settings)
-    return dedup._mark(Path(root), "scan", f"eval-{index}", {"images": len(exact)})
+    return dedup.mark(Path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 
 def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root: str) -> dict:
