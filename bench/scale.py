@@ -2,7 +2,8 @@
 
   plan   N rows of LAION-like parquet (4 files) cut into shard inputs: in the driver (vlp before #14: every
          list read whole, a host-policy check per URL, the shard tables kept as task arguments) against
-         the planning tasks (pipeline/data/listplan.py: the driver keeps (shard, file, rows)).
+         the planning tasks (pipeline/data/listplan.py: the driver keeps (shard, file, rows)); and the
+         planning tasks with URL dedup (download.dedup_urls, the default: pipeline/data/urldedup.py).
   scan   the resume scan and `vlp status` of a download folder of S committed shards of 1,000, their
          stats with the per-sample rejects inline (before #14, 10% of the samples) against counts only
          (the rejects in each shard's ledger).
@@ -75,11 +76,11 @@ def plan_in_driver(specs: list[dict], stage: Path) -> int:
     return len(shards)
 
 
-def plan_in_tasks(specs: list[dict], stage: Path) -> int:
+def plan_in_tasks(specs: list[dict], stage: Path, dedup_urls: bool = False) -> int:
     from pipeline.config import UrlListConfig
     from pipeline.data.listplan import plan_shards
 
-    return len(plan_shards(stage, tuple(UrlListConfig(**s) for s in specs), PER_SHARD))
+    return len(plan_shards(stage, tuple(UrlListConfig(**s) for s in specs), PER_SHARD, dedup_urls=dedup_urls))
 
 
 def synthetic_stats(stage: Path, shards: int, inline_rejects: bool) -> None:
@@ -136,14 +137,14 @@ def child(part: str, way: str, rows: int, folder: Path) -> dict:
     started = time.perf_counter()
     if part == "plan":
         specs = synthetic_laion(folder, rows)
-        if way == "tasks":   # Ray starts once a run, before any stage: not part of planning
+        if way in ("tasks", "urldedup"):   # Ray starts once a run, before any stage: not part of planning
             import ray
 
             ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
         base = peak_rss_mb()
         started = time.perf_counter()
         stage = Path(tempfile.mkdtemp(dir=folder))
-        done = (plan_in_driver if way == "driver" else plan_in_tasks)(specs, stage)
+        done = plan_in_driver(specs, stage) if way == "driver" else plan_in_tasks(specs, stage, way == "urldedup")
     else:
         shards = rows   # the scan's size is counted in shards
         stage = folder / f"stats-{way}-{shards}"
@@ -183,7 +184,7 @@ def main() -> None:
         part, way, rows, folder = args.child
         print(json.dumps(child(part, way, int(rows), Path(folder))))
         return
-    ways = {"plan": ("driver", "tasks"), "scan": ("inline", "counts")}
+    ways = {"plan": ("driver", "tasks", "urldedup"), "scan": ("inline", "counts")}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for part in args.parts:
             print(f"\n{part}: {' vs '.join(ways[part])}")
@@ -205,15 +206,19 @@ def main() -> None:
                     series[way]["rss"].append(r["peak_rss_mb"])
                     print(f"{rows:>10,} {way:>7} {r['wall_s']:>8.2f} {rows / r['wall_s']:>11,.0f} "
                           f"{r['peak_rss_mb']:>12,.0f}", end="")
-                    old, new = (got.get(w) for w in ways[part])
+                    old, new = (got.get(w) for w in ways[part][:2])
+                    if way == "urldedup":   # what finding repeated URLs adds to planning in tasks
+                        print(f"   x{r['wall_s'] / new['wall_s']:.2f} wall of planning without URL dedup")
+                        continue
                     print(f"   x{old['wall_s'] / new['wall_s']:.1f}, x{old['peak_rss_mb'] / new['peak_rss_mb']:.2f}"
-                          if old and new else "")
+                          if old and new and way == ways[part][1] else "")
             for way, s in series.items():
                 print(f"  {way}: growth per x10 of {unit}: wall {growth(s['wall'])}, peak RSS {growth(s['rss'])}")
-            new_rss = series[ways[part][1]]["rss"]
-            if part == "plan" and len(new_rss) >= 3:
-                print(f"  {ways[part][1]}: peak RSS at {sizes[-1]:,} / at {sizes[1]:,} rows: "
-                      f"x{new_rss[-1] / new_rss[1]:.2f} (target <= 1.2)")
+            for way in ways[part][1:] if part == "plan" else ():
+                new_rss = series[way]["rss"]
+                if len(new_rss) >= 3:
+                    print(f"  {way}: peak RSS at {sizes[-1]:,} / at {sizes[1]:,} rows: "
+                          f"x{new_rss[-1] / new_rss[1]:.2f} (target <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def _explain(address: str, token: str | None, err: Exception) -> str:
 
 
 def submit(address: str | None, *, config: str | None = None, overrides: tuple[str, ...] = (),
-           run_dir: str | None = None, resume: str | None = None, wait_visible_s: float = 120.0) -> tuple[str, Path]:
+           run_dir: str | None = None, resume: str | None = None, retry_failed: bool = False,
+           wait_visible_s: float = 120.0) -> tuple[str, Path]:
     """Submit a run (or the resumption of one) as a Ray Job; returns (job id, run directory)."""
     from pipeline.config import dump_config, load_config
     from pipeline.runner import default_run_dir
@@ -79,10 +80,13 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     if (held := holder(Path(check_run_dir(target)))) is not None:   # refused before anything is written
         raise RunInUse(f"{target} is in use by {describe(held)}: one writer per run directory")
     c = client(address)
+    if retry_failed and not resume:
+        raise InputError("vlp submit: --retry-failed goes with --resume RUN_DIR")
     if resume:
         run = RunDir(check_run_dir(resume)).require()
         # Overrides go to the job's `vlp resume --set`; loading them here fails early on a bad one.
-        args = ["resume", str(run.root)] + [a for o in overrides for a in ("--set", o)]
+        args = ["resume", str(run.root)] + [a for o in overrides for a in ("--set", o)] + \
+            (["--retry-failed"] if retry_failed else [])
         name = load_config(run.config_path, overrides).name
     else:
         cfg = load_config(config, overrides)

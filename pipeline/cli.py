@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of the run's saved config.yaml, e.g. --set prefilter.max_drop_share=0.9 "
                              "(repeatable); a setting that changes a stage's output re-runs that stage")
+    resume.add_argument("--retry-failed", action="store_true",
+                        help="fetch again the URLs that failed with transient errors (timeouts, 5xx, 429, DNS, "
+                             "resets), keeping every kept sample; the stages after download then rebuild")
     resume.add_argument("--submitted-marker", help=argparse.SUPPRESS)
 
     address_help = "Ray dashboard address (default: $RAY_ADDRESS, else http://127.0.0.1:8265)"
@@ -37,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--resume", metavar="RUN_DIR", help="resume this run directory instead")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (with --resume: change the run's saved config)")
+    submit.add_argument("--retry-failed", action="store_true", help="with --resume: as `vlp resume --retry-failed`")
     jobs = sub.add_parser("jobs", help="list the cluster's jobs")
     jobs.add_argument("--address", help=address_help)
     logs = sub.add_parser("logs", help="print a job's output")
@@ -103,7 +107,7 @@ def _dispatch(args) -> int:
 
         run = RunDir(args.run_dir).require()
         cfg = load_config(run.config_path, args.overrides)  # execute() saves it as the run's config.yaml
-        run = runner.execute(cfg, run.root, [args.stage] if args.stage else None)
+        run = runner.execute(cfg, run.root, [args.stage] if args.stage else None, retry_failed=args.retry_failed)
         _print_status(run.root)
         return 0
     if args.command == "status":
@@ -144,7 +148,7 @@ def _jobs(args) -> int:
         if bool(args.config) == bool(args.resume):
             raise VlpError("vlp submit: give a CONFIG, or --resume RUN_DIR (not both)")
         job_id, run_dir = jobs.submit(args.address, config=args.config, overrides=tuple(args.overrides),
-                                      run_dir=args.run_dir, resume=args.resume)
+                                      run_dir=args.run_dir, resume=args.resume, retry_failed=args.retry_failed)
         print(f"job: {job_id}\nrun directory: {run_dir}\nfollow it: vlp logs {job_id} --follow")
     elif args.command == "jobs":
         print(jobs.format_jobs(jobs.list_jobs(args.address)))

@@ -127,6 +127,11 @@ class ToyWebConfig:
     eval_leaks: float = 0.01
     """Rate of web URLs that serve a picture of the eval split (the very image, or a near copy half of
     the time): the contamination prefilter's `decontaminate` rule must find."""
+    rate_limited_share: float = 0.0
+    """Share of web URLs on the toy web's rate-limited host, 127.0.0.2 (same port; a download needs it in
+    `allow_private_hosts`): it serves at most `rate_limit` requests in any second and answers the rest
+    429 with a Retry-After, as image CDNs do."""
+    rate_limit: float = 20.0
     noise: CaptionNoise = field(default_factory=CaptionNoise)
     faults: DownloadFaults = field(default_factory=DownloadFaults)
 
@@ -146,8 +151,14 @@ class ToyWebConfig:
         _rate("near_duplicates", self.near_duplicates)
         _rate("eval_leaks", self.eval_leaks)
         _require(self.eval_leaks == 0 or self.eval_size > 0, "eval_leaks: needs an eval split (eval_size > 0)")
+        _rate("rate_limited_share", self.rate_limited_share)
+        _require(self.rate_limit > 0, f"rate_limit: must be > 0, got {self.rate_limit}")
 
 
+# Numbers a URL list may carry per row (pipeline/data/urllists.py), kept in each sample's json (`list`)
+# for prefilter's `list_rules`: LAION's CLIP similarity, NSFW and watermark probabilities, and the image
+# size the list claims.
+LIST_FIELDS = ("similarity", "punsafe", "pwatermark", "width", "height")
 LIST_FORMATS = ("laion", "cc3m", "sbu", "parquet", "csv", "tsv", "json", "jsonl")
 
 
@@ -160,6 +171,15 @@ class UrlListConfig:
     caption_col: str | None = None
     name: str | None = None
     """Source name recorded in each sample's provenance (default: the file name)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Numeric columns to carry into each sample's json (`list`) for prefilter's `list_rules`: {field:
+    column} with fields similarity, punsafe, pwatermark, width, height. Default: for `laion`, LAION's
+    similarity, punsafe, pwatermark, WIDTH, HEIGHT where the file has them; none otherwise.
+    Parquet, csv, tsv, jsonl and json (records) lists can carry them."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.columns) - set(LIST_FIELDS))
+        _require(not unknown, f"columns: unknown field(s) {unknown}; known: {', '.join(LIST_FIELDS)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,9 +232,27 @@ class DownloadConfig:
     """Exceptions to the refusal of non-public addresses: host names (whatever they resolve to), or
     addresses and networks ("127.0.0.2", "10.0.0.0/8"), whatever name resolves to them."""
     user_agent_token: str | None = None
+    per_host_connections: int | None = keeps_output(16)
+    """Requests in flight to one host at once, per shard task (pipeline/data/politeness.py). None: no cap."""
+    per_host_rate: float | None = keeps_output(None)
+    """Requests started per second to one host, per shard task. None: no limit."""
+    host_rates: dict[str, float] = keeps_output(default_factory=dict)
+    """Per-host exceptions to `per_host_rate` ({"i.example.com": 2.0}), by host name as URLs write it."""
+    rate_limit_retries: int = 3
+    """Tries of a URL after its host answered 429 or 503, each after the host's Retry-After (or 1, 2, 4 ...
+    seconds without one); then it fails as http_429 / http_5xx, which `vlp resume --retry-failed` fetches again."""
+    max_retry_after: float = 120.0
+    """Longest Retry-After waited for; a host asking longer fails the URL at once (transient, as above)."""
+    dedup_urls: bool = True
+    """Fetch each URL once: a row repeating an earlier row's URL (in list order, across lists) is dropped as
+    `duplicate_url` before any download (pipeline/data/urldedup.py)."""
 
     def __post_init__(self) -> None:
         _require(self.samples_per_shard > 0, "samples_per_shard: must be > 0")
+        _require(self.per_host_connections is None or self.per_host_connections > 0, "per_host_connections: must be > 0")
+        for host, rate in {"per_host_rate": self.per_host_rate, **self.host_rates}.items():
+            _require(rate is None or rate > 0, f"{'host_rates.' if host != 'per_host_rate' else ''}{host}: a rate must be > 0")
+        _require(self.rate_limit_retries >= 0 and self.max_retry_after >= 0, "rate_limit_retries, max_retry_after: must be >= 0")
         _require(self.thread_count > 0, "thread_count: must be > 0")
         _require(self.cpus_per_task > 0, "cpus_per_task: must be > 0")
         _require(self.shard_retries >= 0 and self.retries >= 0, "retries: must be >= 0")
@@ -284,10 +322,21 @@ class PrefilterConfig:
     """Per drop reason (as `vlp status` lists them), a share that replaces `max_drop_share` for that
     reason: looser for a rule known to be heavy on this data (a language rule on a multilingual crawl),
     or tighter, e.g. {caption_empty: 0.2}."""
+    list_min: dict[str, float] = field(default_factory=dict)
+    """Rules on the numbers a URL list gives per row (UrlListConfig.columns; LAION's by default): a sample
+    whose value is below its minimum drops as `list_<field>`, e.g. {similarity: 0.28} (LAION-400M's CLIP
+    threshold)."""
+    list_max: dict[str, float] = field(default_factory=dict)
+    """Maximums likewise, e.g. {punsafe: 0.5, pwatermark: 0.8}."""
+    list_missing: Literal["drop", "keep"] = "drop"
+    """A sample whose list gave no value for a ruled field: dropped as `list_<field>_missing`, or kept."""
 
     def __post_init__(self) -> None:
         import re
 
+        for name, rules in (("list_min", self.list_min), ("list_max", self.list_max)):
+            unknown = sorted(set(rules) - set(LIST_FIELDS))
+            _require(not unknown, f"{name}: unknown field(s) {unknown}; known: {', '.join(LIST_FIELDS)}")
         _require(self.min_image_side >= 0, "min_image_side: must be >= 0")
         _require(self.max_aspect_ratio >= 1, "max_aspect_ratio: must be >= 1")
         _require(self.min_caption_words >= 0 and self.min_caption_chars >= 0, "min_caption_*: must be >= 0")

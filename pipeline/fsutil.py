@@ -51,12 +51,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_parquet(path: str | Path, table) -> None:
-    """A pyarrow table as a zstd parquet file, atomically (ledgers, decisions, the dedup shuffle)."""
+def atomic_write_parquet(path: str | Path, table, row_group_size: int | None = None, compression: str = "zstd") -> None:
+    """A pyarrow table as a (zstd) parquet file, atomically (ledgers, decisions, the dedup shuffle)."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
 
 
 def read_json(path: str | Path) -> Any:

@@ -82,6 +82,13 @@ class Manifest:
     code_version: str = field(default_factory=code_version)
     details: dict = field(default_factory=dict)
 
+    @property
+    def result_id(self) -> str:
+        """What a downstream stage's fingerprint takes from this result: its fingerprint, and the pass of
+        `vlp resume --retry-failed` that last changed it (the same config, fetched again, is new data)."""
+        n = self.details.get("retry_pass", 0)
+        return self.fingerprint if not n else f"{self.fingerprint}+retry-{n}"
+
     def to_json(self) -> dict:
         plain = {k: getattr(self, k) for k in _MANIFEST_FIELDS}
         return plain | {"totals": self.totals.to_json()} | self.details

@@ -32,8 +32,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir or Path("runs") / cfg.name)
 
 
-def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) -> RunDir:
-    """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory."""
+def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, retry_failed: bool = False) -> RunDir:
+    """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory.
+    `retry_failed`: stages that can (Stage.retryable) try their transiently failed samples again, keeping
+    every other outcome; the stages after them then rebuild."""
     run = RunDir(run_dir)
     selected = select(cfg, only)
     # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
@@ -44,12 +46,12 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None) 
     except OSError as err:
         raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None
     try:
-        return _execute(cfg, run, selected)
+        return _execute(cfg, run, selected, retry_failed)
     finally:
         lock.release()
 
 
-def _execute(cfg: RunConfig, run: RunDir, selected: list[str]) -> RunDir:
+def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: bool = False) -> RunDir:
     from stages import AFTER_ROUNDS
 
     for finished in run.recover():   # a kill between a new result's commit and its move into place
@@ -63,7 +65,7 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str]) -> RunDir:
     with contextlib.ExitStack() as stack:
         ray_started = False
         for stage, round_ in order:
-            job = prepare_stage(cfg, sources, stage, round_)
+            job = prepare_stage(cfg, sources, stage, round_, retry_failed)
             if job is None:
                 continue
             # Start the toy web and Ray only when there is work: a committed run needs neither.
@@ -94,7 +96,8 @@ def _sources(cfg: RunConfig, run: RunDir) -> Sources:
     return Sources(cfg, run, tuple(lists), toyweb)
 
 
-def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int) -> Callable[[], tuple] | None:
+def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
+                  retry_failed: bool = False) -> Callable[[], tuple] | None:
     """Check a stage's inputs (before Ray starts) and return a thunk that runs it, or None if done."""
     run, stage_spec = sources.run, spec(stage)
     ups = []
@@ -106,13 +109,16 @@ def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int) -> 
                              f"is not committed in {run.root}: run it first")
         ups.append(Upstream(up_dir, manifest))
     extras = stage_spec.extra_inputs(cfg, round_, sources, tuple(ups))
-    inputs = [up.manifest.fingerprint for up in ups] + [fp for extra in extras.values() for fp in extra.fingerprints]
+    inputs = [up.manifest.result_id for up in ups] + [fp for extra in extras.values() for fp in extra.fingerprints]
     if stage_spec.seeded:   # its output depends on the run's seed: a new seed is a new result
         inputs.append(seed_input(cfg))
     stage_cfg = getattr(cfg, stage)
     # Settings marked `keeps_output` (e.g. max_drop_share) stay out: changing them keeps committed work.
     fp = fingerprint(stage, to_plain(stage_cfg, output_only=True), inputs)
-    done = run.stage(stage, round_).manifest()
+    current = run.stage(stage, round_)
+    if retry_failed and stage_spec.retryable is not None and current.fingerprint() == fp:
+        _reopen_for_retry(current, stage_spec.retryable)
+    done = current.manifest()
     if done is not None and done.fingerprint == fp:
         log.info("%s (round %d): already committed (fingerprint %s), skipped", stage, round_, fp)
         return None
@@ -130,6 +136,16 @@ def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int) -> 
             _check_conservation(stage, round_, ups[0].manifest, manifest)
         return ctx, manifest
     return job
+
+
+def _reopen_for_retry(current, retryable: Callable[[Manifest], int]) -> None:
+    done = current.manifest()
+    if done is not None and retryable(done) == 0:
+        log.info("%s (round %d): no transiently failed samples to fetch again", current.stage, current.round)
+        return
+    n = current.start_retry_pass()
+    what = f"{retryable(done)} transiently failed samples" if done is not None else "the transient failures of its committed shards"
+    log.info("%s (round %d): retry pass %d: trying %s again; kept samples stay", current.stage, current.round, n, what)
 
 
 def _check_shard_files(up: Upstream) -> None:

@@ -31,6 +31,7 @@ from pipeline.manifest import Accounting, Manifest
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
+RETRY = "retry.json"        # the pass of `vlp resume --retry-failed` the stage folder is at
 FINGERPRINT = ".fingerprint"
 STATS_SUFFIX = ".stats.json"
 NEXT_PREFIX = ".next-"      # round-<r>/.next-<stage>/: a rebuild in progress beside the result it replaces
@@ -113,6 +114,21 @@ class StageDir:
     def update_plan(self, **fields) -> None:
         """Add what the stage learnt once it started (e.g. how many shards its inputs make) to its plan."""
         atomic_write_json(self.path / PLAN, {**(self.plan() or {}), **fields})
+
+    def retry_pass(self) -> int:
+        """How many times `vlp resume --retry-failed` reopened this result (0: never)."""
+        path = self.path / RETRY
+        return read_json(path)["pass"] if path.is_file() else 0
+
+    def start_retry_pass(self) -> int:
+        """Reopen this result for another try of its failed samples: the pass goes up by one, then its
+        manifest (if it was complete) moves aside to `manifest.pass-<n>.json`, kept as the record of what
+        the earlier pass committed. Its shards stay; the stage re-commits each one it retries, atomically."""
+        n = self.retry_pass() + 1
+        atomic_write_json(self.path / RETRY, {"pass": n})
+        if (self.path / MANIFEST).is_file():
+            (self.path / MANIFEST).rename(self.path / f"manifest.pass-{n - 1}.json")
+        return n
 
     def commit(self, manifest: Manifest) -> None:
         atomic_write_json(self.path / MANIFEST, manifest.to_json())

@@ -96,6 +96,9 @@ class Stage:
     """A filtering stage: every sample its main input kept must come in (checked after it runs)."""
     fetches: bool = False
     """Reads the URL lists' web: the toy web (if the run has one) is served while it runs."""
+    retryable: Callable[[Manifest], int] | None = None
+    """How many samples of a committed result failed in ways a new try may fix (timeouts, 5xx): `vlp
+    resume --retry-failed` runs the stage again over them (StageDir.start_retry_pass). None: never."""
 
     def runs_in(self, round_: int) -> bool:
         return self.rounds == "every" or (self.rounds == "first") == (round_ == 0)

@@ -34,7 +34,7 @@ def status(run_dir: str | Path) -> list[dict]:
             up_keys = upstreams(cfg, sd.stage, sd.round)
             ups = [manifests.get(k) for k in up_keys]
             # stale: built from an upstream result that has changed since, or from one that is stale itself
-            if any(up is None for up in ups) or manifest.inputs[:len(ups)] != [up.fingerprint for up in ups] \
+            if any(up is None for up in ups) or manifest.inputs[:len(ups)] != [up.result_id for up in ups] \
                     or any(states.get(k) == "stale" for k in up_keys):
                 row["state"] = "stale"
             states[(sd.stage, sd.round)] = row["state"]

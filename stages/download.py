@@ -16,25 +16,26 @@ at most `max_image_area` pixels at a time (~64 bytes a pixel at worst); it asks 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
 import json
 import logging
-import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
 
-from pipeline.config import DownloadConfig, UrlListConfig
+from pipeline.config import LIST_FIELDS, DownloadConfig, UrlListConfig
 from pipeline.configtree import build
-from pipeline.data.shards import SHARD_DIGITS, encode_json, shard_name
-from pipeline.data.listplan import ShardInput, plan_shards, read_shard_input
+from pipeline.data.shards import encode_json, sample_key, shard_name
+from pipeline.data.listplan import INPUTS, ShardInput, plan_shards, read_shard_input
+from pipeline.data.urldedup import duplicates_in
 from pipeline.data.urllists import check_url_list
 from pipeline.data.fetch import TRANSIENT, FetchFailed, Limits, fetch, image_size
+from pipeline.data.politeness import HostQueue, Politeness
 from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
@@ -56,35 +57,43 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     started = time.time()
     stage_cfg = dataclasses.asdict(cfg)
     ctx.out.begin(ctx.fingerprint, {})
-    shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task)
+    shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task, cfg.dedup_urls)
     samples_in = sum(s.rows for s in shards)
     ctx.out.update_plan(shards_total=len(shards), samples_in=samples_in)
     progress = Progress("download", len(shards), samples_in)
-    # One pass over the committed stats. Shards a killed run committed with transient failures (its toy
-    # web or DNS gone with its driver, a network blip) are not final: their stats are withdrawn and the
-    # task re-fetches just those URLs, keeping every other outcome.
+    # One pass over the committed stats. A committed shard is final, but in a retry pass (`vlp resume
+    # --retry-failed`: StageDir.start_retry_pass) a shard committed by an earlier pass with transient
+    # failures goes back to its task, which fetches just those URLs again and keeps every other outcome.
+    retry_pass = ctx.out.retry_pass()
     done, jobs, again = {}, {}, 0
     for s in shards:
         name = shard_name(s.shard_id)
         stats = ctx.out.shard_stats(name)
-        retry = stats is not None and transient_failures(stats) > 0
+        retry = stats is not None and stats.get("retry_pass", 0) < retry_pass and transient_failures(stats) > 0
         if stats is not None and not retry:
             done[name] = stats
             continue
-        if retry:
-            again += transient_failures(stats)
-            ctx.out.stats_path(name).unlink()
-        jobs[name] = (str(ctx.out.path), dataclasses.astuple(s), stage_cfg, retry)
+        again += transient_failures(stats) if retry else 0
+        jobs[name] = (str(ctx.out.path), dataclasses.astuple(s), stage_cfg, retry_pass)
     if again:
-        log.info("download: committed shards have %d URLs with transient failures: fetching those again", again)
+        log.info("download: retry pass %d: fetching again %d URLs that failed with transient errors", retry_pass, again)
     progress.update(len(done), sum(st["accounting"]["samples_in"] for st in done.values()), force=True)
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
     results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"])
     summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
     ctx.out.write_sizes(summaries)
-    return ctx.manifest(stage_cfg, summaries, started,
-                        {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists]})
+    politeness_counts = collections.Counter()
+    for st in results.values():
+        politeness_counts.update(st.get("politeness", {}))
+    manifest = ctx.manifest(stage_cfg, summaries, started,
+                            {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists],
+                             "politeness": dict(politeness_counts), **({"retry_pass": retry_pass} if retry_pass else {})})
+    if (transient := STAGE.retryable(manifest)):
+        log.warning("download: %d URLs failed with transient errors (%s); `vlp resume --retry-failed %s` fetches "
+                    "them again", transient, ", ".join(f"{r} {n}" for r, n in sorted(manifest.totals.failed.items())
+                                                    if r in TRANSIENT), ctx.run.root)
+    return manifest
 
 
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
@@ -102,43 +111,50 @@ def _request(cfg, urls: int | None) -> Request:
 
 STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_: [],
               run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], ctx),
-              request=_request, extra_inputs=_extra_inputs, fetches=True)
+              request=_request, extra_inputs=_extra_inputs, fetches=True,
+              retryable=lambda m: sum(n for reason, n in m.totals.failed.items() if reason in TRANSIENT))
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
 
-def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry: bool = False) -> dict:
+def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: int = 0) -> dict:
     """Download one shard (`shard`: its ShardInput from the plan, as a tuple) and commit it.
-    Safe to run again: a committed shard is returned as it is. `retry`: the shard's earlier commit was
-    withdrawn for its transient failures; only those are fetched again, every other outcome (and image)
-    is kept from the earlier tar and ledger."""
+    Safe to run again: a shard committed in this retry pass (`retry_pass`, 0 without `--retry-failed`) is
+    returned as it is. One committed by an earlier pass has its transient failures fetched again; every
+    other outcome (and image) is kept from its tar and ledger, and the shard is committed again (tar,
+    ledger, stats: a kill between them leaves a state the next try reads the same way)."""
     from pipeline.runs import StageDir
 
     cfg = build(DownloadConfig, stage_cfg, source="download task")
     out = StageDir(Path(stage_path), "download", 0)
     shard_input = ShardInput(*shard)
     shard_id, name = shard_input.shard_id, shard_name(shard_input.shard_id)
-    if (done := out.shard_stats(name)) is not None:
-        return done
+    earlier = out.shard_stats(name)
+    if earlier is not None and (earlier.get("retry_pass", 0) >= retry_pass or not transient_failures(earlier)):
+        return earlier
     started = time.time()
     rows = read_shard_input(out.path, shard_input)
     policy = HostPolicy(cfg.allow_private_hosts)
-    digits = max(1, math.ceil(math.log10(cfg.samples_per_shard)))
+    repeats = duplicates_in(out.path / INPUTS, shard_input.list_index, rows[0]["source_row"],
+                            rows[-1]["source_row"]) if rows else {}
     for i, row in enumerate(rows):
-        row["key"] = f"{shard_id:0{SHARD_DIGITS}d}{i:0{digits}d}"
-        row["refusal"] = policy.refusal(row["url"])
+        row["key"] = sample_key(shard_id, i, cfg.samples_per_shard)
+        row["refusal"], row["first"] = policy.refusal(row["url"]), repeats.get(row["source_row"])
+        if row["first"] is not None and row["refusal"] is None:
+            row["refusal"] = "duplicate_url"
     todo = [r for r in rows if r["refusal"] is None]
-    fetched = {}
-    if retry and out.ledger_path(name).is_file():
+    fetched, counts = {}, collections.Counter()
+    if earlier is not None:
         fetched, again = _earlier_outcomes(out, name)
         todo = [r for r in todo if r["key"] in again]
-    fetched.update(fetch_rows(cfg, todo))
+    fetched.update(fetch_rows(cfg, todo, counts))
     samples, records, acc = [], [], Accounting(samples_in=len(rows))
     for row in rows:
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
         if row["refusal"] is not None:
             acc.dropped[row["refusal"]] += 1
-            records.append({**base, "outcome": "dropped", "reason": row["refusal"]})
+            records.append({**base, "outcome": "dropped", "reason": row["refusal"],
+                            **({"error": f"the URL of {row['first']}"} if row["refusal"] == "duplicate_url" else {})})
             continue
         got = fetched[row["key"]]
         if got["status"] != "success":
@@ -150,9 +166,12 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry: bool =
         meta = {**base, "caption": row["caption"], "caption_error": row["caption_error"],
                 **{k: got[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
                 "round": 0, "stage": "download"}
+        if listed := {f: row[f] for f in LIST_FIELDS if row.get(f) is not None}:
+            meta["list"] = listed   # what the list says of the row (LAION's similarity, punsafe, ...)
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
-    return out.commit_shard(name, samples, acc, records, started)
+    return out.commit_shard(name, samples, acc, records, started,
+                            {"retry_pass": retry_pass, "politeness": {k: round(v, 3) for k, v in counts.items()}})
 
 
 def transient_failures(stats: dict) -> int:
@@ -175,7 +194,8 @@ def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:
             else:
                 outcomes[r["key"]] = {"status": "failed", "reason": r["reason"], "error_message": r["error"]}
     tar = out.shard_path(name)
-    for sample in read_shard(tar) if tar.is_file() else []:
+    for sample in read_shard(tar) if tar.is_file() else []:   # after the ledger: a kill may have left a newer tar
+        again.discard(sample["__key__"])
         meta = json.loads(sample["json"])
         outcomes[sample["__key__"]] = {"status": "success", "jpg": sample["jpg"],
                                        **{k: meta[k] for k in ("width", "height", "original_width",
@@ -183,9 +203,12 @@ def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:
     return outcomes, again
 
 
-def fetch_rows(cfg: DownloadConfig, rows: list[dict]) -> dict[str, dict]:
-    """Fetch and resize every row ({key, url}) on `thread_count` threads; returns {key: result}: status
-    "success" with jpg, sizes and the original bytes' sha256, or "failed" with reason and error_message."""
+def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counter | None = None) -> dict[str, dict]:
+    """Fetch and resize every row ({key, url}) on `thread_count` threads, host by host within the
+    politeness limits; returns {key: result}: status "success" with jpg, sizes and the original bytes'
+    sha256, or "failed" with reason and error_message. `counts` gains the 429/503 answers and the
+    seconds of backoff they asked for."""
+    counts = collections.Counter() if counts is None else counts
     from img2dataset.resizer import Resizer
 
     resizer = Resizer(
@@ -205,25 +228,50 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict]) -> dict[str, dict]:
     # once leave them pointing at /dev/null for good. It also bounds decode memory to one image.
     resizing = threading.Lock()
 
-    def one(row: dict) -> tuple[str, dict]:
+    def one(row: dict) -> dict | None:
+        """The row's result, or None when its host asked to slow down and the row went back in line."""
         try:
             data = fetch(row["url"], policy, limits)
             width, height = image_size(data, cfg.max_image_area)
             with resizing:
                 jpg, w, h, original_w, original_h, err = resizer(io.BytesIO(data))
         except FetchFailed as err:
-            return row["key"], {"status": "failed", "reason": err.reason, "error_message": str(err)}
+            if err.rate_limited and queue.rate_limited(row, err.retry_after) is not None:
+                return None
+            return {"status": "failed", "reason": err.reason, "error_message": str(err)}
         except Exception as err:  # noqa: BLE001 (one URL's surprise is its own failure, counted with its message)
-            return row["key"], {"status": "failed", "reason": "other_error", "error_message": f"{type(err).__name__}: {err}"}
+            return {"status": "failed", "reason": "other_error", "error_message": f"{type(err).__name__}: {err}"}
         if err is not None:
-            return row["key"], {"status": "failed", "reason": failure_reason(err), "error_message": err}
-        return row["key"], {"status": "success", "jpg": jpg, "width": w, "height": h, "original_width": original_w,
-                            "original_height": original_h, "sha256": hashlib.sha256(data).hexdigest()}
+            return {"status": "failed", "reason": failure_reason(err), "error_message": err}
+        return {"status": "success", "jpg": jpg, "width": w, "height": h, "original_width": original_w,
+                "original_height": original_h, "sha256": hashlib.sha256(data).hexdigest()}
 
-    if not rows:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(cfg.thread_count, len(rows)), thread_name_prefix="fetch") as pool:
-        return dict(pool.map(one, rows))
+    results: dict[str, dict] = {}
+    queue = HostQueue(rows, politeness(cfg))
+
+    def worker() -> None:
+        while (row := queue.take()) is not None:
+            got = one(row)
+            if got is not None:
+                results[row["key"]] = got
+                queue.finish(row)
+
+    threads = [threading.Thread(target=worker, name=f"fetch-{i}", daemon=True)
+               for i in range(min(cfg.thread_count, len(rows)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if len(results) != len(rows):   # a worker died of something `one` does not catch (it catches Exception)
+        raise RuntimeError(f"download: {len(rows) - len(results)} URLs of the shard got no result")
+    counts.update(queue.counts)
+    return results
+
+
+def politeness(cfg: DownloadConfig) -> Politeness:
+    return Politeness(connections=cfg.per_host_connections, rate=cfg.per_host_rate,
+                      host_rates={h.lower(): r for h, r in cfg.host_rates.items()},
+                      rate_limit_retries=cfg.rate_limit_retries, max_retry_after=cfg.max_retry_after)
 
 
 # img2dataset's resizer reports free-text errors; we group them into reasons a user can count and act on.

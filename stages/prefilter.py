@@ -1,8 +1,8 @@
 """prefilter: cheap rules, decontamination and deduplication before any model sees the data.
 
 Three passes, so that deduplication is global across the stage and still deterministic:
-  1. scan (a Ray task per shard): rule verdicts (image size, aspect ratio, caption rules, caption
-     language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
+  1. scan (a Ray task per shard): rule verdicts (image size, aspect ratio, the URL list's own numbers
+     such as LAION's similarity and punsafe, caption rules, caption language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
      the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard);
   2. dedup (Ray tasks per partition, pipeline/dedup.py): copies of eval images are dropped
      (`eval_contaminated`), then exact copies (same original bytes) and near copies
@@ -154,7 +154,8 @@ def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
     rec["exact"] = meta.get("sha256") or hashlib.sha256(sample["jpg"]).hexdigest()
     width = meta.get("original_width") or width
     height = meta.get("original_height") or height
-    reason = image_rule(width, height, cfg) or caption_rule(sample.get("txt"), meta, cfg, patterns)
+    reason = image_rule(width, height, cfg) or list_rule(meta.get("list") or {}, cfg) \
+        or caption_rule(sample.get("txt"), meta, cfg, patterns)
     if reason:
         rec.update(outcome="dropped", reason=reason)
     return rec
@@ -175,6 +176,19 @@ def image_rule(width: int, height: int, cfg: PrefilterConfig) -> str | None:
         return "image_too_small"
     if max(width, height) / max(1, min(width, height)) > cfg.max_aspect_ratio:
         return "aspect_ratio_too_large"
+    return None
+
+
+def list_rule(listed: dict, cfg: PrefilterConfig) -> str | None:
+    """The URL list's own numbers for the sample (LAION's similarity, punsafe, ...) against list_min/max."""
+    for bounds, outside in ((cfg.list_min, lambda v, b: v < b), (cfg.list_max, lambda v, b: v > b)):
+        for field, bound in bounds.items():
+            value = listed.get(field)
+            if value is None:
+                if cfg.list_missing == "drop":
+                    return f"list_{field}_missing"
+            elif outside(value, bound):
+                return f"list_{field}"
     return None
 
 

@@ -107,30 +107,41 @@ def test_a_bomb_is_refused_within_the_tasks_memory_bound(tmp_path, web):
     assert result["peak_rss"] < bound < task_memory(CFG), result["peak_rss"]
 
 
-def test_transient_failures_of_a_killed_run_are_fetched_again(tmp_path, ray_cluster):
-    """A kill -9 of the driver took its web server down while a shard task went on and committed every
-    URL as connection_refused; the resumed stage must fetch those URLs again, keeping the rest."""
+def test_retry_failed_fetches_transient_failures_again_and_keeps_the_rest(tmp_path, ray_cluster):
+    """Half of a list's host was down (connection_refused). A plain resume keeps the committed result;
+    `--retry-failed` fetches just those URLs again, keeps every kept image byte for byte, sets the earlier
+    manifest aside, and gives the stages after it a new input."""
     import socket
 
     from pipeline import runner
     from pipeline.config import DataConfig, RayConfig, RunConfig
+    from pipeline.data.shards import read_shard
 
     with socket.socket() as s:   # a port nobody serves yet
         s.bind((ALLOWED, 0))
-        port = s.getsockname()[1]
-    urls = [f"http://{ALLOWED}:{port}/img.jpg?n={i}" for i in range(6)] + ["ftp://127.0.0.2/x.jpg"]
-    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}),
-                   tmp_path / "list.parquet")
-    cfg = RunConfig(name="transient", stages=("download",), ray=RayConfig(num_cpus=2),
-                    data=DataConfig(inputs=(UrlListConfig(path=str(tmp_path / "list.parquet"), format="parquet"),)),
-                    download=dataclasses.replace(CFG, samples_per_shard=4))
-    run = runner.execute(cfg, tmp_path / "run")
+        down = s.getsockname()[1]
+    with HostileWeb() as up:
+        urls = [u for i in range(4) for u in (up.url(f"/img.jpg?n={i}"), f"http://{ALLOWED}:{down}/img.jpg?n={i}")]
+        urls.append("ftp://127.0.0.2/x.jpg")
+        pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(len(urls))]}),
+                       tmp_path / "list.parquet")
+        cfg = RunConfig(name="transient", stages=("download",), ray=RayConfig(num_cpus=2),
+                        data=DataConfig(inputs=(UrlListConfig(path=str(tmp_path / "list.parquet"), format="parquet"),)),
+                        download=dataclasses.replace(CFG, samples_per_shard=4))
+        run = runner.execute(cfg, tmp_path / "run")
     stage = run.stage("download").path
-    first = json.loads((stage / "manifest.json").read_text())["totals"]
-    assert first["failed_by_reason"] == {"connection_refused": 6} and first["dropped_by_reason"] == {"url_scheme_refused": 1}
-    (stage / "manifest.json").unlink()   # the driver died before the manifest
-    with HostileWeb(port):
-        runner.execute(cfg, tmp_path / "run")
-    totals = json.loads((stage / "manifest.json").read_text())["totals"]
-    assert totals["samples_kept"] == 6 and totals["samples_failed"] == 0
-    assert totals["dropped_by_reason"] == {"url_scheme_refused": 1}
+    first = run.stage("download").manifest()
+    assert first.totals.failed == {"connection_refused": 4} and first.totals.dropped == {"url_scheme_refused": 1}
+    kept_before = {s["__key__"]: s["jpg"] for p in sorted(stage.glob("*.tar")) for s in read_shard(p)}
+    assert len(kept_before) == 4
+    with HostileWeb(down):
+        runner.execute(cfg, tmp_path / "run")   # a plain resume: committed work is final
+        assert run.stage("download").manifest().to_json() == first.to_json()
+        runner.execute(cfg, tmp_path / "run", retry_failed=True)
+    again = run.stage("download").manifest()
+    assert again.totals.samples_kept == 8 and again.totals.samples_failed == 0
+    assert again.totals.dropped == {"url_scheme_refused": 1}
+    assert again.fingerprint == first.fingerprint and again.result_id == f"{first.fingerprint}+retry-1"
+    assert json.loads((stage / "manifest.pass-0.json").read_text())["totals"] == first.totals.to_json()
+    kept_after = {s["__key__"]: s["jpg"] for p in sorted(stage.glob("*.tar")) for s in read_shard(p)}
+    assert all(kept_after[k] == jpg for k, jpg in kept_before.items()) and len(kept_after) == 8

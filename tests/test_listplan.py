@@ -43,3 +43,30 @@ def test_a_bad_row_deep_in_a_list_fails_the_planning_with_its_file(tmp_path, ray
     with pytest.raises(StageFailed, match="list.csv: cannot read as csv"):
         plan_shards(tmp_path / "stage", (UrlListConfig(path=str(bad), format="csv"),), samples_per_shard=1_000)
     assert not (tmp_path / "stage" / INPUTS / PLAN).exists()
+
+
+@pytest.mark.parametrize("partitions", [2, 5])
+def test_repeated_urls_are_found_across_lists_whatever_the_partitions(tmp_path, ray_cluster, monkeypatch, partitions):
+    """The first row (list order, then row order) of each URL is fetched; every later one names its key.
+    The decisions are the same on any number of partitions, and the shuffle's files are gone after."""
+    from pipeline.data import urldedup
+
+    monkeypatch.setattr(urldedup, "partitions_for", lambda size: partitions)
+    a = [f"http://e.com/{i % 7}.jpg" for i in range(20)]
+    b = [f"http://e.com/{i}.jpg " for i in range(5, 15)]   # trailing whitespace: the same URL
+    for name, urls in (("a", a), ("b", b)):
+        pq.write_table(pa.table({"url": urls, "caption": ["c"] * len(urls)}), tmp_path / f"{name}.parquet")
+    lists = tuple(UrlListConfig(path=str(tmp_path / f"{n}.parquet"), format="parquet") for n in "ab")
+    stage = tmp_path / f"stage-{partitions}"
+    shards = plan_shards(stage, lists, 6, dedup_urls=True)
+    found = {}
+    for s in shards:
+        rows = read_shard_input(stage, s)
+        found.update({(s.list_index, row): key for row, key in urldedup.duplicates_in(
+            stage / INPUTS, s.list_index, rows[0]["source_row"], rows[-1]["source_row"]).items()})
+    first_key = {0: "000000", 1: "000001", 2: "000002", 3: "000003", 4: "000004", 5: "000005", 6: "000010"}
+    expected = {(0, i): first_key[i % 7] for i in range(7, 20)}
+    expected.update({(1, i - 5): first_key[i] for i in range(5, 7)})   # b's rows 0, 1: URLs 5, 6 of a
+    assert found == expected
+    assert sorted(p.name for p in (stage / INPUTS).iterdir()) == ["0000.parquet", "0001.parquet",
+                                                                "duplicate-urls.parquet", PLAN]

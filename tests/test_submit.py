@@ -176,10 +176,10 @@ def test_stop_mid_run_then_resume_does_not_redo_committed_shards(cluster, tmp_pa
     time.sleep(2)  # a running shard task may still commit after its driver stopped (atomic: harmless)
     committed = list(stage.glob("*.stats.json"))
     assert 1 <= len(committed) < 6, "the stop came too late to test anything"
-    # Shards with transient failures (the toy web's slow URLs time out) fetch just those URLs again on
-    # resume, by design (docs/architecture.md); every other committed shard must stay untouched.
+    # With --retry-failed, shards with transient failures (the toy web's slow URLs time out) fetch just
+    # those URLs again (docs/architecture.md); every other committed shard must stay untouched.
     before = {p.name: p.stat().st_mtime_ns for p in committed if not transient_failures(json.loads(p.read_text()))}
-    job2 = _job_id(cluster.vlp("submit", "--resume", str(run_dir)).stdout)
+    job2 = _job_id(cluster.vlp("submit", "--resume", str(run_dir), "--retry-failed").stdout)
     assert cluster.wait_job(job2) == "SUCCEEDED", cluster.vlp("logs", job2).stdout[-3000:]
     after = {p.name: p.stat().st_mtime_ns for p in stage.glob("*.stats.json")}
     assert all(after[name] == mtime for name, mtime in before.items()), "committed shards were redone"

@@ -10,6 +10,8 @@ from pipeline.data.urllists import check_url_list, count_rows, iter_url_batches,
 from pipeline.data.urlpolicy import refusal
 from pipeline.errors import InputError
 
+BASE = ["url", "caption", "caption_error", "source", "source_row"]   # without the list's numbers
+
 
 def test_toyweb_lists_in_every_real_format(toyweb):
     by_format = {s.format: read_url_list(s) for s in toyweb.inputs}
@@ -55,7 +57,7 @@ def test_sbu_object_of_lists_and_list_of_records(tmp_path):
 def test_generic_formats(tmp_path, fmt, body):
     path = tmp_path / f"list.{fmt}"
     path.write_text(body)
-    rows = read_url_list(UrlListConfig(path=str(path), format=fmt)).to_pylist()
+    rows = read_url_list(UrlListConfig(path=str(path), format=fmt)).select(BASE).to_pylist()
     assert rows == [{"url": "http://e.com/1.jpg", "caption": "a cat", "caption_error": None,
                      "source": f"list.{fmt}", "source_row": 0}]
 
@@ -138,8 +140,8 @@ def test_compressed_lists_stream_in_batches(tmp_path, fmt, suffix):
         out.write(body.encode())
     batches = list(iter_url_batches(UrlListConfig(path=str(packed), format=fmt, name="l"), batch_rows=1_000))
     assert len(batches) >= 3 and max(b.num_rows for b in batches) <= 1_000
-    rows = pa.concat_tables(batches).to_pylist()
-    assert rows == read_url_list(UrlListConfig(path=str(plain), format=fmt, name="l")).to_pylist()
+    rows = pa.concat_tables(batches).select(BASE).to_pylist()
+    assert rows == read_url_list(UrlListConfig(path=str(plain), format=fmt, name="l")).select(BASE).to_pylist()
     assert [r["source_row"] for r in rows] == list(range(n))
     assert rows[7] == {"url": "http://e.com/7.jpg", "caption": "caption 7", "caption_error": None, "source": "l",
                        "source_row": 7}
@@ -164,3 +166,22 @@ def test_the_check_reads_only_the_first_batch(tmp_path):
     with pytest.raises(InputError, match="none of its first 10 rows holds an http"):
         check_url_list(UrlListConfig(path=str(bad), format="laion"))
     assert count_rows(UrlListConfig(path=str(path), format="laion")) == 10
+
+
+def test_a_lists_numbers_stream_as_float_columns(tmp_path):
+    """LAION's similarity/punsafe/pwatermark/WIDTH/HEIGHT by default; other formats name theirs, and a
+    named column that is not there fails the list; a value that is no number is null."""
+    laion = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"URL": ["http://e.com/1.jpg", "http://e.com/2.jpg"], "TEXT": ["a b", "c d"],
+                             "punsafe": [0.25, None], "WIDTH": [640, 320], "extra": ["x", "y"]}), laion)
+    rows = read_url_list(UrlListConfig(path=str(laion), format="laion")).to_pylist()
+    assert [(r["punsafe"], r["width"], r["similarity"]) for r in rows] == [(0.25, 640.0, None), (None, 320.0, None)]
+    csv = tmp_path / "list.csv"
+    csv.write_text("url,caption,clip\nhttp://e.com/1.jpg,a b,0.31\nhttp://e.com/2.jpg,c d,\n")
+    rows = read_url_list(UrlListConfig(path=str(csv), format="csv", columns={"similarity": "clip"})).to_pylist()
+    assert [r["similarity"] for r in rows] == [0.31, None]
+    jsonl = tmp_path / "list.jsonl"
+    jsonl.write_text('{"url": "http://e.com/1.jpg", "caption": "a b", "nsfw": "high"}\n')
+    assert read_url_list(UrlListConfig(path=str(jsonl), format="jsonl", columns={"punsafe": "nsfw"})).to_pylist()[0]["punsafe"] is None
+    with pytest.raises(InputError, match="'clip2'"):
+        read_url_list(UrlListConfig(path=str(csv), format="csv", columns={"similarity": "clip2"}))

@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from PIL import Image
 
 ALLOWED, SECRET = "127.0.0.2", "127.0.0.1"
+BUSY_SEEN: dict[str, list[float]] = {}   # /busy: when each URL was asked for (monotonic clock)
+BUSY_LOCK = threading.Lock()
 
 
 def jpeg(size=(96, 64), colour=(200, 40, 40)) -> bytes:
@@ -55,6 +57,15 @@ class _Allowed(BaseHTTPRequestHandler):
         try:
             if route in ("/img.jpg", "/a picture é.jpg"):
                 self._send(200, jpeg(), "image/jpeg", {"X-Host-Seen": self.headers.get("Host", "")})
+            elif route == "/busy":   # 429 (or `code`) `times` times per URL, Retry-After `after` if given, then the image
+                with BUSY_LOCK:
+                    seen = BUSY_SEEN.setdefault(self.path, [])
+                    seen.append(time.monotonic())
+                if len(seen) <= int(query.get("times", 1)):
+                    self._send(int(query.get("code", 429)), b"busy", "text/plain",
+                               {"Retry-After": query["after"]} if "after" in query else {})
+                else:
+                    self._send(200, jpeg(), "image/jpeg")
             elif route == "/redirect":
                 self._send(int(query.get("code", 302)), b"", "text/plain", {"Location": query["to"]})
             elif route == "/loop":

@@ -10,6 +10,8 @@ the network part itself:
     same way; a non-http(s) target is refused;
   - a body is capped at `max_bytes` (Content-Length, then while streaming), and the whole URL
     (redirects, retries, a body dripping in) has one wall-clock `deadline`;
+  - a 429 or 503 answer is not retried here: it raises at once with the Retry-After it gave, and the
+    shard task pauses that host (politeness.py);
   - the image's dimensions are read from its header (PIL opens lazily) before anything decodes it:
     an image over `max_image_area` is refused undecoded (a 140 KB PNG can claim 12000 x 12000 pixels).
 Failures raise FetchFailed with the reason the download stage counts.
@@ -28,21 +30,24 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from PIL import Image
 
+from pipeline.data.politeness import RATE_LIMITED, parse_retry_after
 from pipeline.data.urlpolicy import HostPolicy, Refused, Resolver, system_resolver
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 TRANSIENT = ("timeout", "deadline_exceeded", "connection_refused", "connection_reset", "truncated", "http_5xx",
-             "dns_error", "connection_error")
+             "http_429", "dns_error", "connection_error")
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
 
 
 class FetchFailed(Exception):
     """A URL that gave no usable image; `reason` is the counted reason, the message says more."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, rate_limited: bool = False, retry_after: float | None = None):
         super().__init__(message)
         self.reason = reason
+        self.rate_limited = rate_limited   # a 429 or 503: the host asks us to slow down
+        self.retry_after = retry_after     # seconds its Retry-After asked for, if it said
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,9 @@ def fetch(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver = sys
         try:
             return _fetch_once(url, policy, limits, resolver, deadline, tls or _tls_context())
         except FetchFailed as err:
-            if err.reason not in TRANSIENT or attempt == limits.retries or time.monotonic() >= deadline:
+            # A host asking to slow down is not asked again at once: the caller backs off (politeness.py).
+            if err.rate_limited or err.reason not in TRANSIENT or attempt == limits.retries \
+                    or time.monotonic() >= deadline:
                 raise
     raise AssertionError("unreachable")
 
@@ -125,6 +132,9 @@ def _fetch_once(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver
                     raise FetchFailed("http_other", f"HTTP {response.status} without a Location")
                 url = urljoin(url, location.strip())
                 continue
+            if response.status in RATE_LIMITED:
+                raise FetchFailed(_http_reason(response.status), f"HTTP Error {response.status}: {response.reason}",
+                                  rate_limited=True, retry_after=parse_retry_after(response.getheader("Retry-After")))
             if response.status != 200:
                 raise FetchFailed(_http_reason(response.status), f"HTTP Error {response.status}: {response.reason}")
             if limits.disallowed_header_directives and _disallowed(response, limits):
@@ -220,7 +230,7 @@ def _remaining(deadline: float, timeout: float) -> float:
 
 
 def _http_reason(status: int) -> str:
-    if status in (403, 404, 410):
+    if status in (403, 404, 410, 429):
         return f"http_{status}"
     return "http_5xx" if 500 <= status < 600 else "http_other"
 

@@ -8,12 +8,14 @@ than reading the list) and an object store charges a PUT each. The planning task
 count of each row group; the driver numbers the shards in list order and keeps (shard, file, row
 group, rows): O(shards), never O(rows). The plan is committed as `inputs/plan.json` after every part is written, so a resumed
 download reads it instead of planning again (the stage folder belongs to one fingerprint, which covers
-the lists' content and the shard size).
+the lists' content and the shard size). With URL dedup, the planning tasks also hash each URL into
+a shuffle that finds the rows repeating an earlier row's URL (urldedup.py) before the plan commits.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,12 +23,14 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import UrlListConfig
+from pipeline.data import urldedup
 from pipeline.fsutil import atomic_path, atomic_write_json, is_temporary, read_json
 from pipeline.parallel import Progress, run_shard_tasks
 
 log = logging.getLogger("vlp")
 INPUTS = "inputs"
 PLAN = "plan.json"
+HASH_ROWS = 4_000_000   # URLs a planning task hashes at once (~100 MB with the strings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,47 +40,87 @@ class ShardInput:
     row_group: int
     rows: int
 
+    @property
+    def list_index(self) -> int:
+        return int(Path(self.path).stem)
+
 
 def read_shard_input(stage_path: Path, shard: ShardInput) -> list[dict]:
     return pq.ParquetFile(stage_path / shard.path).read_row_group(shard.row_group).to_pylist()
 
 
 def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_shard: int,
-                cpus_per_task: float = 1.0) -> list[ShardInput]:
-    """The shard inputs of `lists` under `stage_path/inputs/`: the committed plan, or a new one."""
+                cpus_per_task: float = 1.0, dedup_urls: bool = False) -> list[ShardInput]:
+    """The shard inputs of `lists` under `stage_path/inputs/`: the committed plan, or a new one.
+    `dedup_urls`: also find the rows repeating an earlier row's URL (urldedup.py)."""
     folder = stage_path / INPUTS
     if (folder / PLAN).is_file():
         return [ShardInput(*row) for row in read_json(folder / PLAN)["shards"]]
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.iterdir():   # a killed planning run's temporary files
+    for leftover in folder.iterdir():   # a killed planning run's temporary files and shuffle
         if is_temporary(leftover):
             leftover.unlink()
+        elif leftover.is_dir():
+            shutil.rmtree(leftover)
+    partitions = urldedup.partitions_for(sum(_size(spec.path) for spec in lists)) if dedup_urls else 0
     task = ray.remote(plan_list).options(num_cpus=cpus_per_task, max_retries=2, retry_exceptions=False)
-    jobs = {f"list {i}": (dataclasses.asdict(spec), i, str(folder), samples_per_shard) for i, spec in enumerate(lists)}
+    jobs = {f"list {i}": (dataclasses.asdict(spec), i, str(folder), samples_per_shard, partitions)
+            for i, spec in enumerate(lists)}
     parts = run_shard_tasks(task, jobs, Progress("download/plan", len(jobs), 0), lambda counts: sum(counts))
-    shards, shard_id = [], 0
+    shards, shard_id, first_shard = [], 0, []
     for i in range(len(lists)):
+        first_shard.append(shard_id)
         for group, rows in enumerate(parts[f"list {i}"]):
             shards.append(ShardInput(shard_id, f"{INPUTS}/{input_name(i)}", group, rows))
             shard_id += 1
-    atomic_write_json(folder / PLAN, {"samples_per_shard": samples_per_shard,
+    repeats = _find_repeated_urls(folder, partitions, first_shard, samples_per_shard, cpus_per_task) if partitions else 0
+    atomic_write_json(folder / PLAN, {"samples_per_shard": samples_per_shard, "duplicate_urls": repeats,
                                       "shards": [dataclasses.astuple(s) for s in shards]})
-    log.info("download: %d URLs of %d list(s) cut into %d shards", sum(s.rows for s in shards), len(lists), len(shards))
+    log.info("download: %d URLs of %d list(s) cut into %d shards%s", sum(s.rows for s in shards), len(lists),
+             len(shards), f"; {repeats} repeat an earlier row's URL and will not be fetched" if partitions else "")
     return shards
+
+
+def _size(path: str) -> int:
+    return Path(path).stat().st_size if Path(path).is_file() else 0
+
+
+def _find_repeated_urls(folder: Path, partitions: int, first_shard: list[int], samples_per_shard: int,
+                        cpus_per_task: float) -> int:
+    find = ray.remote(urldedup.find_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
+    jobs = {str(p): (str(folder), p) for p in range(partitions)}
+    run_shard_tasks(find, jobs, Progress("download/url-dedup", partitions, 0), lambda n: 0)
+    merge = ray.remote(urldedup.merge_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
+    repeats = ray.get(merge.remote(str(folder), partitions, first_shard, samples_per_shard))
+    for shuffle in (urldedup.HASHES, urldedup.FOUND):
+        shutil.rmtree(folder / shuffle, ignore_errors=True)
+    return repeats
 
 
 def input_name(list_index: int) -> str:
     return f"{list_index:04d}.parquet"
 
 
-def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int) -> list[int]:
+def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int, partitions: int = 0) -> list[int]:
     """(Ray task) Stream one list into `folder/<list>.parquet`, a row group per shard; returns the row
-    counts of the row groups. Holds at most one shard's rows and one record batch in memory."""
+    counts of the row groups. Holds at most one shard's rows and one record batch in memory, and with
+    `partitions` (URL dedup) the URLs of up to HASH_ROWS rows, hashed into partitions as they fill."""
     from pipeline.data.urllists import SCHEMA, iter_url_batches
 
     counts: list[int] = []
     pending: list[pa.Table] = []
     held = 0
+    hashing: list[pa.Table] = []
+    parts = 0
+
+    def flush_hashes() -> None:
+        nonlocal parts
+        table = pa.concat_tables(hashing).combine_chunks()
+        urldedup.write_hash_partitions(Path(folder), list_index, table["url"].chunk(0) if table.num_rows else pa.array([], pa.string()),
+                                       table["source_row"].to_numpy(), partitions, parts)
+        hashing.clear()
+        parts += 1
+
     with atomic_path(Path(folder) / input_name(list_index)) as tmp, \
             pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
 
@@ -93,6 +137,12 @@ def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int) 
             held += batch.num_rows
             while held >= samples_per_shard:
                 flush(samples_per_shard)
+            if partitions:
+                hashing.append(batch.select(["url", "source_row"]))
+                if sum(t.num_rows for t in hashing) >= HASH_ROWS:
+                    flush_hashes()
         if held:
             flush(held)
+        if hashing:
+            flush_hashes()
     return counts

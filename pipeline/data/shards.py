@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,6 +25,12 @@ SHARD_DIGITS = 5
 
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{SHARD_DIGITS}d}.tar"
+
+
+def sample_key(shard_id: int, rank: int, samples_per_shard: int) -> str:
+    """A web sample's key: its shard's number, then its rank in the shard (download assigns them)."""
+    digits = max(1, math.ceil(math.log10(samples_per_shard)))
+    return f"{shard_id:0{SHARD_DIGITS}d}{rank:0{digits}d}"
 
 
 def encode_json(obj: dict) -> bytes:

@@ -22,13 +22,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import UrlListConfig
+from pipeline.config import LIST_FIELDS, UrlListConfig
 from pipeline.errors import InputError
 
 # Real column names of each known dataset (url, caption).
 KNOWN_COLUMNS = {"laion": ("URL", "TEXT"), "sbu": ("image_urls", "captions")}
+LAION_COLUMNS = {"similarity": "similarity", "punsafe": "punsafe", "pwatermark": "pwatermark",
+                 "width": "WIDTH", "height": "HEIGHT"}
 SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("caption_error", pa.string()),
-                    ("source", pa.string()), ("source_row", pa.int64())])
+                    ("source", pa.string()), ("source_row", pa.int64())] + [(f, pa.float64()) for f in LIST_FIELDS])
 BATCH_ROWS = 65_536
 TEXT_BLOCK = 8 << 20     # bytes of a line-oriented list read at once
 _URL = r"(?i)^https?://"
@@ -65,14 +67,17 @@ def iter_url_batches(spec: UrlListConfig, batch_rows: int = BATCH_ROWS, check_ur
         raise InputError(f"{path}: URL list not found")
     rows, any_url, name = 0, False, source_name(spec)
     try:
-        for urls, captions, errors in _READERS.get(spec.format, _read_json)(spec, path, batch_rows):
+        for urls, captions, errors, *more in _READERS.get(spec.format, _read_json)(spec, path, batch_rows):
             errors = errors if errors is not None else pa.nulls(len(urls), pa.string())
+            fields = more[0] if more else {}
             for start in range(0, len(urls), batch_rows):   # a CSV reader's batches are blocks of bytes
                 n = min(batch_rows, len(urls) - start)
                 table = pa.table({"url": urls.slice(start, n), "caption": captions.slice(start, n),
                                   "caption_error": errors.slice(start, n),
                                   "source": pa.array([name], pa.string()).take(np.zeros(n, dtype=np.int32)),
-                                  "source_row": pa.array(np.arange(rows, rows + n, dtype=np.int64))}, schema=SCHEMA)
+                                  "source_row": pa.array(np.arange(rows, rows + n, dtype=np.int64)),
+                                  **{f: fields[f].slice(start, n) if f in fields else pa.nulls(n, pa.float64())
+                                     for f in LIST_FIELDS}}, schema=SCHEMA)
                 any_url = any_url or (check_urls and pc.any(pc.match_substring_regex(table["url"], _URL)).as_py())
                 rows += n
                 yield table
@@ -100,13 +105,45 @@ def _columns_for(spec: UrlListConfig) -> tuple[str, str]:
     return spec.url_col or url_col, spec.caption_col or caption_col
 
 
+def list_columns(spec: UrlListConfig, found: list[str]) -> dict[str, str]:
+    """{field: the list's column} of the LIST_FIELDS a list carries: `columns` as configured (each must be
+    there), else for `laion` those of LAION's columns the file has."""
+    if spec.columns:
+        missing = sorted(c for c in spec.columns.values() if c not in found)
+        if missing:
+            raise InputError(f"{spec.path}: columns {', '.join(map(repr, missing))} (data.inputs columns) are not "
+                             f"in the list; found {', '.join(map(repr, found))}")
+        return dict(spec.columns)
+    return {f: c for f, c in LAION_COLUMNS.items() if c in found} if spec.format == "laion" else {}
+
+
+def _numbers(batch, columns: dict[str, str]) -> dict[str, pa.Array]:
+    """The list's numeric columns as float64 (a value that is no number becomes null)."""
+    out = {}
+    for field, col in columns.items():
+        column = batch.column(col)
+        try:
+            out[field] = column.cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            out[field] = pa.array([_number(v) for v in column.to_pylist()], pa.float64())
+    return out
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value) if value is not None and not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _read_parquet(spec: UrlListConfig, path: Path, batch_rows: int):
     url_col, caption_col = _columns_for(spec)
     file = pq.ParquetFile(path)
     _check_columns(path, spec.format, file.schema_arrow.names, url_col, caption_col)
-    for batch in file.iter_batches(batch_size=batch_rows, columns=[url_col, caption_col]):
+    numbers = list_columns(spec, file.schema_arrow.names)
+    for batch in file.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys([url_col, caption_col, *numbers.values()]))):
         captions, errors = _texts(batch.column(caption_col))
-        yield _urls(batch.column(url_col)), captions, errors
+        yield _urls(batch.column(url_col)), captions, errors, _numbers(batch, numbers)
 
 
 def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
@@ -115,15 +152,17 @@ def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
     with pa.input_stream(path, compression="detect") as stream:   # the header, to name missing columns
         found = pacsv.open_csv(stream, parse_options=parse).schema.names
     _check_columns(path, spec.format, found, url_col, caption_col)
+    numbers = list_columns(spec, found)
     # Captions as bytes: a caption that is not UTF-8 is a counted defect of its row, not a failed list.
-    convert = pacsv.ConvertOptions(strings_can_be_null=True, include_columns=[url_col, caption_col],
+    convert = pacsv.ConvertOptions(strings_can_be_null=True,
+                                   include_columns=list(dict.fromkeys([url_col, caption_col, *numbers.values()])),
                                    column_types={url_col: pa.binary(), caption_col: pa.binary()})
     with pa.input_stream(path, compression="detect") as stream:
         reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK // 4),
                                 parse_options=parse, convert_options=convert)
         for batch in reader:
             captions, errors = _texts(batch.column(caption_col))
-            yield _urls(batch.column(url_col)), captions, errors
+            yield _urls(batch.column(url_col)), captions, errors, _numbers(batch, numbers)
 
 
 def _lines(path: Path) -> Iterator[list[bytes]]:
@@ -168,7 +207,7 @@ def _read_jsonl(spec: UrlListConfig, path: Path, batch_rows: int):
             _check_record_columns(path, spec.format, records, url_col, caption_col)
             checked = True
         for start in range(0, len(records), batch_rows):
-            yield _from_records(records[start:start + batch_rows], url_col, caption_col)
+            yield _from_records(records[start:start + batch_rows], url_col, caption_col, spec.columns)
 
 
 def _read_json(spec: UrlListConfig, path: Path, batch_rows: int):
@@ -188,7 +227,7 @@ def _read_json(spec: UrlListConfig, path: Path, batch_rows: int):
         if data:
             _check_record_columns(path, spec.format, data, url_col, caption_col)
         for start in range(0, len(data), batch_rows):
-            yield _from_records(data[start:start + batch_rows], url_col, caption_col)
+            yield _from_records(data[start:start + batch_rows], url_col, caption_col, spec.columns)
     else:
         raise InputError(f"{path}: expected a JSON object of lists or a list of records")
 
@@ -197,13 +236,16 @@ _READERS = {"laion": _read_parquet, "parquet": _read_parquet, "csv": _read_delim
             "cc3m": _read_cc3m, "jsonl": _read_jsonl}
 
 
-def _from_records(records: list, url_col: str, caption_col: str):
-    urls, captions = [], []
+def _from_records(records: list, url_col: str, caption_col: str, columns: dict[str, str] | None = None):
+    urls, captions, numbers = [], [], {f: [] for f in columns or {}}
     for r in records:
         r = r if isinstance(r, dict) else {}
         urls.append(_str(r.get(url_col)))
         captions.append(_str(r.get(caption_col)))
-    return pa.array(urls, pa.string()), pa.array(captions, pa.string()), None
+        for field, col in (columns or {}).items():
+            numbers[field].append(_number(r.get(col)))
+    return (pa.array(urls, pa.string()), pa.array(captions, pa.string()), None,
+            {f: pa.array(v, pa.float64()) for f, v in numbers.items()})
 
 
 def _check_record_columns(path: Path, fmt: str, records: list, url_col: str, caption_col: str) -> None:

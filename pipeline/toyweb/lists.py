@@ -86,18 +86,24 @@ def _write_laion(world: ToyWorld, path: Path, port: int, start: int, stop: int, 
     def tables():
         for a, b in _batches(start, stop) if stop > start else [(start, start)]:
             items = [world.item(i) for i in range(a, b)]
-            cols = {"URL": [url_for(port, world.cfg.world_seed, it.index) for it in items],
+            cols = {"URL": [url_for(port, world, it.index) for it in items],
                     "TEXT": [it.caption for it in items],
                     "WIDTH": pa.array([it.width for it in items], pa.int32()),
                     "HEIGHT": pa.array([it.height for it in items], pa.int32())}
+            scores = [world.list_scores(it) for it in items]   # what LAION's list adds: CLIP's and detectors' guesses
+            cols.update({name: pa.array([s[name] for s in scores], pa.float32()) for name in LAION_SCORES})
             if with_attributes:
                 cols.update({attr: [getattr(it.scene, attr) for it in items] for attr in ATTRIBUTES})
             yield pa.table(cols, schema=_laion_schema(with_attributes))
     _write_parquet(path, tables())
 
 
+LAION_SCORES = ("similarity", "punsafe", "pwatermark")
+
+
 def _laion_schema(with_attributes: bool) -> pa.Schema:
-    fields = [("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32())]
+    fields = [("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int32()), ("HEIGHT", pa.int32())] + \
+        [(name, pa.float32()) for name in LAION_SCORES]
     return pa.schema(fields + ([(a, pa.string()) for a in ATTRIBUTES] if with_attributes else []))
 
 
@@ -107,13 +113,13 @@ def _write_cc3m(world: ToyWorld, path: Path, port: int, start: int, stop: int) -
         for i in range(start, stop):
             item = world.item(i)
             caption = INVALID_UTF8 if item.caption is None else item.caption.encode()
-            f.write(caption + b"\t" + url_for(port, world.cfg.world_seed, i).encode() + b"\n")
+            f.write(caption + b"\t" + url_for(port, world, i).encode() + b"\n")
 
 
 def _write_sbu(world: ToyWorld, path: Path, port: int, start: int, stop: int) -> None:
     """SBU's json: one object of parallel lists `image_urls` and `captions` (streamed)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        for key, value_of in (("image_urls", lambda it: url_for(port, world.cfg.world_seed, it.index)),
+        for key, value_of in (("image_urls", lambda it: url_for(port, world, it.index)),
                               ("captions", lambda it: it.caption)):
             f.write(("{" if key == "image_urls" else ", ") + json.dumps(key) + ": [")
             f.write(", ".join(json.dumps(value_of(world.item(i))) for i in range(start, stop)))
@@ -126,7 +132,7 @@ def _truth_rows(world: ToyWorld, port: int, a: int, b: int) -> pa.Table:
     cols = {
         "index": pa.array([it.index for it in items], pa.int64()),
         "split": [it.split for it in items],
-        "url": [url_for(port, world.cfg.world_seed, it.index) for it in items],
+        "url": [url_for(port, world, it.index) for it in items],
         "caption": [it.caption for it in items],
         "noise": [it.noise for it in items],
         "noisy": [it.noise != "none" for it in items],

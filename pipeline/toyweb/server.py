@@ -1,40 +1,74 @@
 """The toy web's HTTP server: renders each image from its URL and serves the configured faults.
+With `rate_limited_share`, a second listener on 127.0.0.2 (same port) serves the rate-limited host.
 
 Run as a child process (`ToyWebServer`), so that rendering does not share the pipeline's GIL and the
-server can be stopped by its own PID. It binds 127.0.0.1 only.
+server can be stopped by its own PID. It binds loopback addresses only.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pipeline.config import ToyWebConfig
 from pipeline.configtree import build, to_plain
-from pipeline.toyweb.world import ToyWorld
+from pipeline.toyweb.world import HOST, LIMITED_HOST, ToyWorld
 
 PATH = re.compile(r"^/(\d+)/(\d+)\.jpg$")
 
 
-def url_for(port: int, world_seed: int, index: int) -> str:
-    return f"http://127.0.0.1:{port}/{world_seed}/{index}.jpg"
+def url_for(port: int, world: ToyWorld, index: int) -> str:
+    return f"http://{world.host(index)}:{port}/{world.cfg.world_seed}/{index}.jpg"
+
+
+class RateWindow:
+    """The rate-limited host's rule: at most `rate` requests served in any second (a sliding window);
+    the rest get 429 and a Retry-After of the seconds until the window has room. Counts what it did."""
+
+    def __init__(self, rate: float):
+        self.limit = max(1, int(rate))
+        self.served: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+        self.counts = collections.Counter(served=0, refused=0)
+
+    def admit(self) -> float | None:
+        """None if the request may be served now, else the seconds to wait."""
+        with self.lock:
+            now = time.monotonic()
+            while self.served and self.served[0] <= now - 1.0:
+                self.served.popleft()
+            if len(self.served) >= self.limit:
+                self.counts["refused"] += 1
+                return self.served[0] + 1.0 - now
+            self.served.append(now)
+            self.counts["served"] += 1
+            return None
 
 
 class _Handler(BaseHTTPRequestHandler):
     world: ToyWorld
+    limiter: RateWindow | None = None   # set on the rate-limited host's server only
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args) -> None:  # quiet: thousands of requests per second
         pass
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path == "/_stats":   # what the rate-limited host served and refused (tests read it)
+            counts = dict(self.limiter.counts) if self.limiter is not None else {}
+            return self._send(200, json.dumps(counts).encode(), "application/json")
+        if self.limiter is not None and (wait := self.limiter.admit()) is not None:
+            return self._send(429, b"slow down", "text/plain", {"Retry-After": str(max(1, math.ceil(wait)))})
         match = PATH.match(self.path.split("?")[0])
         if not match or int(match.group(1)) != self.world.cfg.world_seed:
             return self._send(404, b"not found", "text/plain")
@@ -84,14 +118,20 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(cfg: ToyWebConfig, port: int) -> None:
-    handler = type("Handler", (_Handler,), {"world": ToyWorld(cfg)})
-    server = _Server(("127.0.0.1", port), handler)
+    world = ToyWorld(cfg)
+    server = _Server((HOST, port), type("Handler", (_Handler,), {"world": world}))
+    servers = [server]
+    if cfg.rate_limited_share > 0:   # the rate-limited host: the same port on another loopback address
+        limited = type("LimitedHandler", (_Handler,), {"world": world, "limiter": RateWindow(cfg.rate_limit)})
+        servers.append(_Server((LIMITED_HOST, server.server_address[1]), limited))
+        threading.Thread(target=servers[1].serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     print(f"READY {server.server_address[1]}", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        server.server_close()
+        for s in servers:
+            s.server_close()
 
 
 def _die_with_parent() -> None:

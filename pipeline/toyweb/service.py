@@ -18,7 +18,7 @@ from pipeline.toyweb.lists import write_toyweb
 from pipeline.toyweb.server import ToyWebServer
 
 log = logging.getLogger("vlp")
-TOYWEB_FORMAT = 6  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths)
+TOYWEB_FORMAT = 7  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths, 7: LAION scores, rate-limited host)
 
 
 def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:

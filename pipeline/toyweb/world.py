@@ -34,6 +34,7 @@ TEMPLATES = (
 BOILERPLATE = ("IMG_2931.JPG", "click to enlarge", "image", "stock photo", "DSC_0042",
                "untitled-3.png", "photo", "thumbnail")
 NOISE_KINDS = ("mismatched", "boilerplate", "wrong_attribute", "empty_or_garbage")
+HOST, LIMITED_HOST = "127.0.0.1", "127.0.0.2"   # the toy web, and its rate-limited host (server.py)
 FAULT_KINDS = ("not_found", "slow", "truncated", "corrupt", "html", "huge", "noai")
 HUGE_SIDE = 4096
 
@@ -112,6 +113,23 @@ class ToyWorld:
         ratio = 4.0 if rng.random() < self.cfg.banner_share else rng.choice(self.cfg.aspect_ratios)
         long = round(short * ratio)
         return (long, short) if rng.random() < 0.5 else (short, long)
+
+    def host(self, index: int) -> str:
+        """The host serving a URL: the rate-limited one for `rate_limited_share` of the web (own rng: no
+        other draw changes with the share)."""
+        limited = self.split_of(index) == "web" and self.cfg.rate_limited_share > 0 \
+            and self._rng(index, "host").random() < self.cfg.rate_limited_share
+        return LIMITED_HOST if limited else HOST
+
+    def list_scores(self, item: Item) -> dict[str, float]:
+        """The scores a LAION list gives a row: a CLIP similarity that is lower for a caption that does not
+        describe the picture, but overlapping (a real CLIP score is a noisy witness), a small NSFW
+        probability, and a watermark probability. Own rng: nothing else changes with them."""
+        rng = self._rng(item.index, "list-scores")
+        described = item.noise in ("none", "wrong_attribute")
+        similarity = rng.gauss(0.33 if described else 0.25, 0.04)
+        return {"similarity": round(similarity, 4), "punsafe": round(rng.random() ** 8, 4),
+                "pwatermark": round(rng.random() ** 3, 4)}
 
     def is_flat(self, index: int) -> bool:
         """Whether the picture has a flat background with no texture (decided per picture)."""
