@@ -140,11 +140,12 @@ def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
 
 def _reopen_for_retry(current, retryable: Callable[[Manifest], int]) -> None:
     done = current.manifest()
-    if done is not None and retryable(done) == 0:
+    failed = retryable(done) if done is not None else None
+    if failed == 0:
         log.info("%s (round %d): no transiently failed samples to fetch again", current.stage, current.round)
         return
     n = current.start_retry_pass()
-    what = f"{retryable(done)} transiently failed samples" if done is not None else "the transient failures of its committed shards"
+    what = f"{failed} transiently failed samples" if failed is not None else "the transient failures of its committed shards"
     log.info("%s (round %d): retry pass %d: trying %s again; kept samples stay", current.stage, current.round, n, what)
 
 

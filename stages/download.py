@@ -69,7 +69,7 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     for s in shards:
         name = shard_name(s.shard_id)
         stats = ctx.out.shard_stats(name)
-        retry = stats is not None and stats.get("retry_pass", 0) < retry_pass and transient_failures(stats) > 0
+        retry = stats is not None and needs_retry(stats, retry_pass)
         if stats is not None and not retry:
             done[name] = stats
             continue
@@ -89,10 +89,10 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     manifest = ctx.manifest(stage_cfg, summaries, started,
                             {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists],
                              "politeness": dict(politeness_counts), **({"retry_pass": retry_pass} if retry_pass else {})})
-    if (transient := STAGE.retryable(manifest)):
+    if (transient := transient_counts(manifest.totals.failed)):
         log.warning("download: %d URLs failed with transient errors (%s); `vlp resume --retry-failed %s` fetches "
-                    "them again", transient, ", ".join(f"{r} {n}" for r, n in sorted(manifest.totals.failed.items())
-                                                    if r in TRANSIENT), ctx.run.root)
+                    "them again", sum(transient.values()), ", ".join(f"{r} {n}" for r, n in sorted(transient.items())),
+                    ctx.run.root)
     return manifest
 
 
@@ -112,7 +112,7 @@ def _request(cfg, urls: int | None) -> Request:
 STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_: [],
               run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], ctx),
               request=_request, extra_inputs=_extra_inputs, fetches=True,
-              retryable=lambda m: sum(n for reason, n in m.totals.failed.items() if reason in TRANSIENT))
+              retryable=lambda m: sum(transient_counts(m.totals.failed).values()))
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
     shard_input = ShardInput(*shard)
     shard_id, name = shard_input.shard_id, shard_name(shard_input.shard_id)
     earlier = out.shard_stats(name)
-    if earlier is not None and (earlier.get("retry_pass", 0) >= retry_pass or not transient_failures(earlier)):
+    if earlier is not None and not needs_retry(earlier, retry_pass):
         return earlier
     started = time.time()
     rows = read_shard_input(out.path, shard_input)
@@ -174,10 +174,20 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
                             {"retry_pass": retry_pass, "politeness": {k: round(v, 3) for k, v in counts.items()}})
 
 
+def transient_counts(failed_by_reason: dict) -> dict[str, int]:
+    """The failures of reasons that may pass (timeouts, resets, refused connections, 5xx, 429, DNS)."""
+    return {reason: n for reason, n in failed_by_reason.items() if reason in TRANSIENT and n}
+
+
 def transient_failures(stats: dict) -> int:
-    """How many of a shard's URLs failed for reasons that may pass (timeouts, resets, refused connections,
-    5xx, DNS)."""
-    return sum(n for reason, n in stats["accounting"]["failed_by_reason"].items() if reason in TRANSIENT)
+    """How many of a shard's URLs failed for reasons that may pass."""
+    return sum(transient_counts(stats["accounting"]["failed_by_reason"]).values())
+
+
+def needs_retry(stats: dict, retry_pass: int) -> bool:
+    """Whether a committed shard goes back to its task in retry pass `retry_pass`: committed by an
+    earlier pass, with transient failures."""
+    return stats.get("retry_pass", 0) < retry_pass and transient_failures(stats) > 0
 
 
 def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:

@@ -111,15 +111,15 @@ def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int, 
     pending: list[pa.Table] = []
     held = 0
     hashing: list[pa.Table] = []
-    parts = 0
+    hashing_rows = parts = 0
 
     def flush_hashes() -> None:
-        nonlocal parts
-        table = pa.concat_tables(hashing).combine_chunks()
-        urldedup.write_hash_partitions(Path(folder), list_index, table["url"].chunk(0) if table.num_rows else pa.array([], pa.string()),
-                                       table["source_row"].to_numpy(), partitions, parts)
+        nonlocal hashing_rows, parts
+        table = pa.concat_tables(hashing)
+        urldedup.write_hash_partitions(Path(folder), list_index, table["url"], table["source_row"].to_numpy(),
+                                       partitions, parts)
         hashing.clear()
-        parts += 1
+        hashing_rows, parts = 0, parts + 1
 
     with atomic_path(Path(folder) / input_name(list_index)) as tmp, \
             pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
@@ -139,7 +139,8 @@ def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int, 
                 flush(samples_per_shard)
             if partitions:
                 hashing.append(batch.select(["url", "source_row"]))
-                if sum(t.num_rows for t in hashing) >= HASH_ROWS:
+                hashing_rows += batch.num_rows
+                if hashing_rows >= HASH_ROWS:
                     flush_hashes()
         if held:
             flush(held)

@@ -34,13 +34,13 @@ def partitions_for(list_bytes: int) -> int:
     return max(2, min(1024, math.ceil(list_bytes / LIST_BYTES_PER_PARTITION)))
 
 
-def url_hashes(urls: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def url_hashes(urls: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(h1, h2): 128 bits of SipHash of each URL, whitespace trimmed; a missing URL hashes as ''."""
     values = pc.fill_null(pc.utf8_trim_whitespace(urls), "").to_numpy(zero_copy_only=False)
     return tuple(pd.util.hash_array(values, hash_key=k, categorize=False) for k in _KEYS)
 
 
-def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array, rows: np.ndarray, partitions: int,
+def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array | pa.ChunkedArray, rows: np.ndarray, partitions: int,
                           part: int) -> None:
     """(planning task) One batch's URL hashes into `folder/url-hashes/<p>/<list>-<part>.parquet`."""
     h1, h2 = url_hashes(urls)
