@@ -114,8 +114,7 @@ def scan(stage: Path, shards: int) -> int:
     from stages.download import transient_failures
 
     out, acc, again = StageDir(stage, "download", 0), Accounting(), 0
-    for i in range(shards):
-        stats = out.shard_stats(shard_name(i))
+    for stats in out.committed_stats([shard_name(i) for i in range(shards)]).values():
         if "rejects" in stats:   # the old check walked the per-sample list
             again += sum(r["reason"] in ("timeout", "http_5xx") for r in stats["rejects"])
         else:

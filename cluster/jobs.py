@@ -23,6 +23,7 @@ from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.runlock import RunInUse, describe, holder
 from pipeline.runs import check_run_dir
+from pipeline.storage import as_path, is_remote, make_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -32,6 +33,8 @@ EXCLUDES = [".venv", "runs", ".git", ".gl", "bench/out", "**/__pycache__", "*.eg
             ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
             "*.token", "auth_token", ".netrc", ".git-credentials", ".aws", ".ssh", ".ray", ".kube"]
 MARKER_PREFIX = ".submitted-"
+
+STORE_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def address_or_default(address: str | None) -> str:
@@ -77,7 +80,7 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     target = resume or run_dir
     if target is None:
         target = str(default_run_dir(load_config(config, overrides)))
-    if (held := holder(Path(check_run_dir(target)))) is not None:   # refused before anything is written
+    if (held := holder(check_run_dir(target))) is not None:   # refused before anything is written
         raise RunInUse(f"{target} is in use by {describe(held)}: one writer per run directory")
     c = client(address)
     if retry_failed and not resume:
@@ -91,7 +94,7 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     else:
         cfg = load_config(config, overrides)
         run = RunDir(check_run_dir(str(run_dir or default_run_dir(cfg))))
-        run.root.mkdir(parents=True, exist_ok=True)
+        make_dir(run.root)
         atomic_write_bytes(run.config_path, dump_config(cfg).encode())
         args = ["run", str(run.config_path), "--run-dir", str(run.root)]
         name = cfg.name
@@ -100,14 +103,21 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     entrypoint = job_entrypoint(run.root, args, marker)
     runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES,
                    "env_vars": {"VLP_RAY_JOB": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
-                                "PYTHONWARNINGS": "ignore::UserWarning"}}
+                                "PYTHONWARNINGS": "ignore::UserWarning", **store_endpoints()}}
     job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                           metadata={"vlp_run_dir": str(run.root), "vlp_name": name})
     _wait_until_visible(c, job_id, marker, wait_visible_s)
     return job_id, run.root
 
 
-def job_entrypoint(run_root: Path, args: list[str], marker: Path) -> str:
+def store_endpoints() -> dict[str, str]:
+    """Where the submitter's object store is (endpoint, region: not secrets), for the job: an s3:// run
+    directory on MinIO or R2 names nothing without its endpoint. Credentials are not sent: the nodes
+    have their own (an instance role, or the variables set on them), as for any other job."""
+    return {name: os.environ[name] for name in STORE_SETTINGS if os.environ.get(name)}
+
+
+def job_entrypoint(run_root, args: list[str], marker) -> str:
     """The job's shell command. Ray may replace an unpacked working_dir while a job runs (when it sets up
     the same package for new workers): the driver's current directory vanished at the start of
     pretraining, and a module imported late (pipeline/plan.py, at Ray's start) was missing for a moment.
@@ -116,9 +126,11 @@ def job_entrypoint(run_root: Path, args: list[str], marker: Path) -> str:
     `$(...)` is a name."""
     unseen = shlex.quote(f"vlp: error: the run directory {run_root} is not visible from the head node: put it "
                          "on storage every node mounts")
+    # an object-store run directory is no place to stand in: the job works in the node's temporary folder
+    workdir = 'cd "${TMPDIR:-/tmp}"' if is_remote(run_root) else f"cd {shlex.quote(str(run_root))}"
     return ('code=$(mktemp -d "${TMPDIR:-/tmp}/vlp-job-code-XXXXXX") && cp -r "$PWD"/. "$code"/ && '
             """trap 'rm -rf "$code"' EXIT; """
-            f'export PYTHONPATH="$code${{PYTHONPATH:+:$PYTHONPATH}}"; cd {shlex.quote(str(run_root))} 2>/dev/null || '
+            f'export PYTHONPATH="$code${{PYTHONPATH:+:$PYTHONPATH}}"; {workdir} 2>/dev/null || '
             f"{{ printf '%s\\n' {unseen}; exit 2; }}; "
             + " ".join(["python", "-m", "pipeline.cli", *map(shlex.quote, args), "--submitted-marker",
                         shlex.quote(str(marker))]))
@@ -145,7 +157,7 @@ def _wait_until_visible(c, job_id: str, marker: Path, timeout: float) -> None:
 
 def claim_marker(marker: str) -> None:
     """In the job: prove the run directory is visible by removing the submitter's marker."""
-    path = Path(marker)
+    path = as_path(marker)
     if not path.is_file():
         raise InputError(f"the run directory {path.parent} is not visible from this node ({os.uname().nodename}): "
                          "put it on storage every node of the cluster mounts")

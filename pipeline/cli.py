@@ -161,10 +161,9 @@ def _jobs(args) -> int:
 
 def _gc(run_dir: str, delete: bool) -> int:
     """Superseded results are committed work: they go only when the user says so, under the run's lock."""
-    import shutil
-
     from pipeline.runlock import RunLock
     from pipeline.runs import RunDir
+    from pipeline.storage import as_path, remove_tree
 
     run = RunDir(run_dir).require()
     with RunLock(run.root):
@@ -176,7 +175,7 @@ def _gc(run_dir: str, delete: bool) -> int:
             print(f"{'deleting' if delete else 'would delete'} {row['path']} ({row['bytes'] / 1e6:.1f} MB, "
                   f"{'complete' if row['complete'] else 'partial'})")
             if delete:
-                shutil.rmtree(row["path"])
+                remove_tree(as_path(row["path"]))
         if not delete:
             print("run `vlp gc RUN_DIR --yes` to delete them")
     return 0

@@ -577,7 +577,9 @@ class RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load `path` strictly and apply `--set` overrides. Relative input paths resolve against the file."""
-    path = Path(path)
+    from pipeline.storage import as_path
+
+    path = as_path(path)
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -601,12 +603,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return build(RunConfig, data, source=source)
 
 
-def _resolve_input_paths(data: dict, base: Path) -> None:
+def _resolve_input_paths(data: dict, base) -> None:
+    from pipeline.storage import is_remote, is_url
+
     inputs = (data.get("data") or {}).get("inputs") if isinstance(data.get("data"), dict) else None
     for entry in inputs or ():
-        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and not is_url(entry["path"]):
             p = Path(entry["path"]).expanduser()
-            entry["path"] = str(p if p.is_absolute() else (base / p).resolve())
+            entry["path"] = str(p if p.is_absolute() else (base / p) if is_remote(base) else (base / p).resolve())
 
 
 def dump_config(cfg: RunConfig) -> str:

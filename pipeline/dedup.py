@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.data import neardup
-from pipeline.fsutil import atomic_write_json, atomic_write_parquet, read_json
+from pipeline.fsutil import atomic_write_json, atomic_write_parquet, read_json, read_parquet
 from pipeline.parallel import Progress, run_shard_tasks
+from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 EVAL = 1 << 62
@@ -86,7 +86,7 @@ def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
 
 def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
-    tables = [pq.read_table(p) for p in files]
+    tables = [read_parquet(p) for p in files]
     if not tables:
         return schema.empty_table() if schema is not None else pa.table({})
     return pa.concat_tables(tables)
@@ -138,7 +138,7 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
 # --- exact -------------------------------------------------------------------------------------------
 
 def exact_partition(root: str, p: int, settings: Settings) -> dict:
-    root = Path(root)
+    root = as_path(root)
     table = _read(root / "exact" / str(p))
     drops = {"node": [], "reason": []}
     if table.num_rows:
@@ -168,7 +168,7 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
 def band_partition(root: str, p: int, settings: Settings) -> dict:
     """Candidate pairs (first < second node) of the nodes sharing an LSH key in partition p. Pairs of
     blanks are decided here (their hashes hold all the rule needs): they go straight to the edges."""
-    root = Path(root)
+    root = as_path(root)
     table = _read(root / "band" / str(p))
     found = {"pairs": ([], []), "blank": ([], [])}
     cut = left_out = 0
@@ -288,7 +288,7 @@ def _blank_pairs(nodes: np.ndarray, hashes: np.ndarray, settings: Settings):
 
 def join_partition(root: str, q: int, settings: Settings) -> dict:
     """Pairs whose first node hashes to q, with its signature, sent on to their second node's partition."""
-    root = Path(root)
+    root = as_path(root)
     pairs = _read(root / "pairs_a" / str(q), pa.schema([("a", pa.int64()), ("b", pa.int64())]))
     pairs = pairs.group_by(["a", "b"]).aggregate([])   # a pair found by several bands is verified once
     sigs = _read(root / "sig" / str(q), pa.schema([("node", pa.int64()), ("signature", pa.binary())]))
@@ -301,7 +301,7 @@ def join_partition(root: str, q: int, settings: Settings) -> dict:
 
 def verify_partition(root: str, r: int, settings: Settings) -> dict:
     """Verified near copies among the pairs whose second node hashes to r: edges/<r>.parquet."""
-    root = Path(root)
+    root = as_path(root)
     pairs = _read(root / "pairs_b" / str(r))
     sigs = _read(root / "sig" / str(r), pa.schema([("node", pa.int64()), ("signature", pa.binary())]))
     edges = {"a": [], "b": []}
@@ -333,7 +333,7 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
 
 def resolve(root: str, unit: int, shards: int) -> dict:
     """(one task) The drops of every phase, in node order, written per shard: decisions/<index>.parquet."""
-    root = Path(root)
+    root = as_path(root)
     exact = _read(root / "exact_out", pa.schema([("node", pa.int64()), ("reason", pa.string())]))
     reason = dict(zip(exact["node"].to_pylist(), exact["reason"].to_pylist()))
     edges = _read(root / "edges", pa.schema([("a", pa.int64()), ("b", pa.int64())]))
@@ -369,7 +369,7 @@ def resolve(root: str, unit: int, shards: int) -> dict:
 
 
 def decisions_of(root: Path, index: int) -> dict[int, str]:
-    table = pq.read_table(root / "decisions" / f"{index}.parquet")
+    table = read_parquet(root / "decisions" / f"{index}.parquet")
     return dict(zip(table["node"].to_pylist(), table["reason"].to_pylist()))
 
 

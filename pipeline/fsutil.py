@@ -1,4 +1,8 @@
-"""Atomic writes: every file vlp produces appears whole under its final name or not at all."""
+"""Atomic writes: every file vlp produces appears whole under its final name or not at all.
+
+On a filesystem: a temporary name beside the target, fsync, rename. On an object store (the run
+directory is an s3:// URL, pipeline/storage.py): the file is written locally, then put as one object,
+which the store makes visible whole or not at all."""
 from __future__ import annotations
 
 import contextlib
@@ -6,15 +10,26 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.storage import as_path, is_remote, upload
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place (after fsync) when the block succeeds."""
-    path = Path(path)
+def atomic_path(path) -> Iterator[Path]:
+    """Yield a temporary local path for `path`; when the block succeeds, rename it into place (after
+    fsync), or upload it (an object store: one PUT per file)."""
+    path = as_path(path)
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="vlp-put-") as folder:
+            tmp = Path(folder) / path.name
+            yield tmp
+            if tmp.exists():
+                upload(tmp, path)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
@@ -59,18 +74,28 @@ def atomic_write_parquet(path: str | Path, table, row_group_size: int | None = N
         pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
 
 
-def read_json(path: str | Path) -> Any:
-    with open(path) as f:
+def read_json(path) -> Any:
+    with as_path(path).open() as f:
         return json.load(f)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def read_parquet(path, **kwargs):
+    """pq.read_table for a local path or an object-store URL."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import arrow
+
+    name, filesystem = arrow(as_path(path))
+    return pq.read_table(name, filesystem=filesystem, **kwargs)
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def is_temporary(path: Path) -> bool:
+def is_temporary(path) -> bool:
     return path.name.startswith(".") and ".tmp-" in path.name

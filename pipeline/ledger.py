@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from pipeline.fsutil import atomic_write_parquet
+from pipeline.fsutil import atomic_write_parquet, read_parquet
+from pipeline.storage import arrow, as_path
 
 SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()),
                     ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
@@ -39,7 +39,7 @@ def write_ledger(path: Path, records: list[dict]) -> None:
 
 
 def read_ledger(path: Path) -> list[dict]:
-    return pq.read_table(path, schema=SCHEMA).to_pylist()
+    return read_parquet(path, schema=SCHEMA).to_pylist()
 
 
 def stage_ledger(folder: Path, columns: list[str] | None = None, expression: ds.Expression | None = None) -> pa.Table:
@@ -54,10 +54,12 @@ def stage_decisions(folder: Path) -> list[dict]:
 
 
 def _dataset(folder: Path, schema: pa.Schema, wanted, columns=None, expression=None) -> pa.Table:
-    files = sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".") and wanted(p.name))
+    folder = as_path(folder)
+    files = sorted(arrow(p)[0] for p in folder.glob("*.parquet") if not p.name.startswith(".") and wanted(p.name))
     if not files:
         return schema.empty_table().select(columns or schema.names)
-    return ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns, filter=expression)
+    return ds.dataset(files, schema=schema, format="parquet", filesystem=arrow(folder)[1]).to_table(
+        columns=columns, filter=expression)
 
 
 def not_kept(folder: Path) -> list[dict]:

@@ -82,7 +82,7 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
 
 def _committed(out, jobs: dict[str, tuple], progress: Progress) -> dict[str, dict]:
     """Stats of the shards in `jobs` that `out` already committed (reported as progress)."""
-    done = {name: stats for name in jobs if (stats := out.shard_stats(name)) is not None}
+    done = out.committed_stats(list(jobs))
     progress.update(len(done), sum(s["accounting"]["samples_in"] for s in done.values()), force=True)
     return done
 

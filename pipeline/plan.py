@@ -9,10 +9,10 @@ cluster.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
+from pipeline.storage import as_path
 from pipeline.graph import schedule, spec
 
 
@@ -50,7 +50,7 @@ def _count_urls(cfg: RunConfig) -> int | None:
 
 
 def missing_lists(cfg: RunConfig) -> list[str]:
-    return [spec.path for spec in cfg.data.inputs if not Path(spec.path).is_file()]
+    return [spec.path for spec in cfg.data.inputs if not as_path(spec.path).is_file()]
 
 
 def format_plan(cfg: RunConfig, steps: list[Step]) -> str:

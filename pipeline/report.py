@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import collections
 import html
-import shutil
 from pathlib import Path
 
 from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
+from pipeline.storage import remove_tree
 from pipeline.ledger import stage_ledger
 from pipeline.toyweb.measures import decisions, format_attributes, format_rounds, load_truth, rounds
 from pipeline.status import status
@@ -29,7 +29,7 @@ def write_report(run_dir: str | Path) -> Path:
         page = _build(run, tmp)
         (tmp / "index.html").write_text(page)
         if final.exists():
-            shutil.rmtree(final)
+            remove_tree(final)
     return final / "index.html"
 
 
@@ -87,7 +87,7 @@ def _build(run: RunDir, out: Path) -> str:
         for r in round_rows:
             curves = run.stage("pretrain", r["round"]).path / "training_curves.png"
             if curves.is_file():
-                shutil.copy(curves, out / f"training_round{r['round']}.png")
+                (out / f"training_round{r['round']}.png").write_bytes(curves.read_bytes())
                 parts.append(f"<h3>Training curves, round {r['round']}</h3>"
                              f'<img src="training_round{r["round"]}.png" alt="training curves round {r["round"]}">')
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"

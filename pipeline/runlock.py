@@ -8,6 +8,12 @@ again — there is no stale lock to break and no race in breaking one. The file 
 (host, PID, since when, command), for the error the next writer gets. flock works on local disks and
 on NFSv4 (the client maps it to a POSIX lock); Lustre needs its `flock` mount option.
 
+An object store (s3://) has no flock: there the lock is the object `<run>/.lock`, created with a
+conditional PUT (If-None-Match: the store refuses it when the object exists) and renewed by the holder
+every LEASE_S / 4 seconds. A lock not renewed for LEASE_S is a dead holder's and is taken over (deleted,
+then created again conditionally, so of two takers at most one gets it — unless the first has
+released it again in between, a window of one request). `holder` reports a live one only.
+
 Ray's shard tasks write into the directory for the driver that holds the lock; after a kill -9 of the
 driver a task of the old run can still commit a shard (atomically) before Ray ends it: harmless.
 """
@@ -15,27 +21,46 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.storage import as_path, is_remote
 
 LOCK_NAME = ".lock"
+LEASE_S = 60.0   # an object-store lock not renewed for this long is a dead holder's
+log = logging.getLogger("vlp")
 
 
 class RunInUse(InputError):
     """Another live process holds the run directory."""
 
 
-class RunLock:
+def RunLock(run_root, command: str | None = None) -> "FileLock | ObjectLock":
     """`with RunLock(run_root):` holds the run directory for this process."""
+    root = as_path(run_root)
+    return ObjectLock(root, command) if is_remote(root) else FileLock(root, command)
 
+
+def _command() -> str:
+    return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+
+
+def _holder_record(command: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": command}
+
+
+class FileLock:
     def __init__(self, run_root: Path, command: str | None = None):
         self.path = Path(run_root) / LOCK_NAME
-        self.command = command or " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+        self.command = command or _command()
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -48,8 +73,7 @@ class RunLock:
             os.close(fd)
             raise RunInUse(f"{self.path.parent} is in use by {describe(holder)}; wait for it, or stop it "
                            f"(a lock whose process has ended is free again: no need to delete {self.path.name})") from None
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "command": self.command}
+        holder = _holder_record(self.command)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         os.fsync(fd)
@@ -63,16 +87,83 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> "FileLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def holder(run_root: Path) -> dict | None:
+class ObjectLock:
+    """The lock of a run directory on an object store (module docstring)."""
+
+    def __init__(self, run_root, command: str | None = None):
+        self.path = run_root / LOCK_NAME
+        self.command = command or _command()
+        self.token = uuid.uuid4().hex
+        self._stop: threading.Event | None = None
+
+    def acquire(self) -> "ObjectLock":
+        fs, key = self.path.fs, self.path.path
+        for attempt in range(2):
+            try:
+                fs.pipe_file(key, self._record(), mode="create")
+                break
+            except FileExistsError:
+                held = _read_object(self.path)
+                if attempt == 0 and held is not None and _expired(held):
+                    fs.rm_file(key)   # a holder that stopped renewing: dead (see LEASE_S)
+                    continue
+                raise RunInUse(f"{self.path.parent} is in use by {describe(held)}; wait for it, or stop it (a lock "
+                               f"not renewed for {LEASE_S} s is taken over: no need to delete {self.path.name})") from None
+        self._stop = threading.Event()
+        threading.Thread(target=self._renew, name="vlp-run-lock", daemon=True).start()
+        return self
+
+    def _record(self) -> bytes:
+        return (json.dumps({**_holder_record(self.command), "token": self.token, "renewed": time.time()}) + "\n").encode()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_S / 4):
+            try:
+                self.path.fs.pipe_file(self.path.path, self._record())
+            except OSError as err:   # the store unreachable for a while: the next renewal tries again
+                log.warning("run lock %s: could not renew it (%s)", self.path, err)
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        self._stop.set()
+        self._stop = None
+        held = _read_object(self.path)
+        if held is not None and held.get("token") == self.token:
+            self.path.fs.rm_file(self.path.path)
+
+    def __enter__(self) -> "ObjectLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_object(path) -> dict | None:
+    try:
+        return json.loads(path.read_bytes().decode())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _expired(held: dict) -> bool:
+    return time.time() - float(held.get("renewed", 0)) > LEASE_S
+
+
+def holder(run_root) -> dict | None:
     """Who holds the run directory now, or None if nobody does (the lock is tried, not waited for)."""
-    path = Path(run_root) / LOCK_NAME
+    root = as_path(run_root)
+    if is_remote(root):
+        held = _read_object(root / LOCK_NAME)
+        return None if held is None or _expired(held) else held
+    path = root / LOCK_NAME
     if not path.is_file():
         return None
     fd = os.open(path, os.O_RDONLY)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline import storage
 from pipeline.config import RunConfig, UrlListConfig, dump_config
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError, StageFailed
@@ -41,7 +42,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, 
     # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
     # run refused here leaves config.yaml as the first one wrote it.
     try:
-        run.root.mkdir(parents=True, exist_ok=True)
+        storage.make_dir(run.root)
         lock = RunLock(run.root).acquire()
     except OSError as err:
         raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
@@ -59,6 +59,19 @@ class StageDir:
         """The committed stats of a shard, or None if the shard is not committed."""
         path = self.stats_path(shard_name)
         return read_json(path) if path.is_file() else None
+
+    def committed_stats(self, shard_names) -> dict[str, dict]:
+        """{shard: stats} of the shards among `shard_names` that are committed: one listing of the folder
+        (a few LIST requests on an object store, not a HEAD per shard), then the stats files that exist,
+        read by a few threads (on an object store each read is a request of its own)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        present = {p.name for p in self.path.glob(f"*{STATS_SUFFIX}")} if self.path.is_dir() else set()
+        wanted = [n for n in shard_names if self.stats_path(n).name in present]
+        if not storage.is_remote(self.path):
+            return {n: read_json(self.stats_path(n)) for n in wanted}
+        with ThreadPoolExecutor(16) as pool:
+            return dict(zip(wanted, pool.map(lambda n: read_json(self.stats_path(n)), wanted)))
 
     def ledger_path(self, shard_name: str) -> Path:
         return self.path / (shard_name.split(".")[0] + LEDGER_SUFFIX)
@@ -105,9 +118,9 @@ class StageDir:
         if self.path.exists() and self.fingerprint() not in (None, fp):
             raise AssertionError(f"{self.path} holds fingerprint {self.fingerprint()}, not {fp}: use RunDir.build_dir")
         self.path.mkdir(parents=True, exist_ok=True)
-        for leftover in self.path.iterdir():  # temp files of a killed run
+        for leftover in storage.children(self.path):  # temp files of a killed run
             if is_temporary(leftover):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                storage.remove_tree(leftover) if leftover.is_dir() else leftover.unlink()
         atomic_write_bytes(self.path / FINGERPRINT, fp.encode())
         atomic_write_json(self.path / PLAN, {"fingerprint": fp, **plan})
 
@@ -134,13 +147,10 @@ class StageDir:
         atomic_write_json(self.path / MANIFEST, manifest.to_json())
 
 
-def check_run_dir(run_dir: str | Path) -> Path:
-    """A run directory is a path on a filesystem: local for one machine, shared by every node for a
-    cluster. Object-store URLs are refused: shards are committed by rename, which they do not have."""
-    if "://" in str(run_dir):
-        raise InputError(f"run directory {run_dir}: URLs (s3://, gs://, ...) are not supported; use a path on a "
-                         "filesystem every node mounts (NFS, Lustre, EFS, or a FUSE mount of the bucket)")
-    return Path(run_dir).expanduser().resolve()
+def check_run_dir(run_dir):
+    """A run directory is a path on a filesystem (local for one machine, shared by every node for a
+    cluster) or an object-store URL every node reaches (s3://bucket/prefix; pipeline/storage.py)."""
+    return storage.resolve(run_dir)
 
 
 class RunDir:
@@ -151,15 +161,18 @@ class RunDir:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
-    def relative(self, path: str | Path) -> str:
+    def relative(self, path) -> str:
         """`path` as a manifest records it: relative to the run directory when inside it (so the run can be
-        moved or copied), absolute otherwise."""
-        path = Path(path).resolve()
-        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+        moved or copied), absolute (or a URL) otherwise."""
+        path = storage.as_path(path)
+        inside = storage.relative_to(path, self.root)
+        return inside if inside is not None else str(path if storage.is_remote(path) else path.resolve())
 
-    def resolve(self, recorded: str) -> Path:
+    def resolve(self, recorded: str):
         """The path a manifest recorded (see `relative`)."""
-        return Path(recorded) if Path(recorded).is_absolute() else self.root / recorded
+        if storage.is_url(recorded) or Path(recorded).is_absolute():
+            return storage.as_path(recorded)
+        return self.root / recorded
 
     def stage(self, stage: str, round_: int = 0) -> StageDir:
         return StageDir(self.root / f"round-{round_}" / stage, stage, round_)
@@ -193,7 +206,7 @@ class RunDir:
         if current.path.exists():
             moved = self._supersede(current)
             crash_point("superseded")   # the old result moved aside, the new one not yet in place
-        out.path.rename(current.path)
+        storage.move_tree(out.path, current.path)
         return moved
 
     def recover(self) -> list[str]:
@@ -201,9 +214,16 @@ class RunDir:
         done = []
         for staged in self.root.glob(f"round-*/{NEXT_PREFIX}*"):
             out = StageDir(staged, staged.name[len(NEXT_PREFIX):], int(staged.parent.name.split("-")[1]))
-            if out.manifest() is not None:
+            new = out.manifest()
+            if new is None:
+                continue
+            current = self.stage(out.stage, out.round).manifest()
+            if current is not None and current.fingerprint == new.fingerprint and storage.is_remote(staged):
+                # an object store's move was killed while deleting the source: the target is complete
+                storage.remove_tree(out.path)   # what is left are copies of objects the target holds
+            else:
                 self.publish(out)
-                done.append(f"{out.stage} (round {out.round})")
+            done.append(f"{out.stage} (round {out.round})")
         return done
 
     def _supersede(self, sd: StageDir) -> Path:
@@ -216,7 +236,7 @@ class RunDir:
             n += 1
             target = self.root / SUPERSEDED / f"{name}-{n}"
         target.parent.mkdir(parents=True, exist_ok=True)
-        sd.path.rename(target)
+        storage.move_tree(sd.path, target)
         return target
 
     def superseded(self) -> list[dict]:
@@ -224,7 +244,7 @@ class RunDir:
         folder = self.root / SUPERSEDED
         rows = []
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            size = storage.tree_bytes(path)
             rows.append({"name": path.name, "path": str(path), "bytes": size,
                          "complete": (path / MANIFEST).is_file()})
         return rows

@@ -4,12 +4,12 @@ content (stages/*.py, `extra_inputs`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
+from pipeline import storage
 from pipeline.config import RunConfig, UrlListConfig
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.runs import RunDir, fingerprint
+from pipeline.storage import as_path
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Sources:
         for path in paths:
             if path not in self._sha256:
                 self._sha256[path] = sha256_file(path)
-        return tuple(fingerprint(kind, Path(p).name, [self._sha256[p]]) for p in paths)
+        return tuple(fingerprint(kind, as_path(p).name, [self._sha256[p]]) for p in paths)
 
     def list_fingerprints(self) -> tuple[str, ...]:
         """One fingerprint per URL list, of its settings and content. A list's sha256 is cached in the run
@@ -35,9 +35,8 @@ class Sources:
         cache = read_json(cache_path) if cache_path.is_file() else {}
         fps, changed = [], False
         for spec in self.lists:
-            path = Path(spec.path).resolve()
-            st = path.stat()
-            key, stamp = str(path), [st.st_size, st.st_mtime_ns]
+            path = storage.resolve(spec.path)
+            key, stamp = str(path), storage.stamp(path)
             if cache.get(key, {}).get("stamp") != stamp:
                 cache[key] = {"stamp": stamp, "sha256": sha256_file(path)}
                 changed = True
@@ -68,7 +67,7 @@ def expand_shards(name: str, pattern: str) -> list[str]:
     import braceexpand
 
     shards = list(braceexpand.braceexpand(pattern))
-    missing = [p for p in shards if not Path(p).is_file()]
+    missing = [p for p in shards if not as_path(p).is_file()]
     if missing:
         raise InputError(f"{name}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
     return shards

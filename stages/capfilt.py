@@ -40,6 +40,7 @@ from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.train.finetune import finetune, model_fingerprint
+from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 ROLES = ("captioner", "filter")
@@ -97,7 +98,7 @@ def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
     seed = sources.seed_shards()
     given = round_ == 1 and cfg.capfilt.model
-    base_model = Path(cfg.capfilt.model) if given else upstream[1].exported_model()
+    base_model = as_path(cfg.capfilt.model) if given else upstream[1].exported_model()
     if not (base_model / "model.safetensors").is_file():
         raise InputError(f"capfilt.model: {base_model} is not an exported vlp model (no model.safetensors)")
     # a model from outside the run enters by its content; the previous round's by its stage's fingerprint
@@ -154,17 +155,17 @@ class CapfiltWorker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.captioner, self.tok, _ = load_pretrained(captioner_dir, self.device)
         self.filter, _, _ = load_pretrained(filter_dir, self.device)
-        self.out = StageDir(Path(out_dir), "capfilt", round_)
+        self.out = StageDir(as_path(out_dir), "capfilt", round_)
         self.round, self.seed, self.fps = round_, seed, fps
         prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
         self.prompt = torch.tensor(prompt, device=self.device)[None]
 
     def process(self, shard_path: str, name: str, expected: dict) -> dict:
-        verify_shard(Path(shard_path), expected)   # the bytes prefilter committed, or a clear error
+        verify_shard(as_path(shard_path), expected)   # the bytes prefilter committed, or a clear error
         started = time.time()
         acc, records, loaded = Accounting(), [], []
         size = self.filter.cfg.image_size
-        for sample in read_shard(Path(shard_path)):
+        for sample in read_shard(as_path(shard_path)):
             acc.samples_in += 1
             try:
                 loaded.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))

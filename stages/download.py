@@ -24,7 +24,6 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 import ray
 
@@ -41,6 +40,7 @@ from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
+from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
@@ -66,9 +66,10 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     # failures goes back to its task, which fetches just those URLs again and keeps every other outcome.
     retry_pass = ctx.out.retry_pass()
     done, jobs, again = {}, {}, 0
+    committed = ctx.out.committed_stats([shard_name(s.shard_id) for s in shards])
     for s in shards:
         name = shard_name(s.shard_id)
-        stats = ctx.out.shard_stats(name)
+        stats = committed.get(name)
         retry = stats is not None and needs_retry(stats, retry_pass)
         if stats is not None and not retry:
             done[name] = stats
@@ -126,7 +127,7 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
     from pipeline.runs import StageDir
 
     cfg = build(DownloadConfig, stage_cfg, source="download task")
-    out = StageDir(Path(stage_path), "download", 0)
+    out = StageDir(as_path(stage_path), "download", 0)
     shard_input = ShardInput(*shard)
     shard_id, name = shard_input.shard_id, shard_name(shard_input.shard_id)
     earlier = out.shard_stats(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import ray
 import torch
@@ -24,6 +23,7 @@ from pipeline.data.shards import read_shard
 from pipeline.manifest import Accounting, Manifest
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
+from pipeline.storage import as_path
 
 
 def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
@@ -58,7 +58,7 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dic
     size, max_len = model.cfg.image_size, model.cfg.max_text_len
     images, captions, labels, attributes = [], [], [], []
     for shard in eval_shards:
-        for sample in read_shard(Path(shard)):
+        for sample in read_shard(as_path(shard)):
             meta = json.loads(sample["json"])
             images.append(decode_image(sample["jpg"], size, None))
             captions.append(sample["txt"].decode("utf-8"))

@@ -20,13 +20,10 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
@@ -38,12 +35,13 @@ from pipeline import dedup
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError
-from pipeline.fsutil import atomic_write_parquet
+from pipeline.fsutil import atomic_write_parquet, read_parquet
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import StageDir, verify_shard
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
+from pipeline.storage import as_path, remove_tree
 
 DEDUP = "dedup"   # the shuffle's working folder inside the stage's, removed once every shard is committed
 
@@ -63,7 +61,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     details = {}
     # Once every shard is committed (a resume after the breaker, or a kill before the manifest), the
     # decisions are in the shards: nothing is scanned again.
-    todo = {s["shard"] for s in shards if ctx.out.shard_stats(s["shard"]) is None}
+    todo = {s["shard"] for s in shards} - set(ctx.out.committed_stats([s["shard"] for s in shards]))
     if todo:
         settings = dedup.load_settings(root, dedup.Settings(
             dedup.partitions_for(samples_in, cfg.dedup_partitions), cfg.dedup_exact, cfg.dedup_near,
@@ -86,7 +84,8 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     ctx.out.write_sizes(summaries)
     # Every shard is committed; a mass drop stops the stage here, before its manifest.
     check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
-    shutil.rmtree(root, ignore_errors=True)   # the shuffle's files: every decision is in the shards now
+    if root.exists():
+        remove_tree(root)   # the shuffle's files: every decision is in the shards now
     return ctx.manifest(stage_cfg, summaries, started, details)
 
 
@@ -121,13 +120,13 @@ def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, roo
                settings: dedup.Settings) -> dict:
     """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest),
     written to dedup/scan/ and hashed into the dedup partitions (pipeline/dedup.py)."""
-    verify_shard(Path(shard_path), expected)
+    verify_shard(as_path(shard_path), expected)
     cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
-    records = sorted((_scan_sample(sample, cfg, patterns) for sample in read_shard(Path(shard_path))),
+    records = sorted((_scan_sample(sample, cfg, patterns) for sample in read_shard(as_path(shard_path))),
                      key=lambda r: r["key"])
     nodes = (index << 32) + np.arange(len(records), dtype=np.int64)
-    root_path = Path(root)
+    root_path = as_path(root)
     kept = [r["outcome"] == "kept" for r in records]
     dedup.write_partitions(root_path, str(index), nodes, [r["exact"] if k else None for r, k in zip(records, kept)],
                            [r["signature"] if k else None for r, k in zip(records, kept)], settings)
@@ -225,7 +224,7 @@ def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: ded
     """(sha256 of the bytes, near-duplicate signature) of every readable image of an eval shard, hashed
     into the dedup partitions as eval nodes."""
     exact, sigs = [], []
-    for sample in read_shard(Path(shard_path)):
+    for sample in read_shard(as_path(shard_path)):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
             continue
@@ -237,19 +236,19 @@ def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: ded
         except Exception:  # noqa: BLE001 (an unreadable eval image cannot leak into training either)
             continue
     nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
-    dedup.write_partitions(Path(root), f"eval-{index}", nodes, exact, sigs, settings)
-    return dedup.mark(Path(root), "scan", f"eval-{index}", {"images": len(exact)})
+    dedup.write_partitions(as_path(root), f"eval-{index}", nodes, exact, sigs, settings)
+    return dedup.mark(as_path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 
 def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root: str) -> dict:
-    out = StageDir(Path(stage_path), "prefilter", 0)
+    out = StageDir(as_path(stage_path), "prefilter", 0)
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()
-    scanned = {r["key"]: r for r in pq.read_table(Path(root) / "scan" / f"{index}.parquet").to_pylist()}
-    dropped = dedup.decisions_of(Path(root), index)
+    scanned = {r["key"]: r for r in read_parquet(as_path(root) / "scan" / f"{index}.parquet").to_pylist()}
+    dropped = dedup.decisions_of(as_path(root), index)
     acc, kept, records, foreign = Accounting(), [], [], collections.Counter()
-    for sample in read_shard(Path(in_path)):
+    for sample in read_shard(as_path(in_path)):
         key = sample["__key__"]
         acc.samples_in += 1
         verdict = scanned[key]

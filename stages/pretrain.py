@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
 from pipeline.config import PretrainConfig
 from pipeline.configtree import to_plain
 from pipeline.data.shards import read_shard
@@ -26,6 +27,7 @@ from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.train import checkpoints
 from pipeline.train.metrics import read_metrics
+from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 
@@ -38,7 +40,7 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     upstream, upstream_dir = inputs.first().manifest, inputs.first().path
     seed_shards, previous_model = inputs.extra["seed_shards"], inputs.extra["previous_model"]
     web_samples = sum(s["samples"] for s in upstream.shards)
-    seed_samples = sum(1 for p in seed_shards for _ in read_shard(Path(p)))
+    seed_samples = sum(1 for p in seed_shards for _ in read_shard(as_path(p)))
     samples = web_samples + seed_samples
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_workers
     if samples < global_batch:
@@ -46,18 +48,25 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                          f"({global_batch} = micro_batch x grad_accum x num_workers)")
     ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples, "seed_samples": seed_samples})
     shards = [str(upstream_dir / s["shard"]) for s in upstream.shards if s["samples"] > 0] + list(seed_shards)
-    tokenizer_dir = _tokenizer(cfg, shards, ctx.out.path / "tokenizer", previous_model)
+    # DeepSpeed, TensorBoard and tokenizers write files by name: for an object-store run directory they
+    # work in a node-local folder whose results are put in the stage folder (pipeline/storage.py)
+    work = storage.work_dir(ctx.out.path) if storage.is_remote(ctx.out.path) else ctx.out.path
+    tokenizer_dir = _tokenizer(cfg, shards, work / "tokenizer", previous_model)
+    if work != ctx.out.path:
+        storage.upload(tokenizer_dir, ctx.out.path / "tokenizer")
+        tokenizer_dir = ctx.out.path / "tokenizer"
     model_cfg = SIZES[cfg.model].replace(vocab_size=len(load_tokenizer(tokenizer_dir)))
     init_from = None
     if previous_model is not None and cfg.init == "previous":
         init_from = previous_model
         model_cfg = ModelConfig(**read_info(previous_model)["model"])
-    _train(cfg, model_cfg, shards, tokenizer_dir, ctx, init_from)
+    _train(cfg, model_cfg, shards, tokenizer_dir, ctx, init_from, work)
 
     ckpt = checkpoints.latest_complete(ctx.out.path / "checkpoints")
     if ckpt is None or ckpt[0] != cfg.steps:
         raise StageFailed(f"pretrain: training ended without a complete checkpoint at step {cfg.steps}")
-    state = consolidate(ckpt[1], cfg.zero_stage)
+    with storage.local_copy(ckpt[1]) as tag_dir:
+        state = consolidate(tag_dir, cfg.zero_stage)
     n_params = sum(t.numel() for t in state.values())
     save_pretrained(ctx.out.path / "model", model_cfg, state, tokenizer_dir,
                     {"pretrain": to_plain(cfg), "fingerprint": ctx.fingerprint, "parameters": n_params})
@@ -100,14 +109,14 @@ def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_mo
     elif previous_model is not None:
         load_tokenizer(previous_model / "tokenizer").save_pretrained(str(folder))
     elif not (folder / "tokenizer.json").is_file():
-        captions = (s["txt"].decode("utf-8", errors="replace") for shard in shards for s in read_shard(Path(shard)))
+        captions = (s["txt"].decode("utf-8", errors="replace") for shard in shards for s in read_shard(as_path(shard)))
         tok = train_tokenizer(captions, cfg.vocab_size, folder)
         log.info("pretrain: trained a WordPiece tokenizer of %d tokens on the run's captions", len(tok))
     return folder
 
 
 def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext,
-           init_from: Path | None) -> None:
+           init_from: Path | None, work: Path) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -117,10 +126,11 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
-                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "seed": ctx.seed,
+                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work),
+                           "seed": ctx.seed,
                            "init_from": str(init_from / "model.safetensors") if init_from else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="pretrain", storage_path=str(ctx.out.path / "_ray"),
+        run_config=RunConfig(name="pretrain", storage_path=str(work / "_ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     try:

@@ -23,12 +23,65 @@ TEST_WEB = ToyWebConfig(num_urls=240, eval_size=40, seed_size=40, slow_seconds=2
                          exact_duplicates=0.08, near_duplicates=0.08, eval_leaks=0.04)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The S3-compatible server the object-store tests start (moto's server mode, a real HTTP server on
+# 127.0.0.1). Its endpoint and (any) credentials are in the environment from the start, the standard
+# variables of the AWS SDK, so that Ray's workers, the CLI's subprocesses and the test clusters of
+# test_submit.py all inherit them, as the nodes of a real cluster would have them.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "vlp-test", "AWS_SECRET_ACCESS_KEY": "vlp-test", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{_free_port()}"}
+os.environ.update(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A live moto S3 server on 127.0.0.1 for this session; yields its endpoint. Stopped by its handle."""
+    import urllib.request
+
+    endpoint = S3_ENV["AWS_ENDPOINT_URL_S3"]
+    port = endpoint.rsplit(":", 1)[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            return True
+        except OSError:
+            return proc.poll() is not None   # exited: fail below, not by timing out
+    wait_for(up, 60, "the moto S3 server", interval=0.2)
+    if proc.poll() is not None:
+        raise RuntimeError(f"moto's server exited with {proc.returncode}")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new, empty bucket on the session's S3 server: `s3://<bucket>`."""
+    import re
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid() % 10000}"
+    s3fs.S3FileSystem().mkdir(name)
+    return f"s3://{name}"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}})
+             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", **S3_ENV}})
     yield
     ray.shutdown()
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, pretrain_config, shard_digests, vlp, wait_for, write_config
+from conftest import PRETRAIN, ROOT, pretrain_config, shard_digests, vlp, wait_for, write_config
+from pipeline.storage import as_path
 from stages.download import transient_failures
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -122,7 +123,7 @@ def _job_id(out: str) -> str:
     return out.split("job: ")[1].split()[0]
 
 
-def test_bad_token_no_token_and_unreachable_address_are_clear_errors(cluster, tmp_path):
+def test_bad_token_no_token_and_unreachable_address_are_clear_errors(cluster, tmp_path, s3_server):
     proc = cluster.vlp("jobs", token="0" * 64, check=False)
     assert proc.returncode == 2 and "token was refused" in proc.stderr
     missing = tmp_path / "no-token"
@@ -137,8 +138,9 @@ def test_bad_token_no_token_and_unreachable_address_are_clear_errors(cluster, tm
     # A port merely held bound was once reached anyway: some Ray agent of the session answered on it.
     proc = vlp("jobs", "--address", "http://127.0.0.1:1", check=False)
     assert proc.returncode == 2 and "cannot reach the Ray dashboard" in proc.stderr
-    proc = cluster.vlp("submit", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "s3://bucket/run", check=False)
-    assert proc.returncode == 2 and "URLs (s3://" in proc.stderr
+    proc = cluster.vlp("submit", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "s3://no-such-bucket/run",
+                       check=False)
+    assert proc.returncode == 2 and "bucket 'no-such-bucket' does not exist" in proc.stderr
     proc = cluster.vlp("logs", "raysubmit_doesnotexist", check=False)
     assert proc.returncode == 2 and "no job raysubmit_doesnotexist" in proc.stderr
 
@@ -151,19 +153,31 @@ def test_the_job_refuses_a_run_directory_it_cannot_see(tmp_path):
         claim_marker(str(tmp_path / "elsewhere" / ".submitted-x"))
 
 
-def test_submit_runs_the_tiny_pipeline_and_logs_show_progress(cluster, tmp_path, toyweb):
+def test_submit_runs_the_tiny_pipeline_into_an_s3_run_directory_and_logs_show_progress(cluster, tmp_path, toyweb,
+                                                                                      s3_bucket):
+    # The run directory is a bucket on the S3 server both nodes reach; the two training workers run one
+    # on each node, each putting its own checkpoint files (pipeline/train/checkpoints.py).
     cfg = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain", "evaluate"))
-    run_dir = tmp_path / "run"
-    out = cluster.vlp("submit", str(cfg), "--run-dir", str(run_dir)).stdout
+    run_dir = f"{s3_bucket}/runs/tiny"
+    out = cluster.vlp("submit", str(cfg), "--run-dir", run_dir).stdout
     job = _job_id(out)
     assert f"run directory: {run_dir}" in out
     assert cluster.wait_job(job) == "SUCCEEDED", cluster.vlp("logs", job).stdout[-3000:]
     logs = cluster.vlp("logs", job).stdout
     assert "download: committed 6 shards" in logs and "pretrain: committed" in logs and "evaluate: committed" in logs
     listed = cluster.vlp("jobs").stdout
-    assert job in listed and str(run_dir) in listed
-    status = json.loads(vlp("status", str(run_dir), "--json").stdout)
+    assert job in listed and run_dir in listed
+    status = json.loads(vlp("status", run_dir, "--json").stdout)
     assert [s["state"] for s in status["stages"]] == ["done"] * 4
+    pretrain = as_path(run_dir) / "round-0" / "pretrain"
+    for name in ("model/model.safetensors", "model/tokenizer/tokenizer.json", "metrics.jsonl", "training_curves.png"):
+        assert (pretrain / name).is_file(), name
+    steps = [json.loads(line)["step"] for line in (pretrain / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, PRETRAIN["steps"] + 1))
+    complete = sorted(p.parent.name for p in (pretrain / "checkpoints").glob("*/COMPLETE"))
+    assert complete[-1] == f"step-{PRETRAIN['steps']:08d}"
+    tag = pretrain / "checkpoints" / complete[-1]
+    assert {"rank-0.pt", "rank-1.pt"} <= {p.name for p in tag.iterdir()}, "each rank put its own files"
 
 
 def test_stop_mid_run_then_resume_does_not_redo_committed_shards(cluster, tmp_path, toyweb, reference_run):
@@ -232,6 +246,6 @@ def test_a_run_fails_early_when_ray_cannot_grant_a_request(tmp_path, toyweb, ref
     assert not (run_dir / "round-0" / "pretrain").exists()
 
 
-def test_object_store_run_directories_are_refused_with_a_clear_error(tmp_path):
-    proc = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "s3://bucket/runs/tiny", check=False)
-    assert proc.returncode == 2 and "URLs (s3://" in proc.stderr
+def test_a_run_directory_on_a_store_no_process_shares_is_refused_with_a_clear_error(tmp_path):
+    proc = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", "memory://runs/tiny", check=False)
+    assert proc.returncode == 2 and "private to one process" in proc.stderr

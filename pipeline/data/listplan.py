@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ from pipeline.config import UrlListConfig
 from pipeline.data import urldedup
 from pipeline.fsutil import atomic_path, atomic_write_json, is_temporary, read_json
 from pipeline.parallel import Progress, run_shard_tasks
+from pipeline.storage import as_path, children, remove_tree
 
 log = logging.getLogger("vlp")
 INPUTS = "inputs"
@@ -46,7 +46,8 @@ class ShardInput:
 
 
 def read_shard_input(stage_path: Path, shard: ShardInput) -> list[dict]:
-    return pq.ParquetFile(stage_path / shard.path).read_row_group(shard.row_group).to_pylist()
+    with (as_path(stage_path) / shard.path).open("rb") as f:
+        return pq.ParquetFile(f).read_row_group(shard.row_group).to_pylist()
 
 
 def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_shard: int,
@@ -57,11 +58,11 @@ def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_
     if (folder / PLAN).is_file():
         return [ShardInput(*row) for row in read_json(folder / PLAN)["shards"]]
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.iterdir():   # a killed planning run's temporary files and shuffle
+    for leftover in children(folder):   # a killed planning run's temporary files and shuffle
         if is_temporary(leftover):
             leftover.unlink()
         elif leftover.is_dir():
-            shutil.rmtree(leftover)
+            remove_tree(leftover)
     partitions = urldedup.partitions_for(sum(_size(spec.path) for spec in lists)) if dedup_urls else 0
     task = ray.remote(plan_list).options(num_cpus=cpus_per_task, max_retries=2, retry_exceptions=False)
     jobs = {f"list {i}": (dataclasses.asdict(spec), i, str(folder), samples_per_shard, partitions)
@@ -82,7 +83,7 @@ def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_
 
 
 def _size(path: str) -> int:
-    return Path(path).stat().st_size if Path(path).is_file() else 0
+    return as_path(path).stat().st_size if as_path(path).is_file() else 0
 
 
 def _find_repeated_urls(folder: Path, partitions: int, first_shard: list[int], samples_per_shard: int,
@@ -93,7 +94,8 @@ def _find_repeated_urls(folder: Path, partitions: int, first_shard: list[int], s
     merge = ray.remote(urldedup.merge_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
     repeats = ray.get(merge.remote(str(folder), partitions, first_shard, samples_per_shard))
     for shuffle in (urldedup.HASHES, urldedup.FOUND):
-        shutil.rmtree(folder / shuffle, ignore_errors=True)
+        if (folder / shuffle).exists():
+            remove_tree(folder / shuffle)
     return repeats
 
 
@@ -116,12 +118,12 @@ def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int, 
     def flush_hashes() -> None:
         nonlocal hashing_rows, parts
         table = pa.concat_tables(hashing)
-        urldedup.write_hash_partitions(Path(folder), list_index, table["url"], table["source_row"].to_numpy(),
+        urldedup.write_hash_partitions(as_path(folder), list_index, table["url"], table["source_row"].to_numpy(),
                                        partitions, parts)
         hashing.clear()
         hashing_rows, parts = 0, parts + 1
 
-    with atomic_path(Path(folder) / input_name(list_index)) as tmp, \
+    with atomic_path(as_path(folder) / input_name(list_index)) as tmp, \
             pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
 
         def flush(rows: int) -> None:

@@ -18,13 +18,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pipeline.data.shards import read_shard
+from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 
@@ -87,15 +87,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         streams, me = s.world * workers, s.rank * workers + worker
         epoch = 0
         while True:
-            order = sorted(s.shards, key=lambda p: Path(p).name)
+            order = sorted(s.shards, key=lambda p: as_path(p).name)
             random.Random(f"{s.seed}:{epoch}").shuffle(order)
             by_shard = len(order) >= streams
             mine = order[me::streams] if by_shard else order
             counter = 0
             for shard in mine:
-                samples = list(read_shard(Path(shard)))
+                samples = list(read_shard(as_path(shard)))
                 # seeded by the shard name, not its path: a copied or moved run shuffles the same way
-                random.Random(f"{s.seed}:{epoch}:{Path(shard).name}").shuffle(samples)
+                random.Random(f"{s.seed}:{epoch}:{as_path(shard).name}").shuffle(samples)
                 for sample in samples:
                     if s.holdout and in_holdout(sample["__key__"], s.holdout):
                         continue

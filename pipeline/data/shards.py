@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from pipeline.fsutil import atomic_path
+from pipeline.storage import as_path, is_remote
 
 Sample = dict  # {"__key__": str, "jpg": bytes, "txt": bytes, "json": bytes, ...}
 # The members our stages write. Anything else in an input shard is dropped (and counted), never copied:
@@ -21,6 +22,7 @@ Sample = dict  # {"__key__": str, "jpg": bytes, "txt": bytes, "json": bytes, ...
 OWNED_MEMBERS = ("jpg", "txt", "json")
 # Web shards are named by a 5-digit number (`00042.tar`), and the keys in them start with it.
 SHARD_DIGITS = 5
+STREAM_BLOCK = 8 << 20   # read-ahead of a shard streamed from an object store: few requests per shard
 
 
 def shard_name(shard_id: int) -> str:
@@ -53,10 +55,20 @@ def write_shard(path: Path, samples: Iterable[Sample]) -> int:
     return len(ordered)
 
 
-def read_shard(path: Path) -> Iterator[Sample]:
-    """Yield samples of a tar shard, grouping adjacent members by key (the webdataset convention)."""
+def read_shard(path) -> Iterator[Sample]:
+    """Yield samples of a tar shard (a local path or an object-store URL, read as one stream), grouping
+    adjacent members by key (the webdataset convention)."""
+    path = as_path(path)
+    if is_remote(path):
+        with path.open("rb", block_size=STREAM_BLOCK) as f:
+            yield from _samples(tarfile.open(fileobj=f, mode="r|"))
+    else:
+        yield from _samples(tarfile.open(path, "r"))
+
+
+def _samples(tar: tarfile.TarFile) -> Iterator[Sample]:
     current: Sample | None = None
-    with tarfile.open(path, "r") as tar:
+    with tar:
         for member in tar:
             if not member.isfile():
                 continue

@@ -62,10 +62,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path):
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    from pipeline.storage import as_path, local_copy
+
+    folder = as_path(folder)
     if not (folder / "tokenizer.json").is_file():
         raise InputError(f"{folder}: no tokenizer.json (a tokenizer folder saved by transformers is expected)")
-    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    with local_copy(folder) as local:   # transformers reads files by name
+        tok = AutoTokenizer.from_pretrained(str(local), local_files_only=True)
     missing = [t for t in SPECIAL if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id) and t != "[UNK]"]
     if missing:
         raise InputError(f"{folder}: tokenizer lacks special tokens {missing}")

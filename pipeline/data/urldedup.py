@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline.fsutil import atomic_write_parquet
+from pipeline.fsutil import atomic_write_parquet, read_parquet
+from pipeline.storage import as_path
 
 NODE_BITS = 40                       # rows per list: up to 10^12
 DUPLICATES = "duplicate-urls.parquet"
@@ -58,9 +58,9 @@ def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array | pa.Chu
 def find_duplicates(folder: str, p: int) -> int:
     """(Ray task) The rows of partition p whose URL a smaller node has: (node, first node), to
     `url-duplicates/<p>.parquet`. Returns how many."""
-    folder = Path(folder)
+    folder = as_path(folder)
     files = sorted((folder / HASHES / str(p)).glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    table = pa.concat_tables([read_parquet(f) for f in files]) if files else None
     node, first = np.empty(0, np.int64), np.empty(0, np.int64)
     if table is not None and table.num_rows:
         h1, h2, nodes = (table[c].to_numpy() for c in ("h1", "h2", "node"))
@@ -86,8 +86,8 @@ def merge_duplicates(folder: str, partitions: int, list_first_shard: list[int], 
     row that is fetched (`first_key`); returns how many rows are duplicates."""
     from pipeline.data.shards import sample_key
 
-    folder = Path(folder)
-    table = pa.concat_tables([pq.read_table(folder / FOUND / f"{p}.parquet") for p in range(partitions)])
+    folder = as_path(folder)
+    table = pa.concat_tables([read_parquet(folder / FOUND / f"{p}.parquet") for p in range(partitions)])
     table = table.sort_by("node")
     firsts = table["first"].to_numpy()
     lists, rows = firsts >> NODE_BITS, firsts & ((1 << NODE_BITS) - 1)
@@ -104,5 +104,5 @@ def duplicates_in(folder: Path, list_index: int, first_row: int, last_row: int) 
     if not path.is_file():
         return {}
     base = list_index << NODE_BITS
-    table = pq.read_table(path, filters=[("node", ">=", base + first_row), ("node", "<=", base + last_row)])
+    table = read_parquet(path, filters=[("node", ">=", base + first_row), ("node", "<=", base + last_row)])
     return {node - base: key for node, key in zip(table["node"].to_pylist(), table["first_key"].to_pylist())}

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import LIST_FIELDS, UrlListConfig
 from pipeline.errors import InputError
+from pipeline.storage import arrow, as_path, input_stream
 
 # Real column names of each known dataset (url, caption).
 KNOWN_COLUMNS = {"laion": ("URL", "TEXT"), "sbu": ("image_urls", "captions")}
@@ -37,14 +38,14 @@ _URL = r"(?i)^https?://"
 
 
 def source_name(spec: UrlListConfig) -> str:
-    return spec.name or Path(spec.path).name
+    return spec.name or as_path(spec.path).name
 
 
 def check_url_list(spec: UrlListConfig) -> None:
     """Fail now, before any download, if the list is missing, unreadable in its format, lacks its
     columns, is empty, or its first batch holds no http(s) URL (binary garbage, the wrong column)."""
     first = next(iter(iter_url_batches(spec, check_urls=False)), None)
-    _check_urls(Path(spec.path), spec, first)
+    _check_urls(as_path(spec.path), spec, first)
 
 
 def read_url_list(spec: UrlListConfig) -> pa.Table:
@@ -54,15 +55,16 @@ def read_url_list(spec: UrlListConfig) -> pa.Table:
 
 def count_rows(spec: UrlListConfig) -> int:
     """Rows of a list: a parquet file's metadata, else one streamed pass (memory: one batch)."""
-    if spec.format in ("laion", "parquet") and Path(spec.path).is_file():
-        return pq.ParquetFile(spec.path).metadata.num_rows
+    if spec.format in ("laion", "parquet") and as_path(spec.path).is_file():
+        name, filesystem = arrow(as_path(spec.path))
+        return pq.ParquetFile(name, filesystem=filesystem).metadata.num_rows
     return sum(t.num_rows for t in iter_url_batches(spec, check_urls=False))
 
 
 def iter_url_batches(spec: UrlListConfig, batch_rows: int = BATCH_ROWS, check_urls: bool = True) -> Iterator[pa.Table]:
     """The list in tables of at most about `batch_rows` rows, `source_row` counting from 0 across them.
     Raises InputError (file, format, what is wrong) for a list that cannot be used."""
-    path = Path(spec.path)
+    path = as_path(spec.path)
     if not path.is_file():
         raise InputError(f"{path}: URL list not found")
     rows, any_url, name = 0, False, source_name(spec)
@@ -138,7 +140,8 @@ def _number(value) -> float | None:
 
 def _read_parquet(spec: UrlListConfig, path: Path, batch_rows: int):
     url_col, caption_col = _columns_for(spec)
-    file = pq.ParquetFile(path)
+    name, filesystem = arrow(path)
+    file = pq.ParquetFile(name, filesystem=filesystem)
     _check_columns(path, spec.format, file.schema_arrow.names, url_col, caption_col)
     numbers = list_columns(spec, file.schema_arrow.names)
     for batch in file.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys([url_col, caption_col, *numbers.values()]))):
@@ -149,7 +152,7 @@ def _read_parquet(spec: UrlListConfig, path: Path, batch_rows: int):
 def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
     url_col, caption_col = _columns_for(spec)
     parse = pacsv.ParseOptions(delimiter="," if spec.format == "csv" else "\t")
-    with pa.input_stream(path, compression="detect") as stream:   # the header, to name missing columns
+    with input_stream(path) as stream:   # the header, to name missing columns
         found = pacsv.open_csv(stream, parse_options=parse).schema.names
     _check_columns(path, spec.format, found, url_col, caption_col)
     numbers = list_columns(spec, found)
@@ -157,7 +160,7 @@ def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
     convert = pacsv.ConvertOptions(strings_can_be_null=True,
                                    include_columns=list(dict.fromkeys([url_col, caption_col, *numbers.values()])),
                                    column_types={url_col: pa.binary(), caption_col: pa.binary()})
-    with pa.input_stream(path, compression="detect") as stream:
+    with input_stream(path) as stream:
         reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK // 4),
                                 parse_options=parse, convert_options=convert)
         for batch in reader:
@@ -167,7 +170,7 @@ def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
 
 def _lines(path: Path) -> Iterator[list[bytes]]:
     """Lines of a (possibly compressed) text file, in blocks, without their line ends."""
-    with pa.input_stream(path, compression="detect") as stream:
+    with input_stream(path) as stream:
         rest = b""
         while block := stream.read(TEXT_BLOCK):
             lines = (rest + block).split(b"\n")
@@ -213,7 +216,7 @@ def _read_jsonl(spec: UrlListConfig, path: Path, batch_rows: int):
 def _read_json(spec: UrlListConfig, path: Path, batch_rows: int):
     """json and sbu: one JSON document, parsed whole (by the planning task, not the driver)."""
     url_col, caption_col = _columns_for(spec)
-    with pa.input_stream(path, compression="detect") as stream:
+    with input_stream(path) as stream:
         data = json.loads(stream.read())
     if isinstance(data, dict):  # SBU's layout: parallel lists
         _check_columns(path, spec.format, list(data), url_col, caption_col)

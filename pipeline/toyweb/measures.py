@@ -20,9 +20,9 @@ def load_truth(run: RunDir) -> dict[str, dict] | None:
     path = run.root / "toyweb" / "truth.parquet"
     if not path.is_file():
         return None
-    import pyarrow.parquet as pq
+    from pipeline.fsutil import read_parquet
 
-    table = pq.read_table(path, columns=["url", "noise", "noisy", "split", "caption", *ATTRIBUTES])
+    table = read_parquet(path, columns=["url", "noise", "noisy", "split", "caption", *ATTRIBUTES])
     return {row["url"]: row for row in table.to_pylist()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,7 @@ from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.runs import RunDir
+from pipeline.storage import is_remote, upload
 from pipeline.toyweb.lists import write_toyweb
 from pipeline.toyweb.server import ToyWebServer
 
@@ -31,10 +33,15 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
     state = read_json(state_path) if state_path.is_file() else None
     if state is None or state["config"] != to_plain(cfg) or state.get("format") != TOYWEB_FORMAT:
         port = cfg.port or _free_port()
-        files = write_toyweb(cfg, folder, port)
+        with contextlib.ExitStack() as stack:
+            # the lists are written by parquet and tar writers: locally, then put in an object store's run
+            local = Path(stack.enter_context(tempfile.TemporaryDirectory())) if is_remote(folder) else folder
+            files = write_toyweb(cfg, local, port)
+            if local != folder:
+                upload(local, folder)
 
         def rel(path) -> str:  # paths inside the run directory are kept relative: the run can be moved
-            return str(Path(path).relative_to(folder))
+            return str(Path(path).relative_to(local))
         state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port,
                  "inputs": [asdict(s) | {"path": rel(s.path)} for s in files.inputs],
                  "truth": rel(files.truth), "eval": rel(files.eval), "seed": rel(files.seed),

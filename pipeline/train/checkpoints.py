@@ -5,6 +5,11 @@ some rank never finished. Ours: every rank saves (DeepSpeed's files + its own RN
 all ranks meet at a barrier, then rank 0 writes `COMPLETE`. Only checkpoints with `COMPLETE` are ever
 resumed from.
 
+On an object-store run directory (pipeline/storage.py) DeepSpeed writes into a node-local folder; each
+rank then puts the files it wrote (DeepSpeed names them by rank) into the run's checkpoints folder,
+all meet again, and rank 0 writes `COMPLETE` there first, then locally. A resume fetches the latest
+checkpoint complete in the run directory into the node-local folder and loads it from there.
+
 Loading never unpickles code: whoever can write the run directory must not run code in the train
 workers. Our rank state holds only tensors, numbers and strings (RNG states are converted), and every
 checkpoint file — ours and DeepSpeed's, whose loaders pass `weights_only=False` themselves — is read
@@ -16,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.fsutil import atomic_path, atomic_write_json, read_json
+from pipeline.storage import download_tree, remove_tree, upload
 
 TAG = re.compile(r"^step-(\d{8})$")
 COMPLETE = "COMPLETE"
@@ -49,18 +54,43 @@ def latest_complete(folder: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def save(engine, folder: Path, step: int, rank: int, rank_state: dict, keep: int) -> Path:
+def writer_of(name: str) -> int:
+    """The rank that wrote a checkpoint file: DeepSpeed's per-rank files say it (zero_pp_rank_<r>_...),
+    ours too (rank-<r>.pt); the rest (mp_rank_00_model_states.pt) rank 0 writes."""
+    m = re.match(r"^(?:zero_pp_rank_|rank-)(\d+)", name)
+    return int(m.group(1)) if m else 0
+
+
+def save(engine, folder: Path, step: int, rank: int, rank_state: dict, keep: int, remote=None) -> Path:
+    """Save a checkpoint in `folder` (node-local), and put it in `remote` (the run's folder) if given."""
     tag = tag_for(step)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step})
     with atomic_path(folder / tag / f"rank-{rank}.pt") as tmp:
         torch.save(rank_state, tmp)
     dist.barrier()
+    if remote is not None:   # on several nodes a file is only on the node of the rank that wrote it
+        for file in sorted((folder / tag).iterdir()):
+            if file.is_file() and writer_of(file.name) == rank:
+                upload(file, remote / tag / file.name)
+        dist.barrier()
     if rank == 0:
-        atomic_write_json(folder / tag / COMPLETE, {"step": step, "world_size": dist.get_world_size()})
-        for _, old in complete_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        meta = {"step": step, "world_size": dist.get_world_size()}
+        for target in (remote, folder) if remote is not None else (folder,):
+            atomic_write_json(target / tag / COMPLETE, meta)
+            for _, old in complete_checkpoints(target)[:-keep]:
+                remove_tree(old)
     dist.barrier()
     return folder / tag
+
+
+def fetch_latest(remote, folder: Path, local_rank: int) -> int | None:
+    """The step of the latest checkpoint complete in `remote`, fetched into `folder` by each node's
+    first rank (the others wait); None if there is none."""
+    latest = latest_complete(remote)
+    if latest is not None and local_rank == 0:
+        download_tree(latest[1], folder / latest[1].name)
+    dist.barrier()
+    return latest[0] if latest is not None else None
 
 
 def load(engine, folder: Path, step: int, rank: int) -> dict:

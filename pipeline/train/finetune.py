@@ -18,6 +18,7 @@ from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.fsutil import sha256_file
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.model.scoring import Calibration, match_scores
+from pipeline.storage import as_path
 
 OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
 
@@ -44,7 +45,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     special = SpecialTokens(pad=tok.pad_token_id, cls=tok.cls_token_id, sep=tok.sep_token_id, mask=tok.mask_token_id)
     spec = StreamSpec(shards=tuple(seed_shards), rank=0, world=1, seed=seed, batch_size=ft.batch_size,
                       image_size=model.cfg.image_size, max_text_len=model.cfg.max_text_len,
-                      tokenizer_dir=str(Path(base_dir) / "tokenizer"), augment=True,
+                      tokenizer_dir=str(as_path(base_dir) / "tokenizer"), augment=True,
                       caption_prefix=prompt if role == "captioner" else "", holdout=holdout)
     optimizer = torch.optim.AdamW(param_groups(model, ft.weight_decay), lr=ft.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(ft))
@@ -69,9 +70,9 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     if holdout > 0 and reject_rate is not None:
         model.eval()
         calibration = calibrate(model, tok, seed_shards, holdout, reject_rate, device).to_json()
-    out = Path(out_dir)
-    save_pretrained(out, model.cfg, model.state_dict(), Path(base_dir) / "tokenizer",
-                    {"role": role, "base_model": model_fingerprint(Path(base_dir)), "finetune": cfg,
+    out = as_path(out_dir)
+    save_pretrained(out, model.cfg, model.state_dict(), as_path(base_dir) / "tokenizer",
+                    {"role": role, "base_model": model_fingerprint(as_path(base_dir)), "finetune": cfg,
                      "prompt": prompt, "history": history, "calibration": calibration})
     return {"role": role, "fingerprint": model_fingerprint(out), "final": history[-1],
             "duration_s": round(time.time() - started, 2), "calibration": calibration}
@@ -85,7 +86,7 @@ def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: f
 
     images, captions = [], []
     for shard in seed_shards:
-        for sample in read_shard(Path(shard)):
+        for sample in read_shard(as_path(shard)):
             if in_holdout(sample["__key__"], holdout):
                 images.append(decode_image(sample["jpg"], model.cfg.image_size, None))
                 captions.append(sample["txt"].decode("utf-8"))

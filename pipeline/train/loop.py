@@ -23,6 +23,7 @@ from pipeline.data.tokenizer import load_tokenizer
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.model import ModelConfig, MultiwayTransformer
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
+from pipeline.storage import as_path, is_remote, local_copy, upload
 from pipeline.train import checkpoints
 from pipeline.train.optim import lr_lambda, param_groups
 from pipeline.train.metrics import read_metrics
@@ -46,7 +47,9 @@ def train_loop_per_worker(config: dict) -> None:
     deepspeed = import_deepspeed()
     cfg = build(PretrainConfig, config["pretrain"], source="pretrain")
     model_cfg = ModelConfig(**config["model"])
-    out = Path(config["out"])
+    out = as_path(config["out"])              # the stage folder: a path, or an object-store URL
+    work = Path(config.get("work") or out)   # where DeepSpeed and TensorBoard write (node-local for a URL)
+    remote = out if is_remote(out) else None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     build_comm_op()   # before init_distributed, which would build it under a lock a kill can orphan
@@ -59,7 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("init_from"):  # continue from the previous round's model (a checkpoint, if any, wins)
         from safetensors.torch import load_file
 
-        model.load_state_dict(load_file(config["init_from"]))
+        with local_copy(as_path(config["init_from"])) as weights:
+            model.load_state_dict(load_file(str(weights)))
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.weight_decay),
         config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
@@ -70,9 +74,13 @@ def train_loop_per_worker(config: dict) -> None:
     np.random.seed(seed * 1000 + rank)
 
     queue = TextQueue(cfg.text_queue) if cfg.text_queue else None
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = work / "checkpoints"
     start, consumed = 0, {}
-    latest = checkpoints.latest_complete(ckpt_dir)
+    if remote is not None:
+        step = checkpoints.fetch_latest(remote / "checkpoints", ckpt_dir, ctx.get_local_rank())
+        latest = None if step is None else (step, ckpt_dir / checkpoints.tag_for(step))
+    else:
+        latest = checkpoints.latest_complete(ckpt_dir)
     if latest is not None:
         start = latest[0]
         state = checkpoints.load(engine, ckpt_dir, start, rank)
@@ -89,7 +97,7 @@ def train_loop_per_worker(config: dict) -> None:
                       image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len,
                       tokenizer_dir=config["tokenizer_dir"], augment=cfg.augment, num_workers=cfg.loader_workers)
     batches = iter(make_loader(spec, consumed))
-    metrics = MetricsLog(out, rank, start)
+    metrics = MetricsLog(work, rank, start, remote)
     weights = dict(cfg.loss_weights)
     unimodal = {k: w for k, w in weights.items() if k in UNIMODAL_OBJECTIVES}
     window, steps_in_window, t0, bad = {}, 0, time.time(), 0
@@ -118,7 +126,9 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, {
                 "rng": checkpoints.rng_state(generator), "consumed": dict(consumed),
-                "text_queue": queue.state_dict() if queue else None}, cfg.keep_checkpoints)
+                "text_queue": queue.state_dict() if queue else None}, cfg.keep_checkpoints,
+                remote / "checkpoints" if remote is not None else None)
+            metrics.publish()
     metrics.close()
     ray.train.report({"step": cfg.steps})
 
@@ -136,11 +146,13 @@ class MetricsLog:
     """Rank 0 writes metrics.jsonl and TensorBoard events; a resumed run first drops the lines past
     its checkpoint, so the file always tells one consistent history."""
 
-    def __init__(self, out: Path, rank: int, start: int):
-        self.rank, self.path = rank, out / "metrics.jsonl"
+    def __init__(self, out: Path, rank: int, start: int, remote=None):
+        self.rank, self.path, self.remote = rank, out / "metrics.jsonl", remote
         self.tb = None
         if rank != 0:
             return
+        if remote is not None and (remote / self.path.name).is_file():   # the history as the run has it
+            atomic_write_bytes(self.path, (remote / self.path.name).read_bytes())
         kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= start]
         atomic_write_bytes(self.path, "".join(ln + "\n" for ln in kept).encode())
         from torch.utils.tensorboard import SummaryWriter
@@ -160,6 +172,15 @@ class MetricsLog:
                  ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
                  extra["samples_per_s"])
 
+    def publish(self) -> None:
+        """Put the metrics and TensorBoard events in the run's folder (an object store's run directory)."""
+        if self.rank != 0 or self.remote is None:
+            return
+        self.tb.flush()
+        upload(self.path, self.remote / self.path.name)
+        upload(self.path.parent / "tensorboard", self.remote / "tensorboard")
+
     def close(self) -> None:
         if self.tb is not None:
+            self.publish()
             self.tb.close()
