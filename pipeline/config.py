@@ -246,9 +246,17 @@ class DownloadConfig:
     dedup_urls: bool = True
     """Fetch each URL once: a row repeating an earlier row's URL (in list order, across lists) is dropped as
     `duplicate_url` before any download (pipeline/data/urldedup.py)."""
+    max_drop_share: float = keeps_output(0.5)
+    """The breaker (as prefilter's): when one drop reason (`duplicate_url`, `url_private_address`, ...)
+    removes more than this share of the listed rows, the stage stops before its manifest, naming it. A
+    list that is mostly repeats or refused addresses is a wrong list more often than a right one.
+    Failed fetches are not drops: they are counted and retried (`vlp resume --retry-failed`)."""
+    drop_share_limits: dict[str, float] = keeps_output(default_factory=dict)
+    """Per drop reason, a share that replaces `max_drop_share` for it, e.g. {duplicate_url: 0.9}."""
 
     def __post_init__(self) -> None:
         _require(self.samples_per_shard > 0, "samples_per_shard: must be > 0")
+        _drop_shares(self.max_drop_share, self.drop_share_limits)
         _require(self.per_host_connections is None or self.per_host_connections > 0, "per_host_connections: must be > 0")
         for host, rate in {"per_host_rate": self.per_host_rate, **self.host_rates}.items():
             _require(rate is None or rate > 0, f"{'host_rates.' if host != 'per_host_rate' else ''}{host}: a rate must be > 0")

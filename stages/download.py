@@ -40,6 +40,7 @@ from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
+from pipeline.breaker import check_drop_shares
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
@@ -84,6 +85,8 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"])
     summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
     ctx.out.write_sizes(summaries)
+    # Every shard is committed; a mass drop (a list of repeats, of refused addresses) stops the stage here.
+    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
     politeness_counts = collections.Counter()
     for st in results.values():
         politeness_counts.update(st.get("politeness", {}))

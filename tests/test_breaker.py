@@ -13,7 +13,7 @@ import yaml
 from conftest import CAPFILT, ROOT, load_config, pretrain_config, vlp, write_config
 from pipeline import cli, runner, status
 from pipeline.breaker import check_drop_shares
-from pipeline.config import CapfiltConfig, PrefilterConfig
+from pipeline.config import CapfiltConfig, DownloadConfig, PrefilterConfig
 from pipeline.configtree import to_plain
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.manifest import Accounting
@@ -36,7 +36,7 @@ def _accounting(stage):
 
 
 def test_breaker_settings_are_checked_and_stay_out_of_the_fingerprint():
-    for cls in (PrefilterConfig, CapfiltConfig):
+    for cls in (DownloadConfig, PrefilterConfig, CapfiltConfig):
         base = to_plain(cls(), output_only=True)
         assert to_plain(cls(max_drop_share=0.9, drop_share_limits={"x": 1.0}), output_only=True) == base
         assert "max_drop_share" in to_plain(cls()), "the saved config still records them"
@@ -132,6 +132,34 @@ def test_prefilter_mass_drop_stops_and_resume_with_the_named_setting_continues(t
     assert [r["state"] for r in rows] == ["done", "done"] and "stopped" not in rows[1]
     [old] = list((run_dir / "superseded").iterdir())
     assert (old / "manifest.json").read_text() == old_manifest
+
+
+def test_a_list_of_mostly_repeated_urls_stops_download_and_the_named_setting_continues(tmp_path, toyweb,
+                                                                                       ray_cluster):
+    # 16 distinct toy-web URLs, each listed 4 times: 48 of 64 rows are `duplicate_url` (75%).
+    import pyarrow.parquet as pq
+
+    laion = next(s for s in toyweb.inputs if s.format == "laion")
+    urls = pq.read_table(laion.path, columns=["URL", "TEXT"]).slice(0, 16).to_pylist()
+    lines = ["url,caption"] + [f"{r['URL']},{r['TEXT'].replace(',', ' ')}" for _ in range(4) for r in urls]
+    (tmp_path / "repeats.csv").write_text("\n".join(lines) + "\n")
+    config = write_config(tmp_path / "c.yaml", toyweb, stages=["download"],
+                          data={"inputs": [{"path": str(tmp_path / "repeats.csv"), "format": "csv"}]})
+    run_dir = tmp_path / "run"
+    with pytest.raises(StageFailed) as stopped:
+        runner.execute(load_config(config), run_dir)
+    error = str(stopped.value)
+    assert "download (round 0) stopped before committing its manifest: duplicate_url dropped 75.0% (48 of 64) > " \
+           "download.max_drop_share 0.5" in error
+    stage = run_dir / "round-0" / "download"
+    assert not (stage / "manifest.json").exists()
+    committed = _committed_files(stage)
+    command = shlex.split(re.search(r"continue with `vlp (resume [^`]+)`", error).group(1))
+    assert command[2:] == ["--set", "download.max_drop_share=0.8"]
+    vlp(*command)
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["totals"]["dropped_by_reason"]["duplicate_url"] == 48
+    assert _committed_files(stage) == committed, "nothing was fetched again"
 
 
 def test_capfilt_mass_drop_stops_and_a_per_reason_limit_continues(tmp_path, toyweb, trained_run, ray_cluster, capsys):
