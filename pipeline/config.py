@@ -383,6 +383,10 @@ class PretrainConfig:
     """A local tokenizer folder (transformers format); None trains a WordPiece on the run's captions."""
     vocab_size: int = 1000
     """Target size of a trained tokenizer (the model takes the tokenizer's real size)."""
+    tokenizer_captions: int = 1_000_000
+    """Captions a trained tokenizer is built from, read from the shards in a seeded order until there are
+    this many (a vocabulary of word counts needs a sample, not 400M captions read in the driver). The
+    vocabulary does not depend on the order, so a run with fewer captions uses them all, as before."""
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = keeps_output(1.0)
@@ -436,6 +440,7 @@ class PretrainConfig:
                  "lr: must be finite and > 0 (min_lr_ratio in 0..1)")
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        _require(self.tokenizer_captions >= 1, "tokenizer_captions: must be >= 1")
         _require(self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip: must be >= 0 (0: no clipping)")
         _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay: must be >= 0")

@@ -8,9 +8,11 @@ from its last complete checkpoint, with the same fingerprint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -51,7 +53,7 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     # DeepSpeed, TensorBoard and tokenizers write files by name: for an object-store run directory they
     # work in a node-local folder whose results are put in the stage folder (pipeline/storage.py)
     work = storage.work_dir(ctx.out.path) if storage.is_remote(ctx.out.path) else ctx.out.path
-    tokenizer_dir = _tokenizer(cfg, shards, work / "tokenizer", previous_model)
+    tokenizer_dir = _tokenizer(cfg, shards, work / "tokenizer", previous_model, ctx.seed)
     if work != ctx.out.path:
         storage.upload(tokenizer_dir, ctx.out.path / "tokenizer")
         tokenizer_dir = ctx.out.path / "tokenizer"
@@ -103,16 +105,39 @@ STAGE = Stage("pretrain", PretrainConfig, "every", upstreams=_upstreams, run=run
               extra_inputs=_extra_inputs, seeded=True)
 
 
-def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None) -> Path:
+def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None,
+               seed: int) -> Path:
     if cfg.tokenizer:
         load_tokenizer(cfg.tokenizer).save_pretrained(str(folder))
     elif previous_model is not None:
         load_tokenizer(previous_model / "tokenizer").save_pretrained(str(folder))
     elif not (folder / "tokenizer.json").is_file():
-        captions = (s["txt"].decode("utf-8", errors="replace") for shard in shards for s in read_shard(as_path(shard)))
-        tok = train_tokenizer(captions, cfg.vocab_size, folder)
-        log.info("pretrain: trained a WordPiece tokenizer of %d tokens on the run's captions", len(tok))
+        seen = []   # sample_captions appends how many it gave
+        tok = train_tokenizer(sample_captions(shards, cfg.tokenizer_captions, seed, seen), cfg.vocab_size, folder)
+        log.info("pretrain: trained a WordPiece tokenizer of %d tokens on %d of the run's captions", len(tok),
+                 seen[0])
     return folder
+
+
+def sample_captions(shards: list[str], limit: int, seed: int, seen: list | None = None) -> Iterator[str]:
+    """Up to `limit` captions, whole shards at a time in an order seeded by `seed` and each shard's name
+    and place (not its path: a moved run samples the same), so the driver reads a bounded share of a
+    large run's tars."""
+    def rank(item):
+        index, path = item
+        return hashlib.sha256(f"{seed}:{index}:{as_path(path).name}".encode()).digest()
+
+    taken = 0
+    try:
+        for _, shard in sorted(enumerate(shards), key=rank):
+            for sample in read_shard(as_path(shard)):
+                yield sample["txt"].decode("utf-8", errors="replace")
+                taken += 1
+                if taken >= limit:
+                    return
+    finally:
+        if seen is not None:
+            seen.append(taken)
 
 
 def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext,

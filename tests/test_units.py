@@ -88,3 +88,32 @@ def test_toy_world_is_deterministic_and_noisy_at_the_configured_rates():
     for it in items:
         if it.duplicate_of >= 0:
             assert a.item(it.duplicate_of).render_index == it.render_index
+
+
+def test_the_tokenizer_reads_a_bounded_seeded_sample_of_captions_and_all_of_a_small_run(tmp_path):
+    import collections
+
+    from pipeline.data.shards import write_shard
+    from pipeline.data.tokenizer import build_vocab
+    from stages.pretrain import sample_captions
+
+    def shards(folder):
+        paths = []
+        for i in range(5):
+            path = folder / f"{i:05d}.tar"
+            write_shard(path, [{"__key__": f"{i}{j}", "txt": f"shard {i} caption {j} red circle".encode(),
+                                "jpg": b"x"} for j in range(4)])
+            paths.append(str(path))
+        return paths
+
+    here, moved = shards(tmp_path / "a"), shards(tmp_path / "b")
+    seen = []
+    few = list(sample_captions(here, 7, seed=3, seen=seen))
+    assert len(few) == 7 and seen == [7]
+    assert len({c.split()[1] for c in few}) == 2, "whole shards at a time: 7 captions come from 2 shards"
+    assert few == list(sample_captions(moved, 7, seed=3)), "a moved run samples the same captions"
+    assert few != list(sample_captions(here, 7, seed=4))
+    everything = list(sample_captions(here, 1000, seed=3))
+    assert collections.Counter(everything) == collections.Counter(
+        f"shard {i} caption {j} red circle" for i in range(5) for j in range(4))
+    assert build_vocab(everything, 80) == build_vocab(sorted(everything), 80), "the vocabulary ignores order"
