@@ -4,7 +4,10 @@
     same tokens, checked);
 (b) filter (ITM) pairs/s at batch 1 vs batch 64;
 (c) the capfilt stage's shard processing, shards/s with 1 vs 2 Ray actors (CPU; needs Ray, skipped
-    with --no-actors).
+    with --no-actors);
+(d) the same stage with each shard decoded whole before inference, one shard per actor (the way
+    before streaming: prefetch_batches 0, shards_per_actor 1) vs streamed (a reader thread 2 batches
+    ahead, 2 shards per actor), same shards checked (sha256).
 
     .venv/bin/python bench/capfilt.py [--model demo] [--tokens 30] [--no-actors]
 """
@@ -74,8 +77,9 @@ def filter_batches(cfg, device, dtype, pairs: int = 256) -> dict:
     return out
 
 
-def actors(workdir: Path) -> dict:
-    """The real capfilt stage over the toy web's tiny run: 1 vs 2 actors on the same shards."""
+def actors(workdir: Path, variants: dict[str, list[str]]) -> tuple[dict, dict]:
+    """The real capfilt stage over the toy web's tiny run, once per variant (its --set overrides), twice
+    each, alternating: ({variant: best shards/s}, {variant: shard digests})."""
     import ray
     import yaml
 
@@ -104,12 +108,12 @@ def actors(workdir: Path) -> dict:
             cfg_path.write_text(yaml.safe_dump(data))
             base = workdir / "base"
             runner.execute(load_config(cfg_path, ["stages=[download, prefilter, pretrain]"]), base)
-        out = {}
-        for n in (1, 2, 1, 2):  # alternate, keep the better of two
-            run = workdir / f"actors{n}"
+        out, digests = {}, {}
+        for n in list(variants) * 2:  # alternate, keep the better of two
+            run = workdir / f"variant-{n}"
             shutil.rmtree(run, ignore_errors=True)
             shutil.copytree(base, run)
-            cfg = load_config(cfg_path, [f"capfilt.actors={n}"])
+            cfg = load_config(cfg_path, variants[n])
             runner.execute(cfg, run, ["capfilt"])  # fine-tunes, then processes the shards
             stage = run / "round-1" / "capfilt"
             manifest = json.loads((stage / "manifest.json").read_text())
@@ -117,7 +121,8 @@ def actors(workdir: Path) -> dict:
             t_models = max((stage / r / "model.safetensors").stat().st_mtime for r in ("captioner", "filter"))
             rate = len(manifest["shards"]) / (manifest["finished"] - t_models)
             out[n] = max(out.get(n, 0.0), rate)
-        return out
+            digests[n] = {s["shard"]: s["sha256"] for s in manifest["shards"]}
+        return out, digests
     finally:
         ray.shutdown()
 
@@ -147,11 +152,19 @@ def main() -> None:
 
     if args.no_actors:
         return
+    whole = ["capfilt.prefetch_batches=0", "capfilt.shards_per_actor=1"]
     with tempfile.TemporaryDirectory() as tmp:
-        sp = actors(Path(tmp))
+        sp, digests = actors(Path(tmp), {"1 actor": ["capfilt.actors=1", *whole], "2 actors": ["capfilt.actors=2", *whole],
+                                         "2 streamed": ["capfilt.actors=2"]})
     print("\n(c) capfilt stage on the tests' toy web (6 shards, ~180 images, demo model), from the fine-tuned "
           "models' export to the manifest (actor start included), best of 2")
-    print(f"    1 actor  {sp[1]:.2f} shards/s\n    2 actors {sp[2]:.2f} shards/s\n    ratio {sp[2] / sp[1]:.2f}x")
+    print(f"    1 actor  {sp['1 actor']:.2f} shards/s\n    2 actors {sp['2 actors']:.2f} shards/s\n"
+          f"    ratio {sp['2 actors'] / sp['1 actor']:.2f}x")
+    print("\n(d) 2 actors: each shard decoded whole, one shard per actor, vs streamed (reader thread 2 batches "
+          "ahead, 2 shards per actor)")
+    print(f"    whole    {sp['2 actors']:.2f} shards/s\n    streamed {sp['2 streamed']:.2f} shards/s\n"
+          f"    ratio {sp['2 streamed'] / sp['2 actors']:.2f}x; same shards: "
+          f"{digests['2 streamed'] == digests['2 actors'] == digests['1 actor']}")
 
 
 if __name__ == "__main__":

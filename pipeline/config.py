@@ -532,6 +532,12 @@ class CapfiltConfig:
     """None: one GPU per actor where the cluster has GPUs, none otherwise. Fractions share a GPU."""
     shard_retries: int = keeps_output(2)
     """Times a shard is redone after its actor died before the stage fails."""
+    prefetch_batches: int = keeps_output(2)
+    """Batches an actor's reader thread reads and decodes ahead of inference (the models wait for no
+    decode); 0: decode the whole shard first, then infer (the way before streaming)."""
+    shards_per_actor: int = keeps_output(2)
+    """Shards an actor holds at once: the next one is read and decoded while the current one infers and
+    commits (inference itself runs one shard at a time)."""
     max_drop_share: float = keeps_output(0.5)
     """The breaker: when the filter rejects every text of more than this share of the input images
     (`filter_rejected`), the stage stops before committing its manifest (committed shards are kept: raise
@@ -546,6 +552,8 @@ class CapfiltConfig:
         _require(0 < self.top_p <= 1, f"top_p: must be in (0, 1], got {self.top_p}")
         _require(0 <= self.min_len < self.max_len, "min_len, max_len: need 0 <= min_len < max_len")
         _require(self.repetition_penalty >= 1.0, "repetition_penalty: must be >= 1")
+        _require(self.prefetch_batches >= 0 and self.shards_per_actor >= 1,
+                 "prefetch_batches: must be >= 0; shards_per_actor: must be >= 1")
         _require(self.batch_size >= 1 and self.actors >= 1, "batch_size, actors: must be >= 1")
         _require(self.cpus_per_actor > 0, "cpus_per_actor: must be > 0")
         _require(self.gpus_per_actor is None or self.gpus_per_actor >= 0, "gpus_per_actor: must be >= 0")

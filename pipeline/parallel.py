@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import ray
 
@@ -103,38 +105,45 @@ def run_missing_shards(out, remote_fn: Callable, jobs: dict[str, tuple], progres
 
 
 def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors: int, retries: int,
-                      progress: Progress) -> tuple[dict[str, dict], int]:
+                      progress: Progress, per_actor: int = 1) -> tuple[dict[str, dict], int]:
     """Stats of every shard in `jobs`: committed ones as they are, the rest by `actor.process(*args)` on a
-    pool of up to `actors` actors. An actor that dies is replaced and its shard given to the next free
-    actor, up to `retries` times per shard. Returns (stats by shard, actors replaced)."""
+    pool of up to `actors` actors, each given up to `per_actor` shards at once (an actor made with
+    max_concurrency >= per_actor works on the next while the current one infers). An actor that dies is
+    replaced and its shards given to the next free actor, up to `retries` times per shard. Returns
+    (stats by shard, actors replaced)."""
     done = _committed(out, jobs, progress)
     queue = [name for name in jobs if name not in done]
     pool = [make_actor() for _ in range(min(actors, len(queue)))]
-    inflight: dict[Any, tuple[int, str]] = {}
+    generation = [0] * len(pool)   # which actor of a slot a call went to: only its first death replaces it
+    inflight: dict[Any, tuple[int, int, str]] = {}
     attempts: dict[str, int] = {}
     failures: dict[str, BaseException] = {}
     restarts = 0
 
     def submit(slot: int) -> None:
         name = queue.pop(0)
-        inflight[pool[slot].process.remote(*jobs[name])] = (slot, name)
+        inflight[pool[slot].process.remote(*jobs[name])] = (slot, generation[slot], name)
 
-    for slot in range(len(pool)):
-        submit(slot)
+    for _ in range(per_actor):
+        for slot in range(len(pool)):
+            if queue:
+                submit(slot)
     while inflight:
         ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.interval)
         for ref in ready:
-            slot, name = inflight.pop(ref)
+            slot, gen, name = inflight.pop(ref)
             try:
                 done[name] = ray.get(ref)
                 progress.update(1, done[name]["accounting"]["samples_in"])
-            except ray.exceptions.RayActorError as err:  # the process died: a new actor redoes the shard
+            except ray.exceptions.RayActorError as err:  # the process died: a new actor redoes its shards
                 attempts[name] = attempts.get(name, 0) + 1
-                restarts += 1
-                log.warning("%s: the actor working on shard %s died (%s); replaced, shard redone", progress.stage,
-                            name, _short(err))
-                ray.kill(pool[slot])
-                pool[slot] = make_actor()
+                if gen == generation[slot]:
+                    restarts += 1
+                    log.warning("%s: the actor working on shard %s died (%s); replaced, shard redone",
+                                progress.stage, name, _short(err))
+                    ray.kill(pool[slot])
+                    pool[slot] = make_actor()
+                    generation[slot] += 1
                 if attempts[name] > retries:
                     failures[name] = err
                 else:
@@ -156,3 +165,44 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """`items`, produced by a thread up to `depth` ahead of the consumer (decode overlapping inference).
+    An error in the producer is raised in the consumer, at the item it would have been; a consumer that
+    stops early stops the producer at its next item."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple) -> bool:
+        """Wait for room, unless the consumer has gone; False then."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
+            put(("error", err))
+
+    thread = threading.Thread(target=produce, name="vlp-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)

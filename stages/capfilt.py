@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -34,7 +36,7 @@ from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.ledger import DECISIONS_SCHEMA, DECISIONS_SUFFIX, write_records
 from pipeline.manifest import Accounting, Manifest, shard_summary
-from pipeline.parallel import Progress, run_on_actor_pool
+from pipeline.parallel import Progress, prefetched, run_on_actor_pool
 from pipeline.runs import StageDir, fingerprint, verify_shard
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
@@ -65,7 +67,9 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     models = _finetune_both(cfg, base_model, seed_shards, ctx, gpus)
 
     fps = {role: models[role]["fingerprint"] for role in ROLES}
-    worker = ray.remote(CapfiltWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    # max_concurrency: an actor takes its next shard while the current one infers (CapfiltWorker.process)
+    worker = ray.remote(CapfiltWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
+                                               max_concurrency=cfg.shards_per_actor)
 
     calibration = models["filter"].get("calibration")
 
@@ -75,7 +79,7 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"], s) for s in shards}
     results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
-                                          Progress("capfilt", len(shards), samples_in))
+                                          Progress("capfilt", len(shards), samples_in), cfg.shards_per_actor)
     summaries = [shard_summary(results[name]) | {"pairs": results[name]["pairs"]} for name in jobs]
     ctx.out.write_sizes(summaries)
     # Every shard is committed; a mass drop stops the stage here, before its manifest.
@@ -159,29 +163,26 @@ class CapfiltWorker:
         self.round, self.seed, self.fps = round_, seed, fps
         prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
         self.prompt = torch.tensor(prompt, device=self.device)[None]
+        self.models = threading.Lock()   # shards_per_actor calls share the models: one infers at a time
 
     def process(self, shard_path: str, name: str, expected: dict) -> dict:
         verify_shard(as_path(shard_path), expected)   # the bytes prefilter committed, or a clear error
         started = time.time()
-        acc, records, loaded = Accounting(), [], []
-        size = self.filter.cfg.image_size
-        for sample in read_shard(as_path(shard_path)):
-            acc.samples_in += 1
-            try:
-                loaded.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))
-            except Exception as err:  # noqa: BLE001 (counted and reported, never silently lost)
-                acc.failed["decode_error"] += 1
-                records.append({"key": sample["__key__"], "outcome": "failed", "reason": "decode_error",
-                                "error": str(err)[:200]})
+        acc, failed = Accounting(), []
         digest = hashlib.sha256(f"{self.seed}:{self.round}:{name}".encode()).digest()
         generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little"))
-        out, decisions = [], []
-        for i in range(0, len(loaded), self.cfg.batch_size):
-            chunk = loaded[i:i + self.cfg.batch_size]
-            images = torch.stack([c[1] for c in chunk]).to(self.device)
-            synthetic = self.caption(images, generator)
-            web_p = self.match(images, [c[2] for c in chunk])
-            syn_p = self.match(images, synthetic)
+        out, decisions, records = [], [], []
+        batches = self._batches(as_path(shard_path), acc, failed)
+        if not self.cfg.prefetch_batches:
+            batches = iter(list(batches))   # the whole shard decoded before any inference
+        else:
+            batches = prefetched(batches, self.cfg.prefetch_batches)
+        for chunk in batches:
+            with self.models:
+                images = torch.stack([c[1] for c in chunk]).to(self.device)
+                synthetic = self.caption(images, generator)
+                web_p = self.match(images, [c[2] for c in chunk])
+                syn_p = self.match(images, synthetic)
             for (sample, _, web), syn, pw, ps in zip(chunk, synthetic, web_p, syn_p):
                 decision = self._decide(sample, web, syn, pw, ps, out)
                 decisions.append(decision)
@@ -192,9 +193,28 @@ class CapfiltWorker:
                 else:
                     acc.samples_kept += 1
                     records.append({"key": decision["key"], "outcome": "kept", "url": decision["url"]})
+        records = failed + records   # the ledger's order as before streaming: decode failures first
         write_records(decisions_path(self.out, name), decisions, DECISIONS_SCHEMA)
         pairs = {"web": sum(d["web_kept"] for d in decisions), "synthetic": sum(d["synthetic_kept"] for d in decisions)}
         return self.out.commit_shard(name, out, acc, records, started, {"pairs": pairs})
+
+    def _batches(self, shard: Any, acc: Accounting, failed: list[dict]) -> Iterator[list[tuple]]:
+        """The shard's decodable samples as (sample, image tensor, caption) in batches of batch_size, in
+        shard order (the batches, hence the captions sampled, are those of a whole-shard decode)."""
+        size, batch = self.filter.cfg.image_size, []
+        for sample in read_shard(shard):
+            acc.samples_in += 1
+            try:
+                batch.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))
+            except Exception as err:  # noqa: BLE001 (counted and reported, never silently lost)
+                acc.failed["decode_error"] += 1
+                failed.append({"key": sample["__key__"], "outcome": "failed", "reason": "decode_error",
+                               "error": str(err)[:200]})
+            if len(batch) == self.cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float, out: list[dict]) -> dict:
         threshold = self.threshold

@@ -26,7 +26,7 @@ EXECUTION_ONLY = {
                  "keep_checkpoints": 5, "log_every": 3, "max_failures": 4},
     "evaluate": {"batch_size": 16},
     "capfilt": {"actors": 1, "cpus_per_actor": 0.5, "shard_retries": 0, "max_drop_share": 0.9,
-                "drop_share_limits": {"filter_rejected": 0.9}},
+                "drop_share_limits": {"filter_rejected": 0.9}, "prefetch_batches": 0, "shards_per_actor": 1},
 }
 # Some that do change it: they must move the fingerprint.
 OUTPUT = {

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from pipeline.errors import StageFailed
-from pipeline.parallel import Progress, run_shard_tasks, task_window
+from pipeline.parallel import Progress, prefetched, run_shard_tasks, task_window
 
 
 def test_no_more_than_the_window_is_in_flight_and_every_shard_is_answered(ray_cluster):
@@ -46,3 +46,32 @@ def test_no_more_than_the_window_is_in_flight_and_every_shard_is_answered(ray_cl
     assert run_shard_tasks(task, good, Progress("test", 11, 0), lambda r: 1, window=3) == \
         {k: int(k[:5]) for k in good}
     assert task_window(2.0) == 4 and task_window(64.0) == 128
+
+
+def test_prefetched_keeps_order_runs_ahead_by_its_depth_raises_where_the_error_was_and_stops_early():
+    import threading
+
+    produced = []
+
+    def items(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError(f"item {i} is bad")
+            produced.append(i)
+            yield i
+
+    assert list(prefetched(items(50), 3)) == list(range(50))
+    produced.clear()
+    got = []
+    with pytest.raises(ValueError, match="item 5 is bad"):
+        for x in prefetched(items(10, fail_at=5), 2):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4], "every item before the error arrives first"
+    produced.clear()
+    stream = prefetched(items(1000), 2)
+    assert next(stream) == 0
+    time.sleep(0.3)
+    assert len(produced) <= 1 + 2 + 1, "the producer waits: at most depth items ahead (+1 in hand)"
+    stream.close()   # the consumer stops early: the producer thread ends too
+    time.sleep(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "vlp-prefetch"]
