@@ -25,14 +25,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Union
 
+from upath import UPath
+
 from pipeline.errors import InputError
 
-try:  # universal_pathlib is a dependency; the model package and its tests never import this module
-    from upath import UPath
-except ImportError:  # pragma: no cover
-    UPath = None
-
-AnyPath = Union[Path, "UPath"]
+AnyPath = Union[Path, UPath]
 MANIFEST_NAME = "manifest.json"    # copied last and deleted last by move_tree (see the module docstring)
 LOCAL_ONLY = ("memory",)           # a store each process has its own copy of cannot hold a run
 
@@ -45,7 +42,7 @@ def as_path(value: Any) -> AnyPath:
     """A path object for `value` (a str, a Path, or an already remote path)."""
     if isinstance(value, Path):
         return value
-    if UPath is not None and isinstance(value, UPath):
+    if isinstance(value, UPath):
         return value
     text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
     if text.startswith("file://"):
@@ -58,7 +55,7 @@ def as_path(value: Any) -> AnyPath:
                          "process can reach (a path, or s3:// ...)")
     try:
         return UPath(text, use_listings_cache=False)
-    except (ImportError, ValueError) as err:
+    except (ImportError, ValueError) as err:   # no fsspec implementation for the protocol
         raise InputError(f"{text}: no filesystem for {protocol}:// ({err}); s3:// needs s3fs "
                          "(installed with vlp), other stores their fsspec package") from None
 
