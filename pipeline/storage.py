@@ -164,12 +164,11 @@ def work_dir(remote: AnyPath) -> Path:
 
 
 def download_tree(path: AnyPath, local: Path) -> None:
-    """Mirror a remote folder into `local` (files already there with the same size are kept)."""
+    """Copy a remote folder into `local`, every file fetched again (a same-sized local file may be a
+    stale copy from an earlier build of the same stage folder)."""
     base = key(path).rstrip("/")
-    for name, info in sorted(path.fs.find(base, detail=True).items()):
+    for name in sorted(path.fs.find(base)):
         target = local / name[len(base) + 1:]
-        if target.is_file() and target.stat().st_size == info["size"]:
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         path.fs.get_file(name, str(target))
 

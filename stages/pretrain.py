@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -74,6 +75,8 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                     {"pretrain": to_plain(cfg), "fingerprint": ctx.fingerprint, "parameters": n_params})
     history = read_metrics(ctx.out.path / "metrics.jsonl")
     plot_curves(history, ctx.out.path / "training_curves.png")
+    if work != ctx.out.path:   # the node-local stand-in: everything in it is in the run directory now
+        shutil.rmtree(work, ignore_errors=True)
     epochs = cfg.steps * global_batch / samples
     totals = Accounting(samples_in=samples, samples_kept=samples)
     return ctx.manifest(to_plain(cfg), [], started,
