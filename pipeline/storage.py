@@ -147,7 +147,7 @@ def local_copy(path: AnyPath) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="vlp-copy-") as tmp:
         local = Path(tmp) / path.name
         if path.is_dir():
-            path.fs.get(key(path).rstrip("/") + "/", str(local), recursive=True)
+            download_tree(path, local)
         else:
             path.fs.get_file(key(path), str(local))
         yield local
