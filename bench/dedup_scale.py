@@ -105,6 +105,7 @@ def map_shard(root: str, shard: int, rows: int, settings) -> dict:
     index, exact, sigs = shard_rows(shard, rows)
     nodes = (shard << 32) + (index - shard * SHARD)
     dedup.write_partitions(Path(root), str(shard), nodes, exact, sigs, settings)
+    dedup.write_signatures(Path(root), str(shard), nodes, sigs)   # prefilter's scan file holds them
     return {"rows": len(index)}
 
 
@@ -199,9 +200,10 @@ def main() -> None:
                 s = r["summary"]
                 print(f"{rows:>10,} {way:>8} {r['map_s']:>7.1f} {r['dedup_s']:>8.1f} {total:>8.1f} {rows / total:>9,.0f} "
                       f"{r['peak_rss_mb']:>7,.0f}  {s['dropped']:,}, {s.get('candidate_pairs', '-')}, "
-                      f"{s.get('edges', '-')}+{s.get('blank_edges', '-')} blank, cut {s.get('buckets_cut', '-')}, "
+                      f"{s.get('verified_edges', '-')} verified+{s.get('copy_edges', '-')} copy, cut {s.get('buckets_cut', '-')}, "
                       f"left out {s.get('pairs_left_out', '-')}")
                 if way == "shuffle":
+                    print(f"{'':>10} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
                     totals.append(total)
                     rss.append(r["peak_rss_mb"])
                 os.system(f"rm -rf {folder}")

@@ -12,19 +12,24 @@ them in; an eval image is `EVAL | eval shard << 32 | position`. Among the sample
      C of a chain A~B~C where A and C are distinct, which "keep the minimum of each connected component"
      would drop.
 Phases (a task per unit; each writes its files under `<stage>/dedup/` atomically, then its marker, so a
-resumed stage redoes only the units without one):
-  scan    per shard: rule verdicts and signatures (`scan/`), rows hashed into P partitions: the
-          original bytes' sha256 (`exact/`), one row per LSH key with the whole SimHash (`band/`), the
-          signatures by node (`sig/`);
+resumed stage redoes only the units without one). A task that hashes rows into the P partitions of the
+next phase writes one file with P row groups (row group p: partition p), not P files: P times fewer
+files, fsyncs and, on an object store, PUTs; a partition's task reads its row group of each file.
+  scan    per shard: rule verdicts and signatures (`scan/<unit>.parquet`, in node order), rows hashed
+          into P partitions: the original bytes' sha256 (`exact/`), one row per LSH key with the whole
+          SimHash and a digest of the signature (`band/`);
   exact   per partition: groups of equal hashes -> drops;
   band    per partition: the nodes sharing a key; pairs whose SimHashes differ in at most
-          MAX_SIMHASH_BITS bits (bench/dedup.py: verified copies differ in at most 17 of 128) go on,
-          partitioned by their first node; pairs of blanks are decided here from their aspect and
-          colour; a bucket over BUCKET_CAP nodes is cut into runs of BUCKET_CAP in node order
-          (counted: `buckets_cut`), so a bucket costs at most BUCKET_CAP^2/2 pair tests per run, and
-          each node keeps its first PAIRS_PER_NODE partners before it (`pairs_left_out`): a clique of
-          copies gives O(m), not O(m^2), pairs to verify;
-  join    per partition: each pair gets its first node's signature, repartitioned by its second node;
+          MAX_SIMHASH_BITS bits (bench/dedup.py: verified copies differ in at most 17 of 128) are
+          candidates. Candidates with equal signature digests (the same pixels in other bytes) and
+          pairs of blanks (decided from their aspect and colour) are edges at once; the rest go on,
+          partitioned by their first node's unit. A bucket over BUCKET_CAP nodes is cut into runs of
+          BUCKET_CAP in node order (counted: `buckets_cut`), so a bucket costs at most BUCKET_CAP^2/2
+          pair tests per run, and each node keeps its first PAIRS_PER_NODE partners before it
+          (`pairs_left_out`): a clique of copies gives O(m), not O(m^2), pairs;
+  join    per partition: each pair gets its first node's signature from its unit's scan file,
+          repartitioned by its second node's unit (signatures never go through the shuffle: only the
+          pairs that need the verifier read them);
   verify  per partition: with the second node's signature, pipeline/data/neardup.py verifies -> edges;
   resolve one task: the drops of `exact` and the edges, in node order -> decisions per shard.
 """
@@ -38,12 +43,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
 from pipeline.data import neardup
-from pipeline.fsutil import atomic_write_json, atomic_write_parquet, read_json, read_parquet
+from pipeline.fsutil import (atomic_write_json, atomic_write_parquet, atomic_write_row_groups, read_json, read_parquet,
+                             read_row_group)
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.storage import as_path
 
@@ -92,6 +99,13 @@ def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def _read_partition(folder: Path, p: int, schema: pa.Schema) -> pa.Table:
+    """Partition p of a shuffle folder: row group p of each task's file (one file per writing task)."""
+    files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith(".")) if folder.is_dir() else []
+    tables = [read_row_group(f, p) for f in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def done_marker(root: Path, phase: str, unit: str) -> Path:
     """A unit's marker: written last, so a resumed stage redoes only the units without one."""
     return root / "done" / f"{phase}-{unit}"
@@ -104,42 +118,83 @@ def mark(root: Path, phase: str, unit: str, summary: dict | None = None) -> dict
 
 # --- scan: the shuffle's map side ------------------------------------------------------------------
 
+EXACT = pa.schema([("exact", pa.string()), ("node", pa.int64())])
+BAND = pa.schema([("key", pa.int32()), ("node", pa.int64()), ("h0", pa.uint64()), ("h1", pa.uint64()),
+                  ("digest", pa.uint64()), ("head", pa.uint32())])
+
+
+def unit_of(node: int) -> str:
+    """The scan unit whose `scan/<unit>.parquet` holds a node's signature: a shard index or `eval-<i>`."""
+    return f"eval-{(node - EVAL) >> 32}" if node >= EVAL else str(node >> 32)
+
+
+def signature_digests(sigs: list[bytes]) -> np.ndarray:
+    """64 bits of SipHash (pandas' C hash, the one URL dedup uses) of each signature: two candidates with
+    equal digests have the same signature (the same pixels in other bytes) and are copies without the
+    verifier (a false match: ~2^-64 a pair)."""
+    values = np.empty(len(sigs), object)
+    values[:] = sigs
+    return pd.util.hash_array(values, hash_key="vlp-signature-01", categorize=False)
+
+
+_HEX = np.full(256, -1, np.int64)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def hex_prefix(hashes: pa.Array) -> np.ndarray:
+    """The first 15 hex digits (60 bits) of each hash, as integers."""
+    digits = _HEX[np.frombuffer("".join(pc.utf8_slice_codeunits(hashes, 0, 15).to_pylist()).encode(), np.uint8)]
+    if len(digits) != 15 * len(hashes) or (digits < 0).any():
+        raise ValueError("dedup: an exact hash is not a hex digest of at least 15 digits")
+    return digits.reshape(-1, 15) @ (np.int64(16) ** np.arange(14, -1, -1, dtype=np.int64))
+
+
+def write_signatures(root: Path, unit: str, nodes: np.ndarray, sigs: list[bytes | None]) -> None:
+    """A unit's scan file with only what the join reads: its nodes (ascending) and their signatures.
+    prefilter's web scan writes the same path with its verdicts too (SCAN)."""
+    atomic_write_parquet(root / "scan" / f"{unit}.parquet", pa.table({"node": nodes, "signature": pa.array(sigs, pa.binary())}))
+
+
 def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str | None], sigs: list[bytes | None],
                      settings: Settings) -> None:
-    """Hash a shard's (or an eval shard's) kept samples (those with an `exact` hash) into the exact,
-    band and sig partitions."""
+    """Hash a shard's (or an eval shard's) kept samples (those with an `exact` hash) into the exact and
+    band partitions. Their signatures stay in the unit's own scan file (`scan/<unit>.parquet`, node and
+    signature columns, written by the caller): only pairs that need the verifier read them."""
     P = settings.partitions
-    keep = np.array([e is not None for e in exact], bool)
-    rows = np.flatnonzero(keep)
-    nodes = nodes[rows]
+    rows = np.flatnonzero(np.array([e is not None for e in exact], bool))
     exact_col = pa.array([exact[i] for i in rows], pa.string())
-    sig_col = pa.array([sigs[i] for i in rows], pa.binary())
-    where = partition_of(np.array([int(exact[i][:15], 16) for i in rows], np.int64), P)
-    if settings.searches_near:
-        with_sig = np.array([i for i, r in enumerate(rows) if sigs[r] is not None], np.int64)
-        hashed = neardup.lsh_many([sigs[rows[i]] for i in with_sig])
-        counts = np.array([len(keys) for keys, _ in hashed], np.int64)
-        owner = np.repeat(with_sig, counts)    # the row (of `rows`) each key belongs to
-        band_keys = np.fromiter((k for keys, _ in hashed for k in keys), np.int64, count=int(counts.sum()))
-        simhash = pa.array([h for _, h in hashed], pa.binary(neardup.SIMHASH_BYTES)).take(np.repeat(np.arange(len(hashed)), counts))
-        band_where = partition_of(band_keys, P)
-        sig_where = partition_of(nodes, P)
-    for p in range(P):
-        mine = np.flatnonzero(where == p)
-        atomic_write_parquet(root / "exact" / str(p) / f"{unit}.parquet", pa.table({"exact": exact_col.take(mine), "node": nodes[mine]}))
-        if settings.searches_near:
-            picked = np.flatnonzero(band_where == p)
-            atomic_write_parquet(root / "band" / str(p) / f"{unit}.parquet", pa.table(
-                {"key": band_keys[picked], "node": nodes[owner[picked]], "simhash": simhash.take(picked)}))
-            mine = np.flatnonzero(sig_where == p)
-            atomic_write_parquet(root / "sig" / str(p) / f"{unit}.parquet", pa.table({"node": nodes[mine], "signature": sig_col.take(mine)}))
+    where = partition_of(hex_prefix(exact_col), P)
+    atomic_write_row_groups(root / "exact" / f"{unit}.parquet", [
+        pa.table([exact_col.take(mine), nodes[rows[mine]]], schema=EXACT) for mine in _by_partition(where, P)], EXACT)
+    if not settings.searches_near:
+        return
+    with_sig = np.array([i for i in rows if sigs[i] is not None], np.int64)
+    picked = [sigs[i] for i in with_sig]
+    owner, keys, simhash = neardup.lsh_arrays(neardup.signature_matrix(picked))
+    words = simhash.view("<u8")
+    digest = signature_digests(picked)
+    head = neardup.signature_matrix(picked)[:, :4].copy().view("<u4").ravel() if picked else np.zeros(0, np.uint32)
+    tables = []
+    for mine in _by_partition(partition_of(keys, P), P):
+        of = owner[mine]
+        tables.append(pa.table([keys[mine].astype(np.int32), nodes[with_sig[of]], words[of, 0], words[of, 1],
+                                digest[of], head[of]], schema=BAND))
+    atomic_write_row_groups(root / "band" / f"{unit}.parquet", tables, BAND)
+
+
+def _by_partition(where: np.ndarray, partitions: int) -> list[np.ndarray]:
+    """The row numbers of each partition, in row order."""
+    order = np.argsort(where, kind="stable")
+    bounds = np.searchsorted(where[order], np.arange(partitions + 1))
+    return [order[bounds[p]:bounds[p + 1]] for p in range(partitions)]
 
 
 # --- exact -------------------------------------------------------------------------------------------
 
 def exact_partition(root: str, p: int, settings: Settings) -> dict:
     root = as_path(root)
-    table = _read(root / "exact" / str(p))
+    table = _read_partition(root / "exact", p, EXACT)
     drops = {"node": [], "reason": []}
     if table.num_rows:
         groups = pc.dictionary_encode(table["exact"]).combine_chunks().indices.to_numpy()
@@ -165,43 +220,44 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
 
 # --- band join ---------------------------------------------------------------------------------------
 
+PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64())])
+JOINED = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("sig_a", pa.binary())])
+
+
 def band_partition(root: str, p: int, settings: Settings) -> dict:
-    """Candidate pairs (first < second node) of the nodes sharing an LSH key in partition p. Pairs of
-    blanks are decided here (their hashes hold all the rule needs): they go straight to the edges."""
+    """Candidate pairs (first < second node) of the nodes sharing an LSH key in partition p. Pairs with
+    equal signature digests, and pairs of blanks (their hashes hold all the rule needs), are copies:
+    they go straight to the edges; the others go on to be verified, partitioned by their first node."""
     root = as_path(root)
-    table = _read(root / "band" / str(p))
-    found = {"pairs": ([], []), "blank": ([], [])}
-    cut = left_out = 0
-    if table.num_rows:
-        keys, nodes = table["key"].to_numpy(), table["node"].to_numpy()
-        hashes = np.frombuffer(b"".join(table["simhash"].to_pylist()), np.uint8).reshape(-1, neardup.SIMHASH_BYTES)
-        order = np.lexsort((nodes, keys))
-        keys, nodes, hashes = keys[order], nodes[order], hashes[order]
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        stops = np.r_[starts[1:], len(keys)]
-        blank_key = (keys >> neardup.BAND_BITS) >= neardup.BANDS   # blanks are keyed by colour
-        size = np.repeat(stops - starts, stops - starts)
-        small = ~blank_key & (size <= PAIRS_PER_NODE + 1)   # where the per-node cap cannot bind
-        a, b = _small_bucket_pairs(keys, nodes, hashes, small, settings)
-        found["pairs"][0].append(a)
-        found["pairs"][1].append(b)
-        many = (stops - starts > 1) & ~small[starts]
-        for start, stop in zip(starts[many], stops[many]):
-            cut += stop - start > BUCKET_CAP
-            blank = (int(keys[start]) >> neardup.BAND_BITS) >= neardup.BANDS   # blanks: keyed by colour
-            for run in range(start, stop, BUCKET_CAP):
-                end = min(stop, run + BUCKET_CAP)
-                a, b, over = _bucket_pairs(nodes[run:end], hashes[run:end], blank, settings)
-                found["blank" if blank else "pairs"][0].append(a)
-                found["blank" if blank else "pairs"][1].append(b)
-                left_out += over
-    (a, b), (ba, bb) = (_unique_pairs(*found[k]) for k in ("pairs", "blank"))
-    where = partition_of(a, settings.partitions)
-    for q in range(settings.partitions):
-        rows = where == q
-        atomic_write_parquet(root / "pairs_a" / str(q) / f"{p}.parquet", pa.table({"a": a[rows], "b": b[rows]}))
-    atomic_write_parquet(root / "edges" / f"blank-{p}.parquet", pa.table({"a": ba, "b": bb}))
-    return mark(root, "band", str(p), {"pairs": int(len(a)), "blank_edges": int(len(ba)), "buckets_cut": int(cut),
+    table = _read_partition(root / "band", p, BAND)
+    keys, nodes = table["key"].to_numpy(), table["node"].to_numpy()
+    order = np.lexsort((nodes, keys))
+    keys, nodes = keys[order], nodes[order]
+    words = np.stack([table["h0"].to_numpy()[order], table["h1"].to_numpy()[order]], axis=1)
+    digest = table["digest"].to_numpy()[order]
+    head = table["head"].to_numpy()[order].astype("<u4").view(np.uint8).reshape(-1, 4)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    stops = np.r_[starts[1:], len(keys)]
+    blank = (keys[starts] >> neardup.BAND_BITS) >= neardup.BANDS   # blanks are keyed by colour
+    cut = int(((stops - starts) > BUCKET_CAP).sum())
+    i, j, left_out = _picture_pairs(nodes, words, head, starts[~blank], stops[~blank], settings)
+    same = digest[i] == digest[j]
+    a, b = _unique_pairs([nodes[i[~same]]], [nodes[j[~same]]])
+    firsts, seconds = [nodes[i[same]]], [nodes[j[same]]]
+    hashes = words.view(np.uint8)
+    for start, stop in zip(starts[blank], stops[blank]):
+        for run in range(start, stop, BUCKET_CAP):
+            end = min(stop, run + BUCKET_CAP)
+            x, y, over = _blank_pairs(nodes[run:end], hashes[run:end], settings)
+            firsts.append(x)
+            seconds.append(y)
+            left_out += over
+    ea, eb = _unique_pairs(firsts, seconds)
+    atomic_write_row_groups(root / "pairs_a" / f"{p}.parquet", [
+        pa.table([a[rows], b[rows]], schema=PAIRS) for rows in _by_partition(partition_of(a >> 32, settings.partitions),
+                                                                            settings.partitions)], PAIRS)
+    atomic_write_parquet(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS))
+    return mark(root, "band", str(p), {"pairs": int(len(a)), "copy_edges": int(len(ea)), "buckets_cut": cut,
                                         "pairs_left_out": left_out})
 
 
@@ -209,42 +265,59 @@ def _unique_pairs(firsts: list[np.ndarray], seconds: list[np.ndarray]) -> tuple[
     """The distinct pairs (a pair sharing several keys is found once per key)."""
     if not firsts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    pairs = np.unique(np.stack([np.concatenate(firsts), np.concatenate(seconds)], axis=1), axis=0)
-    return pairs[:, 0].copy(), pairs[:, 1].copy()
+    a, b = np.concatenate(firsts), np.concatenate(seconds)
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    first = np.r_[True, (a[1:] != a[:-1]) | (b[1:] != b[:-1])] if len(a) else np.zeros(0, bool)
+    return a[first], b[first]
 
 
-def _small_bucket_pairs(keys: np.ndarray, nodes: np.ndarray, hashes: np.ndarray, small: np.ndarray,
-                        settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """Every pair worth verifying of the buckets of at most PAIRS_PER_NODE + 1 nodes (rows sorted by key,
-    then node), at once: for each offset d, row r pairs with row r + d of the same key."""
-    words = hashes.view(np.uint64)
-    firsts, seconds = [], []
-    for d in range(1, PAIRS_PER_NODE + 1):
-        i = np.flatnonzero(small[:-d] & (keys[:-d] == keys[d:]))
-        if len(i) == 0:
-            break
-        j = i + d
-        keep = _wanted(nodes[i], nodes[j], settings)
-        keep &= np.bitwise_count(words[i] ^ words[j]).sum(axis=1) <= MAX_SIMHASH_BITS
-        firsts.append(nodes[i[keep]])
-        seconds.append(nodes[j[keep]])
-    if not firsts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(firsts), np.concatenate(seconds)
+def _picture_pairs(nodes: np.ndarray, words: np.ndarray, head: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+                   settings: Settings) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows i, rows j, pairs left out) of the picture buckets [starts, stops) of the sorted rows: the
+    pairs worth verifying, whose SimHashes differ in at most MAX_SIMHASH_BITS bits and whose aspect and
+    mean colour (`head`) the verifier would not reject at once (neardup.headers_agree). A bucket over
+    BUCKET_CAP nodes is cut into runs of BUCKET_CAP in node order, so a bucket costs at most
+    BUCKET_CAP^2/2 tests a run; each node keeps its first PAIRS_PER_NODE partners before it in its run."""
+    size = stops - starts
+    runs = np.repeat(np.arange(len(starts)), -(-size // BUCKET_CAP))   # the bucket of each run
+    first_run = np.repeat(np.cumsum(-(-size // BUCKET_CAP)) - -(-size // BUCKET_CAP), -(-size // BUCKET_CAP))
+    run_start = starts[runs] + (np.arange(len(runs)) - first_run) * BUCKET_CAP
+    run_size = np.minimum(stops[runs] - run_start, BUCKET_CAP)
+    found_i, found_j = [], []
+    for i, j in _close_pairs(words, run_start[run_size > 1], run_size[run_size > 1]):
+        agree = neardup.headers_agree(head[i], head[j]) & _wanted(nodes[i], nodes[j], settings)
+        found_i.append(i[agree])
+        found_j.append(j[agree])
+    i = np.concatenate(found_i) if found_i else np.zeros(0, np.int64)
+    j = np.concatenate(found_j) if found_j else np.zeros(0, np.int64)
+    order = np.lexsort((i, j))   # by second row, then first: rank each row's partners (a row is in one run)
+    i, j = i[order], j[order]
+    begins = np.flatnonzero(np.r_[True, j[1:] != j[:-1]]) if len(j) else np.zeros(0, np.int64)
+    rank = np.arange(len(j)) - np.repeat(begins, np.diff(np.r_[begins, len(j)]))
+    kept = rank < PAIRS_PER_NODE
+    return i[kept], j[kept], int((~kept).sum())
 
 
-def _bucket_pairs(nodes: np.ndarray, hashes: np.ndarray, blank: bool, settings: Settings):
-    """Pairs (i < j in node order) of one bucket: for blanks, those that are copies; else those whose
-    SimHashes are close enough to be worth verifying. Never two eval images; for each node, only its
-    first PAIRS_PER_NODE partners before it (a clique of m copies would be m^2/2 pairs, and the greedy
-    rule needs only one kept partner). Returns (firsts, seconds, pairs left out)."""
-    if blank:
-        return _blank_pairs(nodes, hashes, settings)
-    i, j = np.triu_indices(len(nodes), k=1)
-    keep = _wanted(nodes[i], nodes[j], settings)
-    words = hashes.view(np.uint64)
-    keep &= np.bitwise_count(words[i] ^ words[j]).sum(axis=1) <= MAX_SIMHASH_BITS
-    return _first_partners(nodes, i[keep], j[keep], PAIRS_PER_NODE)
+BLOCK_PAIRS = 1 << 18   # pair tests per array operation in _close_pairs (~2 MB temporaries: in cache)
+
+
+def _close_pairs(words: np.ndarray, run_start: np.ndarray, run_size: np.ndarray):
+    """Yield (rows i, rows j), i < j in one run, whose SimHashes (`words`: two uint64 a row) differ in
+    at most MAX_SIMHASH_BITS bits. Runs of the same size n are stacked and tested together over the
+    n(n-1)/2 index pairs of the upper triangle: one array operation tests many runs (~15 ns a pair on
+    this machine), with no loop per bucket, no padding, and every pair tested once."""
+    for n in np.unique(run_size).tolist():
+        mine = np.flatnonzero(run_size == n)
+        first, second = np.triu_indices(n, k=1)
+        step = max(1, BLOCK_PAIRS // len(first))
+        for lo in range(0, len(mine), step):
+            rows = run_start[mine[lo:lo + step]][:, None] + np.arange(n)[None, :]
+            w0, w1 = words[rows, 0], words[rows, 1]
+            diff = np.bitwise_count(w0[:, first] ^ w0[:, second])
+            diff += np.bitwise_count(w1[:, first] ^ w1[:, second])
+            block, pair = np.divmod(np.flatnonzero(diff <= MAX_SIMHASH_BITS), len(first))
+            yield rows[block, first[pair]], rows[block, second[pair]]
 
 
 def _wanted(first: np.ndarray, second: np.ndarray, settings: Settings) -> np.ndarray:
@@ -286,46 +359,50 @@ def _blank_pairs(nodes: np.ndarray, hashes: np.ndarray, settings: Settings):
 
 # --- join and verify -----------------------------------------------------------------------------------
 
+def _signatures_of(root: Path, nodes: np.ndarray) -> pa.Array:
+    """The signatures of `nodes`, in their order, from their units' scan files (one read per unit)."""
+    out = np.empty(len(nodes), object)
+    units = nodes >> 32
+    for unit in np.unique(units).tolist():
+        mine = np.flatnonzero(units == unit)
+        table = read_parquet(root / "scan" / f"{unit_of(int(nodes[mine[0]]))}.parquet", columns=["node", "signature"])
+        rows = np.searchsorted(table["node"].to_numpy(), nodes[mine])   # a scan file is in node order
+        out[mine] = table["signature"].take(rows).to_pylist()
+    return pa.array(out.tolist(), pa.binary())
+
+
 def join_partition(root: str, q: int, settings: Settings) -> dict:
-    """Pairs whose first node hashes to q, with its signature, sent on to their second node's partition."""
+    """Pairs whose first node's unit hashes to q, with its signature, sent on to their second node's."""
     root = as_path(root)
-    pairs = _read(root / "pairs_a" / str(q), pa.schema([("a", pa.int64()), ("b", pa.int64())]))
-    pairs = pairs.group_by(["a", "b"]).aggregate([])   # a pair found by several bands is verified once
-    sigs = _read(root / "sig" / str(q), pa.schema([("node", pa.int64()), ("signature", pa.binary())]))
-    joined = pairs.join(sigs.rename_columns(["a", "sig_a"]), "a", join_type="inner")
-    where = partition_of(joined["b"].to_numpy(), settings.partitions)
-    for r in range(settings.partitions):
-        atomic_write_parquet(root / "pairs_b" / str(r) / f"{q}.parquet", joined.filter(pa.array(where == r)))
+    pairs = _read_partition(root / "pairs_a", q, PAIRS)
+    a, b = _unique_pairs([pairs["a"].to_numpy()], [pairs["b"].to_numpy()])   # found by several bands
+    joined = pa.table([a, b, _signatures_of(root, a)], schema=JOINED)
+    atomic_write_row_groups(root / "pairs_b" / f"{q}.parquet", [
+        joined.take(rows) for rows in _by_partition(partition_of(b >> 32, settings.partitions), settings.partitions)],
+        JOINED)
     return mark(root, "join", str(q), {"pairs": joined.num_rows})
 
 
 def verify_partition(root: str, r: int, settings: Settings) -> dict:
-    """Verified near copies among the pairs whose second node hashes to r: edges/<r>.parquet."""
+    """Verified near copies among the pairs whose second node's unit hashes to r: edges/<r>.parquet."""
     root = as_path(root)
-    pairs = _read(root / "pairs_b" / str(r))
-    sigs = _read(root / "sig" / str(r), pa.schema([("node", pa.int64()), ("signature", pa.binary())]))
+    pairs = _read_partition(root / "pairs_b", r, JOINED)
     edges = {"a": [], "b": []}
-    if pairs.num_rows:
-        joined = pairs.join(sigs.rename_columns(["b", "sig_b"]), "b", join_type="inner")
-        # equal signatures (the same pixels in other bytes) are copies: only images with keys get here
-        same = pc.equal(joined["sig_a"], joined["sig_b"]).to_numpy(zero_copy_only=False)
-        edges["a"] += joined["a"].to_numpy()[same].tolist()
-        edges["b"] += joined["b"].to_numpy()[same].tolist()
-        joined = joined.filter(pa.array(~same))
-        decoded: dict[int, neardup.Signature] = {}
+    decoded: dict[int, neardup.Signature] = {}
 
-        def signature(node: int, raw: bytes) -> neardup.Signature:
-            if node not in decoded:
-                decoded[node] = neardup.decode(raw)
-            return decoded[node]
+    def signature(node: int, raw: bytes) -> neardup.Signature:
+        if node not in decoded:
+            decoded[node] = neardup.decode(raw)
+        return decoded[node]
 
-        for a, b, sig_a, sig_b in zip(*(joined[c].to_pylist() for c in ("a", "b", "sig_a", "sig_b"))):
-            limit = settings.decontaminate_max_distance if b >= EVAL else settings.near_max_distance
-            if neardup.near_copy_distance(signature(a, sig_a), signature(b, sig_b), limit) is not None:
-                edges["a"].append(a)
-                edges["b"].append(b)
-    atomic_write_parquet(root / "edges" / f"{r}.parquet", pa.table({"a": pa.array(edges["a"], pa.int64()),
-                                                       "b": pa.array(edges["b"], pa.int64())}))
+    sig_b = _signatures_of(root, pairs["b"].to_numpy()).to_pylist()
+    for a, b, sig_a, raw_b in zip(pairs["a"].to_pylist(), pairs["b"].to_pylist(), pairs["sig_a"].to_pylist(), sig_b):
+        limit = settings.decontaminate_max_distance if b >= EVAL else settings.near_max_distance
+        if neardup.near_copy_distance(signature(a, sig_a), signature(b, raw_b), limit) is not None:
+            edges["a"].append(a)
+            edges["b"].append(b)
+    atomic_write_parquet(root / "edges" / f"{r}.parquet", pa.table([pa.array(edges["a"], pa.int64()),
+                                                                     pa.array(edges["b"], pa.int64())], schema=PAIRS))
     return mark(root, "verify", str(r), {"edges": len(edges["a"])})
 
 
@@ -395,11 +472,11 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
     if settings.searches_near:
         bands = phase("band", band_partition, list(range(P)), settings)
         summary["candidate_pairs"] = sum(s["pairs"] for s in bands)
-        summary["blank_edges"] = sum(s["blank_edges"] for s in bands)
+        summary["copy_edges"] = sum(s["copy_edges"] for s in bands)
         summary["buckets_cut"] = sum(s["buckets_cut"] for s in bands)
         summary["pairs_left_out"] = sum(s["pairs_left_out"] for s in bands)
         phase("join", join_partition, list(range(P)), settings)
-        summary["edges"] = sum(s["edges"] for s in phase("verify", verify_partition, list(range(P)), settings))
+        summary["verified_edges"] = sum(s["edges"] for s in phase("verify", verify_partition, list(range(P)), settings))
     summary |= phase("resolve", resolve, [0], shards)[0]
     summary["seconds"] = seconds
     log.info("prefilter: dedup over %d partitions: %s", P, json.dumps(summary))

@@ -74,6 +74,28 @@ def atomic_write_parquet(path: str | Path, table, row_group_size: int | None = N
         pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
 
 
+def atomic_write_row_groups(path: str | Path, tables: list, schema, compression: str = "zstd") -> None:
+    """Tables as the row groups of one parquet file, in order (an empty table is an empty row group),
+    atomically: a shuffle writes one file per task with a row group per partition, not a file per
+    (task, partition) — on an object store each file is a PUT."""
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression=compression) as writer:
+        for table in tables:
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+
+
+def read_row_group(path, index: int, columns: list[str] | None = None):
+    """One row group of a parquet file, local or on an object store (a ranged read of that part)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import arrow
+
+    name, filesystem = arrow(as_path(path))
+    with pq.ParquetFile(name, filesystem=filesystem) as f:
+        return f.read_row_group(index, columns=columns)
+
+
 def read_json(path) -> Any:
     with as_path(path).open() as f:
         return json.load(f)

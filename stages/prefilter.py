@@ -237,6 +237,7 @@ def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: ded
             continue
     nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
     dedup.write_partitions(as_path(root), f"eval-{index}", nodes, exact, sigs, settings)
+    dedup.write_signatures(as_path(root), f"eval-{index}", nodes, sigs)
     return dedup.mark(as_path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 

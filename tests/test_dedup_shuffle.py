@@ -76,19 +76,25 @@ def _sequential(shards, evals, s: dedup.Settings) -> dict[int, str]:
     return reason
 
 
+def _scan(root, unit: str, nodes: np.ndarray, items, s: dedup.Settings) -> None:
+    """What prefilter's scan leaves for the shuffle: the partitions and the unit's signatures."""
+    dedup.write_partitions(root, unit, nodes, [e for e, _ in items], [sig for _, sig in items], s)
+    dedup.write_signatures(root, unit, nodes, [sig for _, sig in items])
+
+
 def _distributed(tmp_path, shards, evals, s: dedup.Settings, cpus: float) -> dict[int, str]:
     root = tmp_path / f"dedup-{abs(hash((s, cpus)))}"
     for i, shard in enumerate(shards):
-        dedup.write_partitions(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64),
-                               [e for e, _ in shard], [sig for _, sig in shard], s)
+        _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
     if s.decontaminate:
-        dedup.write_partitions(root, "eval-0", dedup.EVAL + np.arange(len(evals), dtype=np.int64),
-                               [e for e, _ in evals], [sig for _, sig in evals], s)
+        _scan(root, "eval-0", dedup.EVAL + np.arange(len(evals), dtype=np.int64), evals, s)
     summary = dedup.run_phases(root, len(shards), s, {"num_cpus": cpus})
     got = {}
     for i in range(len(shards)):
         got |= dedup.decisions_of(root, i)
     assert summary["dropped"] == len(got)
+    if s.near:   # re-encoded copies need the verifier; copies of the same pixels and blanks do not
+        assert summary["candidate_pairs"] > 0 and summary["verified_edges"] > 0 and summary["copy_edges"] > 0, summary
     return got
 
 
@@ -110,17 +116,22 @@ def test_switches(tmp_path, corpus, ray_cluster):
         assert _distributed(tmp_path, shards, evals, s, 1) == expected, s
 
 
-def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster):
-    """3,000 white images of one shape share every blank key: the band join cuts the bucket into runs
-    of BUCKET_CAP nodes (counted), instead of ~4.5M pairs; each run keeps one copy."""
-    white = neardup.signature(Image.new("RGB", (64, 64), (255, 255, 255)))
-    shards = [[(hashlib.sha256(f"{i}-{j}".encode()).hexdigest(), white) for j in range(1_000)] for i in range(3)]
+@pytest.mark.parametrize("picture", [False, True])
+def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):
+    """3,000 copies of one image (a white blank, or a picture) in other bytes share every key: the band
+    join cuts each bucket into runs of BUCKET_CAP nodes (counted), instead of ~4.5M pairs; each run
+    keeps one copy, and no pair needs the verifier (equal signatures)."""
+    image = Image.new("RGB", (64, 64), (255, 255, 255))
+    if picture:
+        ImageDraw.Draw(image).ellipse((10, 12, 40, 50), fill=(200, 30, 60))
+    sig = neardup.signature(image)
+    assert neardup.decode(sig).blank != picture
+    shards = [[(hashlib.sha256(f"{i}-{j}".encode()).hexdigest(), sig) for j in range(1_000)] for i in range(3)]
     s = dedup.Settings(2, True, True, False, 0.08, 0.1)
     root = tmp_path / "giant"
     for i, shard in enumerate(shards):
-        dedup.write_partitions(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64),
-                               [e for e, _ in shard], [sig for _, sig in shard], s)
+        _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
     summary = dedup.run_phases(root, len(shards), s, {"num_cpus": 1})
-    assert summary["buckets_cut"] > 0
+    assert summary["buckets_cut"] > 0 and summary["candidate_pairs"] == 0
     runs = -(-3_000 // dedup.BUCKET_CAP)
     assert summary["dropped"] == summary["near"] == 3_000 - runs

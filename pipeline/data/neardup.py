@@ -113,7 +113,7 @@ class Signature:
     @property
     def information(self) -> float:
         """RMS deviation of the band-limited thumbnail from its mean colour, in grey levels."""
-        return float(np.linalg.norm(self.ac)) / THUMB
+        return float(_information(self.ac[None])[0])
 
     def thumbnail(self) -> np.ndarray:
         """The band-limited thumbnail around its mean (THUMB x THUMB x 3), rebuilt from the coefficients."""
@@ -243,10 +243,16 @@ def _projections() -> np.ndarray:
     return (bits.astype(np.float32) * 2 - 1).reshape(dim, BANDS * BAND_BITS)
 
 
-def _blank_keys(s: Signature) -> list[int]:
+def _information(ac: np.ndarray) -> np.ndarray:
+    """`Signature.information` of rows of coefficients. In float64 the sum of squares is exact (each
+    coefficient is an int8 times a float16 scale), so one row or a batch gives the same bits."""
+    return np.sqrt(np.square(ac.astype(np.float64)).sum(axis=1)) / THUMB
+
+
+def _blank_keys(aspect: float, mean: list[float]) -> list[int]:
     """A blank's keys: its (aspect, Y, Cb, Cr) cell in each of 16 grids, offset by half a cell on every
     axis or not; two blanks whose values differ by at most half a cell on every axis share a key."""
-    values = (s.aspect, *s.mean.tolist())
+    values = (aspect, *mean)
     keys = []
     for combo in range(16):
         cells = [math.floor(v / size + 0.5 * ((combo >> axis) & 1))
@@ -270,26 +276,54 @@ def lsh(sig: bytes) -> tuple[list[int], bytes]:
 
 
 def lsh_many(sigs: list[bytes]) -> list[tuple[list[int], bytes]]:
-    """`lsh` of many signatures, with one matrix product. The bits do not depend on the batch: every
-    coefficient is an int8 times the signature's float16 scale, so each projection sums multiples of
-    one scale with integer factors under 2^13, exactly in float32, in any order."""
-    decoded = [decode(s) for s in sigs]
-    out: list = [None] * len(sigs)
-    rows = []
-    for i, s in enumerate(decoded):
-        if s.blank:   # a blank's "hash" is what decides it: its aspect and mean colour (header bytes 0..3)
-            out[i] = (_blank_keys(s), sigs[i][:4] + bytes(SIMHASH_BYTES - 4))
-        elif s.information < MIN_INFORMATION:
-            out[i] = ([], bytes(SIMHASH_BYTES))
-        else:
-            rows.append(i)
-    if rows:
-        coarse = np.stack([decoded[i].ac for i in rows])[:, _coarse_index()]
-        packed = np.packbits((coarse @ _projections()) > 0, axis=1)
-        values = packed.view(">u2").astype(np.int64) | (np.arange(BANDS, dtype=np.int64) << BAND_BITS)
-        for i, keys, simhash in zip(rows, values.tolist(), packed):
-            out[i] = (keys, simhash.tobytes())
-    return out
+    """`lsh` of many signatures (see `lsh_arrays`)."""
+    owner, keys, simhash = lsh_arrays(signature_matrix(sigs))
+    bounds = np.searchsorted(owner, np.arange(len(sigs) + 1))
+    keys = keys.tolist()
+    return [(keys[bounds[i]:bounds[i + 1]], simhash[i].tobytes()) for i in range(len(sigs))]
+
+
+def signature_matrix(sigs: list[bytes]) -> np.ndarray:
+    """Signatures as one (n, SIZE) uint8 array."""
+    if any(len(s) != SIZE for s in sigs):
+        bad = next(len(s) for s in sigs if len(s) != SIZE)
+        raise ValueError(f"near-duplicate signature of {bad} bytes, expected {SIZE}")
+    return np.frombuffer(b"".join(sigs), np.uint8).reshape(len(sigs), SIZE)
+
+
+def lsh_arrays(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner, keys, simhash) of the signatures in `raw` (n, SIZE): keys[k] belongs to row owner[k]
+    (ascending; BANDS keys a picture, 16 a blank, none an image of little information), simhash (n,
+    SIMHASH_BYTES) uint8: zero for little information, a blank's aspect and mean colour (header bytes
+    0..3) for a blank. Decoded with array operations, not per signature: the scan hashes millions. The
+    bits do not depend on the batch: every coefficient is an int8 times the signature's float16 scale,
+    so each projection sums multiples of one scale with integer factors under 2^13, exactly in float32,
+    in any order."""
+    n = len(raw)
+    scale = raw[:, 4:6].copy().view(np.float16).astype(np.float32)
+    ac = raw[:, HEADER:COARSE_SIZE].view(np.int8).astype(np.float32) * scale
+    informative = _information(ac) >= MIN_INFORMATION
+    d = raw[:, COARSE_SIZE:COARSE_SIZE + DETAIL_HEADER].astype(np.int16)
+    blank = ~informative & (d[:, 3] - d[:, 2] <= BLANK_RANGE[0]) & \
+        (np.maximum(d[:, 5] - d[:, 4], d[:, 7] - d[:, 6]) <= BLANK_RANGE[1])
+    simhash = np.zeros((n, SIMHASH_BYTES), np.uint8)
+    keys = np.zeros((n, 16), np.int64)
+    count = np.zeros(n, np.int64)
+    rows = np.flatnonzero(informative)
+    if len(rows):
+        packed = np.packbits((ac[rows][:, _coarse_index()] @ _projections()) > 0, axis=1)
+        simhash[rows] = packed
+        keys[rows, :BANDS] = packed.view(">u2").astype(np.int64) | (np.arange(BANDS, dtype=np.int64) << BAND_BITS)
+        count[rows] = BANDS
+    rows = np.flatnonzero(blank)
+    if len(rows):
+        aspect = raw[rows, 0].view(np.int8).astype(np.float64) / 32
+        mean = raw[rows, 1:4].astype(np.float32)
+        keys[rows] = [_blank_keys(float(a), m) for a, m in zip(aspect.tolist(), mean.tolist())]
+        simhash[rows, :4] = raw[rows, :4]
+        count[rows] = 16
+    owner = np.repeat(np.arange(n, dtype=np.int64), count)
+    return owner, keys[np.arange(16) < count[:, None]], simhash
 
 
 @lru_cache(maxsize=1)
@@ -523,6 +557,15 @@ def blank_copies(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _blank_distance(a: Signature, b: Signature) -> float:
     """How far two blanks' colours are apart, relative to what a copy may move them (over 1: not copies)."""
     return float(np.abs(a.mean - b.mean).max()) / BLANK_LEVELS
+
+
+def headers_agree(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For pictures (not blanks), whether `near_copy_distance` can accept a pair from the signatures'
+    first four bytes alone (aspect and mean colour, rows of a (n, 4) uint8): its first two tests, on
+    arrays, with the same arithmetic. The band join screens millions of candidates with it."""
+    aspect = np.abs(a[:, 0].view(np.int8).astype(np.float64) / 32 - b[:, 0].view(np.int8).astype(np.float64) / 32)
+    dmean = np.abs(a[:, 1:4].astype(np.int16) - b[:, 1:4].astype(np.int16))
+    return (aspect <= MAX_ASPECT_CHANGE) & (dmean[:, 0] <= MAX_MEAN_LUMA) & (dmean[:, 1:].max(axis=1) <= MAX_MEAN_CHROMA)
 
 
 def near_copy_distance(a: Signature, b: Signature, max_distance: float) -> float | None:
