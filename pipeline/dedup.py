@@ -291,12 +291,7 @@ def _picture_pairs(nodes: np.ndarray, words: np.ndarray, head: np.ndarray, start
         found_j.append(j[agree])
     i = np.concatenate(found_i) if found_i else np.zeros(0, np.int64)
     j = np.concatenate(found_j) if found_j else np.zeros(0, np.int64)
-    order = np.lexsort((i, j))   # by second row, then first: rank each row's partners (a row is in one run)
-    i, j = i[order], j[order]
-    begins = np.flatnonzero(np.r_[True, j[1:] != j[:-1]]) if len(j) else np.zeros(0, np.int64)
-    rank = np.arange(len(j)) - np.repeat(begins, np.diff(np.r_[begins, len(j)]))
-    kept = rank < PAIRS_PER_NODE
-    return i[kept], j[kept], int((~kept).sum())
+    return _first_partners(np.arange(len(nodes)), i, j, PAIRS_PER_NODE)   # rows, not nodes (a row is in one run)
 
 
 BLOCK_PAIRS = 1 << 18   # pair tests per array operation in _close_pairs (~2 MB temporaries: in cache)
