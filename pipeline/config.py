@@ -375,6 +375,15 @@ UNIMODAL_OBJECTIVES = ("itc", "bow")  # need no fusion pass
 
 
 @dataclass(frozen=True, kw_only=True)
+class InitFrom:
+    """Hugging Face checkpoints (local transformers folders) a fresh model starts from, as VLMo does:
+    attention and every FFN expert from `vision` (ViT, DeiT, or BEiT with absolute positions), word
+    embeddings and tokenizer from `text` (a BERT-family model). Sizes must match the chosen model."""
+    vision: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Pretraining on Ray Train + DeepSpeed. Batch sizes are per rank; the global batch is
     micro_batch x grad_accum x num_workers."""
@@ -425,6 +434,8 @@ class PretrainConfig:
     """Also train on the clean seed set (data.seed_shards), in every round, as BLIP adds COCO."""
     init: Literal["fresh", "previous"] = "fresh"
     """Rounds after 0: train a new model (BLIP) or continue from the model that cleaned the round's data."""
+    init_from: InitFrom = field(default_factory=InitFrom)
+    """Where a fresh model's weights start (round 0, and later rounds with init: fresh); unset: random."""
     checkpoint_every: int = keeps_output(100)
     keep_checkpoints: int = keeps_output(2)
     log_every: int = keeps_output(10)
@@ -451,6 +462,8 @@ class PretrainConfig:
         _require(all(w >= 0 for w in self.loss_weights.values()) and any(self.loss_weights.values()),
                  "loss_weights: must be >= 0 and not all 0")
         _require(self.fusion_every >= 1, "fusion_every: must be >= 1")
+        _require(not (self.tokenizer and self.init_from.text),
+                 "tokenizer: init_from.text brings its own tokenizer; give one of tokenizer, init_from.text")
         _require(self.fusion_every == 1 or any(self.loss_weights.get(k) for k in UNIMODAL_OBJECTIVES),
                  "fusion_every: steps between fusion steps need itc or bow in loss_weights")
 

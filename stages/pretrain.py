@@ -59,10 +59,14 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
         storage.upload(tokenizer_dir, ctx.out.path / "tokenizer")
         tokenizer_dir = ctx.out.path / "tokenizer"
     model_cfg = SIZES[cfg.model].replace(vocab_size=len(load_tokenizer(tokenizer_dir)))
-    init_from = None
+    init_from, init_note = None, None
     if previous_model is not None and cfg.init == "previous":
         init_from = previous_model
         model_cfg = ModelConfig(**read_info(previous_model)["model"])
+        init_note = ctx.run.relative(previous_model)
+    elif cfg.init_from.vision or cfg.init_from.text:
+        model_cfg, init_from = _hf_init(cfg, model_cfg, ctx)
+        init_note = {"vision": cfg.init_from.vision, "text": cfg.init_from.text}
     _train(cfg, model_cfg, shards, tokenizer_dir, ctx, init_from, work)
 
     ckpt = checkpoints.latest_complete(ctx.out.path / "checkpoints")
@@ -81,15 +85,38 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     totals = Accounting(samples_in=samples, samples_kept=samples)
     return ctx.manifest(to_plain(cfg), [], started,
                         {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
-                         "seed_samples": seed_samples, "init_from": ctx.run.relative(init_from) if init_from else None,
+                         "seed_samples": seed_samples, "init_from": init_note,
                          "final": history[-1] if history else {}, "export": "model"}, totals=totals)
 
 
+def _hf_init(cfg: PretrainConfig, model_cfg: ModelConfig, ctx: StageContext) -> tuple[ModelConfig, Path]:
+    """The model config the checkpoints dictate, and a folder whose model.safetensors is the complete
+    initial state the workers load (written once; the workers need no transformers checkpoint)."""
+    from safetensors.torch import save_file
+
+    from pipeline.fsutil import atomic_path
+    from pipeline.hfinit import init_state
+
+    model_cfg, state = init_state(model_cfg, cfg.init_from.vision, cfg.init_from.text, ctx.seed)
+    folder = ctx.out.path / "init"
+    with atomic_path(folder / "model.safetensors") as tmp:   # one PUT on an object store
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    log.info("pretrain: starting from %s", ", ".join(f"{k} {v}" for k, v in
+                                                     (("vision", cfg.init_from.vision), ("text", cfg.init_from.text)) if v))
+    return model_cfg, folder
+
+
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
+    from pipeline.hfinit import checkpoint_files
+
     seed = sources.seed_shards() if cfg.pretrain.with_seed else []
     # after round 0 the data was cleaned by a model (capfilt's manifest says which; its fingerprint has it)
     previous = None if round_ == 0 else sources.run.resolve(upstream[0].manifest.details["base_model"])
-    return {"seed_shards": Extra(seed, sources.shard_fingerprints("seed-shard", seed)), "previous_model": Extra(previous)}
+    # a replaced checkpoint under the same folder name is a new input
+    init = cfg.pretrain.init_from
+    init_files = [f for folder in (init.vision, init.text) if folder for f in checkpoint_files(folder)]
+    return {"seed_shards": Extra(seed, sources.shard_fingerprints("seed-shard", seed)), "previous_model": Extra(previous),
+            "init_checkpoints": Extra(None, sources.shard_fingerprints("init-checkpoint", init_files))}
 
 
 def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
@@ -110,8 +137,8 @@ STAGE = Stage("pretrain", PretrainConfig, "every", upstreams=_upstreams, run=run
 
 def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None,
                seed: int) -> Path:
-    if cfg.tokenizer:
-        load_tokenizer(cfg.tokenizer).save_pretrained(str(folder))
+    if cfg.tokenizer or cfg.init_from.text:
+        load_tokenizer(cfg.tokenizer or cfg.init_from.text).save_pretrained(str(folder))
     elif previous_model is not None:
         load_tokenizer(previous_model / "tokenizer").save_pretrained(str(folder))
     elif not (folder / "tokenizer.json").is_file():

@@ -31,6 +31,11 @@ class ModelConfig:
     pos_init: str = "trunc_normal"
     """Initial image position embeddings: "trunc_normal" (std 0.02, ViT/BEiT) or "sincos" (2-D sine-cosine,
     unit amplitude, MAE): position is then visible from the first step instead of 6% of each token."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon (ViT and BEiT checkpoints use 1e-12; a model initialised from one takes theirs)."""
+    layer_scale: float = 0.0
+    """LayerScale (CaiT, BEiT): learned per-channel factors on every residual branch, starting at this
+    value; 0 for none. A model initialised from a BEiT checkpoint takes BEiT's factors."""
 
     def __post_init__(self) -> None:
         if self.width % self.heads:
@@ -46,6 +51,10 @@ class ModelConfig:
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
             raise ValueError(f"patch_size: the conv stem halves the image per layer, so it needs a power of 2, "
                              f"got {self.patch_size}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps: must be in (0, 1), got {self.norm_eps}")
+        if self.layer_scale < 0:
+            raise ValueError(f"layer_scale: must be >= 0 (0: none), got {self.layer_scale}")
         if self.pos_init not in ("trunc_normal", "sincos"):
             raise ValueError(f"pos_init: one of trunc_normal, sincos; got {self.pos_init!r}")
 

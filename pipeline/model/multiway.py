@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.model.config import ModelConfig
+# relative, so that this file and config.py also work as the modelling code of a Hugging Face export
+from .config import ModelConfig
 
 IMAGE, TEXT = 0, 1
 
@@ -41,33 +42,37 @@ class Attention(nn.Module):
 
 
 class Expert(nn.Module):
-    """One FFN expert with its own pre-norm."""
+    """One FFN expert with its own pre-norm (and, with layer scale, its own per-channel output scale)."""
 
-    def __init__(self, width: int, hidden: int, dropout: float):
+    def __init__(self, cfg: ModelConfig, hidden: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-        self.drop = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.fc1, self.fc2 = nn.Linear(cfg.width, hidden), nn.Linear(hidden, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.scale = _layer_scale(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+        out = self.drop(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+        return out if self.scale is None else out * self.scale
 
 
 class MultiwayBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, with_vl: bool):
         super().__init__()
         hidden = int(cfg.width * cfg.mlp_ratio)
-        self.norm = nn.LayerNorm(cfg.width)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.attn = Attention(cfg.width, cfg.heads, cfg.dropout)
-        self.v_ffn = Expert(cfg.width, hidden, cfg.dropout)
-        self.l_ffn = Expert(cfg.width, hidden, cfg.dropout)
-        self.vl_ffn = Expert(cfg.width, hidden, cfg.dropout) if with_vl else None
+        self.attn_scale = _layer_scale(cfg)
+        self.v_ffn = Expert(cfg, hidden)
+        self.l_ffn = Expert(cfg, hidden)
+        self.vl_ffn = Expert(cfg, hidden) if with_vl else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: str, n_image: int = 0,
                 cache: dict | None = None) -> torch.Tensor:
         """route: "v", "l", "vl" (one expert for all tokens) or "split" (first n_image tokens to V-FFN,
         the rest to L-FFN)."""
-        x = x + self.attn(self.norm(x), mask, cache)
+        attended = self.attn(self.norm(x), mask, cache)
+        x = x + (attended if self.attn_scale is None else attended * self.attn_scale)
         if route == "split":
             return x + torch.cat([self.v_ffn(x[:, :n_image]), self.l_ffn(x[:, n_image:])], dim=1)
         expert = {"v": self.v_ffn, "l": self.l_ffn, "vl": self.vl_ffn}[route]
@@ -92,13 +97,13 @@ class MultiwayTransformer(nn.Module):
         self.type_embed = nn.Embedding(2, w)
         first_vl = cfg.depth - cfg.vl_layers
         self.blocks = nn.ModuleList(MultiwayBlock(cfg, with_vl=i >= first_vl) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(w)
+        self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.image_proj = nn.Linear(w, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(w, cfg.embed_dim, bias=False)
         # shape [1], not a scalar: DeepSpeed broadcasts parameters as bytes and cannot view a 0-dim tensor
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))
         self.itm_head = nn.Linear(w, 2)
-        self.lm_norm = nn.LayerNorm(w)
+        self.lm_norm = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.lm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is tied to token_embed
         self.apply(_init)
         for p in (self.image_cls, self.image_pos, self.text_pos):
@@ -244,6 +249,11 @@ def joint_mask(text_mask: torch.Tensor, n_image: int, causal: bool) -> torch.Ten
     allowed[n_image:, n_image:] = torch.ones(t, t, dtype=torch.bool, device=text_mask.device).tril()
     # every row keeps the image columns, so even a padded query has something to attend
     return allowed[None, None] & keys[:, None, None, :]
+
+
+def _layer_scale(cfg: ModelConfig) -> nn.Parameter | None:
+    """LayerScale (CaiT, BEiT): a learned per-channel factor on a residual branch, or None without it."""
+    return nn.Parameter(torch.full((cfg.width,), cfg.layer_scale)) if cfg.layer_scale else None
 
 
 def _init(module: nn.Module) -> None:

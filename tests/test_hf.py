@@ -1,0 +1,129 @@
+"""Hugging Face in and out: a model started from tiny ViT / BEiT / BERT checkpoints that transformers
+builds and saves here (nothing downloaded), and `vlp export --format hf` loaded back by transformers."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import load_config, pretrain_config
+
+from pipeline.errors import InputError
+from pipeline.hfinit import init_state
+from pipeline.model import SIZES, MultiwayTransformer
+
+TINY = SIZES["tiny"]   # width 32, depth 2, heads 2, mlp 2.0, 32 px, 8 px patches
+VISION_DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                   image_size=32, patch_size=8)
+
+
+def _save_random(model, folder, seed: int):
+    """Save `model` with weights away from transformers' init (zero biases, unit norms would hide a
+    tensor mapped to the wrong place)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(folder))
+    return model.eval()
+
+
+def make_vit(folder, **changes):
+    from transformers import ViTConfig, ViTModel
+
+    return _save_random(ViTModel(ViTConfig(**{**VISION_DIMS, **changes}), add_pooling_layer=False), folder, 1)
+
+
+def make_beit(folder, **changes):
+    from transformers import BeitConfig, BeitModel
+
+    cfg = BeitConfig(**VISION_DIMS, use_absolute_position_embeddings=True, use_mean_pooling=False, **changes)
+    return _save_random(BeitModel(cfg, add_pooling_layer=False), folder, 2)
+
+
+def make_bert(folder, captions):
+    """A BERT whose vocabulary is a WordPiece trained on `captions`, saved with its tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(captions, 200, folder)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    return _save_random(BertModel(cfg, add_pooling_layer=False), folder, 3), tok
+
+
+CAPTIONS = ["a small red circle on a white background", "a large blue square at the top left",
+            "a green triangle in the middle", "two yellow stars"]
+
+
+@pytest.mark.parametrize("make", [make_vit, make_beit], ids=["vit", "beit"])
+def test_image_features_after_loading_equal_the_hf_models_own(tmp_path, make):
+    hf = make(tmp_path / "vision")
+    cfg, state = init_state(TINY, str(tmp_path / "vision"), None, seed=0)
+    model = MultiwayTransformer(cfg)
+    model.load_state_dict(state)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = model.eval()("encode_image", images)
+        theirs = hf(pixel_values=images).last_hidden_state
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() < 1e-4
+    block = model.blocks[-1]   # every FFN expert, VL included, starts from the vision FFN
+    assert torch.equal(block.v_ffn.fc1.weight, block.vl_ffn.fc1.weight)
+    assert torch.equal(block.v_ffn.fc1.weight, block.l_ffn.fc1.weight)
+
+
+def test_word_embeddings_and_tokenizer_come_from_the_text_checkpoint(tmp_path):
+    bert, tok = make_bert(tmp_path / "text", CAPTIONS)
+    _, state = init_state(TINY.replace(vocab_size=len(tok)), None, str(tmp_path / "text"), seed=0)
+    assert torch.equal(state["token_embed.weight"], bert.embeddings.word_embeddings.weight.detach())
+    assert torch.equal(state["text_pos"][0], bert.embeddings.position_embeddings.weight.detach()[:TINY.max_text_len])
+
+
+def test_a_shape_mismatch_names_the_tensors_and_both_shapes(tmp_path):
+    make_vit(tmp_path / "wide-ffn", intermediate_size=96)
+    with pytest.raises(InputError) as err:
+        init_state(TINY, str(tmp_path / "wide-ffn"), None, seed=0)
+    message = str(err.value)
+    assert "encoder.layer.0.intermediate.dense.weight (96, 32) -> blocks.0.v_ffn.fc1.weight (64, 32)" in message
+    make_bert(tmp_path / "text", CAPTIONS)
+    with pytest.raises(InputError, match=r"word_embeddings.weight \(\d+, 32\) -> token_embed.weight \(512, 32\)"):
+        init_state(TINY, None, str(tmp_path / "text"), seed=0)   # tiny's 512 tokens, not the tokenizer's
+
+
+def test_what_the_model_cannot_represent_is_refused_by_name(tmp_path):
+    make_beit(tmp_path / "relative", use_relative_position_bias=True)
+    with pytest.raises(InputError, match="use_relative_position_bias"):
+        init_state(TINY, str(tmp_path / "relative"), None, seed=0)
+    make_vit(tmp_path / "four-heads", num_attention_heads=4)
+    with pytest.raises(InputError, match="num_attention_heads is 4, the model has 2"):
+        init_state(TINY, str(tmp_path / "four-heads"), None, seed=0)
+
+
+def test_a_short_pretraining_starts_from_the_checkpoints(tmp_path, toyweb, reference_run):
+    from safetensors.torch import load_file
+
+    from pipeline import runner
+    from pipeline.modelio import load_pretrained
+
+    make_vit(tmp_path / "vision")
+    _, tok = make_bert(tmp_path / "text", CAPTIONS)
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    steps, lr = 4, 1e-4
+    cfg = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain"),
+                          steps=steps, lr=lr, warmup_steps=0, checkpoint_every=4, log_every=2, fusion_every=1,
+                          text_queue=0, init_from={"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")})
+    runner.execute(load_config(cfg), run_dir)
+    stage = run_dir / "round-0" / "pretrain"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["init_from"] == {"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")}
+    model, model_tok, _ = load_pretrained(stage / "model")
+    assert model_tok.get_vocab() == tok.get_vocab()
+    assert model.cfg.stem == "patch" and model.cfg.norm_eps == 1e-12
+    # Adam moves a weight by about lr per step: the trained weights are the checkpoint's, a few steps on
+    start = load_file(str(tmp_path / "vision" / "model.safetensors"))["encoder.layer.0.attention.output.dense.weight"]
+    moved = (model.blocks[0].attn.proj.weight - start).abs().max().item()
+    assert moved < 3 * steps * lr, moved
+    random_init = MultiwayTransformer(model.cfg).blocks[0].attn.proj.weight
+    assert (random_init - start).abs().max().item() > 10 * steps * lr
