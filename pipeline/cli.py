@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the run's HTML report (<run>/report/index.html)")
     report.add_argument("run_dir")
 
+    export = sub.add_parser("export", help="write a trained model in another format (hf: a Hugging Face folder)")
+    export.add_argument("model_dir", help="a model folder, e.g. runs/demo/round-0/pretrain/model")
+    export.add_argument("--format", required=True, choices=["hf"],
+                        help="hf: AutoModel/AutoTokenizer/AutoImageProcessor load it (trust_remote_code=True)")
+    export.add_argument("out", help="the folder to write (must not exist)")
+
     gc = sub.add_parser("gc", help="list the results newer ones replaced (<run>/superseded/); --yes deletes them")
     gc.add_argument("run_dir")
     gc.add_argument("--yes", action="store_true", help="delete them (without it, only list what would go)")
@@ -85,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     from pipeline import runner
-    from pipeline.status import status_json
     from pipeline.config import load_config
+    from pipeline.status import status_json
 
     if getattr(args, "submitted_marker", None):
         from cluster.jobs import claim_marker
@@ -133,6 +139,11 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "gc":
         return _gc(args.run_dir, args.yes)
+    if args.command == "export":
+        from pipeline.hfexport import export_hf
+
+        print(f"exported: {export_hf(args.model_dir, args.out)}")
+        return 0
     if args.command == "report":
         from pipeline.report import write_report
 
@@ -184,7 +195,12 @@ def _gc(run_dir: str, delete: bool) -> int:
 def _print_status(run_dir) -> None:
     from pipeline.runs import RunDir
     from pipeline.status import format_status, status
-    from pipeline.toyweb.measures import format_attributes, format_noise_kinds, format_rounds, rounds
+    from pipeline.toyweb.measures import (
+        format_attributes,
+        format_noise_kinds,
+        format_rounds,
+        rounds,
+    )
 
     print(format_status(status(run_dir)))
     superseded = RunDir(run_dir).superseded()

@@ -127,3 +127,55 @@ def test_a_short_pretraining_starts_from_the_checkpoints(tmp_path, toyweb, refer
     assert moved < 3 * steps * lr, moved
     random_init = MultiwayTransformer(model.cfg).blocks[0].attn.proj.weight
     assert (random_init - start).abs().max().item() > 10 * steps * lr
+
+
+EXPORT_CHECK = """
+import json, sys, torch
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from pipeline.modelio import load_pretrained
+model_dir, out = sys.argv[1], sys.argv[2]
+hf = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(out)
+ours, our_tok, _ = load_pretrained(model_dir)
+texts = ["a small red circle at the top left", "a large blue square", "two"]
+enc = tok(texts, padding="max_length", truncation=True, max_length=ours.cfg.max_text_len, return_tensors="pt")
+assert enc["input_ids"].tolist() == our_tok(texts, padding="max_length", truncation=True,
+                                            max_length=ours.cfg.max_text_len, return_tensors="pt")["input_ids"].tolist()
+images = torch.randn(4, 3, ours.cfg.image_size, ours.cfg.image_size, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    out_hf = hf(pixel_values=images, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    image_gap = (hf.get_image_features(images) - ours("encode_image", images)[1]).abs().max().item()
+    text_gap = (out_hf.text_embeds - ours("encode_text", enc["input_ids"], enc["attention_mask"])[1]).abs().max().item()
+import io, numpy as np
+from PIL import Image
+from pipeline.data.loader import decode_image
+buf = io.BytesIO()
+Image.fromarray((np.random.RandomState(0).rand(40, 56, 3) * 255).astype("uint8")).save(buf, "JPEG")
+pixels = processor(Image.open(io.BytesIO(buf.getvalue())), return_tensors="pt")["pixel_values"][0]
+pixel_gap = (pixels - decode_image(buf.getvalue(), ours.cfg.image_size, None)).abs().max().item()
+print(json.dumps({"image": image_gap, "text": text_gap, "pixels": pixel_gap, "logits": list(out_hf.logits_per_image.shape),
+                  "processor": type(processor).__name__}))
+"""
+
+
+def test_an_hf_export_loads_in_transformers_with_the_same_features(tmp_path, trained_run):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, vlp
+
+    model_dir, out = trained_run / "round-0" / "pretrain" / "model", tmp_path / "hf"
+    vlp("export", str(model_dir), "--format", "hf", str(out))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(model_dir), str(out)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["image"] < 1e-5 and result["text"] < 1e-5, result
+    assert result["pixels"] < 1e-5, "the image processor gives the pixels vlp's loader gives"
+    assert result["logits"] == [4, 3] and result["processor"].startswith("ViTImageProcessor")
+    again = vlp("export", str(model_dir), "--format", "hf", str(out), check=False)
+    assert again.returncode == 2 and "exists" in again.stderr   # never overwrites a folder
+
