@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the run's HTML report (<run>/report/index.html)")
     report.add_argument("run_dir")
 
+    train = sub.add_parser("train", help="the pretrain stage under torchrun or the deepspeed launcher, without Ray "
+                                         "(every process runs it; see pipeline/train/launch.py)")
+    train.add_argument("config", help="YAML config; its data stages must be committed in the run directory")
+    train.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     export = sub.add_parser("export", help="write a trained model in another format (hf: a Hugging Face folder)")
     export.add_argument("model_dir", help="a model folder, e.g. runs/demo/round-0/pretrain/model")
     export.add_argument("--format", required=True, choices=["hf"],
@@ -139,6 +145,10 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "gc":
         return _gc(args.run_dir, args.yes)
+    if args.command == "train":
+        from pipeline.train.launch import train_command
+
+        return train_command(args.config, args.run_dir, args.overrides)
     if args.command == "export":
         from pipeline.hfexport import export_hf
 

@@ -33,10 +33,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.run_dir or Path("runs") / cfg.name)
 
 
-def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, retry_failed: bool = False) -> RunDir:
+def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, retry_failed: bool = False,
+            with_ray: bool = True) -> RunDir:
     """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory.
     `retry_failed`: stages that can (Stage.retryable) try their transiently failed samples again, keeping
-    every other outcome; the stages after them then rebuild."""
+    every other outcome; the stages after them then rebuild. `with_ray=False`: start no Ray (`vlp train`
+    under a launcher, whose processes train instead of Ray Train's)."""
     run = RunDir(run_dir)
     selected = select(cfg, only)
     # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
@@ -47,12 +49,13 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, 
     except OSError as err:
         raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None
     try:
-        return _execute(cfg, run, selected, retry_failed)
+        return _execute(cfg, run, selected, retry_failed, with_ray)
     finally:
         lock.release()
 
 
-def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: bool = False) -> RunDir:
+def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: bool = False,
+             with_ray: bool = True) -> RunDir:
     from stages import AFTER_ROUNDS
 
     for finished in run.recover():   # a kill between a new result's commit and its move into place
@@ -74,7 +77,7 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
                 from pipeline.toyweb.service import serve_toy_web
 
                 stack.enter_context(serve_toy_web(cfg.data.toyweb, sources.toyweb["port"]))
-            if not ray_started:
+            if with_ray and not ray_started:
                 stack.enter_context(ray_session(cfg))
                 ray_started = True
                 from pipeline.plan import check_connected, plan

@@ -177,13 +177,18 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
 
     from pipeline.train.loop import train_loop_per_worker
 
+    from pipeline.train.launch import launched, run_training
+
+    config = {"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
+              "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work), "seed": ctx.seed,
+              "init_from": str(init_from / "model.safetensors") if init_from else None}
+    if launched():   # `vlp train` under torchrun / deepspeed: its processes are the workers
+        run_training(config)
+        return
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
-                           "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work),
-                           "seed": ctx.seed,
-                           "init_from": str(init_from / "model.safetensors") if init_from else None},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="pretrain", storage_path=str(work / "_ray"),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),

@@ -155,3 +155,29 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_training(tmp_path):
                             "build_comm_op()"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert build.returncode == 0, build.stderr[-2000:]
     assert not baton.exists() and "removing the build lock a killed build left" in build.stderr
+
+
+def test_torchrun_trains_the_same_model_as_ray_train(tmp_path, toyweb, reference_run, trained):
+    """`vlp train` under torchrun on 2 CPU processes, no Ray: the losses, the fingerprint and the
+    exported weights are those of the Ray Train run with the same config and data."""
+    import socket
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    cfg = pretrain_config(tmp_path / "c.yaml", toyweb)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(port), "-m", "pipeline.cli", "train", str(cfg), "--run-dir", str(run_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(_history(run_dir)) == _losses(_history(trained))
+    ours, theirs = (json.loads((r / "round-0" / "pretrain" / "manifest.json").read_text()) for r in (run_dir, trained))
+    assert ours["fingerprint"] == theirs["fingerprint"]
+    model = Path("round-0/pretrain/model/model.safetensors")
+    assert (run_dir / model).read_bytes() == (trained / model).read_bytes()
+    assert not (run_dir / "round-0" / "pretrain" / "_ray").exists(), "no Ray Train run"
+    again = vlp("run", str(cfg), "--run-dir", str(run_dir), "--only", "pretrain")   # the Ray path sees it done
+    assert "already committed" in again.stderr

@@ -42,16 +42,23 @@ def build_model(model_cfg: ModelConfig, activation_checkpointing: bool) -> Multi
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point: the same loop, with the rank and world Ray Train gives."""
     import ray.train
 
+    ctx = ray.train.get_context()
+    train_loop(config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    ray.train.report({"step": build(PretrainConfig, config["pretrain"], source="pretrain").steps})
+
+
+def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
+    """One rank's training, under Ray Train or a launcher (torchrun, deepspeed; pipeline/train/launch.py)
+    that set up the rendezvous (MASTER_ADDR, ...) in the environment."""
     deepspeed = import_deepspeed()
     cfg = build(PretrainConfig, config["pretrain"], source="pretrain")
     model_cfg = ModelConfig(**config["model"])
     out = as_path(config["out"])              # the stage folder: a path, or an object-store URL
     work = Path(config.get("work") or out)   # where DeepSpeed and TensorBoard write (node-local for a URL)
     remote = out if is_remote(out) else None
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     build_comm_op()   # before init_distributed, which would build it under a lock a kill can orphan
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
@@ -77,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt_dir = work / "checkpoints"
     start, consumed = 0, {}
     if remote is not None:
-        step = checkpoints.fetch_latest(remote / "checkpoints", ckpt_dir, ctx.get_local_rank())
+        step = checkpoints.fetch_latest(remote / "checkpoints", ckpt_dir, local_rank)
         latest = None if step is None else (step, ckpt_dir / checkpoints.tag_for(step))
     else:
         latest = checkpoints.latest_complete(ckpt_dir)
@@ -130,7 +137,6 @@ def train_loop_per_worker(config: dict) -> None:
                 remote / "checkpoints" if remote is not None else None)
             metrics.publish()
     metrics.close()
-    ray.train.report({"step": cfg.steps})
 
 
 def _mean_over_ranks(window: dict[str, list]) -> dict:
