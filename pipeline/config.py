@@ -580,6 +580,33 @@ LATER_ROUNDS = ("capfilt", "pretrain", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
+class MlflowTracking:
+    tracking_uri: str | None = None
+    """Where runs go: a server (http://...) or a local store path; None: <run>/mlruns (a file store)."""
+    experiment: str | None = None
+    """Experiment name; None: the run's name."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbTracking:
+    project: str | None = None
+    """W&B project; None: the run's name."""
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+    """offline: write under `dir` only (upload later with `wandb sync`)."""
+    dir: str | None = None
+    """Where W&B writes its files; None: <run>/wandb."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Experiment tracking, off unless a backend is given (pipeline/tracking.py): the resolved config as
+    parameters, per-step training metrics, per-round curation and evaluation figures, the report."""
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str
     """Run name; the default run directory is runs/<name>."""
@@ -599,6 +626,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     capfilt: CapfiltConfig = field(default_factory=CapfiltConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()), "name: must not be empty")

@@ -67,10 +67,17 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
     log.info("run directory %s; stages %s; %d bootstrapping round(s)", run.root, ", ".join(selected), cfg.rounds)
     sources = _sources(cfg, run)
     with contextlib.ExitStack() as stack:
+        from pipeline.tracking import pipeline_tracker, settings, stage_figures
+
+        tracker = pipeline_tracker(cfg, run.root)
+        if tracker is not None:
+            stack.callback(tracker.close)
         ray_started = False
         for stage, round_ in order:
-            job = prepare_stage(cfg, sources, stage, round_, retry_failed)
+            job = prepare_stage(cfg, sources, stage, round_, retry_failed, settings(cfg, run.root))
             if job is None:
+                if tracker is not None:   # committed before: its figures still belong to this run's record
+                    tracker.metrics(stage_figures(stage, run.stage(stage, round_).manifest()), step=round_)
                 continue
             # Start the toy web and Ray only when there is work: a committed run needs neither.
             if spec(stage).fetches and cfg.data.toyweb is not None:
@@ -83,10 +90,15 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
                 from pipeline.plan import check_connected, plan
 
                 check_connected([s for s in plan(cfg, count_urls=False) if s.stage in selected])
-            _commit(job())
-    for name, step in AFTER_ROUNDS.items():
-        if name in selected:
-            log.info("%s: %s", name, step(run.root))
+            done = job()
+            _commit(done)
+            if tracker is not None:
+                tracker.metrics(stage_figures(stage, done[1]), step=round_)
+        for name, step in AFTER_ROUNDS.items():
+            if name in selected:
+                log.info("%s: %s", name, step(run.root))
+                if tracker is not None and (run.root / name).is_dir():
+                    tracker.artifact(run.root / name)
     return run
 
 
@@ -101,7 +113,7 @@ def _sources(cfg: RunConfig, run: RunDir) -> Sources:
 
 
 def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
-                  retry_failed: bool = False) -> Callable[[], tuple] | None:
+                  retry_failed: bool = False, tracking: dict | None = None) -> Callable[[], tuple] | None:
     """Check a stage's inputs (before Ray starts) and return a thunk that runs it, or None if done."""
     run, stage_spec = sources.run, spec(stage)
     ups = []
@@ -130,7 +142,7 @@ def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
         _check_shard_files(up)
     # A changed result is built beside the old one, which stays complete until the new one commits.
     ctx = StageContext(run=run, out=run.build_dir(stage, round_, fp), fingerprint=fp,
-                       input_fingerprints=tuple(inputs), seed=cfg.seed)
+                       input_fingerprints=tuple(inputs), seed=cfg.seed, tracking=tracking)
     given = Inputs(tuple(ups), {name: extra.value for name, extra in extras.items()})
 
     def job() -> tuple[StageContext, Manifest]:

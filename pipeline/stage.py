@@ -26,6 +26,8 @@ class StageContext:
     fingerprint: str
     input_fingerprints: tuple[str, ...]
     seed: int
+    tracking: dict | None = None
+    """How this run reaches its experiment trackers (pipeline/tracking.py); None: tracking off."""
 
     def manifest(self, config: Any, shards: list[dict], started: float, details: dict | None = None,
                  totals: Accounting | None = None) -> Manifest:

@@ -181,7 +181,9 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
 
     config = {"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
               "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work), "seed": ctx.seed,
-              "init_from": str(init_from / "model.safetensors") if init_from else None}
+              "init_from": str(init_from / "model.safetensors") if init_from else None,
+              "tracking": ctx.tracking and {**ctx.tracking, "run_name": f"pretrain-r{ctx.out.round}",
+                                            "key": ctx.fingerprint}}
     if launched():   # `vlp train` under torchrun / deepspeed: its processes are the workers
         run_training(config)
         return

@@ -104,7 +104,7 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
                       image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len,
                       tokenizer_dir=config["tokenizer_dir"], augment=cfg.augment, num_workers=cfg.loader_workers)
     batches = iter(make_loader(spec, consumed))
-    metrics = MetricsLog(work, rank, start, remote)
+    metrics = MetricsLog(work, rank, start, remote, config.get("tracking"))
     weights = dict(cfg.loss_weights)
     unimodal = {k: w for k, w in weights.items() if k in UNIMODAL_OBJECTIVES}
     window, steps_in_window, t0, bad = {}, 0, time.time(), 0
@@ -152,11 +152,15 @@ class MetricsLog:
     """Rank 0 writes metrics.jsonl and TensorBoard events; a resumed run first drops the lines past
     its checkpoint, so the file always tells one consistent history."""
 
-    def __init__(self, out: Path, rank: int, start: int, remote=None):
+    def __init__(self, out: Path, rank: int, start: int, remote=None, tracking: dict | None = None):
         self.rank, self.path, self.remote = rank, out / "metrics.jsonl", remote
-        self.tb = None
+        self.tb = self.tracker = None
         if rank != 0:
             return
+        if tracking:   # MLflow / W&B: a training run under the pipeline's (pipeline/tracking.py)
+            from pipeline.tracking import training_tracker
+
+            self.tracker = training_tracker(tracking, tracking["run_name"], tracking["key"])
         if remote is not None and (remote / self.path.name).is_file():   # the history as the run has it
             atomic_write_bytes(self.path, (remote / self.path.name).read_bytes())
         kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= start]
@@ -174,6 +178,8 @@ class MetricsLog:
         for k, v in record.items():
             if k != "step":
                 self.tb.add_scalar(f"train/{k}", v, step)
+        if self.tracker is not None:
+            self.tracker.metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
         log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s", step, losses["loss"],
                  ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
                  extra["samples_per_s"])
@@ -190,3 +196,5 @@ class MetricsLog:
         if self.tb is not None:
             self.publish()
             self.tb.close()
+        if self.tracker is not None:
+            self.tracker.close()
