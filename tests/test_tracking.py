@@ -5,6 +5,7 @@ import os
 import shutil
 
 from conftest import load_config, pretrain_config
+
 from pipeline import runner
 
 
