@@ -228,6 +228,11 @@ def _print_status(run_dir) -> None:
         if by_kind:
             print("\nnoisy web pairs the filter removed, by kind of noise (recall per kind):")
             print(by_kind)
+        from pipeline.benchmarks import format_benchmarks
+
+        if benchmarks := format_benchmarks(per_round):
+            print("\nstandard evaluations per round (Karpathy-split retrieval, zero-shot classification):")
+            print(benchmarks)
         by_attribute = format_attributes(per_round)
         if by_attribute:
             print("\nwrong-attribute web captions the filter removed, and synthetic captions that name the "

@@ -9,6 +9,7 @@ import collections
 import html
 from pathlib import Path
 
+from pipeline.benchmarks import format_benchmarks
 from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
 from pipeline.storage import remove_tree
@@ -79,6 +80,11 @@ def _build(run: RunDir, out: Path) -> str:
             _rounds_chart(round_rows, out / "rounds.png")
             parts.append('<img src="rounds.png" alt="retrieval per round">')
         parts.append(f"<pre>{html.escape(format_rounds(round_rows))}</pre>")
+        benchmarks = format_benchmarks(round_rows)
+        if benchmarks:
+            parts.append("<h3>Standard evaluations</h3><p>Karpathy-split retrieval (TR/IR@1/5/10, five captions "
+                         "per image) and zero-shot classification, per round.</p>"
+                         f"<pre>{html.escape(benchmarks)}</pre>")
         by_attribute = format_attributes(round_rows)
         if by_attribute:
             parts.append("<p>Attribute by attribute (toy web): how many web captions with that one attribute "

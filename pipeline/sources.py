@@ -63,6 +63,30 @@ class Sources:
         return self.toyweb["eval_shards"]
 
 
+    def benchmarks(self) -> tuple[list[dict], tuple[str, ...]]:
+        """The standard evaluations to run (the toy web's, then the config's), as plain settings, and a
+        fingerprint of each: its settings and the (size, mtime) of every file under it (a COCO image
+        folder is not hashed on every resume)."""
+        from pipeline.configtree import to_plain
+
+        toy = [{"templates": ("a photo of a {}.",), "images": None, "split": None, "classnames": None, "rerank_k": 0,
+                "max_items": None, **b} for b in (self.toyweb or {}).get("benchmarks", [])]
+        chosen = toy + [to_plain(b) for b in self.cfg.evaluate.benchmarks]
+        fps = []
+        for bench in chosen:
+            files = []
+            for root in (bench["path"], bench.get("images"), bench.get("classnames")):
+                if root and as_path(root).is_dir():
+                    files += sorted(str(p) for p in as_path(root).rglob("*") if p.is_file())
+                elif root:
+                    if not as_path(root).exists():
+                        raise InputError(f"evaluate.benchmarks {bench['name']}: {root} does not exist")
+                    files.append(str(root))
+            stamps = [[as_path(f).name, *storage.stamp(as_path(f))] for f in files]
+            fps.append(fingerprint("benchmark", {k: v for k, v in bench.items() if k != "path"}, [str(stamps)]))
+        return chosen, tuple(fps)
+
+
 def expand_shards(name: str, pattern: str) -> list[str]:
     import braceexpand
 

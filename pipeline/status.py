@@ -68,6 +68,8 @@ def _status_row(sd, manifest: Manifest | None) -> dict:
 
 
 def format_status(rows: list[dict]) -> str:
+    from pipeline.benchmarks import describe as describe_benchmark
+
     header = f"{'round':>5}  {'stage':<10} {'state':<10} {'shards':>9} {'in':>8} {'kept':>8} {'dropped':>8} {'failed':>8} {'time':>8}"
     lines = [header]
     for r in rows:
@@ -80,6 +82,8 @@ def format_status(rows: list[dict]) -> str:
             lines.append(f"{'':>17}retrieval on {m['pairs']} held-out pairs (chance R@1 {m['chance_r1']:.3f}): "
                          f"ITC TR@1 {m['itc_tr_r1']:.3f} IR@1 {m['itc_ir_r1']:.3f} TR@5 {m['itc_tr_r5']:.3f} "
                          f"IR@5 {m['itc_ir_r5']:.3f}; ITM re-rank TR@1 {m['itm_tr_r1']:.3f} IR@1 {m['itm_ir_r1']:.3f}")
+            for name, bench in (m.get("benchmarks") or {}).items():
+                lines.append(f"{'':>17}{describe_benchmark(name, bench)}")
         for kind in ("dropped", "failed"):
             reasons = r[f"{kind}_by_reason"]
             if reasons:

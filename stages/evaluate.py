@@ -7,6 +7,8 @@ pairs share a scene; where the split carries no attributes, only the item's own 
 Ranked by ITC similarity alone, and by ITM match probability over the ITC top-k ("rerank").
 Where the split labels its images' attributes, a linear probe per attribute on the frozen image
 features ([CLS], 5-fold) says which ones the encoder tells apart (pipeline/probe.py).
+Then the standard evaluations (`evaluate.benchmarks`, and the toy web's toy COCO and toy ImageNet):
+Karpathy-split retrieval, zero-shot classification, CLIP_benchmark webdatasets (pipeline/benchmarks.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     model_dir, eval_shards = inputs.first().exported_model(), inputs.extra["eval_shards"]
     ctx.out.begin(ctx.fingerprint, {"eval_shards": eval_shards})
     task = ray.remote(evaluate_retrieval).options(num_cpus=1)
-    metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg)))
+    metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg), inputs.extra["benchmarks"]))
     n = metrics["pairs"]
     return ctx.manifest(dataclasses.asdict(cfg), [], started, {"metrics": metrics},
                         totals=Accounting(samples_in=n, samples_kept=n))
@@ -40,7 +42,9 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
     shards = sources.eval_shards(required=True)
-    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards))}
+    benchmarks, fingerprints = sources.benchmarks()
+    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards)),
+            "benchmarks": Extra(benchmarks, fingerprints)}
 
 
 STAGE = Stage("evaluate", EvaluateConfig, "every", upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,
@@ -49,7 +53,8 @@ STAGE = Stage("evaluate", EvaluateConfig, "every", upstreams=lambda cfg, round_:
 
 
 @torch.no_grad()
-def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dict:
+def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchmarks: list[dict] = ()) -> dict:
+    from pipeline.benchmarks import run_benchmark
     from pipeline.modelio import load_pretrained
     from pipeline.probe import probe_accuracy
 
@@ -97,4 +102,6 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict) -> dic
             hits = same.gather(1, order)
             for r in (1, 5):
                 result[f"{name}_{direction}_r{r}"] = round(hits[:, :r].any(1).float().mean().item(), 4)
+    result["benchmarks"] = {b["name"]: {"format": b["format"], **run_benchmark(b, model, tok, device, bs)}
+                            for b in benchmarks}
     return result

@@ -129,7 +129,9 @@ def pretrain_config(path: Path, toyweb_files, stages=("download", "prefilter", "
     """The tiny config through round 0's pretrain and evaluate, with the toy web's seed and eval splits."""
     return write_config(path, toyweb_files, pretrain={**PRETRAIN, **pretrain}, stages=list(stages),
                         data={"seed_shards": str(toyweb_files.seed_shards[0])},
-                        evaluate={"shards": str(toyweb_files.eval_shards[0]), "rerank_k": 4})
+                        evaluate={"shards": str(toyweb_files.eval_shards[0]), "rerank_k": 4,
+                                  "benchmarks": [{**b, "rerank_k": 4} if b["format"] == "karpathy" else b
+                                                 for b in toyweb_files.benchmarks]})
 
 
 def vlp(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -49,6 +49,12 @@ def test_trains_exports_and_evaluates(trained):
     for key in ("itc_tr_r1", "itc_ir_r1", "itc_tr_r5", "itc_ir_r5", "itm_tr_r1", "itm_ir_r1"):
         assert 0 <= metrics[key] <= 1
     assert metrics["itc_tr_r5"] >= metrics["itc_tr_r1"]
+    coco, imagenet = metrics["benchmarks"]["toy-coco"], metrics["benchmarks"]["toy-imagenet"]
+    assert coco["images"] == 40 and coco["texts"] == 200 and coco["rerank_k"] == 4
+    assert imagenet["images"] == 40 and 0 <= imagenet["top1"] <= imagenet["top5"] <= 1
+    shown = vlp("status", str(trained)).stdout
+    assert "toy-coco (karpathy, 40 images, 200 texts): ITC TR@1/5/10" in shown
+    assert "toy-imagenet (imagefolder, 40 images" in shown
 
 
 def test_export_loads_without_deepspeed_or_ray(trained):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ToyWebConfig, UrlListConfig
 from pipeline.toyweb.server import url_for
-from pipeline.toyweb.world import ATTRIBUTES, ToyWorld
+from pipeline.toyweb.world import ATTRIBUTES, TEMPLATES, ToyWorld
 from pipeline.data.shards import encode_json, write_shard
 from pipeline.fsutil import atomic_path
 
@@ -33,6 +33,7 @@ class ToyWebFiles:
     seed: Path
     eval_shards: tuple[Path, ...]
     seed_shards: tuple[Path, ...]
+    benchmarks: tuple[dict, ...] = ()
 
 
 def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
@@ -53,7 +54,43 @@ def write_toyweb(cfg: ToyWebConfig, folder: Path, port: int) -> ToyWebFiles:
     eval_shard, seed_shard = folder / "eval" / "00000.tar", folder / "seed" / "00000.tar"
     write_shard(eval_shard, (_rendered(world, i, "eval") for i in range(n, n + cfg.eval_size)))
     write_shard(seed_shard, (_rendered(world, i, "seed") for i in range(n + cfg.eval_size, world.total)))
-    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed, (eval_shard,), (seed_shard,))
+    held_out = range(n, n + cfg.eval_size)
+    benchmarks = (_write_toy_coco(world, folder / "coco", held_out), _write_toy_imagenet(world, folder / "imagenet", held_out))
+    return ToyWebFiles(folder, tuple(inputs), truth, split_eval, split_seed, (eval_shard,), (seed_shard,), benchmarks)
+
+
+# A fifth phrasing beside the web's four templates: a "COCO" image has five captions
+COCO_EXTRA = "{colour} {shape}, {size}, {position}, on a {background} background"
+
+
+def _write_toy_coco(world: ToyWorld, folder: Path, indices: range) -> dict:
+    """The held-out images as a Karpathy-split COCO: images/ and karpathy_test.json in Karpathy's layout
+    (images[].filepath/filename/split/sentences[].raw), five caption variants per image."""
+    entries = []
+    for i, index in enumerate(indices):
+        item = world.item(index)
+        name = f"{index:09d}.jpg"
+        _write_file(folder / "images" / name, world.render(item))
+        attrs = item.scene.attributes()
+        texts = [t.format(**attrs) for t in (*TEMPLATES, COCO_EXTRA)]
+        entries.append({"filepath": "images", "filename": name, "imgid": i, "cocoid": index, "split": "test",
+                        "sentences": [{"raw": t, "tokens": t.split(), "sentid": 5 * i + j} for j, t in enumerate(texts)]})
+    _write_file(folder / "karpathy_test.json", json.dumps({"dataset": "toy-coco", "images": entries}).encode())
+    return {"name": "toy-coco", "format": "karpathy", "path": str(folder / "karpathy_test.json")}
+
+
+def _write_toy_imagenet(world: ToyWorld, folder: Path, indices: range) -> dict:
+    """The held-out images as an ImageNet-style folder: one folder per colour + shape class."""
+    for index in indices:
+        item = world.item(index)
+        _write_file(folder / f"{item.scene.colour}_{item.scene.shape}" / f"{index:09d}.jpg", world.render(item))
+    return {"name": "toy-imagenet", "format": "imagefolder", "path": str(folder),
+            "templates": ["a {}", "photo of a {}", "there is a {}"]}
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _rendered(world: ToyWorld, index: int, split: str) -> dict:

@@ -116,7 +116,7 @@ def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[di
         if evaluate is not None:
             m = evaluate.details["metrics"]
             row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"],
-                       probe=m.get("attribute_probe") or None)
+                       probe=m.get("attribute_probe") or None, benchmarks=m.get("benchmarks") or {})
         rows.append(row)
     return rows
 

@@ -20,7 +20,7 @@ from pipeline.toyweb.lists import write_toyweb
 from pipeline.toyweb.server import ToyWebServer
 
 log = logging.getLogger("vlp")
-TOYWEB_FORMAT = 7  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths, 7: LAION scores, rate-limited host)
+TOYWEB_FORMAT = 8  # bump when the files prepare_toy_web writes change (5: eval leaks, 6: relative paths, 7: LAION scores, rate-limited host, 8: toy COCO + ImageNet)
 
 
 def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
@@ -45,12 +45,14 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
         state = {"format": TOYWEB_FORMAT, "config": to_plain(cfg), "port": port,
                  "inputs": [asdict(s) | {"path": rel(s.path)} for s in files.inputs],
                  "truth": rel(files.truth), "eval": rel(files.eval), "seed": rel(files.seed),
-                 "eval_shards": [rel(p) for p in files.eval_shards], "seed_shards": [rel(p) for p in files.seed_shards]}
+                 "eval_shards": [rel(p) for p in files.eval_shards], "seed_shards": [rel(p) for p in files.seed_shards],
+                 "benchmarks": [b | {"path": rel(b["path"])} for b in files.benchmarks]}
         atomic_write_json(state_path, state)
     resolved = {k: str(folder / v) for k, v in state.items() if k in ("truth", "eval", "seed")}
     return {**state, **resolved, "inputs": [s | {"path": str(folder / s["path"])} for s in state["inputs"]],
             "eval_shards": [str(folder / p) for p in state["eval_shards"]],
-            "seed_shards": [str(folder / p) for p in state["seed_shards"]]}
+            "seed_shards": [str(folder / p) for p in state["seed_shards"]],
+            "benchmarks": [b | {"path": str(folder / b["path"])} for b in state["benchmarks"]]}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,252 @@
+"""Standard evaluations, by format (`evaluate.benchmarks`):
+
+  * karpathy: COCO / Flickr30k retrieval from a Karpathy-split annotation JSON (the original
+    `dataset_coco.json` layout with `images[].sentences`, or BLIP's `coco_karpathy_test.json` list of
+    {image, caption: [...]}) and an image folder; five (or any number of) captions per image. TR@k: an
+    image's query finds one of its own captions in the top k; IR@k: a caption finds its own image. As
+    ALBEF and BLIP report them: TR/IR @1/5/10 and their mean, and with `rerank_k`, the ITC top k of each
+    query re-ranked by the ITM head's match probability.
+  * imagefolder: zero-shot classification, one folder per class (its name, "_" read as a space, is the
+    class name, unless a `classnames` file gives them), each class's text feature the normalised mean over the prompt templates; top-1/top-5.
+  * wds: CLIP_benchmark's webdataset layout (`<root>/<split>/*.tar` with an image member, `.cls` for
+    classification or `.txt` captions, one per line, for retrieval; `classnames.txt` and
+    `zeroshot_classification_templates.txt` beside the splits).
+"""
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.data.loader import decode_image
+from pipeline.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def run_benchmark(bench: dict, model, tok, device: str, batch_size: int) -> dict:
+    fmt = bench["format"]
+    if fmt == "karpathy":
+        images, captions, owner = read_karpathy(bench["path"], bench.get("images"), bench.get("split") or "test",
+                                                bench.get("max_items"))
+        return retrieval(model, tok, images, captions, owner, device, batch_size, bench.get("rerank_k") or 0)
+    if fmt == "imagefolder":
+        images, labels, classes = read_imagefolder(bench["path"], bench.get("max_items"), bench.get("classnames"))
+        return zero_shot(model, tok, images, labels, classes, bench["templates"], device, batch_size)
+    if fmt == "wds":
+        root = Path(bench["path"])
+        if (root / "classnames.txt").is_file():
+            images, labels, classes, templates = read_wds_classification(root, bench.get("split") or "test",
+                                                                         bench.get("max_items"))
+            return zero_shot(model, tok, images, labels, classes, templates or bench["templates"], device, batch_size)
+        images, captions, owner = read_wds_retrieval(root, bench.get("split") or "test", bench.get("max_items"))
+        return retrieval(model, tok, images, captions, owner, device, batch_size, bench.get("rerank_k") or 0)
+    raise InputError(f"benchmark {bench['name']}: unknown format {fmt!r}")
+
+
+# --- readers: (image bytes, ...) -------------------------------------------------------------------
+
+def read_karpathy(annotation: str, image_root: str | None, split: str, limit: int | None):
+    path = Path(annotation)
+    if not path.is_file():
+        raise InputError(f"{path}: no annotation file")
+    data = json.loads(path.read_text())
+    root = Path(image_root) if image_root else path.parent
+    entries = []
+    if isinstance(data, dict) and "images" in data:      # Karpathy's dataset_coco.json / dataset_flickr30k.json
+        for img in data["images"]:
+            if img.get("split", split) == split:
+                rel = Path(img.get("filepath", "")) / img["filename"]
+                entries.append((rel, [s["raw"] for s in img["sentences"]]))
+    elif isinstance(data, list):                          # BLIP's coco_karpathy_test.json: one split per file
+        entries = [(Path(e["image"]), list(e["caption"]) if isinstance(e["caption"], list) else [e["caption"]])
+                   for e in data]
+    else:
+        raise InputError(f"{path}: neither Karpathy's {{images: [...]}} nor BLIP's [{{image, caption}}] layout")
+    entries = entries[:limit] if limit else entries
+    if not entries:
+        raise InputError(f"{path}: no images in split {split!r}")
+    images, captions, owner = [], [], []
+    for i, (rel, texts) in enumerate(entries):
+        file = root / rel
+        if not file.is_file():
+            raise InputError(f"{path}: image {rel} not found under {root}")
+        images.append(file.read_bytes())
+        captions += texts
+        owner += [i] * len(texts)
+    return images, captions, owner
+
+
+def read_imagefolder(root: str, limit: int | None, classnames: str | None = None):
+    folder = Path(root)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise InputError(f"{folder}: no class folders (imagefolder: one folder of images per class)")
+    names = [c.replace("_", " ") for c in classes]
+    if classnames:
+        names = [line.strip() for line in Path(classnames).read_text().splitlines() if line.strip()]
+        if len(names) != len(classes):
+            raise InputError(f"{classnames}: {len(names)} class names for {len(classes)} class folders in {folder}")
+    items = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]
+    items = items[:limit] if limit else items
+    return [f.read_bytes() for f, _ in items], [c for _, c in items], names
+
+
+def _wds_samples(root: Path, split: str, limit: int | None):
+    import webdataset as wds
+
+    shards = sorted(glob.glob(str(root / split / "*.tar")))
+    if not shards:
+        raise InputError(f"{root / split}: no .tar shards (CLIP_benchmark's webdataset layout)")
+    n = 0
+    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+        image = next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if k in sample), None)
+        if image is None:
+            continue
+        yield image, sample
+        n += 1
+        if limit and n >= limit:
+            return
+
+
+def read_wds_classification(root: Path, split: str, limit: int | None):
+    classes = [line.strip() for line in (root / "classnames.txt").read_text().splitlines() if line.strip()]
+    templates_file = root / "zeroshot_classification_templates.txt"
+    templates = [t.strip() for t in templates_file.read_text().splitlines() if t.strip()] if templates_file.is_file() else []
+    images, labels = [], []
+    for image, sample in _wds_samples(root, split, limit):
+        images.append(image)
+        labels.append(int(sample["cls"]))
+    return images, labels, classes, [t.replace("{c}", "{}") for t in templates]
+
+
+def read_wds_retrieval(root: Path, split: str, limit: int | None):
+    images, captions, owner = [], [], []
+    for image, sample in _wds_samples(root, split, limit):
+        texts = [t for t in sample["txt"].decode("utf-8").splitlines() if t.strip()]
+        captions += texts
+        owner += [len(images)] * len(texts)
+        images.append(image)
+    return images, captions, owner
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def _image_features(model, images: list[bytes], device: str, batch_size: int) -> torch.Tensor:
+    size, out = model.cfg.image_size, []
+    for i in range(0, len(images), batch_size):
+        batch = torch.stack([_decode(b, size) for b in images[i:i + batch_size]]).to(device)
+        out.append(model("encode_image", batch)[1])
+    return torch.cat(out)
+
+
+def _decode(data: bytes, size: int) -> torch.Tensor:
+    return decode_image(data, size, None)   # as the training loader sees an image, without augmentation
+
+
+def _text_features(model, tok, texts: list[str], device: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc = tok(texts, padding="max_length", truncation=True, max_length=model.cfg.max_text_len, return_tensors="pt")
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    feats = torch.cat([model("encode_text", ids[i:i + batch_size], mask[i:i + batch_size])[1]
+                       for i in range(0, len(texts), batch_size)])
+    return feats, ids, mask
+
+
+@torch.no_grad()
+def retrieval(model, tok, images: list[bytes], captions: list[str], owner: list[int], device: str,
+              batch_size: int, rerank_k: int) -> dict:
+    img = _image_features(model, images, device, batch_size)
+    txt, ids, mask = _text_features(model, tok, captions, device, batch_size)
+    sim = (img @ txt.t()).cpu()                          # [images, texts]
+    owner_t = torch.tensor(owner)
+    result = {"images": len(images), "texts": len(captions)}
+    result.update(_recalls("itc", sim, owner_t))
+    if rerank_k:
+        k = min(rerank_k, len(captions), len(images))
+        pixels = None
+
+        def itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+            nonlocal pixels
+            if pixels is None:
+                pixels = torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
+            out = []
+            for i in range(0, len(image_idx), batch_size):
+                a, b = image_idx[i:i + batch_size], text_idx[i:i + batch_size]
+                out.append(model("itm_logits", model("fuse", pixels[a], ids[b], mask[b])).softmax(-1)[:, 1].cpu())
+            return torch.cat(out)
+
+        # the top k get 1 + the ITM probability; the rest keep their ITC order below them
+        reranked = sim - 10.0
+        top = sim.topk(k, dim=1).indices       # texts per image
+        rows = torch.arange(len(images)).repeat_interleave(k)
+        reranked[rows, top.reshape(-1)] = itm(rows, top.reshape(-1)) + 1.0
+        tr = _recalls("itm", reranked, owner_t, directions=("tr",))
+        reranked = sim - 10.0
+        top = sim.t().topk(k, dim=1).indices   # images per text
+        cols = torch.arange(len(captions)).repeat_interleave(k)
+        reranked[top.reshape(-1), cols] = itm(top.reshape(-1), cols) + 1.0
+        result.update({**tr, **_recalls("itm", reranked, owner_t, directions=("ir",)), "rerank_k": k})
+    return result
+
+
+def _recalls(name: str, sim: torch.Tensor, owner: torch.Tensor, directions=("tr", "ir")) -> dict:
+    """sim: [images, texts]; owner[t]: the image text t describes."""
+    out = {}
+    n_img = sim.shape[0]
+    if "tr" in directions:   # rank of the best own caption of each image
+        own = owner[None, :] == torch.arange(n_img)[:, None]
+        best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
+        rank = (sim > best_own).sum(1)
+        out.update({f"{name}_tr_r{k}": round((rank < k).float().mean().item(), 4) for k in (1, 5, 10)})
+    if "ir" in directions:   # rank of each caption's own image
+        st = sim.t()
+        own_score = st.gather(1, owner[:, None])
+        rank = (st > own_score).sum(1)
+        out.update({f"{name}_ir_r{k}": round((rank < k).float().mean().item(), 4) for k in (1, 5, 10)})
+    if len(directions) == 2:
+        out[f"{name}_r_mean"] = round(sum(out[f"{name}_{d}_r{k}"] for d in directions for k in (1, 5, 10)) / 6, 4)
+    return out
+
+
+@torch.no_grad()
+def zero_shot(model, tok, images: list[bytes], labels: list[int], classes: list[str], templates, device: str,
+              batch_size: int) -> dict:
+    if not templates:
+        raise InputError("zero-shot classification needs prompt templates (benchmark `templates`)")
+    feats = []
+    for name in classes:
+        t, _, _ = _text_features(model, tok, [tpl.format(name) for tpl in templates], device, batch_size)
+        feats.append(torch.nn.functional.normalize(t.mean(0), dim=-1))
+    class_feat = torch.stack(feats)
+    img = _image_features(model, images, device, batch_size)
+    logits = (img @ class_feat.t()).cpu()
+    target = torch.tensor(labels)
+    top = logits.topk(min(5, len(classes)), dim=1).indices
+    return {"images": len(images), "classes": len(classes),
+            "top1": round((top[:, 0] == target).float().mean().item(), 4),
+            "top5": round((top == target[:, None]).any(1).float().mean().item(), 4)}
+
+
+# --- reporting -------------------------------------------------------------------------------------
+
+def describe(name: str, m: dict) -> str:
+    """One line for `vlp status` and the report."""
+    if "top1" in m:
+        return (f"{name} ({m['format']}, {m['images']} images, {m['classes']} classes): "
+                f"zero-shot top-1 {m['top1']:.3f} top-5 {m['top5']:.3f}")
+    line = (f"{name} ({m['format']}, {m['images']} images, {m['texts']} texts): ITC TR@1/5/10 "
+            f"{m['itc_tr_r1']:.3f}/{m['itc_tr_r5']:.3f}/{m['itc_tr_r10']:.3f} IR@1/5/10 "
+            f"{m['itc_ir_r1']:.3f}/{m['itc_ir_r5']:.3f}/{m['itc_ir_r10']:.3f}")
+    if "itm_tr_r1" in m:
+        line += (f"; ITM re-rank of the top {m['rerank_k']} TR@1/5/10 {m['itm_tr_r1']:.3f}/{m['itm_tr_r5']:.3f}/"
+                 f"{m['itm_tr_r10']:.3f} IR@1/5/10 {m['itm_ir_r1']:.3f}/{m['itm_ir_r5']:.3f}/{m['itm_ir_r10']:.3f}")
+    return line
+
+
+def format_benchmarks(rows: list[dict]) -> str:
+    """Per round, each standard evaluation (rows: pipeline.toyweb.measures.rounds)."""
+    return "\n".join(f"{r['round']:>5}  {describe(name, m)}" for r in rows
+                     for name, m in (r.get("benchmarks") or {}).items())

@@ -1,0 +1,104 @@
+"""Standard evaluations through their real file layouts: the toy web's Karpathy-split "COCO" and
+ImageNet-style folder, the same data in BLIP's annotation layout and in CLIP_benchmark's webdataset
+layout (the readers must agree), and the recall arithmetic on a similarity matrix worked by hand."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.benchmarks import _recalls, run_benchmark
+from pipeline.config import BenchmarkConfig
+from pipeline.configtree import to_plain
+from pipeline.data.shards import write_shard
+from pipeline.data.tokenizer import train_tokenizer
+from pipeline.model import SIZES, MultiwayTransformer
+
+
+def test_recalls_on_a_matrix_worked_by_hand():
+    # 2 images, 4 texts: texts 0, 1 describe image 0; texts 2, 3 image 1
+    sim = torch.tensor([[0.1, 0.9, 0.8, 0.0],     # image 0: best text is its own (1)        -> TR rank 0
+                        [0.7, 0.2, 0.1, 0.3]])    # image 1: own best 0.3, beaten by 0.7     -> TR rank 1
+    out = _recalls("itc", sim, torch.tensor([0, 0, 1, 1]))
+    assert out["itc_tr_r1"] == 0.5 and out["itc_tr_r5"] == 1.0
+    # IR: text 0 -> image 1 scores higher (rank 1); text 1 -> own (0); text 2 -> image 0 higher (1); text 3 -> own (0)
+    assert out["itc_ir_r1"] == 0.5 and out["itc_ir_r5"] == 1.0
+    assert out["itc_r_mean"] == round((0.5 + 1 + 1 + 0.5 + 1 + 1) / 6, 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(toyweb, tmp_path_factory):
+    captions = [e["sentences"][0]["raw"] for e in json.loads(Path(toyweb.benchmarks[0]["path"]).read_text())["images"]]
+    tok = train_tokenizer(captions * 2, 200, tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    return MultiwayTransformer(SIZES["tiny"].replace(vocab_size=len(tok))).eval(), tok
+
+
+def _bench(**kwargs) -> dict:
+    return to_plain(BenchmarkConfig(**kwargs))
+
+
+def test_toy_coco_in_karpathy_blip_and_wds_layouts_gives_the_same_retrieval(toyweb, tiny_model, tmp_path):
+    model, tok = tiny_model
+    coco = next(b for b in toyweb.benchmarks if b["format"] == "karpathy")
+    karpathy = run_benchmark(_bench(name="coco", format="karpathy", path=coco["path"], rerank_k=4), model, tok, "cpu", 16)
+    assert karpathy["images"] == 40 and karpathy["texts"] == 200   # five captions per image
+    assert {"itc_tr_r10", "itc_ir_r10", "itc_r_mean", "itm_tr_r1", "itm_ir_r5"} <= set(karpathy)
+    assert all(0 <= karpathy[k] <= 1 for k in karpathy if "_r" in k)
+
+    data = json.loads(Path(coco["path"]).read_text())
+    folder = tmp_path / "blip"
+    blip = [{"image": f"{e['filepath']}/{e['filename']}", "caption": [s["raw"] for s in e["sentences"]]}
+            for e in data["images"]]
+    (folder).mkdir()
+    (folder / "coco_karpathy_test.json").write_text(json.dumps(blip))
+    root = str(toyweb.folder / "coco")
+    same = run_benchmark(_bench(name="coco", format="karpathy", path=str(folder / "coco_karpathy_test.json"),
+                                images=root, rerank_k=4), model, tok, "cpu", 16)
+    assert same == karpathy
+
+    wds_root = tmp_path / "wds"
+    samples = [{"__key__": f"s{i:05d}", "jpg": (toyweb.folder / "coco" / e["filepath"] / e["filename"]).read_bytes(),
+                "txt": "\n".join(s["raw"] for s in e["sentences"]).encode()} for i, e in enumerate(data["images"])]
+    write_shard(wds_root / "test" / "0.tar", iter(samples[:25]))
+    write_shard(wds_root / "test" / "1.tar", iter(samples[25:]))
+    assert run_benchmark(_bench(name="coco", format="wds", path=str(wds_root), rerank_k=4), model, tok, "cpu", 16) == karpathy
+
+
+def test_toy_imagenet_as_a_folder_and_as_a_clip_benchmark_webdataset(toyweb, tiny_model, tmp_path):
+    model, tok = tiny_model
+    imagenet = next(b for b in toyweb.benchmarks if b["format"] == "imagefolder")
+    templates = tuple(imagenet["templates"])
+    folder = run_benchmark(_bench(name="in", format="imagefolder", path=imagenet["path"], templates=templates),
+                           model, tok, "cpu", 16)
+    classes = sorted(p.name for p in (toyweb.folder / "imagenet").iterdir())
+    assert folder["images"] == 40 and folder["classes"] == len(classes) > 5
+    assert 0 <= folder["top1"] <= folder["top5"] <= 1
+
+    root = tmp_path / "wds"
+    samples = [{"__key__": f"s{n:05d}", "jpg": f.read_bytes(), "cls": str(c).encode()}
+               for n, (c, f) in enumerate((c, f) for c, name in enumerate(classes)
+                                          for f in sorted((toyweb.folder / "imagenet" / name).iterdir()))]
+    write_shard(root / "test" / "0.tar", iter(samples))
+    root.joinpath("classnames.txt").write_text("\n".join(c.replace("_", " ") for c in classes) + "\n")
+    root.joinpath("zeroshot_classification_templates.txt").write_text("\n".join(t.replace("{}", "{c}") for t in templates))
+    wds = run_benchmark(_bench(name="in", format="wds", path=str(root)), model, tok, "cpu", 16)
+    assert wds == folder
+    # WordNet-id folders take their names from a classnames file, in the folders' sorted order
+    (tmp_path / "names.txt").write_text("\n".join(c.replace("_", " ") for c in classes))
+    named = run_benchmark(_bench(name="in", format="imagefolder", path=imagenet["path"], templates=templates,
+                                 classnames=str(tmp_path / "names.txt")), model, tok, "cpu", 16)
+    assert named == folder
+
+
+def test_a_missing_image_or_folder_is_a_clear_error(toyweb, tiny_model, tmp_path):
+    from pipeline.errors import InputError
+
+    model, tok = tiny_model
+    coco = next(b for b in toyweb.benchmarks if b["format"] == "karpathy")
+    shutil.copy(coco["path"], tmp_path / "k.json")   # the image folder is not beside this copy
+    with pytest.raises(InputError, match="not found under"):
+        run_benchmark(_bench(name="c", format="karpathy", path=str(tmp_path / "k.json")), model, tok, "cpu", 16)
+    with pytest.raises(InputError, match="no class folders"):
+        run_benchmark(_bench(name="i", format="imagefolder", path=str(tmp_path)), model, tok, "cpu", 16)
