@@ -412,6 +412,9 @@ class PretrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
+    peak_tflops: float | None = keeps_output(None)
+    """One device's peak TFLOP/s for the MFU in the training metrics; None: known GPUs' bf16 peak (H100,
+    H200, A100, ...), else no MFU (TFLOP/s achieved is logged either way)."""
     activation_checkpointing: bool = keeps_output(False)
     """Recompute each block in backward (fairscale's checkpoint_wrapper): less memory, more time."""
     augment: bool = True
@@ -453,6 +456,7 @@ class PretrainConfig:
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
         _require(self.tokenizer_captions >= 1, "tokenizer_captions: must be >= 1")
         _require(self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops: must be > 0 (or unset)")
         _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip: must be >= 0 (0: no clipping)")
         _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay: must be >= 0")
         _require(self.text_queue >= 0, "text_queue: must be >= 0")

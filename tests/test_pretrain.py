@@ -38,6 +38,12 @@ def test_trains_exports_and_evaluates(trained):
     full = [h for h in history if "itm" in h]
     assert full[-1]["loss"] < full[0]["loss"], "the loss goes down"
     assert all(h["samples_per_s"] > 0 for h in history)
+    # FLOPs counted once per kind of step: a fusion step (itm, mlm, lm too) costs more than an ITC+BoW one
+    per_sample = {h["step"]: h["tflops"] / h["samples_per_s"] for h in history}   # TFLOP per sample, exact
+    fusion, unimodal = {round(v, 15) for k, v in per_sample.items() if k % 2 == 0}, \
+        {round(v, 15) for k, v in per_sample.items() if k % 2}
+    assert len(fusion) == len(unimodal) == 1 and min(fusion) > min(unimodal) > 0, per_sample
+    assert "mfu" not in history[0]   # no known peak for a CPU
     assert list((stage / "tensorboard").glob("events.out.tfevents.*"))
     assert (stage / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((stage / "manifest.json").read_text())

@@ -16,7 +16,7 @@ def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_re
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run.root, run_dir)
     cfg_path = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain", "evaluate", "report"),
-                               num_workers=1, steps=4, warmup_steps=1, log_every=2, checkpoint_every=4, text_queue=0)
+                               num_workers=1, steps=4, warmup_steps=1, peak_tflops=2.0, log_every=2, checkpoint_every=4, text_queue=0)
     text = cfg_path.read_text() + f"tracking:\n  mlflow: {{}}\n  wandb: {{mode: offline, dir: {tmp_path / 'wandb'}}}\n"
     cfg_path.write_text(text)
     runner.execute(load_config(cfg_path), run_dir)
@@ -35,7 +35,8 @@ def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_re
     assert training.data.tags["mlflow.parentRunId"] == ids["mlflow"]
     history = client.get_metric_history(training.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 4]
-    assert {"train/itc", "train/lr", "train/samples_per_s"} <= set(training.data.metrics)
+    assert {"train/itc", "train/lr", "train/samples_per_s", "train/tflops", "train/mfu"} <= set(training.data.metrics)
+    assert 0 < training.data.metrics["train/mfu"] < 1   # against the peak the config gives this CPU
 
     # W&B offline: one run folder for the pipeline, one for the training (its group's id, then the key);
     # their .wandb record files carry the keys logged (read as bytes: wandb 0.31 ships no Python reader)

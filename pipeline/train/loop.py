@@ -5,6 +5,7 @@ from the last *complete* checkpoint, restoring model, optimizer, LR schedule, RN
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.train.deepspeed_config import build_comm_op, deepspeed_config, import_deepspeed
 from pipeline.config import UNIMODAL_OBJECTIVES, PretrainConfig
@@ -108,6 +110,9 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
     weights = dict(cfg.loss_weights)
     unimodal = {k: w for k, w in weights.items() if k in UNIMODAL_OBJECTIVES}
     window, steps_in_window, t0, bad = {}, 0, time.time(), 0
+    # FLOPs of one micro-batch's forward + backward per kind of step, counted by torch's FlopCounterMode
+    # on its first occurrence (every later one does the same matmuls), for TFLOP/s and MFU
+    flops_of, window_flops, peak = {}, 0.0, peak_flops(cfg, bf16)
     for step in range(start + 1, cfg.steps + 1):
         for _ in range(cfg.grad_accum):
             raw = next(batches)
@@ -116,9 +121,15 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
             images = raw["images"].to(device, torch.bfloat16 if bf16 else torch.float32)
             batch = Batch(images, raw["ids"].to(device), raw["mask"].to(device))
             phase = weights if step % cfg.fusion_every == 0 else unimodal
-            losses = pretrain_losses(engine, batch, special, phase, generator, cfg.itm_easy_negatives, queue,
-                                     cfg.queue_in_itc)
-            engine.backward(losses["loss"])
+            kind = "fusion" if phase is weights else "unimodal"
+            counter = FlopCounterMode(display=False) if kind not in flops_of else contextlib.nullcontext()
+            with counter:
+                losses = pretrain_losses(engine, batch, special, phase, generator, cfg.itm_easy_negatives, queue,
+                                         cfg.queue_in_itc)
+                engine.backward(losses["loss"])
+            if kind not in flops_of:
+                flops_of[kind] = float(counter.get_total_flops())
+            window_flops += flops_of[kind]
             engine.step()
             for k, v in losses.items():
                 window.setdefault(k, [0.0, 0])[0] += float(v.detach()) / cfg.grad_accum
@@ -127,9 +138,13 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
         steps_in_window += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             samples = steps_in_window * cfg.micro_batch * cfg.grad_accum * world
-            metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0],
-                          samples_per_s=samples / (time.time() - t0), bad_samples=bad)
-            window, steps_in_window, t0 = {}, 0, time.time()
+            seconds = time.time() - t0
+            achieved = window_flops * world / seconds   # every rank does the same work
+            speed = {"samples_per_s": samples / seconds, "tflops": achieved / 1e12}
+            if peak:
+                speed["mfu"] = achieved / (peak * world)
+            metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0], **speed, bad_samples=bad)
+            window, steps_in_window, t0, window_flops = {}, 0, time.time(), 0.0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, {
                 "rng": checkpoints.rng_state(generator), "consumed": dict(consumed),
@@ -137,6 +152,21 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
                 remote / "checkpoints" if remote is not None else None)
             metrics.publish()
     metrics.close()
+
+
+# Dense bf16 peak FLOP/s per device, for MFU (vendor data sheets, SXM parts); others: pretrain.peak_tflops
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(cfg: PretrainConfig, bf16: bool) -> float | None:
+    """One device's peak FLOP/s: the config's, else the table's for a known GPU in bf16, else None (a
+    CPU, whose peak depends on cores and vector units: TFLOP/s is logged, MFU is not)."""
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if bf16 and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return None
 
 
 def _mean_over_ranks(window: dict[str, list]) -> dict:
@@ -180,9 +210,9 @@ class MetricsLog:
                 self.tb.add_scalar(f"train/{k}", v, step)
         if self.tracker is not None:
             self.tracker.metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
-        log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s", step, losses["loss"],
+        log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s, %.3f TFLOP/s%s", step, losses["loss"],
                  ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
-                 extra["samples_per_s"])
+                 extra["samples_per_s"], extra["tflops"], f", MFU {extra['mfu']:.1%}" if "mfu" in extra else "")
 
     def publish(self) -> None:
         """Put the metrics and TensorBoard events in the run's folder (an object store's run directory)."""
