@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import load_config, pretrain_config
+from conftest import pretrain_config, vlp
 
 from pipeline.errors import InputError
 from pipeline.hfinit import init_state
@@ -103,7 +103,6 @@ def test_what_the_model_cannot_represent_is_refused_by_name(tmp_path):
 def test_a_short_pretraining_starts_from_the_checkpoints(tmp_path, toyweb, reference_run):
     from safetensors.torch import load_file
 
-    from pipeline import runner
     from pipeline.modelio import load_pretrained
 
     make_vit(tmp_path / "vision")
@@ -114,7 +113,9 @@ def test_a_short_pretraining_starts_from_the_checkpoints(tmp_path, toyweb, refer
     cfg = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain"),
                           steps=steps, lr=lr, warmup_steps=0, checkpoint_every=4, log_every=2, fusion_every=1,
                           text_queue=0, init_from={"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")})
-    runner.execute(load_config(cfg), run_dir)
+    # through the CLI, a fresh Ray: a second TorchTrainer in the session's Ray can wait forever
+    # (docs/architecture.md, "Ray Train in a long-lived Ray")
+    vlp("run", str(cfg), "--run-dir", str(run_dir))
     stage = run_dir / "round-0" / "pretrain"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["init_from"] == {"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")}

@@ -4,9 +4,7 @@ import json
 import os
 import shutil
 
-from conftest import load_config, pretrain_config
-
-from pipeline import runner
+from conftest import pretrain_config, vlp
 
 
 def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_report(tmp_path, toyweb, reference_run):
@@ -19,7 +17,7 @@ def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_re
                                num_workers=1, steps=4, warmup_steps=1, peak_tflops=2.0, log_every=2, checkpoint_every=4, text_queue=0)
     text = cfg_path.read_text() + f"tracking:\n  mlflow: {{}}\n  wandb: {{mode: offline, dir: {tmp_path / 'wandb'}}}\n"
     cfg_path.write_text(text)
-    runner.execute(load_config(cfg_path), run_dir)
+    vlp("run", str(cfg_path), "--run-dir", str(run_dir))   # a fresh Ray (see test_hf.py)
 
     ids = json.loads((run_dir / "tracking.json").read_text())
     client = MlflowClient(tracking_uri=str(run_dir / "mlruns"))
@@ -47,6 +45,6 @@ def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_re
     assert b"train/loss" in training_records and b"train/samples_per_s" in training_records
 
     # a resume logs into the same pipeline run and makes no new training run (nothing retrains)
-    runner.execute(load_config(cfg_path), run_dir)
+    vlp("run", str(cfg_path), "--run-dir", str(run_dir))   # a fresh Ray (see test_hf.py)
     assert json.loads((run_dir / "tracking.json").read_text()) == ids
     assert {r.info.run_name for r in client.search_runs([experiment.experiment_id])} == {"test", "pretrain-r0"}
