@@ -72,9 +72,10 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
         tracker = pipeline_tracker(cfg, run.root)
         if tracker is not None:
             stack.callback(tracker.close)
+        tracking = settings(cfg, run.root)   # after the tracker: it holds the pipeline run's ids
         ray_started = False
         for stage, round_ in order:
-            job = prepare_stage(cfg, sources, stage, round_, retry_failed, settings(cfg, run.root))
+            job = prepare_stage(cfg, sources, stage, round_, retry_failed, tracking)
             if job is None:
                 if tracker is not None:   # committed before: its figures still belong to this run's record
                     tracker.metrics(stage_figures(stage, run.stage(stage, round_).manifest()), step=round_)

@@ -62,16 +62,15 @@ class Sources:
             raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
         return self.toyweb["eval_shards"]
 
-
     def benchmarks(self) -> tuple[list[dict], tuple[str, ...]]:
         """The standard evaluations to run (the toy web's, then the config's), as plain settings, and a
         fingerprint of each: its settings and the (size, mtime) of every file under it (a COCO image
         folder is not hashed on every resume)."""
-        from pipeline.configtree import to_plain
+        from pipeline.config import BenchmarkConfig
+        from pipeline.configtree import build, to_plain
 
-        toy = [{"templates": ("a photo of a {}.",), "images": None, "split": None, "classnames": None, "rerank_k": 0,
-                "max_items": None, **b} for b in (self.toyweb or {}).get("benchmarks", [])]
-        chosen = toy + [to_plain(b) for b in self.cfg.evaluate.benchmarks]
+        toy = [build(BenchmarkConfig, b, source="the toy web") for b in (self.toyweb or {}).get("benchmarks", [])]
+        chosen = [to_plain(b) for b in (*toy, *self.cfg.evaluate.benchmarks)]
         fps = []
         for bench in chosen:
             files = []
