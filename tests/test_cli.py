@@ -1,4 +1,6 @@
-"""The CLI through a subprocess: the shipped tiny config end to end, and clear errors."""
+"""The CLI through a subprocess: the shipped tiny config's curation stages with their own toy web and Ray,
+a rerun that skips them, a moved run directory, and clear errors. (The rest of the loop through the CLI:
+test_capfilt's round one, test_tracking, test_pretrain.)"""
 import json
 
 import pyarrow as pa
@@ -8,7 +10,7 @@ import webdataset as wds
 from conftest import ROOT, vlp
 
 
-def test_tiny_config_end_to_end_with_its_own_toy_web_and_ray(tmp_path):
+def test_tiny_config_curates_with_its_own_toy_web_and_ray(tmp_path):
     run_dir = tmp_path / "run"
     out = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--only", "download,prefilter")
     assert "prefilter  done" in out.stdout and f"run directory: {run_dir}" in out.stdout
@@ -27,7 +29,7 @@ def test_tiny_config_end_to_end_with_its_own_toy_web_and_ray(tmp_path):
     # the toy web's files live in the run; the truth file is there for measuring, never read by stages
     assert (run_dir / "toyweb" / "truth.parquet").is_file() and (run_dir / "toyweb" / "eval.parquet").is_file()
 
-    again = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir))
+    again = vlp("run", str(ROOT / "configs" / "tiny.yaml"), "--run-dir", str(run_dir), "--only", "download,prefilter")
     assert again.stderr.count("already committed") == 2
     assert "toy web: serving" not in again.stderr, "nothing to download: no server, no Ray"
     text = vlp("status", str(run_dir)).stdout

@@ -1,11 +1,10 @@
 """Hugging Face in and out: a model started from tiny ViT / BEiT / BERT checkpoints that transformers
-builds and saves here (nothing downloaded), and `vlp export --format hf` loaded back by transformers."""
+builds and saves here (nothing downloaded), and `vlp export --format hf` loaded back by transformers.
+(A pretraining from such checkpoints: test_tracking.py, whose tracked run starts from them.)"""
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import pretrain_config, vlp
 
 from pipeline.errors import InputError
 from pipeline.hfinit import init_state
@@ -98,36 +97,6 @@ def test_what_the_model_cannot_represent_is_refused_by_name(tmp_path):
     make_vit(tmp_path / "four-heads", num_attention_heads=4)
     with pytest.raises(InputError, match="num_attention_heads is 4, the model has 2"):
         init_state(TINY, str(tmp_path / "four-heads"), None, seed=0)
-
-
-def test_a_short_pretraining_starts_from_the_checkpoints(tmp_path, toyweb, reference_run):
-    from safetensors.torch import load_file
-
-    from pipeline.modelio import load_pretrained
-
-    make_vit(tmp_path / "vision")
-    _, tok = make_bert(tmp_path / "text", CAPTIONS)
-    run_dir = tmp_path / "run"
-    shutil.copytree(reference_run.root, run_dir)
-    steps, lr = 4, 1e-4
-    cfg = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain"),
-                          steps=steps, lr=lr, warmup_steps=0, checkpoint_every=4, log_every=2, fusion_every=1,
-                          text_queue=0, init_from={"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")})
-    # through the CLI, a fresh Ray: a second TorchTrainer in the session's Ray can wait forever
-    # (docs/architecture.md, "Ray Train in a long-lived Ray")
-    vlp("run", str(cfg), "--run-dir", str(run_dir))
-    stage = run_dir / "round-0" / "pretrain"
-    manifest = json.loads((stage / "manifest.json").read_text())
-    assert manifest["init_from"] == {"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")}
-    model, model_tok, _ = load_pretrained(stage / "model")
-    assert model_tok.get_vocab() == tok.get_vocab()
-    assert model.cfg.stem == "patch" and model.cfg.norm_eps == 1e-12
-    # Adam moves a weight by about lr per step: the trained weights are the checkpoint's, a few steps on
-    start = load_file(str(tmp_path / "vision" / "model.safetensors"))["encoder.layer.0.attention.output.dense.weight"]
-    moved = (model.blocks[0].attn.proj.weight - start).abs().max().item()
-    assert moved < 3 * steps * lr, moved
-    random_init = MultiwayTransformer(model.cfg).blocks[0].attn.proj.weight
-    assert (random_init - start).abs().max().item() > 10 * steps * lr
 
 
 EXPORT_CHECK = """

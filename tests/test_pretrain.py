@@ -80,7 +80,9 @@ def test_export_loads_without_deepspeed_or_ray(trained):
 
 def test_resume_from_a_checkpoint_reproduces_the_next_steps(tmp_path, toyweb, trained):
     """Drop everything after step 8 except DeepSpeed's own files of step 12 (so `latest` names a
-    checkpoint that never completed): the resumed run must start at 8 and retrace the same losses."""
+    checkpoint that never completed), and resume with new execution-only settings (a logging and a
+    checkpoint interval: `--set pretrain.log_every=2` once deleted a complete checkpoint and the model).
+    The resumed run must start at 8, leave step 8's files alone and end with the same weights."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     stage = run_dir / "round-0" / "pretrain"
@@ -91,10 +93,16 @@ def test_resume_from_a_checkpoint_reproduces_the_next_steps(tmp_path, toyweb, tr
         shutil.rmtree(stage / path) if (stage / path).is_dir() else (stage / path).unlink()
     with open(stage / "metrics.jsonl", "a") as f:   # a line torn by a kill in the middle of writing it
         f.write('{"step": 13, "loss": 1.2')
+    step8 = {p.name: p.stat().st_mtime_ns for p in (ckpts / "step-00000008").iterdir()}
+    config = pretrain_config(tmp_path / "c.yaml", toyweb, log_every=2, checkpoint_every=6)
     # A fresh Ray per training run (the CLI's own): see docs/architecture.md, "Ray Train in a long-lived Ray".
-    vlp("run", str(pretrain_config(tmp_path / "c.yaml", toyweb)), "--run-dir", str(run_dir), "--only", "pretrain")
-    assert _losses(_history(run_dir)) == _losses(_history(trained))
-    assert (stage / "model" / "model.safetensors").is_file()
+    vlp("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpts / "step-00000008").iterdir()} == step8
+    history = _history(run_dir)
+    assert [h["step"] for h in history] == list(range(1, 9)) + [10, 12], "resumed at 8, not retrained from 0"
+    # (log_every 2 logs the mean of two steps: the weights say whether the steps were the same)
+    weights = "model/model.safetensors"
+    assert (stage / weights).read_bytes() == (trained / "round-0" / "pretrain" / weights).read_bytes()
 
 
 def _our_train_workers(me: int):

@@ -1,23 +1,52 @@
 """Experiment tracking through the real libraries, with no network: MLflow's local file store and W&B's
-offline mode, for a run that trains, evaluates and writes its report, then resumes."""
+offline mode, for a run that trains, evaluates and writes its report, then resumes. The run starts from
+tiny Hugging Face checkpoints (test_hf.py builds them): one training checks both, since each training
+through the CLI costs the suite half a minute."""
 import json
 import os
 import shutil
 
 from conftest import pretrain_config, vlp
+from test_hf import CAPTIONS, make_bert, make_vit
+
+from pipeline.model import MultiwayTransformer
 
 
-def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_report(tmp_path, toyweb, reference_run):
+def test_a_tracked_run_from_hf_checkpoints_logs_config_training_curation_evaluation_and_report(tmp_path, toyweb,
+                                                                                              reference_run):
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"   # mlflow 3 refuses its file store unless asked
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
 
+    from pipeline.modelio import load_pretrained
+
+    make_vit(tmp_path / "vision")
+    _, tok = make_bert(tmp_path / "text", CAPTIONS)
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run.root, run_dir)
+    steps, lr = 4, 1e-4
+    init_from = {"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")}
     cfg_path = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain", "evaluate", "report"),
-                               num_workers=1, steps=4, warmup_steps=1, peak_tflops=2.0, log_every=2, checkpoint_every=4, text_queue=0)
+                               num_workers=1, steps=steps, lr=lr, warmup_steps=0, peak_tflops=2.0, log_every=2,
+                               checkpoint_every=4, fusion_every=1, text_queue=0, init_from=init_from)
     text = cfg_path.read_text() + f"tracking:\n  mlflow: {{}}\n  wandb: {{mode: offline, dir: {tmp_path / 'wandb'}}}\n"
     cfg_path.write_text(text)
-    vlp("run", str(cfg_path), "--run-dir", str(run_dir))   # a fresh Ray (see test_hf.py)
+    # through the CLI, a fresh Ray: a second TorchTrainer in the session's Ray can wait forever
+    # (docs/architecture.md, "Ray Train in a long-lived Ray")
+    vlp("run", str(cfg_path), "--run-dir", str(run_dir))
+
+    # started from the checkpoints: the tokenizer is BERT's, the weights the ViT's a few steps on
+    stage = run_dir / "round-0" / "pretrain"
+    assert json.loads((stage / "manifest.json").read_text())["init_from"] == init_from
+    model, model_tok, _ = load_pretrained(stage / "model")
+    assert model_tok.get_vocab() == tok.get_vocab()
+    assert model.cfg.stem == "patch" and model.cfg.norm_eps == 1e-12
+    # Adam moves a weight by about lr per step
+    start = load_file(str(tmp_path / "vision" / "model.safetensors"))["encoder.layer.0.attention.output.dense.weight"]
+    moved = (model.blocks[0].attn.proj.weight - start).abs().max().item()
+    assert moved < 3 * steps * lr, moved
+    random_init = MultiwayTransformer(model.cfg).blocks[0].attn.proj.weight
+    assert (random_init - start).abs().max().item() > 10 * steps * lr
 
     ids = json.loads((run_dir / "tracking.json").read_text())
     client = MlflowClient(tracking_uri=str(run_dir / "mlruns"))
@@ -45,6 +74,6 @@ def test_mlflow_and_wandb_offline_get_config_training_curation_evaluation_and_re
     assert b"train/loss" in training_records and b"train/samples_per_s" in training_records
 
     # a resume logs into the same pipeline run and makes no new training run (nothing retrains)
-    vlp("run", str(cfg_path), "--run-dir", str(run_dir))   # a fresh Ray (see test_hf.py)
+    vlp("run", str(cfg_path), "--run-dir", str(run_dir))
     assert json.loads((run_dir / "tracking.json").read_text()) == ids
     assert {r.info.run_name for r in client.search_runs([experiment.experiment_id])} == {"test", "pretrain-r0"}
