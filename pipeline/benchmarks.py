@@ -49,6 +49,17 @@ def run_benchmark(bench: dict, model, tok, device: str, batch_size: int) -> dict
 # --- readers: (image bytes, ...) -------------------------------------------------------------------
 
 def read_karpathy(annotation: str, image_root: str | None, split: str, limit: int | None):
+    entries = _karpathy_entries(annotation, image_root, split)
+    images, captions, owner = [], [], []
+    for i, (file, texts) in enumerate(entries[:limit] if limit else entries):
+        images.append(file.read_bytes())
+        captions += texts
+        owner += [i] * len(texts)
+    return images, captions, owner
+
+
+def _karpathy_entries(annotation: str, image_root: str | None, split: str) -> list[tuple[Path, list[str]]]:
+    """(image file, its captions) of every image of the split; a missing image file is an error."""
     path = Path(annotation)
     if not path.is_file():
         raise InputError(f"{path}: no annotation file")
@@ -65,21 +76,22 @@ def read_karpathy(annotation: str, image_root: str | None, split: str, limit: in
                    for e in data]
     else:
         raise InputError(f"{path}: neither Karpathy's {{images: [...]}} nor BLIP's [{{image, caption}}] layout")
-    entries = entries[:limit] if limit else entries
     if not entries:
         raise InputError(f"{path}: no images in split {split!r}")
-    images, captions, owner = [], [], []
-    for i, (rel, texts) in enumerate(entries):
-        file = root / rel
-        if not file.is_file():
+    for rel, _ in entries:
+        if not (root / rel).is_file():
             raise InputError(f"{path}: image {rel} not found under {root}")
-        images.append(file.read_bytes())
-        captions += texts
-        owner += [i] * len(texts)
-    return images, captions, owner
+    return [(root / rel, texts) for rel, texts in entries]
 
 
 def read_imagefolder(root: str, limit: int | None, classnames: str | None = None):
+    items, names = _imagefolder_items(root, classnames)
+    items = items[:limit] if limit else items
+    return [f.read_bytes() for f, _ in items], [c for _, c in items], names
+
+
+def _imagefolder_items(root: str, classnames: str | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image file, class index) of every image, and the class names."""
     folder = Path(root)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:
@@ -91,19 +103,30 @@ def read_imagefolder(root: str, limit: int | None, classnames: str | None = None
             raise InputError(f"{classnames}: {len(names)} class names for {len(classes)} class folders in {folder}")
     items = [(f, c) for c, name in enumerate(classes) for f in sorted((folder / name).iterdir())
              if f.suffix.lower() in IMAGE_SUFFIXES]
-    items = items[:limit] if limit else items
-    return [f.read_bytes() for f, _ in items], [c for _, c in items], names
+    return items, names
 
 
-def _wds_samples(root: Path, split: str, limit: int | None):
-    import webdataset as wds
-
+def _tars(root: Path, split: str) -> list[str]:
     shards = sorted(glob.glob(str(root / split / "*.tar")))
     if not shards:
         raise InputError(f"{root / split}: no .tar shards (CLIP_benchmark's webdataset layout)")
+    return shards
+
+
+def _read_tars(shards: list[str]):
+    import webdataset as wds
+
+    return wds.WebDataset(shards, shardshuffle=False, empty_check=False)
+
+
+def _image_member(sample: dict) -> bytes | None:
+    return next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if k in sample), None)
+
+
+def _wds_samples(root: Path, split: str, limit: int | None):
     n = 0
-    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
-        image = next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if k in sample), None)
+    for sample in _read_tars(_tars(root, split)):
+        image = _image_member(sample)
         if image is None:
             continue
         yield image, sample
@@ -131,6 +154,47 @@ def read_wds_retrieval(root: Path, split: str, limit: int | None):
         owner += [len(images)] * len(texts)
         images.append(image)
     return images, captions, owner
+
+
+# --- the images alone, for decontamination (stages/prefilter.py): the whole split, in parts -------
+
+PART_IMAGES = 2000   # image files per part: ImageNet's 50k validation images are 25 tasks
+
+
+def image_parts(bench: dict) -> int:
+    """Into how many parts the split's images are cut (a wds benchmark: one per tar). max_items aside:
+    it only shortens the evaluation, the whole split is screened."""
+    files = _image_files(bench)
+    return len(_wds_shards(bench)) if files is None else -(-len(files) // PART_IMAGES)
+
+
+def part_images(bench: dict, part: int):
+    """The bytes of every image of one part, one at a time."""
+    files = _image_files(bench)
+    if files is None:
+        for sample in _read_tars([_wds_shards(bench)[part]]):
+            image = _image_member(sample)
+            if image is not None:
+                yield image
+        return
+    for file in files[part * PART_IMAGES:(part + 1) * PART_IMAGES]:
+        yield file.read_bytes()
+
+
+def _image_files(bench: dict) -> list[Path] | None:
+    """The split's image files in order; None for a wds benchmark (its images are in tars)."""
+    fmt, split = bench["format"], bench.get("split") or "test"
+    if fmt == "karpathy":
+        return [f for f, _ in _karpathy_entries(bench["path"], bench.get("images"), split)]
+    if fmt == "imagefolder":
+        return [f for f, _ in _imagefolder_items(bench["path"], bench.get("classnames"))[0]]
+    if fmt == "wds":
+        return None
+    raise InputError(f"benchmark {bench['name']}: unknown format {fmt!r}")
+
+
+def _wds_shards(bench: dict) -> list[str]:
+    return _tars(Path(bench["path"]), bench.get("split") or "test")
 
 
 # --- metrics ---------------------------------------------------------------------------------------

@@ -307,7 +307,8 @@ class PrefilterConfig:
     bench/dedup.py: 0.08 keeps distinct but similar flat pictures apart and finds ~90% of near copies."""
     decontaminate: bool = True
     """Drop training images that are exact or near copies of an evaluation image (`eval_contaminated`):
-    the images of `evaluate.shards`, or of the toy web's eval split. Nothing to do without an eval set."""
+    the images of `evaluate.shards` (or of the toy web's eval split) and of every `evaluate.benchmarks`
+    split (COCO / Flickr test images, an ImageNet folder). Nothing to do without either."""
     decontaminate_max_distance: float = 0.1
     """`near_max_distance` for matches against eval images: looser, since a leaked eval image costs more
     than a training image lost (bench/dedup.py: 140 of 144 leaked eval pictures found, 1 of ~8,000 clean

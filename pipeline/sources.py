@@ -62,10 +62,11 @@ class Sources:
             raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
         return self.toyweb["eval_shards"]
 
-    def benchmarks(self) -> tuple[list[dict], tuple[str, ...]]:
+    def benchmarks(self, images_only: bool = False) -> tuple[list[dict], tuple[str, ...]]:
         """The standard evaluations to run (the toy web's, then the config's), as plain settings, and a
         fingerprint of each: its settings and the (size, mtime) of every file under it (a COCO image
-        folder is not hashed on every resume)."""
+        folder is not hashed on every resume). `images_only`: the fingerprint of which images the
+        benchmark holds, for decontamination (a new rerank_k or template changes no image)."""
         from pipeline.config import BenchmarkConfig
         from pipeline.configtree import build, to_plain
 
@@ -82,8 +83,14 @@ class Sources:
                         raise InputError(f"evaluate.benchmarks {bench['name']}: {root} does not exist")
                     files.append(str(root))
             stamps = [[as_path(f).name, *storage.stamp(as_path(f))] for f in files]
-            fps.append(fingerprint("benchmark", {k: v for k, v in bench.items() if k != "path"}, [str(stamps)]))
+            keys = IMAGE_KEYS if images_only else set(bench) - {"path"}
+            fps.append(fingerprint("benchmark", {k: bench[k] for k in sorted(keys)}, [str(stamps)]))
         return chosen, tuple(fps)
+
+
+# What decides which images a benchmark holds (decontamination screens the whole split: max_items
+# only shortens the evaluation).
+IMAGE_KEYS = ("format", "split")
 
 
 def expand_shards(name: str, pattern: str) -> list[str]:

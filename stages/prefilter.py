@@ -3,7 +3,8 @@
 Three passes, so that deduplication is global across the stage and still deterministic:
   1. scan (a Ray task per shard): rule verdicts (image size, aspect ratio, the URL list's own numbers
      such as LAION's similarity and punsafe, caption rules, caption language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
-     the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard);
+     the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard and per part of
+     each benchmark's split: COCO's test images, an ImageNet folder);
   2. dedup (Ray tasks per partition, pipeline/dedup.py): copies of eval images are dropped
      (`eval_contaminated`), then exact copies (same original bytes) and near copies
      (pipeline/data/neardup.py) of a kept image, in (shard, key) order, whatever the number of workers;
@@ -31,10 +32,11 @@ from pipeline.breaker import check_drop_shares
 from pipeline.config import PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language
+from pipeline import benchmarks as benchmarks_lib
 from pipeline import dedup
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InputError
 from pipeline.fsutil import atomic_write_parquet, read_parquet
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
@@ -47,11 +49,12 @@ DEDUP = "dedup"   # the shuffle's working folder inside the stage's, removed onc
 
 
 def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
-    """Filter download's shards; `inputs.extra["eval_shards"]`: the evaluation images training must not
-    contain (empty: nothing to decontaminate)."""
+    """Filter download's shards; `inputs.extra["eval_shards"]` and `["benchmarks"]`: the evaluation
+    images training must not contain (both empty: nothing to decontaminate)."""
     started = time.time()
     _check_languages(cfg)
     upstream_dir, eval_shards = inputs.first().path, inputs.extra["eval_shards"]
+    benchmarks = inputs.extra.get("benchmarks", [])
     shards = list(inputs.first().manifest.shards)
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
@@ -65,16 +68,14 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     if todo:
         settings = dedup.load_settings(root, dedup.Settings(
             dedup.partitions_for(samples_in, cfg.dedup_partitions), cfg.dedup_exact, cfg.dedup_near,
-            cfg.decontaminate and bool(eval_shards), cfg.near_max_distance, cfg.decontaminate_max_distance))
+            cfg.decontaminate and bool(eval_shards or benchmarks), cfg.near_max_distance,
+            cfg.decontaminate_max_distance))
         scans = {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s, i, str(root), settings)
                  for i, s in enumerate(shards) if not dedup.done_marker(root, "scan", str(i)).is_file()}
         run_shard_tasks(ray.remote(scan_shard).options(**options), scans,
                         Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
         if settings.decontaminate:
-            prints = {p: (p, i, str(root), settings) for i, p in enumerate(eval_shards)
-                      if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
-            run_shard_tasks(ray.remote(fingerprint_eval_shard).options(**options), prints,
-                            Progress("prefilter/eval", len(eval_shards), 0), lambda summary: 0)
+            _fingerprint_eval_images(eval_shards, benchmarks, root, settings, options)
         details["dedup"] = dedup.run_phases(root, len(shards), settings, options)
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root))
             for i, s in enumerate(shards)}
@@ -89,10 +90,31 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     return ctx.manifest(stage_cfg, summaries, started, details)
 
 
+def _fingerprint_eval_images(eval_shards: list[str], benchmarks: list[dict], root, settings, options) -> None:
+    """Hash the eval split's and every benchmark's images into the dedup partitions as eval nodes: a task
+    per eval shard and per part of a benchmark (unit numbers: the eval shards, then the parts in order)."""
+    units = {p: (fingerprint_eval_shard, (p,)) for p in eval_shards}
+    count = ray.remote(benchmarks_lib.image_parts).options(num_cpus=options["num_cpus"])
+    try:
+        parts = ray.get([count.remote(b) for b in benchmarks])
+    except ray.exceptions.RayTaskError as err:   # a benchmark that cannot be read: its own message
+        raise (err.cause if isinstance(err.cause, InputError) else err) from None
+    units |= {f"{b['name']} part {k}": (fingerprint_benchmark_part, (b, k)) for b, n in zip(benchmarks, parts)
+              for k in range(n)}
+    task = ray.remote(_fingerprint_unit).options(**options)
+    todo = {name: (fn, args, i, str(root), settings) for i, (name, (fn, args)) in enumerate(units.items())
+            if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
+    run_shard_tasks(task, todo, Progress("prefilter/eval", len(units), 0), lambda summary: 0)
+
+
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
-    # training images that copy an eval image are dropped; with no eval set there is nothing to compare
-    shards = sources.eval_shards(required=False) if cfg.prefilter.decontaminate else []
-    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards))}
+    # training images that copy an eval or benchmark image are dropped; with neither, nothing to compare
+    if not cfg.prefilter.decontaminate:
+        return {"eval_shards": Extra([]), "benchmarks": Extra([])}
+    shards = sources.eval_shards(required=False)
+    benchmarks, fps = sources.benchmarks(images_only=True)
+    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards)),
+            "benchmarks": Extra(benchmarks, fps)}
 
 
 def _request(cfg, urls: int | None) -> Request:
@@ -220,14 +242,24 @@ def _words(text: str) -> int:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # how webdatasets (ours, COCO's, open_clip's) name images
 
 
-def fingerprint_eval_shard(shard_path: str, index: int, root: str, settings: dedup.Settings) -> dict:
-    """(sha256 of the bytes, near-duplicate signature) of every readable image of an eval shard, hashed
-    into the dedup partitions as eval nodes."""
-    exact, sigs = [], []
+def fingerprint_eval_shard(shard_path: str):
+    """The images of an eval shard."""
     for sample in read_shard(as_path(shard_path)):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if data is None:
-            continue
+        if data is not None:
+            yield data
+
+
+def fingerprint_benchmark_part(bench: dict, part: int):
+    """The images of one part of a benchmark's split (pipeline/benchmarks.py)."""
+    yield from benchmarks_lib.part_images(bench, part)
+
+
+def _fingerprint_unit(images_of, args: tuple, index: int, root: str, settings: dedup.Settings) -> dict:
+    """(sha256 of the bytes, near-duplicate signature) of every readable image `images_of(*args)` yields,
+    hashed into the dedup partitions as the eval nodes of unit `index`."""
+    exact, sigs = [], []
+    for data in images_of(*args):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()

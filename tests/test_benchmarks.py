@@ -1,6 +1,7 @@
 """Standard evaluations through their real file layouts: the toy web's Karpathy-split "COCO" and
 ImageNet-style folder, the same data in BLIP's annotation layout and in CLIP_benchmark's webdataset
-layout (the readers must agree), and the recall arithmetic on a similarity matrix worked by hand."""
+layout (the readers must agree), the recall arithmetic on a similarity matrix worked by hand, and
+prefilter screening the benchmarks' images out of the training data."""
 import json
 import shutil
 from pathlib import Path
@@ -102,3 +103,70 @@ def test_a_missing_image_or_folder_is_a_clear_error(toyweb, tiny_model, tmp_path
         run_benchmark(_bench(name="c", format="karpathy", path=str(tmp_path / "k.json")), model, tok, "cpu", 16)
     with pytest.raises(InputError, match="no class folders"):
         run_benchmark(_bench(name="i", format="imagefolder", path=str(tmp_path)), model, tok, "cpu", 16)
+
+
+def test_training_copies_of_benchmark_images_are_dropped_whatever_the_layout(tmp_path, toyweb, reference_run):
+    """A user's benchmark images that also sit in the web data: an exact copy in a Karpathy COCO, a
+    re-encoded smaller copy in an ImageNet-style folder, an exact copy in a CLIP_benchmark webdataset.
+    prefilter drops the web samples that show them as `eval_contaminated`, and nothing else new."""
+    import io
+    import re
+    import urllib.request
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import webdataset as wds
+    from conftest import load_config, write_config
+    from PIL import Image
+
+    from pipeline import runner
+    from pipeline.ledger import not_kept
+
+    def samples(stage):
+        return list(wds.WebDataset(str(reference_run.stage(stage).path / "{00000..00005}.tar"), shardshuffle=False))
+
+    truth = {r["index"]: r for r in pq.read_table(toyweb.truth).to_pylist()}
+    index = {s["__key__"]: int(re.search(r"/(\d+)\.jpg$", json.loads(s["json"])["url"]).group(1))
+             for s in samples("download")}   # key -> the toy web's URL index
+    kept = samples("prefilter")
+    # three kept samples with pictures not shown elsewhere in the kept data, far apart in the list
+    pictures = [truth[index[s["__key__"]]]["image_of"] for s in kept]
+    chosen = [s for s in kept if pictures.count(truth[index[s["__key__"]]]["image_of"]) == 1][::40][:3]
+    originals = [urllib.request.urlopen(json.loads(s["json"])["url"], timeout=10).read() for s in chosen]
+
+    def noise(seed):   # a picture no web sample shows
+        buf = io.BytesIO()
+        Image.fromarray(np.random.RandomState(seed).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        return buf.getvalue()
+
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    files = {"images/leak.jpg": originals[0], "images/other.jpg": noise(1)}
+    for name, data in files.items():
+        (coco / name).write_bytes(data)
+    (coco / "test.json").write_text(json.dumps([{"image": name, "caption": ["a picture"] * 5} for name in files]))
+    folder = tmp_path / "imagenet"
+    for cls, data in (("leaks", originals[1]), ("others", noise(2))):
+        with Image.open(io.BytesIO(data)) as img:   # a smaller, re-encoded copy: a near copy
+            (folder / cls).mkdir(parents=True)
+            img.convert("RGB").resize((img.width * 9 // 10, img.height * 9 // 10)).save(folder / cls / "0.jpg", quality=80)
+    shards = tmp_path / "wds" / "test"
+    shards.mkdir(parents=True)
+    (shards.parent / "classnames.txt").write_text("leak\nother\n")
+    with wds.TarWriter(str(shards / "0.tar")) as sink:
+        for i, data in enumerate((noise(3), originals[2])):
+            sink.write({"__key__": f"{i:04d}", "jpg": data, "cls": str(i).encode()})
+
+    benchmarks = [{"name": "coco", "format": "karpathy", "path": str(coco / "test.json")},
+                  {"name": "imagenet", "format": "imagefolder", "path": str(folder)},
+                  {"name": "wds", "format": "wds", "path": str(shards.parent)}]
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.root, run_dir)
+    cfg = write_config(tmp_path / "c.yaml", toyweb, evaluate={"benchmarks": benchmarks})
+    runner.execute(load_config(cfg), run_dir)   # new benchmarks: a new prefilter input, the stage rebuilds
+    before = {r["key"]: r["reason"] for r in not_kept(reference_run.stage("prefilter").path)}
+    after = {r["key"]: r["reason"] for r in not_kept(run_dir / "round-0" / "prefilter")}
+    assert all(after.get(s["__key__"]) == "eval_contaminated" for s in chosen), [after.get(s["__key__"]) for s in chosen]
+    new = {k for k, reason in after.items() if reason == "eval_contaminated" and before.get(k) != "eval_contaminated"}
+    leaked = {truth[index[s["__key__"]]]["image_of"] for s in chosen}
+    assert {truth[index[k]]["image_of"] for k in new} == leaked, "only copies of the three leaked pictures"
