@@ -11,6 +11,9 @@ from pipeline.errors import VlpError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlp", description="Vision-language pretraining pipeline on Ray")
+    # the deepspeed launcher puts --local_rank=N before the command (unless --no_local_rank); the
+    # LOCAL_RANK variable it also sets is what `vlp train` reads
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the stage graph of a config")

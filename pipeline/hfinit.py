@@ -51,7 +51,30 @@ def vision_overrides(hf: dict, folder: Path) -> dict:
             raise InputError(f"{folder}: use_absolute_position_embeddings is off: this BEiT has no position "
                              f"embedding the multiway model could take")
     return {"stem": "patch", "cls_from_patches": False, "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
-            "layer_scale": float(hf.get("layer_scale_init_value") or 0.0) if kind == "beit" else 0.0}
+            "layer_scale": float(hf.get("layer_scale_init_value") or 0.0) if kind == "beit" else 0.0,
+            **pixel_statistics(kind, folder)}
+
+
+# transformers' image processors' defaults when a folder has no preprocessor_config.json: ViT and BEiT
+# normalise with 0.5 / 0.5, DeiT with ImageNet's statistics.
+DEFAULT_PIXEL_STATS = {"vit": ((0.5,) * 3, (0.5,) * 3), "beit": ((0.5,) * 3, (0.5,) * 3),
+                       "deit": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def pixel_statistics(kind: str, folder: Path) -> dict:
+    """The mean / std the checkpoint's images were normalised with, from its preprocessor_config.json."""
+    mean, std = DEFAULT_PIXEL_STATS[kind]
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        pre = json.loads(path.read_text())
+        if pre.get("do_rescale") is False:
+            raise InputError(f"{path}: do_rescale is false (pixels in 0..255); the model reads [0, 1] pixels")
+        if pre.get("do_normalize") is False:
+            mean, std = (0.0,) * 3, (1.0,) * 3
+        else:
+            mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    mean, std = ([v] * 3 if isinstance(v, (int, float)) else v for v in (mean, std))   # one value: every channel
+    return {"pixel_mean": tuple(map(float, mean)), "pixel_std": tuple(map(float, std))}
 
 
 def init_state(model_cfg: ModelConfig, vision: str | None, text: str | None, seed: int) -> tuple[ModelConfig, dict]:

@@ -105,7 +105,9 @@ def write_config(path: Path, toyweb_files, **sections) -> Path:
         "download": {"samples_per_shard": 40, "thread_count": 16, "image_size": 48, "timeout": 3,
                      "max_image_area": 4_000_000, "allow_private_hosts": ["127.0.0.1"]},
         "prefilter": {"min_image_side": 32},
-        "evaluate": {"shards": str(toyweb_files.eval_shards[0])},  # prefilter decontaminates against it
+        # prefilter decontaminates against the eval split and the benchmarks' images (the toy COCO and
+        # ImageNet hold the eval split's pictures): every tiny config has the same prefilter this way
+        "evaluate": {"shards": str(toyweb_files.eval_shards[0]), "benchmarks": list(toyweb_files.benchmarks)},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

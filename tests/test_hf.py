@@ -72,6 +72,30 @@ def test_image_features_after_loading_equal_the_hf_models_own(tmp_path, make):
     assert torch.equal(block.v_ffn.fc1.weight, block.l_ffn.fc1.weight)
 
 
+def test_a_checkpoints_own_pixel_statistics_are_followed(tmp_path):
+    """A ViT whose preprocessor normalises with ImageNet's statistics: fed vlp's (x - 0.5) / 0.5 pixels,
+    the model gives what the HF model gives on the same images normalised its way."""
+    from transformers import DeiTConfig, DeiTModel
+
+    hf = make_vit(tmp_path / "vision")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    (tmp_path / "vision" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "ViTImageProcessor", "image_mean": list(mean), "image_std": list(std)}))
+    cfg, state = init_state(TINY, str(tmp_path / "vision"), None, seed=0)
+    assert cfg.pixel_mean == mean and cfg.pixel_std == std
+    model = MultiwayTransformer(cfg)
+    model.load_state_dict(state)
+    raw = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # [0, 1] RGB
+    with torch.no_grad():
+        ours, _ = model.eval()("encode_image", (raw - 0.5) / 0.5)
+        theirs = hf(pixel_values=(raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    assert (ours - theirs.last_hidden_state).abs().max().item() < 1e-4
+    assert "pixel_scale" not in model.state_dict(), "derived from the config, not saved"
+    # a DeiT with no preprocessor file: its type's default, ImageNet's
+    DeiTModel(DeiTConfig(**VISION_DIMS), add_pooling_layer=False).save_pretrained(str(tmp_path / "deit"))
+    assert init_state(TINY, str(tmp_path / "deit"), None, seed=0)[0].pixel_mean == mean
+
+
 def test_word_embeddings_and_tokenizer_come_from_the_text_checkpoint(tmp_path):
     bert, tok = make_bert(tmp_path / "text", CAPTIONS)
     _, state = init_state(TINY.replace(vocab_size=len(tok)), None, str(tmp_path / "text"), seed=0)

@@ -177,9 +177,10 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_training(tmp_path):
     assert not baton.exists() and "removing the build lock a killed build left" in build.stderr
 
 
-def test_torchrun_trains_the_same_model_as_ray_train(tmp_path, toyweb, reference_run, trained):
-    """`vlp train` under torchrun on 2 CPU processes, no Ray: the losses, the fingerprint and the
-    exported weights are those of the Ray Train run with the same config and data."""
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_a_launcher_trains_the_same_model_as_ray_train(tmp_path, toyweb, reference_run, trained, launcher):
+    """`vlp train` under torchrun or the deepspeed launcher on 2 CPU processes, no Ray: the losses, the
+    fingerprint and the exported weights are those of the Ray Train run with the same config and data."""
     import socket
 
     run_dir = tmp_path / "run"
@@ -188,10 +189,17 @@ def test_torchrun_trains_the_same_model_as_ray_train(tmp_path, toyweb, reference
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(port), "-m", "pipeline.cli", "train", str(cfg), "--run-dir", str(run_dir)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
+    tool = str(Path(sys.executable).with_name(launcher))
+    train = ["pipeline.cli", "train", str(cfg), "--run-dir", str(run_dir)]
+    if launcher == "torchrun":
+        command = [tool, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", *train]
+    else:   # it passes --local_rank=N to each process, which vlp accepts
+        command = [tool, "--num_nodes", "1", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                   "--module", *train]
+    # one thread per process, as Ray Train (num_cpus) and torchrun set it: the deepspeed launcher leaves
+    # torch its default, and 2 threads sum in another order (losses 1e-6 apart at the first fusion step)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert _losses(_history(run_dir)) == _losses(_history(trained))
     ours, theirs = (json.loads((r / "round-0" / "pretrain" / "manifest.json").read_text()) for r in (run_dir, trained))

@@ -37,7 +37,19 @@ class ModelConfig:
     """LayerScale (CaiT, BEiT): learned per-channel factors on every residual branch, starting at this
     value; 0 for none. A model initialised from a BEiT checkpoint takes BEiT's factors."""
 
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """The per-channel normalisation (of [0, 1] RGB) the image tower was trained with. vlp's loaders give
+    (x - 0.5) / 0.5; when these differ (a DeiT checkpoint: ImageNet's statistics), embed_image turns
+    one into the other, so every caller, the Hugging Face export included, feeds the same pixels."""
+
     def __post_init__(self) -> None:
+        for name in ("pixel_mean", "pixel_std"):   # a list from YAML / JSON
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"{name}: three values (R, G, B), got {getattr(self, name)}")
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_std: must be > 0, got {self.pixel_std}")
         if self.width % self.heads:
             raise ValueError(f"width: {self.width} is not divisible by heads {self.heads}")
         if not 0 <= self.vl_layers <= self.depth:

@@ -88,6 +88,12 @@ class MultiwayTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
+        scale = shift = None   # not saved (persistent=False): they follow from cfg
+        if cfg.pixel_mean != (0.5, 0.5, 0.5) or cfg.pixel_std != (0.5, 0.5, 0.5):
+            mean, std = torch.tensor(cfg.pixel_mean), torch.tensor(cfg.pixel_std)
+            scale, shift = (0.5 / std).view(1, 3, 1, 1), ((0.5 - mean) / std).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", scale, persistent=False)
+        self.register_buffer("pixel_shift", shift, persistent=False)
         self.patch_embed = ConvStem(w, cfg.patch_size) if cfg.stem == "conv" else \
             nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, w))
@@ -130,6 +136,8 @@ class MultiwayTransformer(nn.Module):
     # --- embeddings ---------------------------------------------------------------------------
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pixel_scale is not None:   # from the loaders' (x - 0.5) / 0.5 to the tower's own statistics
+            images = images * self.pixel_scale + self.pixel_shift
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         cls = self.image_cls.expand(x.shape[0], -1, -1)
         if self.cfg.cls_from_patches:
