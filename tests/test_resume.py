@@ -118,9 +118,9 @@ def test_changed_config_reruns_that_stage_and_downstream(tmp_path, toyweb, refer
     assert download_manifest.stat().st_mtime_ns != before
     prefilter = json.loads((run_dir / "round-0" / "prefilter" / "manifest.json").read_text())
     download = json.loads(download_manifest.read_text())
-    # its inputs: the download, then the eval shards it decontaminates against
+    # its inputs: the download, then the eval shard and the two toy benchmarks it decontaminates against
     assert prefilter["inputs"][0] == download["fingerprint"], "prefilter re-ran on the new download"
-    assert len(prefilter["inputs"]) == 2
+    assert len(prefilter["inputs"]) == 1 + len(toyweb.eval_shards) + len(toyweb.benchmarks) == 4
     assert [r["state"] for r in status.status(run_dir)] == ["done", "done"]
 
 
