@@ -223,6 +223,8 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
         from cluster.auth import secure_local_token
 
         secure_local_token()  # token auth on, token file 0600 (cluster/auth.py)
+        if not cfg.ray.include_dashboard:   # no State API: Ray Train's cleaner would warn every second
+            kwargs["runtime_env"]["worker_process_setup_hook"] = "pipeline.rayworker.quiet_known_noise"
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
                  dashboard_host="127.0.0.1", **kwargs)
     try:
