@@ -7,8 +7,8 @@ Checkpoints are read from their files (safetensors, sharded or not, or pytorch_m
 names transformers writes to disk, which have stayed the same across its versions; no model class is
 instantiated, so a `base` model costs its weights once in memory. Accepted: ViT (and the non-distilled
 DeiT checkpoints, which are ViTs), DeiT with a distillation token (the token is dropped: the multiway
-model has one [CLS]) and BEiT with absolute position embeddings (its LayerScale factors become the
-model's). BEiT's relative position bias has no counterpart in this model and is refused by name.
+model has one [CLS]) and BEiT with absolute position embeddings or relative position bias, shared or
+per layer (its LayerScale factors and bias tables become the model's).
 """
 from __future__ import annotations
 
@@ -42,15 +42,15 @@ def vision_overrides(hf: dict, folder: Path) -> dict:
                          f"(one of {', '.join(VISION_TYPES)})")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise InputError(f"{folder}: hidden_act {hf['hidden_act']!r}; the multiway FFN uses gelu")
+    rel_pos = "none"
     if kind == "beit":
-        for key in ("use_relative_position_bias", "use_shared_relative_position_bias"):
-            if hf.get(key):
-                raise InputError(f"{folder}: {key} is set; the multiway model has absolute positions only, "
-                                 f"so a BEiT with relative position bias cannot be loaded without changing it")
-        if not hf.get("use_absolute_position_embeddings"):
-            raise InputError(f"{folder}: use_absolute_position_embeddings is off: this BEiT has no position "
-                             f"embedding the multiway model could take")
+        rel_pos = "shared" if hf.get("use_shared_relative_position_bias") else \
+            "layer" if hf.get("use_relative_position_bias") else "none"
+        if rel_pos == "none" and not hf.get("use_absolute_position_embeddings"):
+            raise InputError(f"{folder}: neither absolute nor relative positions: this BEiT has no position "
+                             f"information the multiway model could take")
     return {"stem": "patch", "cls_from_patches": False, "norm_eps": float(hf.get("layer_norm_eps", 1e-12)),
+            "rel_pos_bias": rel_pos,
             "layer_scale": float(hf.get("layer_scale_init_value") or 0.0) if kind == "beit" else 0.0,
             **pixel_statistics(kind, folder)}
 
@@ -131,7 +131,15 @@ def _vision_tensors(raw: dict, hf: dict, cfg: ModelConfig) -> dict[str, tuple[st
            "image_cls": "embeddings.cls_token", "image_pos": "embeddings.position_embeddings"}
     if "layernorm.weight" in raw:    # a mean-pooling BEiT has none; the final norm then keeps its init
         out.update({"norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"})
+    if "embeddings.position_embeddings" not in raw:   # relative positions only: no absolute ones
+        del out["image_pos"]
     result = {dst: (src, raw[src]) for dst, src in out.items()}
+    if "image_pos" not in result:
+        result["image_pos"] = ("no position embeddings (relative positions only): zeros",
+                               torch.zeros(1, 1 + cfg.num_patches, cfg.width))
+    table = "relative_position_bias.relative_position_bias_table"
+    if cfg.rel_pos_bias == "shared":
+        result["rel_pos.table"] = (f"encoder.{table}", raw[f"encoder.{table}"])
     if hf["model_type"] == "deit":   # positions: [CLS], distillation, patches
         pos = raw["embeddings.position_embeddings"]
         result["image_pos"] = ("embeddings.position_embeddings without the distillation token",
@@ -149,6 +157,8 @@ def _vision_tensors(raw: dict, hf: dict, cfg: ModelConfig) -> dict[str, tuple[st
                  "attn.proj.weight": "attention.output.dense.weight", "attn.proj.bias": "attention.output.dense.bias"}
         if cfg.layer_scale:
             pairs["attn_scale"] = "lambda_1"
+        if cfg.rel_pos_bias == "layer":
+            pairs["rel_pos.table"] = f"attention.attention.{table}"
         ffn = {"norm.weight": "layernorm_after.weight", "norm.bias": "layernorm_after.bias",
                "fc1.weight": "intermediate.dense.weight", "fc1.bias": "intermediate.dense.bias",
                "fc2.weight": "output.dense.weight", "fc2.bias": "output.dense.bias"}

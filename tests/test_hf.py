@@ -35,7 +35,7 @@ def make_vit(folder, **changes):
 def make_beit(folder, **changes):
     from transformers import BeitConfig, BeitModel
 
-    cfg = BeitConfig(**VISION_DIMS, use_absolute_position_embeddings=True, use_mean_pooling=False, **changes)
+    cfg = BeitConfig(**{**VISION_DIMS, "use_absolute_position_embeddings": True, "use_mean_pooling": False, **changes})
     return _save_random(BeitModel(cfg, add_pooling_layer=False), folder, 2)
 
 
@@ -55,7 +55,13 @@ CAPTIONS = ["a small red circle on a white background", "a large blue square at 
             "a green triangle in the middle", "two yellow stars"]
 
 
-@pytest.mark.parametrize("make", [make_vit, make_beit], ids=["vit", "beit"])
+BEIT_RELATIVE = {"use_absolute_position_embeddings": False, "use_relative_position_bias": True}   # as VLMo's BEiT
+BEIT_SHARED = {"use_absolute_position_embeddings": False, "use_shared_relative_position_bias": True}
+
+
+@pytest.mark.parametrize("make", [make_vit, make_beit, lambda f: make_beit(f, **BEIT_RELATIVE),
+                                  lambda f: make_beit(f, **BEIT_SHARED)],
+                         ids=["vit", "beit", "beit-relative", "beit-shared-relative"])
 def test_image_features_after_loading_equal_the_hf_models_own(tmp_path, make):
     hf = make(tmp_path / "vision")
     cfg, state = init_state(TINY, str(tmp_path / "vision"), None, seed=0)
@@ -115,9 +121,9 @@ def test_a_shape_mismatch_names_the_tensors_and_both_shapes(tmp_path):
 
 
 def test_what_the_model_cannot_represent_is_refused_by_name(tmp_path):
-    make_beit(tmp_path / "relative", use_relative_position_bias=True)
-    with pytest.raises(InputError, match="use_relative_position_bias"):
-        init_state(TINY, str(tmp_path / "relative"), None, seed=0)
+    make_beit(tmp_path / "no-positions", use_absolute_position_embeddings=False)
+    with pytest.raises(InputError, match="neither absolute nor relative positions"):
+        init_state(TINY, str(tmp_path / "no-positions"), None, seed=0)
     make_vit(tmp_path / "four-heads", num_attention_heads=4)
     with pytest.raises(InputError, match="num_attention_heads is 4, the model has 2"):
         init_state(TINY, str(tmp_path / "four-heads"), None, seed=0)

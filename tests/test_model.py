@@ -139,6 +139,29 @@ def test_all_objectives_give_finite_losses_and_gradients():
             "blocks.0.l_ffn.fc1.weight"} <= grads
 
 
+@pytest.mark.parametrize("rel_pos", ["shared", "layer"])
+def test_relative_position_bias_trains_and_generates_with_the_cache(rel_pos):
+    """BEiT's relative position bias (image-image attention only): every objective reaches its tables,
+    and captioning with the KV cache (the bias in the prefill, none after) equals recomputing."""
+    torch.manual_seed(0)
+    m = MultiwayTransformer(CFG.replace(rel_pos_bias=rel_pos))
+    with torch.no_grad():   # away from zero, so that a bias that went missing would show
+        for name, p in m.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 1.0)
+    out = pretrain_losses(m, _batch(8), SPECIAL, {"itc": 1, "itm": 1, "mlm": 1, "lm": 1},
+                          torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    tables = [p for n, p in m.named_parameters() if n.endswith("rel_pos.table")]
+    assert len(tables) == (1 if rel_pos == "shared" else CFG.depth)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tables)
+    b = _batch()
+    kw = dict(sep_id=SPECIAL.sep, pad_id=SPECIAL.pad, max_len=CFG.max_text_len, min_len=3, top_p=None)
+    m.eval()
+    assert torch.equal(generate(m, b.images, b.ids[:, :2], use_cache=True, **kw),
+                       generate(m, b.images, b.ids[:, :2], use_cache=False, **kw))
+
+
 def test_hard_negatives_never_pick_the_positive_or_an_identical_caption():
     g = torch.Generator().manual_seed(0)
     n = 16

@@ -1,13 +1,14 @@
 """Experiment tracking through the real libraries, with no network: MLflow's local file store and W&B's
 offline mode, for a run that trains, evaluates and writes its report, then resumes. The run starts from
-tiny Hugging Face checkpoints (test_hf.py builds them): one training checks both, since each training
-through the CLI costs the suite half a minute."""
+tiny Hugging Face checkpoints (test_hf.py builds them; the vision one a BEiT with relative position bias,
+as VLMo starts): one training checks both, since each training through the CLI costs the suite half a
+minute."""
 import json
 import os
 import shutil
 
 from conftest import pretrain_config, vlp
-from test_hf import CAPTIONS, make_bert, make_vit
+from test_hf import BEIT_RELATIVE, CAPTIONS, make_beit, make_bert
 
 from pipeline.model import MultiwayTransformer
 
@@ -20,7 +21,7 @@ def test_a_tracked_run_from_hf_checkpoints_logs_config_training_curation_evaluat
 
     from pipeline.modelio import load_pretrained
 
-    make_vit(tmp_path / "vision")
+    make_beit(tmp_path / "vision", **BEIT_RELATIVE)
     _, tok = make_bert(tmp_path / "text", CAPTIONS)
     run_dir = tmp_path / "run"
     shutil.copytree(reference_run.root, run_dir)
@@ -35,12 +36,12 @@ def test_a_tracked_run_from_hf_checkpoints_logs_config_training_curation_evaluat
     # (docs/architecture.md, "Ray Train in a long-lived Ray")
     vlp("run", str(cfg_path), "--run-dir", str(run_dir))
 
-    # started from the checkpoints: the tokenizer is BERT's, the weights the ViT's a few steps on
+    # started from the checkpoints: the tokenizer is BERT's, the weights the BEiT's a few steps on
     stage = run_dir / "round-0" / "pretrain"
     assert json.loads((stage / "manifest.json").read_text())["init_from"] == init_from
     model, model_tok, _ = load_pretrained(stage / "model")
     assert model_tok.get_vocab() == tok.get_vocab()
-    assert model.cfg.stem == "patch" and model.cfg.norm_eps == 1e-12
+    assert model.cfg.stem == "patch" and model.cfg.norm_eps == 1e-12 and model.cfg.rel_pos_bias == "layer"
     # Adam moves a weight by about lr per step
     start = load_file(str(tmp_path / "vision" / "model.safetensors"))["encoder.layer.0.attention.output.dense.weight"]
     moved = (model.blocks[0].attn.proj.weight - start).abs().max().item()

@@ -37,6 +37,10 @@ class ModelConfig:
     """LayerScale (CaiT, BEiT): learned per-channel factors on every residual branch, starting at this
     value; 0 for none. A model initialised from a BEiT checkpoint takes BEiT's factors."""
 
+    rel_pos_bias: str = "none"
+    """BEiT's relative position bias on image-to-image attention (a learned bias per head for each offset
+    between two patches, and for [CLS]): "none", "shared" (one table for every block) or "layer" (one
+    per block). The BEiT checkpoints VLMo starts from use it; a model initialised from one takes theirs."""
     pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     """The per-channel normalisation (of [0, 1] RGB) the image tower was trained with. vlp's loaders give
@@ -67,6 +71,8 @@ class ModelConfig:
             raise ValueError(f"norm_eps: must be in (0, 1), got {self.norm_eps}")
         if self.layer_scale < 0:
             raise ValueError(f"layer_scale: must be >= 0 (0: none), got {self.layer_scale}")
+        if self.rel_pos_bias not in ("none", "shared", "layer"):
+            raise ValueError(f"rel_pos_bias: one of none, shared, layer; got {self.rel_pos_bias!r}")
         if self.pos_init not in ("trunc_normal", "sincos"):
             raise ValueError(f"pos_init: one of trunc_normal, sincos; got {self.pos_init!r}")
 

@@ -27,15 +27,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """`mask`: bool, broadcastable to [B, heads, Tq, Tk], True where a query may attend.
-        `cache`: a dict that keeps this layer's keys/values across generation steps."""
+        `cache`: a dict that keeps this layer's keys/values across generation steps.
+        `bias`: [heads, n, n] added to the logits among the first n tokens (the image's)."""
         b, t, w = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
+        if bias is not None:
+            n = bias.shape[-1]
+            bias = F.pad(bias, (0, k.shape[2] - n, 0, t - n)).to(q.dtype)[None]
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
@@ -56,6 +62,32 @@ class Expert(nn.Module):
         return out if self.scale is None else out * self.scale
 
 
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias: a learned value per head for each (row, column) offset between two
+    patches of the grid, and one each for [CLS] to patch, patch to [CLS] and [CLS] to itself (the
+    indices BEiT's checkpoints are laid out in)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        grid = cfg.image_size // cfg.patch_size
+        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, cfg.heads))
+        self.register_buffer("index", relative_position_index(grid), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)   # [heads, 1 + N, 1 + N]
+
+
+def relative_position_index(grid: int) -> torch.Tensor:
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)   # offsets from 0
+    distances = (2 * grid - 1) ** 2
+    index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+    index[0, :], index[:, 0], index[0, 0] = distances, distances + 1, distances + 2
+    return index
+
+
 class MultiwayBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, with_vl: bool):
         super().__init__()
@@ -66,12 +98,17 @@ class MultiwayBlock(nn.Module):
         self.v_ffn = Expert(cfg, hidden)
         self.l_ffn = Expert(cfg, hidden)
         self.vl_ffn = Expert(cfg, hidden) if with_vl else None
+        self.rel_pos = RelativePositionBias(cfg) if cfg.rel_pos_bias == "layer" else None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, route: str, n_image: int = 0,
-                cache: dict | None = None) -> torch.Tensor:
+                cache: dict | None = None, shared_bias: RelativePositionBias | None = None) -> torch.Tensor:
         """route: "v", "l", "vl" (one expert for all tokens) or "split" (first n_image tokens to V-FFN,
-        the rest to L-FFN)."""
-        attended = self.attn(self.norm(x), mask, cache)
+        the rest to L-FFN). With relative positions, the first n_image tokens are the image's (route
+        "v": all of them)."""
+        table = self.rel_pos if self.rel_pos is not None else shared_bias
+        image_tokens = x.shape[1] if route == "v" else n_image
+        bias = table() if table is not None and image_tokens else None
+        attended = self.attn(self.norm(x), mask, cache, bias)
         x = x + (attended if self.attn_scale is None else attended * self.attn_scale)
         if route == "split":
             return x + torch.cat([self.v_ffn(x[:, :n_image]), self.l_ffn(x[:, n_image:])], dim=1)
@@ -103,6 +140,7 @@ class MultiwayTransformer(nn.Module):
         self.type_embed = nn.Embedding(2, w)
         first_vl = cfg.depth - cfg.vl_layers
         self.blocks = nn.ModuleList(MultiwayBlock(cfg, with_vl=i >= first_vl) for i in range(cfg.depth))
+        self.rel_pos = RelativePositionBias(cfg) if cfg.rel_pos_bias == "shared" else None
         self.norm = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.image_proj = nn.Linear(w, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(w, cfg.embed_dim, bias=False)
@@ -156,7 +194,7 @@ class MultiwayTransformer(nn.Module):
         tokens from `embed_image` (one embedding of a batch serves every objective of a step)."""
         x = images if embedded else self.embed_image(images)
         for block in self.blocks:
-            x = block(x, None, "v")
+            x = block(x, None, "v", shared_bias=self.rel_pos)
         x = self.norm(x)
         return x, F.normalize(self.image_proj(x[:, 0]), dim=-1)
 
@@ -180,7 +218,7 @@ class MultiwayTransformer(nn.Module):
         mask = joint_mask(attention_mask.bool(), n_img, causal)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, "vl" if i >= self.first_vl else "split", n_img,
-                      cache[i] if cache is not None else None)
+                      cache[i] if cache is not None else None, self.rel_pos)
         return self.norm(x[:, n_img:])
 
     def decode_step(self, ids: torch.Tensor, position: int, cache: list[dict]) -> torch.Tensor:
