@@ -96,7 +96,6 @@ def test_a_checkpoints_own_pixel_statistics_are_followed(tmp_path):
         ours, _ = model.eval()("encode_image", (raw - 0.5) / 0.5)
         theirs = hf(pixel_values=(raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
     assert (ours - theirs.last_hidden_state).abs().max().item() < 1e-4
-    assert "pixel_scale" not in model.state_dict(), "derived from the config, not saved"
     # a DeiT with no preprocessor file: its type's default, ImageNet's
     DeiTModel(DeiTConfig(**VISION_DIMS), add_pooling_layer=False).save_pretrained(str(tmp_path / "deit"))
     assert init_state(TINY, str(tmp_path / "deit"), None, seed=0)[0].pixel_mean == mean
@@ -159,23 +158,50 @@ print(json.dumps({"image": image_gap, "text": text_gap, "pixels": pixel_gap, "lo
 """
 
 
-def test_an_hf_export_loads_in_transformers_with_the_same_features(tmp_path, trained_run):
+def _export_and_compare(model_dir, tmp_path) -> dict:
+    """`vlp export --format hf`, then EXPORT_CHECK in a fresh interpreter: its figures."""
     import os
     import subprocess
     import sys
 
     from conftest import ROOT, vlp
 
-    model_dir, out = trained_run / "round-0" / "pretrain" / "model", tmp_path / "hf"
-    vlp("export", str(model_dir), "--format", "hf", str(out))
+    vlp("export", str(model_dir), "--format", "hf", str(tmp_path / "hf"))
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(model_dir), str(out)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300, stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(model_dir), str(tmp_path / "hf")],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300, stdin=subprocess.DEVNULL,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_an_hf_export_loads_in_transformers_with_the_same_features(tmp_path, trained_run):
+    from conftest import vlp
+
+    model_dir = trained_run / "round-0" / "pretrain" / "model"
+    result = _export_and_compare(model_dir, tmp_path)
     assert result["image"] < 1e-5 and result["text"] < 1e-5, result
     assert result["pixels"] < 1e-5, "the image processor gives the pixels vlp's loader gives"
     assert result["logits"] == [4, 3] and result["processor"].startswith("ViTImageProcessor")
-    again = vlp("export", str(model_dir), "--format", "hf", str(out), check=False)
+    again = vlp("export", str(model_dir), "--format", "hf", str(tmp_path / "hf"), check=False)
     assert again.returncode == 2 and "exists" in again.stderr   # never overwrites a folder
 
+
+def test_an_hf_export_keeps_relative_positions_and_pixel_statistics(tmp_path):
+    """What a model started from a BEiT / DeiT carries: its bias tables, and statistics applied in the
+    forward. (transformers builds the model on the meta device: a derived buffer came back garbage.)"""
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.modelio import save_pretrained
+
+    tok = train_tokenizer(CAPTIONS * 5, 200, tmp_path / "tok")
+    cfg = TINY.replace(vocab_size=len(tok), rel_pos_bias="layer", pixel_mean=(0.485, 0.456, 0.406),
+                       pixel_std=(0.229, 0.224, 0.225))
+    torch.manual_seed(0)
+    model = MultiwayTransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_()
+    save_pretrained(tmp_path / "model", cfg, model.state_dict(), tmp_path / "tok", {"pretrain": {"zero_stage": 0}})
+    result = _export_and_compare(tmp_path / "model", tmp_path)
+    assert result["image"] < 1e-5 and result["text"] < 1e-5, result

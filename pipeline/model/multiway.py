@@ -69,13 +69,17 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        grid = cfg.image_size // cfg.patch_size
-        self.table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, cfg.heads))
-        self.register_buffer("index", relative_position_index(grid), persistent=False)
+        self.grid = cfg.image_size // cfg.patch_size
+        self.table = nn.Parameter(torch.zeros((2 * self.grid - 1) ** 2 + 3, cfg.heads))
+        # Derived, so neither a parameter nor a buffer: a loader that builds the model on the meta device
+        # (transformers' from_pretrained) restores only what the checkpoint holds and left a buffer garbage.
+        self._index: torch.Tensor | None = None
 
     def forward(self) -> torch.Tensor:
-        n = self.index.shape[0]
-        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)   # [heads, 1 + N, 1 + N]
+        if self._index is None or self._index.device != self.table.device:
+            self._index = relative_position_index(self.grid).to(self.table.device)
+        n = self._index.shape[0]
+        return self.table[self._index.view(-1)].view(n, n, -1).permute(2, 0, 1)   # [heads, 1 + N, 1 + N]
 
 
 def relative_position_index(grid: int) -> torch.Tensor:
@@ -125,12 +129,6 @@ class MultiwayTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        scale = shift = None   # not saved (persistent=False): they follow from cfg
-        if cfg.pixel_mean != (0.5, 0.5, 0.5) or cfg.pixel_std != (0.5, 0.5, 0.5):
-            mean, std = torch.tensor(cfg.pixel_mean), torch.tensor(cfg.pixel_std)
-            scale, shift = (0.5 / std).view(1, 3, 1, 1), ((0.5 - mean) / std).view(1, 3, 1, 1)
-        self.register_buffer("pixel_scale", scale, persistent=False)
-        self.register_buffer("pixel_shift", shift, persistent=False)
         self.patch_embed = ConvStem(w, cfg.patch_size) if cfg.stem == "conv" else \
             nn.Conv2d(3, w, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.image_cls = nn.Parameter(torch.zeros(1, 1, w))
@@ -174,8 +172,12 @@ class MultiwayTransformer(nn.Module):
     # --- embeddings ---------------------------------------------------------------------------
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        if self.pixel_scale is not None:   # from the loaders' (x - 0.5) / 0.5 to the tower's own statistics
-            images = images * self.pixel_scale + self.pixel_shift
+        if self.cfg.pixel_mean != (0.5, 0.5, 0.5) or self.cfg.pixel_std != (0.5, 0.5, 0.5):
+            # from the loaders' (x - 0.5) / 0.5 to the tower's own statistics; computed here, not kept in
+            # a buffer (see RelativePositionBias: a meta-device loader would leave it garbage)
+            mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+                         for v in (self.cfg.pixel_mean, self.cfg.pixel_std))
+            images = (images * 0.5 + 0.5 - mean) / std
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         cls = self.image_cls.expand(x.shape[0], -1, -1)
         if self.cfg.cls_from_patches:
