@@ -180,11 +180,23 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_training(tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_a_launcher_trains_the_same_model_as_ray_train(tmp_path, toyweb, reference_run, trained, launcher):
     """`vlp train` under torchrun or the deepspeed launcher on 2 CPU processes, no Ray: the losses, the
-    fingerprint and the exported weights are those of the Ray Train run with the same config and data."""
+    fingerprint and the exported weights are those of the Ray Train run with the same config and data.
+    torchrun trains from step 0; the deepspeed launcher resumes the Ray run, killed after its step-8
+    checkpoint (the same checkpoints serve both paths)."""
     import socket
 
     run_dir = tmp_path / "run"
-    shutil.copytree(reference_run.root, run_dir)
+    if launcher == "torchrun":
+        shutil.copytree(reference_run.root, run_dir)
+    else:
+        shutil.copytree(trained, run_dir)
+        stage = run_dir / "round-0" / "pretrain"
+        (stage / "checkpoints" / "step-00000012" / "COMPLETE").unlink()
+        for path in ("manifest.json", "model", "_ray"):   # _ray: Ray Train's own files, none of ours
+            shutil.rmtree(stage / path) if (stage / path).is_dir() else (stage / path).unlink()
+        shutil.rmtree(run_dir / "round-0" / "evaluate")
+    step8 = run_dir / "round-0" / "pretrain" / "checkpoints" / "step-00000008"
+    before = {p.name: p.stat().st_mtime_ns for p in step8.iterdir()} if step8.exists() else None
     cfg = pretrain_config(tmp_path / "c.yaml", toyweb)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,5 +219,7 @@ def test_a_launcher_trains_the_same_model_as_ray_train(tmp_path, toyweb, referen
     model = Path("round-0/pretrain/model/model.safetensors")
     assert (run_dir / model).read_bytes() == (trained / model).read_bytes()
     assert not (run_dir / "round-0" / "pretrain" / "_ray").exists(), "no Ray Train run"
+    if before is not None:   # resumed at 8, not retrained from 0
+        assert {p.name: p.stat().st_mtime_ns for p in step8.iterdir()} == before
     again = vlp("run", str(cfg), "--run-dir", str(run_dir), "--only", "pretrain")   # the Ray path sees it done
     assert "already committed" in again.stderr
