@@ -44,6 +44,9 @@ def vision_overrides(hf: dict, folder: Path) -> dict:
         raise InputError(f"{folder}: hidden_act {hf['hidden_act']!r}; the multiway FFN uses gelu")
     rel_pos = "none"
     if kind == "beit":
+        if hf.get("use_shared_relative_position_bias") and hf.get("use_relative_position_bias"):
+            raise InputError(f"{folder}: both use_shared_relative_position_bias and use_relative_position_bias "
+                             f"are set; the multiway model has one kind of relative position bias")
         rel_pos = "shared" if hf.get("use_shared_relative_position_bias") else \
             "layer" if hf.get("use_relative_position_bias") else "none"
         if rel_pos == "none" and not hf.get("use_absolute_position_embeddings"):

@@ -123,6 +123,9 @@ def test_what_the_model_cannot_represent_is_refused_by_name(tmp_path):
     make_beit(tmp_path / "no-positions", use_absolute_position_embeddings=False)
     with pytest.raises(InputError, match="neither absolute nor relative positions"):
         init_state(TINY, str(tmp_path / "no-positions"), None, seed=0)
+    make_beit(tmp_path / "both-biases", use_relative_position_bias=True, use_shared_relative_position_bias=True)
+    with pytest.raises(InputError, match="one kind of relative position bias"):
+        init_state(TINY, str(tmp_path / "both-biases"), None, seed=0)
     make_vit(tmp_path / "four-heads", num_attention_heads=4)
     with pytest.raises(InputError, match="num_attention_heads is 4, the model has 2"):
         init_state(TINY, str(tmp_path / "four-heads"), None, seed=0)
