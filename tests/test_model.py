@@ -210,7 +210,7 @@ def test_gathered_itc_over_two_gloo_ranks_equals_one_process():
     ref = [p.clone().requires_grad_(True) for p in (enc_img, enc_txt, scale)]
     ref_loss, _ = _itc_of(x_img, x_txt, *ref)
     ref_loss.backward()
-    results = mp.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()   # never fork this process: it is a Ray driver
     mp.spawn(_itc_rank, args=(2, _free_port(), x_img, x_txt, enc_img, enc_txt, scale, results), nprocs=2, join=True)
     for rank in range(2):
         loss, offset, grads = results[rank]

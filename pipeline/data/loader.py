@@ -157,5 +157,9 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None) -> tor
 
 
 def make_loader(spec: StreamSpec, skip: dict[int, int] | None = None) -> torch.utils.data.DataLoader:
+    # Loader workers start from a fork server, not by forking this process: it is a Ray worker (or driver)
+    # with Ray's threads and gRPC channels, and a fork of it once left a child hung on a futex while the
+    # parent's Ray core died on a corrupted pubsub reply ("publisher_id is empty"), ending pytest silently.
+    context = "forkserver" if spec.num_workers else None
     return torch.utils.data.DataLoader(ShardStream(spec, skip), batch_size=None, num_workers=spec.num_workers,
-                                       persistent_workers=False)
+                                       persistent_workers=False, multiprocessing_context=context)
