@@ -93,13 +93,13 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 def _fingerprint_eval_images(eval_shards: list[str], benchmarks: list[dict], root, settings, options) -> None:
     """Hash the eval split's and every benchmark's images into the dedup partitions as eval nodes: a task
     per eval shard and per part of a benchmark (unit numbers: the eval shards, then the parts in order)."""
-    units = {p: (fingerprint_eval_shard, (p,)) for p in eval_shards}
+    units = {p: (eval_shard_images, (p,)) for p in eval_shards}
     count = ray.remote(benchmarks_lib.image_parts).options(num_cpus=options["num_cpus"])
     try:
         parts = ray.get([count.remote(b) for b in benchmarks])
     except ray.exceptions.RayTaskError as err:   # a benchmark that cannot be read: its own message
         raise (err.cause if isinstance(err.cause, InputError) else err) from None
-    units |= {f"{b['name']} part {k}": (fingerprint_benchmark_part, (b, k)) for b, n in zip(benchmarks, parts)
+    units |= {f"{b['name']} part {k}": (benchmarks_lib.part_images, (b, k)) for b, n in zip(benchmarks, parts)
               for k in range(n)}
     task = ray.remote(_fingerprint_unit).options(**options)
     todo = {name: (fn, args, i, str(root), settings) for i, (name, (fn, args)) in enumerate(units.items())
@@ -242,17 +242,12 @@ def _words(text: str) -> int:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # how webdatasets (ours, COCO's, open_clip's) name images
 
 
-def fingerprint_eval_shard(shard_path: str):
+def eval_shard_images(shard_path: str):
     """The images of an eval shard."""
     for sample in read_shard(as_path(shard_path)):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is not None:
             yield data
-
-
-def fingerprint_benchmark_part(bench: dict, part: int):
-    """The images of one part of a benchmark's split (pipeline/benchmarks.py)."""
-    yield from benchmarks_lib.part_images(bench, part)
 
 
 def _fingerprint_unit(images_of, args: tuple, index: int, root: str, settings: dedup.Settings) -> dict:
