@@ -66,21 +66,28 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def atomic_write_parquet(path: str | Path, table, row_group_size: int | None = None, compression: str = "zstd") -> None:
-    """A pyarrow table as a (zstd) parquet file, atomically (ledgers, decisions, the dedup shuffle)."""
+# Writer options for columns of hashes: random bits neither compress nor repeat, and parquet's defaults
+# (zstd, a dictionary tried then dropped, min/max statistics) cost ~3x the plain write for nothing.
+RAW = {"compression": "none", "use_dictionary": False, "write_statistics": False}
+
+
+def atomic_write_parquet(path: str | Path, table, row_group_size: int | None = None, compression: str = "zstd",
+                         **options) -> None:
+    """A pyarrow table as a (zstd) parquet file, atomically (ledgers, decisions, the dedup shuffle);
+    `options` go to pyarrow's writer (RAW for hashes)."""
     import pyarrow.parquet as pq
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size, **options)
 
 
-def atomic_write_row_groups(path: str | Path, tables: list, schema, compression: str = "zstd") -> None:
+def atomic_write_row_groups(path: str | Path, tables: list, schema, compression: str = "zstd", **options) -> None:
     """Tables as the row groups of one parquet file, in order (an empty table is an empty row group),
     atomically: a shuffle writes one file per task with a row group per partition, not a file per
     (task, partition) — on an object store each file is a PUT."""
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression=compression) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression=compression, **options) as writer:
         for table in tables:
             writer.write_table(table, row_group_size=max(1, table.num_rows))
 

@@ -4,8 +4,8 @@ Web lists repeat URLs (LAION-400M's parquet parts overlap; CC12M repeats a CDN's
 fetching one twice costs the host a request and the run a duplicate that image dedup must catch later.
 The planning task of each list (listplan.py) also writes, per row, a 128-bit hash of its URL (as written,
 surrounding whitespace trimmed) and its node, `list << 40 | source_row` (list order, then row order), into
-P partitions by hash. One task per partition finds the rows whose URL an earlier node has; one task
-merges those (few) rows, sorted by node, into `inputs/duplicate-urls.parquet` with the key of the row
+P partitions by hash (one file per batch, a row group per partition). One task per partition finds the
+rows whose URL an earlier node has; one task merges those (few) rows, sorted by node, into `inputs/duplicate-urls.parquet` with the key of the row
 that is fetched. A download task reads the rows of its node range (row-group statistics skip the rest)
 and drops them as `duplicate_url` without fetching. The decisions depend on neither P nor the workers.
 """
@@ -19,7 +19,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.fsutil import atomic_write_parquet, read_parquet
+from pipeline.fsutil import (
+    RAW,
+    atomic_write_parquet,
+    atomic_write_row_groups,
+    is_temporary,
+    read_parquet,
+    read_row_group,
+)
 from pipeline.storage import as_path
 
 NODE_BITS = 40                       # rows per list: up to 10^12
@@ -36,31 +43,35 @@ def partitions_for(list_bytes: int) -> int:
 
 def url_hashes(urls: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(h1, h2): 128 bits of SipHash of each URL, whitespace trimmed; a missing URL hashes as ''."""
-    values = pc.fill_null(pc.utf8_trim_whitespace(urls), "").to_numpy(zero_copy_only=False)
+    # As bytes, not str: the same hash (SipHash of the UTF-8), without decoding every URL into a Python
+    # str and encoding it again per key (~3x faster)
+    values = pc.fill_null(pc.utf8_trim_whitespace(urls), "").cast(pa.binary()).to_numpy(zero_copy_only=False)
     return tuple(pd.util.hash_array(values, hash_key=k, categorize=False) for k in _KEYS)
+
+
+HASH_SCHEMA = pa.schema([("h1", pa.uint64()), ("h2", pa.uint64()), ("node", pa.int64())])
 
 
 def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array | pa.ChunkedArray, rows: np.ndarray, partitions: int,
                           part: int) -> None:
-    """(planning task) One batch's URL hashes into `folder/url-hashes/<p>/<list>-<part>.parquet`."""
+    """(planning task) One batch's URL hashes into `folder/url-hashes/<list>-<part>.parquet`, row group p
+    holding partition p: one file (one fsync, one PUT on an object store) per batch, not one per partition."""
     h1, h2 = url_hashes(urls)
     nodes = (np.int64(list_index) << NODE_BITS) | rows.astype(np.int64)
     where = (h1 % np.uint64(partitions)).astype(np.int64)
     order = np.argsort(where, kind="stable")
     bounds = np.searchsorted(where[order], np.arange(partitions + 1))
-    for p in range(partitions):
-        take = order[bounds[p]:bounds[p + 1]]
-        atomic_write_parquet(folder / HASHES / str(p) / f"{list_index:04d}-{part:06d}.parquet",
-                             pa.table({"h1": h1[take], "h2": h2[take], "node": nodes[take]}),
-                             compression="none")   # hashes do not compress: zstd would only cost CPU
+    groups = [order[bounds[p]:bounds[p + 1]] for p in range(partitions)]
+    atomic_write_row_groups(folder / HASHES / f"{list_index:04d}-{part:06d}.parquet",
+                            [pa.table([h1[g], h2[g], nodes[g]], schema=HASH_SCHEMA) for g in groups], HASH_SCHEMA, **RAW)
 
 
 def find_duplicates(folder: str, p: int) -> int:
     """(Ray task) The rows of partition p whose URL a smaller node has: (node, first node), to
     `url-duplicates/<p>.parquet`. Returns how many."""
     folder = as_path(folder)
-    files = sorted((folder / HASHES / str(p)).glob("*.parquet"))
-    table = pa.concat_tables([read_parquet(f) for f in files]) if files else None
+    files = sorted(f for f in (folder / HASHES).glob("*.parquet") if not is_temporary(f)) if (folder / HASHES).is_dir() else []
+    table = pa.concat_tables([read_row_group(f, p) for f in files]) if files else None
     node, first = np.empty(0, np.int64), np.empty(0, np.int64)
     if table is not None and table.num_rows:
         h1, h2, nodes = (table[c].to_numpy() for c in ("h1", "h2", "node"))
