@@ -49,8 +49,15 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.data import neardup
-from pipeline.fsutil import (atomic_write_json, atomic_write_parquet, atomic_write_row_groups, read_json, read_parquet,
-                             read_row_group)
+from pipeline.fsutil import (
+    RAW,
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_row_groups,
+    read_json,
+    read_parquet,
+    read_row_group,
+)
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.storage import as_path
 
@@ -166,7 +173,7 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
     exact_col = pa.array([exact[i] for i in rows], pa.string())
     where = partition_of(hex_prefix(exact_col), P)
     atomic_write_row_groups(root / "exact" / f"{unit}.parquet", [
-        pa.table([exact_col.take(mine), nodes[rows[mine]]], schema=EXACT) for mine in _by_partition(where, P)], EXACT)
+        pa.table([exact_col.take(mine), nodes[rows[mine]]], schema=EXACT) for mine in _by_partition(where, P)], EXACT, **RAW)
     if not settings.searches_near:
         return
     with_sig = np.array([i for i in rows if sigs[i] is not None], np.int64)
@@ -180,7 +187,7 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
         of = owner[mine]
         tables.append(pa.table([keys[mine].astype(np.int32), nodes[with_sig[of]], words[of, 0], words[of, 1],
                                 digest[of], head[of]], schema=BAND))
-    atomic_write_row_groups(root / "band" / f"{unit}.parquet", tables, BAND)
+    atomic_write_row_groups(root / "band" / f"{unit}.parquet", tables, BAND, **RAW)
 
 
 def _by_partition(where: np.ndarray, partitions: int) -> list[np.ndarray]:
@@ -193,29 +200,28 @@ def _by_partition(where: np.ndarray, partitions: int) -> list[np.ndarray]:
 # --- exact -------------------------------------------------------------------------------------------
 
 def exact_partition(root: str, p: int, settings: Settings) -> dict:
+    """Drops of partition p's groups of equal original bytes: every web sample of a group holding an
+    eval image (`eval_contaminated`), else each but the group's smallest node (`duplicate_exact`)."""
     root = as_path(root)
     table = _read_partition(root / "exact", p, EXACT)
-    drops = {"node": [], "reason": []}
+    node, reason = np.zeros(0, np.int64), np.zeros(0, object)
     if table.num_rows:
         groups = pc.dictionary_encode(table["exact"]).combine_chunks().indices.to_numpy()
         nodes = table["node"].to_numpy()
         order = np.lexsort((nodes, groups))
         groups, nodes = groups[order], nodes[order]
-        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-        for start, stop in zip(starts, np.r_[starts[1:], len(nodes)]):
-            members = nodes[start:stop]
-            web = members[members < EVAL]
-            if len(web) == 0:
-                continue
-            if settings.decontaminate and len(web) < len(members):
-                drops["node"] += web.tolist()
-                drops["reason"] += ["eval_contaminated"] * len(web)
-            elif settings.exact and len(web) > 1:
-                drops["node"] += web[1:].tolist()
-                drops["reason"] += ["duplicate_exact"] * (len(web) - 1)
-    atomic_write_parquet(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(drops["node"], pa.int64()),
-                                                           "reason": pa.array(drops["reason"], pa.string())}))
-    return mark(root, "exact", str(p), {"drops": len(drops["node"])})
+        new = np.r_[True, groups[1:] != groups[:-1]]
+        group = np.cumsum(new) - 1
+        last = np.r_[np.flatnonzero(new)[1:], len(nodes)] - 1
+        with_eval = nodes[last][group] >= EVAL   # eval nodes sort after every web node of their group
+        web = nodes < EVAL
+        contaminated = web & with_eval & settings.decontaminate
+        copy = web & ~new & ~contaminated & settings.exact   # a group's first node is its smallest
+        node = nodes[contaminated | copy]
+        reason = np.where(contaminated, "eval_contaminated", "duplicate_exact")[contaminated | copy]
+    atomic_write_parquet(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(node, pa.int64()),
+                                                                        "reason": pa.array(reason, pa.string())}))
+    return mark(root, "exact", str(p), {"drops": len(node)})
 
 
 # --- band join ---------------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
         pa.table([a[rows], b[rows]], schema=PAIRS) for rows in _by_partition(partition_of(a >> 32, settings.partitions),
                                                                             settings.partitions)], PAIRS)
     atomic_write_parquet(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS))
-    return mark(root, "band", str(p), {"pairs": int(len(a)), "copy_edges": int(len(ea)), "buckets_cut": cut,
+    return mark(root, "band", str(p), {"pairs": len(a), "copy_edges": len(ea), "buckets_cut": cut,
                                         "pairs_left_out": left_out})
 
 
@@ -299,20 +305,38 @@ BLOCK_PAIRS = 1 << 18   # pair tests per array operation in _close_pairs (~2 MB 
 
 def _close_pairs(words: np.ndarray, run_start: np.ndarray, run_size: np.ndarray):
     """Yield (rows i, rows j), i < j in one run, whose SimHashes (`words`: two uint64 a row) differ in
-    at most MAX_SIMHASH_BITS bits. Runs of the same size n are stacked and tested together over the
-    n(n-1)/2 index pairs of the upper triangle: one array operation tests many runs (~15 ns a pair on
-    this machine), with no loop per bucket, no padding, and every pair tested once."""
+    at most MAX_SIMHASH_BITS bits. Runs of the same size n are stacked and each tested as a whole n x n
+    block by broadcasting, the upper triangle kept: no gathers of index pairs, one array operation for
+    many runs (~5 ns a pair on this machine against ~9-40 ns for the n(n-1)/2 pairs gathered by index,
+    slower the bigger n). A run too big for one block is tested in bands of rows against the rows after
+    them."""
     for n in np.unique(run_size).tolist():
-        mine = np.flatnonzero(run_size == n)
-        first, second = np.triu_indices(n, k=1)
-        step = max(1, BLOCK_PAIRS // len(first))
-        for lo in range(0, len(mine), step):
-            rows = run_start[mine[lo:lo + step]][:, None] + np.arange(n)[None, :]
-            w0, w1 = words[rows, 0], words[rows, 1]
-            diff = np.bitwise_count(w0[:, first] ^ w0[:, second])
-            diff += np.bitwise_count(w1[:, first] ^ w1[:, second])
-            block, pair = np.divmod(np.flatnonzero(diff <= MAX_SIMHASH_BITS), len(first))
-            yield rows[block, first[pair]], rows[block, second[pair]]
+        mine = run_start[run_size == n]
+        if n * n <= BLOCK_PAIRS:
+            upper = np.triu(np.ones((n, n), bool), k=1)
+            step = BLOCK_PAIRS // (n * n)
+            for lo in range(0, len(mine), step):
+                rows = mine[lo:lo + step, None] + np.arange(n)[None, :]
+                hit = np.flatnonzero(_close(words[rows], words[rows]) & upper)   # flat: nonzero's 3-d index is slow
+                block, i, j = hit // (n * n), hit // n % n, hit % n
+                yield rows[block, i], rows[block, j]
+            continue
+        band = max(1, BLOCK_PAIRS // n)
+        for start in mine.tolist():
+            for lo in range(0, n - 1, band):
+                first = np.arange(start + lo, start + min(n, lo + band))      # a band of rows ...
+                later = np.arange(first[0], start + n)                       # ... against itself and the rest
+                hit = np.flatnonzero(_close(words[first][None], words[later][None])[0]
+                                     & (later[None, :] > first[:, None]))
+                yield first[hit // len(later)], later[hit % len(later)]
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B, n, m) whether row i of a[k] and row j of b[k] (each (B, rows, 2) uint64) are within
+    MAX_SIMHASH_BITS bits."""
+    diff = np.bitwise_count(a[:, :, None, 0] ^ b[:, None, :, 0])
+    diff += np.bitwise_count(a[:, :, None, 1] ^ b[:, None, :, 1])
+    return diff <= MAX_SIMHASH_BITS
 
 
 def _wanted(first: np.ndarray, second: np.ndarray, settings: Settings) -> np.ndarray:
@@ -404,40 +428,59 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
 # --- resolve ------------------------------------------------------------------------------------------
 
 def resolve(root: str, unit: int, shards: int) -> dict:
-    """(one task) The drops of every phase, in node order, written per shard: decisions/<index>.parquet."""
+    """(one task) The drops of every phase, in node order, written per shard: decisions/<index>.parquet.
+    Arrays throughout (no Python object per node): ~40 bytes a drop or an edge."""
     root = as_path(root)
     exact = _read(root / "exact_out", pa.schema([("node", pa.int64()), ("reason", pa.string())]))
-    reason = dict(zip(exact["node"].to_pylist(), exact["reason"].to_pylist()))
-    edges = _read(root / "edges", pa.schema([("a", pa.int64()), ("b", pa.int64())]))
+    edges = _read(root / "edges", PAIRS)
     a, b = _unique_pairs([edges["a"].to_numpy()], [edges["b"].to_numpy()])
     to_eval = b >= EVAL   # pairs are (smaller, larger): an eval node is always the second
-    for node in np.unique(a[to_eval]).tolist():
-        reason[node] = "eval_contaminated"   # before any exact or near duplicate: the order of the rules
-    web = ~to_eval
-    a, b = a[web], b[web]
-    # greedy in node order: b is dropped if a smaller node it copies was kept
-    order = np.lexsort((a, b))
-    a, b = a[order], b[order]
-    starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]]) if len(b) else np.zeros(0, np.int64)
-    sources = {int(b[s]): a[s:e].tolist() for s, e in zip(starts, np.r_[starts[1:], len(b)])}
-    kept: set[int] = set()
-    near = 0
-    for node in np.unique(np.concatenate([a, b])).tolist():
-        if node in reason:
-            continue
-        if any(x in kept for x in sources.get(node, ())):
-            reason[node] = "duplicate_near"
-            near += 1
-        else:
-            kept.add(node)
-    dropped = np.array(sorted(reason), np.int64)
-    bounds = np.searchsorted(dropped >> 32, np.arange(shards + 1))   # sorted: each shard's drops are a run
+    contaminated = np.unique(a[to_eval])   # before any exact or near duplicate: the order of the rules
+    exact_nodes = exact["node"].to_numpy()
+    exact_rest = ~np.isin(exact_nodes, contaminated)
+    decided = np.concatenate([contaminated, exact_nodes[exact_rest]])
+    # A node dropped already is never kept, so its edges can neither drop a node nor be decided again.
+    web = ~to_eval & ~np.isin(a, decided) & ~np.isin(b, decided)
+    near = greedy_drops(a[web], b[web])
+    nodes = np.concatenate([decided, near])
+    reasons = pa.concat_arrays([pa.array(np.full(len(contaminated), "eval_contaminated")),
+                                exact["reason"].combine_chunks().filter(pa.array(exact_rest)).cast(pa.string()),
+                                pa.array(np.full(len(near), "duplicate_near"))]) if len(nodes) else pa.array([], pa.string())
+    order = np.argsort(nodes, kind="stable")
+    nodes, reasons = nodes[order], reasons.take(pa.array(order))
+    bounds = np.searchsorted(nodes >> 32, np.arange(shards + 1))   # sorted: each shard's drops are a run
     for index in range(shards):
-        mine = dropped[bounds[index]:bounds[index + 1]]
+        lo, hi = int(bounds[index]), int(bounds[index + 1])
         atomic_write_parquet(root / "decisions" / f"{index}.parquet",
-               pa.table({"node": mine, "reason": pa.array([reason[int(n)] for n in mine], pa.string())}))
-    summary = {"dropped": len(reason), "near": near, "edges": int(len(a)) + int(to_eval.sum())}
+                             pa.table({"node": pa.array(nodes[lo:hi], pa.int64()), "reason": reasons.slice(lo, hi - lo)}))
+    summary = {"dropped": len(nodes), "near": len(near), "edges": len(a)}
     return mark(root, "resolve", "all", summary)
+
+
+def greedy_drops(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The nodes the greedy rule drops over edges a < b: in node order, a node is dropped if a smaller
+    node it copies was kept. Decided in rounds, as arrays: a node whose sources are all decided is
+    dropped if one was kept, else kept; each round drops the edges into decided nodes, so a chain of
+    copies costs rounds, a clique two."""
+    if not len(a):
+        return np.zeros(0, np.int64)
+    nodes, index = np.unique(np.concatenate([a, b]), return_inverse=True)
+    src, dst = index[:len(a)], index[len(a):]
+    order = np.argsort(dst, kind="stable")   # edges grouped by their second node
+    src, dst = src[order], dst[order]
+    state = np.ones(len(nodes), np.int8)      # 1 kept, 2 dropped, 0 undecided: nodes with a source
+    state[dst] = 0
+    while len(dst):
+        first = np.flatnonzero(np.r_[True, dst[1:] != dst[:-1]])
+        sources = state[src]
+        any_kept = np.maximum.reduceat((sources == 1).astype(np.int8), first).astype(bool)
+        any_open = np.maximum.reduceat((sources == 0).astype(np.int8), first).astype(bool)
+        target = dst[first]
+        state[target[any_kept]] = 2
+        state[target[~any_kept & ~any_open]] = 1
+        still = state[dst] == 0
+        src, dst = src[still], dst[still]
+    return nodes[state == 2]
 
 
 def decisions_of(root: Path, index: int) -> dict[int, str]:
