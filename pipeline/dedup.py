@@ -31,7 +31,13 @@ files, fsyncs and, on an object store, PUTs; a partition's task reads its row gr
           repartitioned by its second node's unit (signatures never go through the shuffle: only the
           pairs that need the verifier read them);
   verify  per partition: with the second node's signature, pipeline/data/neardup.py verifies -> edges;
-  resolve one task: the drops of `exact` and the edges, in node order -> decisions per shard.
+          (exact drops and edges are written by the unit partition of their first node: a shard's
+          nodes are decided together)
+  decide  per unit partition: eval_contaminated and duplicate_exact; edges from a dropped node left out,
+          the rest sent to their second node's unit partition;
+  prune   per unit partition: edges into a dropped node left out;
+  near    one task: the greedy rule over the edges left (between nodes no other rule dropped), as arrays;
+  decisions per unit partition: its shards' drops, one file each.
 """
 from __future__ import annotations
 
@@ -219,9 +225,24 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
         copy = web & ~new & ~contaminated & settings.exact   # a group's first node is its smallest
         node = nodes[contaminated | copy]
         reason = np.where(contaminated, "eval_contaminated", "duplicate_exact")[contaminated | copy]
-    atomic_write_parquet(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(node, pa.int64()),
-                                                                        "reason": pa.array(reason, pa.string())}))
+    _write_by_unit(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(node, pa.int64()),
+                                                                  "reason": pa.array(reason, pa.string())}, schema=DROPS),
+                   node, settings.partitions)
     return mark(root, "exact", str(p), {"drops": len(node)})
+
+
+DROPS = pa.schema([("node", pa.int64()), ("reason", pa.string())])
+
+
+def unit_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition of each web node's unit (its shard): where its drops, edges and decisions meet."""
+    return partition_of(nodes >> 32, partitions)
+
+
+def _write_by_unit(path: Path, table: pa.Table, nodes: np.ndarray, partitions: int) -> None:
+    """`table` as one file, row group u holding the rows whose `nodes` are in unit partition u."""
+    atomic_write_row_groups(path, [table.take(rows) for rows in _by_partition(unit_partition(nodes, partitions), partitions)],
+                            table.schema)
 
 
 # --- band join ---------------------------------------------------------------------------------------
@@ -262,7 +283,7 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
     atomic_write_row_groups(root / "pairs_a" / f"{p}.parquet", [
         pa.table([a[rows], b[rows]], schema=PAIRS) for rows in _by_partition(partition_of(a >> 32, settings.partitions),
                                                                             settings.partitions)], PAIRS)
-    atomic_write_parquet(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS))
+    _write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS), ea, settings.partitions)
     return mark(root, "band", str(p), {"pairs": len(a), "copy_edges": len(ea), "buckets_cut": cut,
                                         "pairs_left_out": left_out})
 
@@ -420,41 +441,77 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
         if neardup.near_copy_distance(signature(a, sig_a), signature(b, raw_b), limit) is not None:
             edges["a"].append(a)
             edges["b"].append(b)
-    atomic_write_parquet(root / "edges" / f"{r}.parquet", pa.table([pa.array(edges["a"], pa.int64()),
-                                                                     pa.array(edges["b"], pa.int64())], schema=PAIRS))
+    a = np.array(edges["a"], np.int64)
+    _write_by_unit(root / "edges" / f"{r}.parquet", pa.table([a, np.array(edges["b"], np.int64)], schema=PAIRS), a,
+                   settings.partitions)
     return mark(root, "verify", str(r), {"edges": len(edges["a"])})
 
 
 # --- resolve ------------------------------------------------------------------------------------------
 
-def resolve(root: str, unit: int, shards: int) -> dict:
-    """(one task) The drops of every phase, in node order, written per shard: decisions/<index>.parquet.
-    Arrays throughout (no Python object per node): ~40 bytes a drop or an edge."""
+def decide_partition(root: str, u: int, settings: Settings) -> dict:
+    """The drops decided before the near rule, of the nodes of unit partition u: `eval_contaminated`
+    (an exact copy of an eval image, or an edge to one: before any other reason), `duplicate_exact`.
+    Its edges whose first node is dropped already are left out (a dropped node is never kept, so it
+    drops nothing); the rest go on, by their second node's unit partition."""
     root = as_path(root)
-    exact = _read(root / "exact_out", pa.schema([("node", pa.int64()), ("reason", pa.string())]))
-    edges = _read(root / "edges", PAIRS)
-    a, b = _unique_pairs([edges["a"].to_numpy()], [edges["b"].to_numpy()])
+    exact = _read_partition(root / "exact_out", u, DROPS)
+    edges = _read_partition(root / "edges", u, PAIRS)
+    a, b = _unique_pairs([edges["a"].to_numpy()], [edges["b"].to_numpy()])   # a pair found in several bands
     to_eval = b >= EVAL   # pairs are (smaller, larger): an eval node is always the second
-    contaminated = np.unique(a[to_eval])   # before any exact or near duplicate: the order of the rules
+    contaminated = np.unique(a[to_eval])
     exact_nodes = exact["node"].to_numpy()
-    exact_rest = ~np.isin(exact_nodes, contaminated)
-    decided = np.concatenate([contaminated, exact_nodes[exact_rest]])
-    # A node dropped already is never kept, so its edges can neither drop a node nor be decided again.
-    web = ~to_eval & ~np.isin(a, decided) & ~np.isin(b, decided)
-    near = greedy_drops(a[web], b[web])
-    nodes = np.concatenate([decided, near])
-    reasons = pa.concat_arrays([pa.array(np.full(len(contaminated), "eval_contaminated")),
-                                exact["reason"].combine_chunks().filter(pa.array(exact_rest)).cast(pa.string()),
-                                pa.array(np.full(len(near), "duplicate_near"))]) if len(nodes) else pa.array([], pa.string())
-    order = np.argsort(nodes, kind="stable")
-    nodes, reasons = nodes[order], reasons.take(pa.array(order))
+    rest = ~np.isin(exact_nodes, contaminated)
+    nodes = np.concatenate([contaminated, exact_nodes[rest]])
+    reasons = pa.concat_arrays([pa.array(np.full(len(contaminated), "eval_contaminated"), pa.string()),
+                                exact["reason"].combine_chunks().filter(pa.array(rest)).cast(pa.string())])
+    order = np.argsort(nodes)
+    atomic_write_parquet(root / "decided" / f"{u}.parquet",
+                         pa.table([nodes[order], reasons.take(pa.array(order, pa.int64()))], schema=DROPS))
+    web = ~to_eval & ~np.isin(a, nodes)
+    _write_by_unit(root / "free_first" / f"{u}.parquet", pa.table([a[web], b[web]], schema=PAIRS), b[web],
+                   settings.partitions)
+    return mark(root, "decide", str(u), {"decided": len(nodes), "edges": len(a)})
+
+
+def prune_partition(root: str, v: int, settings: Settings) -> dict:
+    """The edges whose second node is in unit partition v, less those whose second node is dropped
+    already: what is left is the graph the near rule runs on."""
+    root = as_path(root)
+    decided = read_parquet(root / "decided" / f"{v}.parquet", columns=["node"])["node"].to_numpy()
+    pairs = _read_partition(root / "free_first", v, PAIRS)
+    keep = ~np.isin(pairs["b"].to_numpy(), decided)
+    atomic_write_parquet(root / "free" / f"{v}.parquet", pairs.filter(pa.array(keep)))
+    return mark(root, "prune", str(v), {"edges": int(keep.sum())})
+
+
+def near_resolve(root: str, unit: int, settings: Settings) -> dict:
+    """(one task) The greedy near rule over the edges between nodes not dropped already, its drops by
+    unit partition. Holds only those edges, as arrays (16 bytes an edge)."""
+    root = as_path(root)
+    edges = _read(root / "free", PAIRS)
+    near = greedy_drops(edges["a"].to_numpy(), edges["b"].to_numpy())
+    _write_by_unit(root / "near" / "all.parquet", pa.table({"node": near}), near, settings.partitions)
+    return mark(root, "near", "all", {"near": len(near), "near_graph_edges": edges.num_rows})
+
+
+def decisions_partition(root: str, u: int, settings: Settings, shards: int) -> dict:
+    """The decisions of the shards in unit partition u, one file each: decisions/<index>.parquet."""
+    root = as_path(root)
+    decided = read_parquet(root / "decided" / f"{u}.parquet")
+    near = read_row_group(root / "near" / "all.parquet", u)["node"].to_numpy()
+    nodes = np.concatenate([decided["node"].to_numpy(), near])
+    reasons = pa.concat_arrays([decided["reason"].combine_chunks().cast(pa.string()),
+                                pa.array(np.full(len(near), "duplicate_near"), pa.string())])
+    order = np.argsort(nodes)
+    nodes, reasons = nodes[order], reasons.take(pa.array(order, pa.int64()))
     bounds = np.searchsorted(nodes >> 32, np.arange(shards + 1))   # sorted: each shard's drops are a run
-    for index in range(shards):
+    mine = np.flatnonzero(partition_of(np.arange(shards), settings.partitions) == u)
+    for index in mine.tolist():
         lo, hi = int(bounds[index]), int(bounds[index + 1])
         atomic_write_parquet(root / "decisions" / f"{index}.parquet",
-                             pa.table({"node": pa.array(nodes[lo:hi], pa.int64()), "reason": reasons.slice(lo, hi - lo)}))
-    summary = {"dropped": len(nodes), "near": len(near), "edges": len(a)}
-    return mark(root, "resolve", "all", summary)
+                             pa.table([nodes[lo:hi], reasons.slice(lo, hi - lo)], schema=DROPS))
+    return mark(root, "decisions", str(u), {"dropped": len(nodes), "shards": len(mine)})
 
 
 def greedy_drops(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -515,7 +572,12 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
         summary["pairs_left_out"] = sum(s["pairs_left_out"] for s in bands)
         phase("join", join_partition, list(range(P)), settings)
         summary["verified_edges"] = sum(s["edges"] for s in phase("verify", verify_partition, list(range(P)), settings))
-    summary |= phase("resolve", resolve, [0], shards)[0]
+    decided = phase("decide", decide_partition, list(range(P)), settings)
+    summary["edges"] = sum(s["edges"] for s in decided)
+    phase("prune", prune_partition, list(range(P)), settings)
+    summary |= phase("near", near_resolve, [0], settings)[0]
+    summary["dropped"] = sum(s["dropped"] for s in phase("decisions", decisions_partition, list(range(P)), settings,
+                                                            shards))
     summary["seconds"] = seconds
     log.info("prefilter: dedup over %d partitions: %s", P, json.dumps(summary))
     return summary

@@ -135,3 +135,31 @@ def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):
     assert summary["buckets_cut"] > 0 and summary["candidate_pairs"] == 0
     runs = -(-3_000 // dedup.BUCKET_CAP)
     assert summary["dropped"] == summary["near"] == 3_000 - runs
+
+
+def _greedy_in_order(a: np.ndarray, b: np.ndarray) -> set[int]:
+    """The greedy rule walked node by node, as prefilter's one pass did."""
+    sources: dict[int, list[int]] = {}
+    for x, y in zip(a.tolist(), b.tolist()):
+        sources.setdefault(y, []).append(x)
+    kept, dropped = set(), set()
+    for node in sorted(set(a.tolist()) | set(b.tolist())):
+        (dropped if any(x in kept for x in sources.get(node, ())) else kept).add(node)
+    return dropped
+
+
+def test_greedy_rounds_decide_as_the_walk_in_node_order():
+    """The near rule decided in rounds of arrays: a chain keeps every other node, a clique its smallest,
+    and random graphs (long chains, stars, cliques mixed) as the walk in node order does."""
+    chain = np.arange(1, 6)
+    assert dedup.greedy_drops(chain[:-1], chain[1:]).tolist() == [2, 4]
+    clique = np.array([(x, y) for x in range(10, 14) for y in range(x + 1, 14)])
+    assert dedup.greedy_drops(clique[:, 0], clique[:, 1]).tolist() == [11, 12, 13]
+    assert dedup.greedy_drops(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n, m = int(rng.integers(5, 300)), int(rng.integers(1, 600))
+        x, y = rng.integers(0, n, m), rng.integers(0, n, m)
+        x, y = np.minimum(x, y)[x != y], np.maximum(x, y)[x != y]
+        x, y = (x << 32) + 7, (y << 32) + 7   # nodes as the shuffle numbers them: far apart, unordered ids
+        assert set(dedup.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
