@@ -65,7 +65,7 @@ from pipeline.fsutil import (
     read_row_group,
 )
 from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.storage import as_path
+from pipeline.storage import as_path, children
 
 log = logging.getLogger("vlp")
 EVAL = 1 << 62
@@ -547,8 +547,27 @@ def decisions_of(root: Path, index: int) -> dict[int, str]:
 
 # --- the driver's side ------------------------------------------------------------------------------
 
+PHASES_LAYOUT = 2   # 2: exact drops and edges by unit partition, the resolve in four phases (1: one resolve task)
+
+
+def _forget_other_layout(root: Path) -> None:
+    """A dedup folder a vlp before PHASES_LAYOUT left (a run resumed across an upgrade) keeps its scans,
+    whose files have not changed; the markers of its later phases are dropped, so those phases run again
+    and rewrite their outputs (derived files, not committed work)."""
+    path = root / "phases-layout.json"
+    if path.is_file() and read_json(path) == PHASES_LAYOUT:
+        return
+    if (root / "done").is_dir():
+        for marker in children(root / "done"):
+            if not marker.name.startswith("scan-"):
+                marker.unlink()
+    atomic_write_json(path, PHASES_LAYOUT)
+
+
 def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> dict:
-    """Run exact, band, join, verify and resolve (the scans are done); returns their summaries."""
+    """Run exact, band, join, verify, decide, prune, near and decisions (the scans are done); returns
+    their summaries."""
+    _forget_other_layout(root)
     P = settings.partitions
     summary: dict = {"partitions": P}
 

@@ -116,6 +116,33 @@ def test_switches(tmp_path, corpus, ray_cluster):
         assert _distributed(tmp_path, shards, evals, s, 1) == expected, s
 
 
+
+def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, corpus, ray_cluster):
+    """A dedup folder left by a vlp before the distributed resolve (exact drops and edges in one row
+    group, a `resolve` marker) is resumed: its scans are kept, its later phases run again, and the
+    decisions are those of a fresh run."""
+    import pyarrow.parquet as pq
+
+    shards, evals = corpus
+    s = dedup.Settings(3, True, True, True, 0.08, 0.1)
+    expected = _distributed(tmp_path, shards, evals, s, 1)
+    root = tmp_path / f"dedup-{abs(hash((s, 1)))}"
+    for folder in ("exact_out", "edges"):          # the old layout: one row group a file
+        for f in (root / folder).glob("*.parquet"):
+            pq.write_table(pq.read_table(f), f)
+    (root / "phases-layout.json").unlink(missing_ok=True)
+    for marker in (root / "done").glob("d*-*"):    # decide, decisions: phases the old layout did not have
+        marker.unlink()
+    (root / "done" / "resolve-all").write_text("{}")
+    scans = sorted(m.name for m in (root / "done").glob("scan-*"))
+    dedup.run_phases(root, len(shards), s, {"num_cpus": 1})
+    assert sorted(m.name for m in (root / "done").glob("scan-*")) == scans
+    assert not (root / "done" / "resolve-all").exists()
+    got = {}
+    for i in range(len(shards)):
+        got |= dedup.decisions_of(root, i)
+    assert got == expected
+
 @pytest.mark.parametrize("picture", [False, True])
 def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):
     """3,000 copies of one image (a white blank, or a picture) in other bytes share every key: the band
