@@ -7,12 +7,13 @@
   scan   the resume scan and `vlp status` of a download folder of S committed shards of 1,000, their
          stats with the per-sample rejects inline (before #14, 10% of the samples) against counts only
          (the rejects in each shard's ledger).
-  dedup  see bench/dedup_scale.py.
+  dedup  bench/dedup_scale.py's shuffle way (map + dedup phases over N synthetic signatures, its own
+         process per N); its driver-side comparison runs there (`bench/dedup_scale.py`).
 
 Each (part, N, way) runs in a fresh process, so its peak RSS (VmHWM) is that of one driver. Prints
 wall time, driver peak RSS, rows/s, the ratio of the two ways, and growth per x10 of N.
 
-    .venv/bin/python bench/scale.py [--rows 10000 ... 10000000] [--shards 400 4000 40000] [--parts plan scan]
+    .venv/bin/python bench/scale.py [--rows 10000 ... 10000000] [--shards 400 4000 40000] [--parts plan scan dedup]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
     parser.add_argument("--shards", type=int, nargs="+", default=[400, 4_000, 40_000], help="sizes of the scan")
-    parser.add_argument("--parts", nargs="+", default=["plan", "scan"], choices=["plan", "scan"])
+    parser.add_argument("--parts", nargs="+", default=["plan", "scan", "dedup"], choices=["plan", "scan", "dedup"])
     parser.add_argument("--work", default=None, help="folder for the synthetic inputs (default: a temp folder)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -186,6 +188,9 @@ def main() -> None:
     ways = {"plan": ("driver", "tasks", "urldedup"), "scan": ("inline", "counts")}
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         for part in args.parts:
+            if part == "dedup":
+                dedup_part(args.rows, Path(tmp))
+                continue
             print(f"\n{part}: {' vs '.join(ways[part])}")
             unit = "rows" if part == "plan" else "shards"
             sizes = args.rows if part == "plan" else args.shards
@@ -218,6 +223,28 @@ def main() -> None:
                 if len(new_rss) >= 3:
                     print(f"  {way}: peak RSS at {sizes[-1]:,} / at {sizes[1]:,} rows: "
                           f"x{new_rss[-1] / new_rss[1]:.2f} (target <= 1.2)")
+
+
+def dedup_part(sizes: list[int], tmp: Path) -> None:
+    """Dedup of N synthetic signatures with a realistic share of low-information ones and blanks
+    (bench/dedup_scale.py's data): wall of the map and the phases, the driver's peak RSS."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dedup_scale
+
+    print("\ndedup: the shuffle (bench/dedup_scale.py)")
+    print(f"{'rows':>10} {'map s':>7} {'dedup s':>8} {'total s':>8} {'rows/s':>9} {'peak RSS MB':>12}")
+    walls, rss = [], []
+    for rows in sizes:
+        folder = tmp / f"dedup-{rows}"
+        folder.mkdir()
+        r = dedup_scale.run("shuffle", rows, folder)
+        total = r["map_s"] + r["dedup_s"]
+        walls.append(total)
+        rss.append(r["peak_rss_mb"])
+        print(f"{rows:>10,} {r['map_s']:>7.1f} {r['dedup_s']:>8.1f} {total:>8.1f} {rows / total:>9,.0f} {r['peak_rss_mb']:>12,.0f}")
+        shutil.rmtree(folder, ignore_errors=True)
+    print(f"  growth per x10 of rows: wall {growth(walls)}, peak RSS {growth(rss)}"
+          + (f"; {sizes[-1]:,} rows in {walls[-1]:.0f} s (target <= 300 s at 10^7)" if sizes[-1] == 10_000_000 else ""))
 
 
 if __name__ == "__main__":
