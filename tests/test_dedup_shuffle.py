@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import dedup
+from pipeline import dedup, dedupresolve
 from pipeline.data import neardup
 from pipeline.toyweb import lookalikes
 
@@ -179,14 +179,14 @@ def test_greedy_rounds_decide_as_the_walk_in_node_order():
     """The near rule decided in rounds of arrays: a chain keeps every other node, a clique its smallest,
     and random graphs (long chains, stars, cliques mixed) as the walk in node order does."""
     chain = np.arange(1, 6)
-    assert dedup.greedy_drops(chain[:-1], chain[1:]).tolist() == [2, 4]
+    assert dedupresolve.greedy_drops(chain[:-1], chain[1:]).tolist() == [2, 4]
     clique = np.array([(x, y) for x in range(10, 14) for y in range(x + 1, 14)])
-    assert dedup.greedy_drops(clique[:, 0], clique[:, 1]).tolist() == [11, 12, 13]
-    assert dedup.greedy_drops(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
+    assert dedupresolve.greedy_drops(clique[:, 0], clique[:, 1]).tolist() == [11, 12, 13]
+    assert dedupresolve.greedy_drops(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
     rng = np.random.default_rng(5)
     for trial in range(30):
         n, m = int(rng.integers(5, 300)), int(rng.integers(1, 600))
         x, y = rng.integers(0, n, m), rng.integers(0, n, m)
         x, y = np.minimum(x, y)[x != y], np.maximum(x, y)[x != y]
         x, y = (x << 32) + 7, (y << 32) + 7   # nodes as the shuffle numbers them: far apart, unordered ids
-        assert set(dedup.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
+        assert set(dedupresolve.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
