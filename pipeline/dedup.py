@@ -62,7 +62,8 @@ from pipeline.fsutil import (
     atomic_write_row_groups,
     read_json,
     read_parquet,
-    read_row_group,
+    read_partition,
+    rows_by_partition,
 )
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.storage import as_path, children
@@ -110,13 +111,6 @@ def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     if not tables:
         return schema.empty_table() if schema is not None else pa.table({})
     return pa.concat_tables(tables)
-
-
-def _read_partition(folder: Path, p: int, schema: pa.Schema) -> pa.Table:
-    """Partition p of a shuffle folder: row group p of each task's file (one file per writing task)."""
-    files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith(".")) if folder.is_dir() else []
-    tables = [read_row_group(f, p) for f in files]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def done_marker(root: Path, phase: str, unit: str) -> Path:
@@ -179,7 +173,7 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
     exact_col = pa.array([exact[i] for i in rows], pa.string())
     where = partition_of(hex_prefix(exact_col), P)
     atomic_write_row_groups(root / "exact" / f"{unit}.parquet", [
-        pa.table([exact_col.take(mine), nodes[rows[mine]]], schema=EXACT) for mine in _by_partition(where, P)], EXACT, **RAW)
+        pa.table([exact_col.take(mine), nodes[rows[mine]]], schema=EXACT) for mine in rows_by_partition(where, P)], EXACT, **RAW)
     if not settings.searches_near:
         return
     with_sig = np.array([i for i in rows if sigs[i] is not None], np.int64)
@@ -189,18 +183,25 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
     digest = signature_digests(picked)
     head = neardup.signature_matrix(picked)[:, :4].copy().view("<u4").ravel() if picked else np.zeros(0, np.uint32)
     tables = []
-    for mine in _by_partition(partition_of(keys, P), P):
+    for mine in rows_by_partition(partition_of(keys, P), P):
         of = owner[mine]
         tables.append(pa.table([keys[mine].astype(np.int32), nodes[with_sig[of]], words[of, 0], words[of, 1],
                                 digest[of], head[of]], schema=BAND))
     atomic_write_row_groups(root / "band" / f"{unit}.parquet", tables, BAND, **RAW)
 
 
-def _by_partition(where: np.ndarray, partitions: int) -> list[np.ndarray]:
-    """The row numbers of each partition, in row order."""
-    order = np.argsort(where, kind="stable")
-    bounds = np.searchsorted(where[order], np.arange(partitions + 1))
-    return [order[bounds[p]:bounds[p + 1]] for p in range(partitions)]
+DROPS = pa.schema([("node", pa.int64()), ("reason", pa.string())])
+
+
+def unit_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition of each web node's unit (its shard): where its drops, edges and decisions meet."""
+    return partition_of(nodes >> 32, partitions)
+
+
+def _write_by_unit(path: Path, table: pa.Table, nodes: np.ndarray, partitions: int) -> None:
+    """`table` as one file, row group u holding the rows whose `nodes` are in unit partition u."""
+    atomic_write_row_groups(path, [table.take(rows) for rows in rows_by_partition(unit_partition(nodes, partitions), partitions)],
+                            table.schema)
 
 
 # --- exact -------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
     """Drops of partition p's groups of equal original bytes: every web sample of a group holding an
     eval image (`eval_contaminated`), else each but the group's smallest node (`duplicate_exact`)."""
     root = as_path(root)
-    table = _read_partition(root / "exact", p, EXACT)
+    table = read_partition(root / "exact", p, EXACT)
     node, reason = np.zeros(0, np.int64), np.zeros(0, object)
     if table.num_rows:
         groups = pc.dictionary_encode(table["exact"]).combine_chunks().indices.to_numpy()
@@ -231,20 +232,6 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
     return mark(root, "exact", str(p), {"drops": len(node)})
 
 
-DROPS = pa.schema([("node", pa.int64()), ("reason", pa.string())])
-
-
-def unit_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
-    """The partition of each web node's unit (its shard): where its drops, edges and decisions meet."""
-    return partition_of(nodes >> 32, partitions)
-
-
-def _write_by_unit(path: Path, table: pa.Table, nodes: np.ndarray, partitions: int) -> None:
-    """`table` as one file, row group u holding the rows whose `nodes` are in unit partition u."""
-    atomic_write_row_groups(path, [table.take(rows) for rows in _by_partition(unit_partition(nodes, partitions), partitions)],
-                            table.schema)
-
-
 # --- band join ---------------------------------------------------------------------------------------
 
 PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64())])
@@ -256,7 +243,7 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
     equal signature digests, and pairs of blanks (their hashes hold all the rule needs), are copies:
     they go straight to the edges; the others go on to be verified, partitioned by their first node."""
     root = as_path(root)
-    table = _read_partition(root / "band", p, BAND)
+    table = read_partition(root / "band", p, BAND)
     keys, nodes = table["key"].to_numpy(), table["node"].to_numpy()
     order = np.lexsort((nodes, keys))
     keys, nodes = keys[order], nodes[order]
@@ -281,7 +268,7 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
             left_out += over
     ea, eb = _unique_pairs(firsts, seconds)
     atomic_write_row_groups(root / "pairs_a" / f"{p}.parquet", [
-        pa.table([a[rows], b[rows]], schema=PAIRS) for rows in _by_partition(partition_of(a >> 32, settings.partitions),
+        pa.table([a[rows], b[rows]], schema=PAIRS) for rows in rows_by_partition(partition_of(a >> 32, settings.partitions),
                                                                             settings.partitions)], PAIRS)
     _write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS), ea, settings.partitions)
     return mark(root, "band", str(p), {"pairs": len(a), "copy_edges": len(ea), "buckets_cut": cut,
@@ -414,11 +401,11 @@ def _signatures_of(root: Path, nodes: np.ndarray) -> pa.Array:
 def join_partition(root: str, q: int, settings: Settings) -> dict:
     """Pairs whose first node's unit hashes to q, with its signature, sent on to their second node's."""
     root = as_path(root)
-    pairs = _read_partition(root / "pairs_a", q, PAIRS)
+    pairs = read_partition(root / "pairs_a", q, PAIRS)
     a, b = _unique_pairs([pairs["a"].to_numpy()], [pairs["b"].to_numpy()])   # found by several bands
     joined = pa.table([a, b, _signatures_of(root, a)], schema=JOINED)
     atomic_write_row_groups(root / "pairs_b" / f"{q}.parquet", [
-        joined.take(rows) for rows in _by_partition(partition_of(b >> 32, settings.partitions), settings.partitions)],
+        joined.take(rows) for rows in rows_by_partition(partition_of(b >> 32, settings.partitions), settings.partitions)],
         JOINED)
     return mark(root, "join", str(q), {"pairs": joined.num_rows})
 
@@ -426,7 +413,7 @@ def join_partition(root: str, q: int, settings: Settings) -> dict:
 def verify_partition(root: str, r: int, settings: Settings) -> dict:
     """Verified near copies among the pairs whose second node's unit hashes to r: edges/<r>.parquet."""
     root = as_path(root)
-    pairs = _read_partition(root / "pairs_b", r, JOINED)
+    pairs = read_partition(root / "pairs_b", r, JOINED)
     edges = {"a": [], "b": []}
     decoded: dict[int, neardup.Signature] = {}
 

@@ -14,13 +14,17 @@ from pipeline.dedup import (
     PAIRS,
     Settings,
     _read,
-    _read_partition,
     _unique_pairs,
     _write_by_unit,
     mark,
     partition_of,
 )
-from pipeline.fsutil import atomic_write_parquet, read_parquet, read_row_group
+from pipeline.fsutil import (
+    atomic_write_parquet,
+    read_parquet,
+    read_partition,
+    read_row_group,
+)
 from pipeline.storage import as_path
 
 
@@ -30,8 +34,8 @@ def decide_partition(root: str, u: int, settings: Settings) -> dict:
     Its edges whose first node is dropped already are left out (a dropped node is never kept, so it
     drops nothing); the rest go on, by their second node's unit partition."""
     root = as_path(root)
-    exact = _read_partition(root / "exact_out", u, DROPS)
-    edges = _read_partition(root / "edges", u, PAIRS)
+    exact = read_partition(root / "exact_out", u, DROPS)
+    edges = read_partition(root / "edges", u, PAIRS)
     a, b = _unique_pairs([edges["a"].to_numpy()], [edges["b"].to_numpy()])   # a pair found in several bands
     to_eval = b >= EVAL   # pairs are (smaller, larger): an eval node is always the second
     contaminated = np.unique(a[to_eval])
@@ -39,7 +43,7 @@ def decide_partition(root: str, u: int, settings: Settings) -> dict:
     rest = ~np.isin(exact_nodes, contaminated)
     nodes = np.concatenate([contaminated, exact_nodes[rest]])
     reasons = pa.concat_arrays([pa.array(np.full(len(contaminated), "eval_contaminated"), pa.string()),
-                                exact["reason"].combine_chunks().filter(pa.array(rest)).cast(pa.string())])
+                                exact["reason"].combine_chunks().filter(pa.array(rest))])
     order = np.argsort(nodes)
     atomic_write_parquet(root / "decided" / f"{u}.parquet",
                          pa.table([nodes[order], reasons.take(pa.array(order, pa.int64()))], schema=DROPS))
@@ -54,7 +58,7 @@ def prune_partition(root: str, v: int, settings: Settings) -> dict:
     already: what is left is the graph the near rule runs on."""
     root = as_path(root)
     decided = read_parquet(root / "decided" / f"{v}.parquet", columns=["node"])["node"].to_numpy()
-    pairs = _read_partition(root / "free_first", v, PAIRS)
+    pairs = read_partition(root / "free_first", v, PAIRS)
     keep = ~np.isin(pairs["b"].to_numpy(), decided)
     atomic_write_parquet(root / "free" / f"{v}.parquet", pairs.filter(pa.array(keep)))
     return mark(root, "prune", str(v), {"edges": int(keep.sum())})
@@ -76,7 +80,7 @@ def decisions_partition(root: str, u: int, settings: Settings, shards: int) -> d
     decided = read_parquet(root / "decided" / f"{u}.parquet")
     near = read_row_group(root / "near" / "all.parquet", u)["node"].to_numpy()
     nodes = np.concatenate([decided["node"].to_numpy(), near])
-    reasons = pa.concat_arrays([decided["reason"].combine_chunks().cast(pa.string()),
+    reasons = pa.concat_arrays([decided["reason"].combine_chunks(),
                                 pa.array(np.full(len(near), "duplicate_near"), pa.string())])
     order = np.argsort(nodes)
     nodes, reasons = nodes[order], reasons.take(pa.array(order, pa.int64()))

@@ -116,7 +116,6 @@ def test_switches(tmp_path, corpus, ray_cluster):
         assert _distributed(tmp_path, shards, evals, s, 1) == expected, s
 
 
-
 def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, corpus, ray_cluster):
     """A dedup folder left by a vlp before the distributed resolve (exact drops and edges in one row
     group, a `resolve` marker) is resumed: its scans are kept, its later phases run again, and the
@@ -130,7 +129,7 @@ def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, c
     for folder in ("exact_out", "edges"):          # the old layout: one row group a file
         for f in (root / folder).glob("*.parquet"):
             pq.write_table(pq.read_table(f), f)
-    (root / "phases-layout.json").unlink(missing_ok=True)
+    (root / "phases-layout.json").unlink()
     for marker in (root / "done").glob("d*-*"):    # decide, decisions: phases the old layout did not have
         marker.unlink()
     (root / "done" / "resolve-all").write_text("{}")
@@ -142,6 +141,7 @@ def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, c
     for i in range(len(shards)):
         got |= dedup.decisions_of(root, i)
     assert got == expected
+
 
 @pytest.mark.parametrize("picture", [False, True])
 def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):

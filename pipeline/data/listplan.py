@@ -106,8 +106,8 @@ def input_name(list_index: int) -> str:
 
 def plan_list(spec: dict, list_index: int, folder: str, samples_per_shard: int, partitions: int = 0) -> list[int]:
     """(Ray task) Stream one list into `folder/<list>.parquet`, a row group per shard; returns the row
-    counts of the row groups. Holds at most a record batch (BATCH_ROWS) and a shard's rows in memory, and with
-    `partitions` (URL dedup) the URLs of up to HASH_ROWS rows, hashed into partitions as they fill."""
+    counts of the row groups. Holds at most a record batch (BATCH_ROWS) and a shard's rows in memory,
+    and with `partitions` (URL dedup) the URLs of up to HASH_ROWS rows, hashed into partitions as they fill."""
     from pipeline.data.urllists import SCHEMA, iter_url_batches
 
     counts: list[int] = []

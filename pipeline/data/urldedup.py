@@ -5,8 +5,8 @@ fetching one twice costs the host a request and the run a duplicate that image d
 The planning task of each list (listplan.py) also writes, per row, a 128-bit hash of its URL (as written,
 surrounding whitespace trimmed) and its node, `list << 40 | source_row` (list order, then row order), into
 P partitions by hash (one file per batch, a row group per partition). One task per partition finds the
-rows whose URL an earlier node has; one task merges those (few) rows, sorted by node, into `inputs/duplicate-urls.parquet` with the key of the row
-that is fetched. A download task reads the rows of its node range (row-group statistics skip the rest)
+rows whose URL an earlier node has; one task merges those (few) rows, sorted by node, into
+`inputs/duplicate-urls.parquet` with the key of the row that is fetched. A download task reads the rows of its node range (row-group statistics skip the rest)
 and drops them as `duplicate_url` without fetching. The decisions depend on neither P nor the workers.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pipeline.fsutil import (
     RAW,
     atomic_write_parquet,
     atomic_write_row_groups,
-    is_temporary,
     read_parquet,
-    read_row_group,
+    read_partition,
+    rows_by_partition,
 )
 from pipeline.storage import as_path
 
@@ -59,21 +59,17 @@ def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array | pa.Chu
     h1, h2 = url_hashes(urls)
     nodes = (np.int64(list_index) << NODE_BITS) | rows.astype(np.int64)
     where = (h1 % np.uint64(partitions)).astype(np.int64)
-    order = np.argsort(where, kind="stable")
-    bounds = np.searchsorted(where[order], np.arange(partitions + 1))
-    groups = [order[bounds[p]:bounds[p + 1]] for p in range(partitions)]
-    atomic_write_row_groups(folder / HASHES / f"{list_index:04d}-{part:06d}.parquet",
-                            [pa.table([h1[g], h2[g], nodes[g]], schema=HASH_SCHEMA) for g in groups], HASH_SCHEMA, **RAW)
+    groups = [pa.table([h1[g], h2[g], nodes[g]], schema=HASH_SCHEMA) for g in rows_by_partition(where, partitions)]
+    atomic_write_row_groups(folder / HASHES / f"{list_index:04d}-{part:06d}.parquet", groups, HASH_SCHEMA, **RAW)
 
 
 def find_duplicates(folder: str, p: int) -> int:
     """(Ray task) The rows of partition p whose URL a smaller node has: (node, first node), to
     `url-duplicates/<p>.parquet`. Returns how many."""
     folder = as_path(folder)
-    files = sorted(f for f in (folder / HASHES).glob("*.parquet") if not is_temporary(f)) if (folder / HASHES).is_dir() else []
-    table = pa.concat_tables([read_row_group(f, p) for f in files]) if files else None
+    table = read_partition(folder / HASHES, p, HASH_SCHEMA)
     node, first = np.empty(0, np.int64), np.empty(0, np.int64)
-    if table is not None and table.num_rows:
+    if table.num_rows:
         h1, h2, nodes = (table[c].to_numpy() for c in ("h1", "h2", "node"))
         # Only rows sharing their first 64 bits with another can repeat a URL (a few percent): find them
         # with one plain sort, then order just those by (hash, node).
