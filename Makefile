@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup chromium demo test bench clean
+.PHONY: setup system-packages demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,13 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/vlp run configs/demo.yaml
 
-# The report test opens the HTML report in headless Chromium (Debian's package).
-chromium:
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+# The report test opens the HTML report in headless Chromium; the downloader's tests fetch from nginx
+# (Debian's packages both: third-party software the tests start themselves, on loopback).
+system-packages:
+	command -v chromium >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx >/dev/null)
 
-test: setup chromium
+test: setup system-packages
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

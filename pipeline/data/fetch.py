@@ -2,22 +2,26 @@
 
 img2dataset's fetcher (urllib's urlopen) follows redirects anywhere, connects wherever a second DNS
 lookup points, reads bodies whole with no size cap, has only a per-read timeout, and decodes an image
-before checking its size. This fetcher keeps img2dataset's resizer and its X-Robots-Tag rules and does
-the network part itself:
+before checking its size. This fetcher keeps img2dataset's X-Robots-Tag rules and speaks HTTP through
+urllib3 (HTTP/1.0 and 1.1, keep-alive or not, chunked bodies, gzip/deflate decoded in bounded steps,
+TLS with SNI and certificate checks), driving one connection per hop itself so that:
   - every hop's host is resolved and every address checked (urlpolicy.HostPolicy.pin), and the
     connection goes to the checked address (TLS still verifies the certificate against the name);
   - redirects (301/302/303/307/308) are followed here, at most `max_redirects` hops, each checked the
-    same way; a non-http(s) target is refused;
-  - a body is capped at `max_bytes` (Content-Length, then while streaming), and the whole URL
-    (redirects, retries, a body dripping in) has one wall-clock `deadline`;
+    same way (and by the caller's `check_hop`, e.g. robots.txt); a non-http(s) target is refused;
+  - a body is capped at `max_bytes` (Content-Length, then while streaming, after decoding: a gzip
+    body that inflates past the cap is stopped there), and the whole URL (redirects, retries, a body
+    dripping in) has one wall-clock `deadline`;
   - a 429 or 503 answer is not retried here: it raises at once with the Retry-After it gave, and the
     shard task pauses that host (politeness.py);
   - the image's dimensions are read from its header (PIL opens lazily) before anything decodes it:
     an image over `max_image_area` is refused undecoded (a 140 KB PNG can claim 12000 x 12000 pixels).
-Failures raise FetchFailed with the reason the download stage counts.
+Failures raise FetchFailed with the reason the download stage counts. Why urllib3 and not httpx or
+pycurl: docs/architecture.md, "The fetcher".
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import io
 import socket
@@ -26,8 +30,12 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import DecodeError
 from PIL import Image
 
 from pipeline.data.politeness import RATE_LIMITED, parse_retry_after
@@ -36,8 +44,11 @@ from pipeline.data.urlpolicy import HostPolicy, Refused, Resolver, system_resolv
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
 TRANSIENT = ("timeout", "deadline_exceeded", "connection_refused", "connection_reset", "truncated", "http_5xx",
-             "http_429", "dns_error", "connection_error")
+             "http_429", "dns_error", "connection_error", "robots_unavailable")
+# Decisions a site made about its images (X-Robots-Tag, robots.txt, TDM-Rep): counted as drops, not failures.
+OPT_OUTS = ("opt_out", "opt_out_robots", "opt_out_tdmrep")
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+DECODED = ("", "identity", "gzip", "x-gzip", "deflate")   # what we ask for (Accept-Encoding) and decode
 
 
 class FetchFailed(Exception):
@@ -54,55 +65,46 @@ class FetchFailed(Exception):
 class Limits:
     timeout: float            # seconds per connect or read
     deadline: float           # seconds for the whole URL
-    max_bytes: int            # body size cap
+    max_bytes: int            # body size cap (after decoding a Content-Encoding)
     max_redirects: int
     max_image_area: float     # width x height, read from the header
     retries: int = 0          # extra tries after a transient failure, within the deadline
     user_agent_token: str | None = None
     disallowed_header_directives: frozenset[str] = frozenset()
+    tdm_header: bool = False  # a `tdm-reservation: 1` answer is an opt-out (opt_out_tdmrep)
+    keep_prefix: bool = False  # a body over max_bytes gives its first max_bytes instead of body_too_large
 
 
-class _PinnedHTTP(http.client.HTTPConnection):
-    """HTTP to a host name, connected to an address chosen (and checked) beforehand."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self.address = address
-
-    def connect(self) -> None:
-        self.sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+@dataclass(frozen=True)
+class Fetched:
+    url: str                    # the URL that answered, after redirects
+    status: int
+    headers: Mapping[str, str]  # urllib3's HTTPHeaderDict: case-insensitive
+    body: bytes
 
 
-class _PinnedHTTPS(http.client.HTTPSConnection):
-    """HTTPS likewise: TCP to the checked address, TLS (SNI and certificate check) for the host name."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext):
-        super().__init__(host, port, timeout=timeout, context=context)
-        self.address = address
-
-    def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-
-
-_TLS = threading.local()
-
-
-def _tls_context() -> ssl.SSLContext:
-    if not hasattr(_TLS, "context"):
-        _TLS.context = ssl.create_default_context()
-    return _TLS.context
+@functools.lru_cache(maxsize=8)
+def tls_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """The context that verifies servers: the system's CAs, or those of `ca_bundle` (a PEM file: a
+    company's or a test's CA) instead. One per bundle, shared by the threads (an SSLContext may be)."""
+    return ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
 
 
 def fetch(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver = system_resolver,
           tls: ssl.SSLContext | None = None) -> bytes:
     """The body of `url` (redirects followed), within `limits`; raises FetchFailed. `tls`: the context
     that verifies servers (default: the system's CAs)."""
+    return fetch_response(url, policy, limits, resolver, tls).body
+
+
+def fetch_response(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver = system_resolver,
+                   tls: ssl.SSLContext | None = None, check_hop: Callable[[str], None] | None = None) -> Fetched:
+    """`fetch`, with the answer's headers and final URL. `check_hop(url)` runs before each hop is
+    requested (the first included) and may raise FetchFailed, e.g. for a robots.txt opt-out."""
     deadline = time.monotonic() + limits.deadline
     for attempt in range(limits.retries + 1):
         try:
-            return _fetch_once(url, policy, limits, resolver, deadline, tls or _tls_context())
+            return _fetch_once(url, policy, limits, resolver, deadline, tls or tls_context(), check_hop)
         except FetchFailed as err:
             # A host asking to slow down is not asked again at once: the caller backs off (politeness.py).
             if err.rate_limited or err.reason not in TRANSIENT or attempt == limits.retries \
@@ -112,64 +114,92 @@ def fetch(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver = sys
 
 
 def _fetch_once(url: str, policy: HostPolicy, limits: Limits, resolver: Resolver, deadline: float,
-                tls: ssl.SSLContext) -> bytes:
+                tls: ssl.SSLContext, check_hop: Callable[[str], None] | None) -> Fetched:
     for hop in range(limits.max_redirects + 1):
         try:
             host, port, address = policy.pin(url, resolver, redirect=hop > 0)
         except Refused as err:
             raise FetchFailed(err.reason, f"{url}: {err}") from None
+        if check_hop is not None:
+            check_hop(url)
         parts = urlsplit(url.strip())
         timeout = _remaining(deadline, limits.timeout)
-        conn = (_PinnedHTTPS(host, port, address, timeout, tls) if parts.scheme == "https"
-                else _PinnedHTTP(host, port, address, timeout))
-        watchdog = _Watchdog(conn, deadline)
+        # urllib3 connects to `address`; the Host header, SNI and the certificate check use the name.
+        conn = (HTTPSConnection(address, port, timeout=timeout, ssl_context=tls, server_hostname=host)
+                if parts.scheme == "https" else HTTPConnection(address, port, timeout=timeout))
+        watchdog, response = _Watchdog(deadline), None
         try:
-            conn.request("GET", _request_target(parts), headers={"User-Agent": _user_agent(limits), "Accept": "image/*,*/*;q=0.5"})
+            conn.connect()
+            watchdog.watch(conn.sock)
+            conn.request("GET", _request_target(parts), headers=_headers(host, port, parts.scheme, limits),
+                         preload_content=False, decode_content=True, enforce_content_length=True)
             response = conn.getresponse()
             if response.status in REDIRECTS:
-                location = response.getheader("Location")
+                location = response.headers.get("Location")
                 if not location:
                     raise FetchFailed("http_other", f"HTTP {response.status} without a Location")
                 url = urljoin(url, location.strip())
                 continue
             if response.status in RATE_LIMITED:
                 raise FetchFailed(_http_reason(response.status), f"HTTP Error {response.status}: {response.reason}",
-                                  rate_limited=True, retry_after=parse_retry_after(response.getheader("Retry-After")))
+                                  rate_limited=True, retry_after=parse_retry_after(response.headers.get("Retry-After")))
             if response.status != 200:
                 raise FetchFailed(_http_reason(response.status), f"HTTP Error {response.status}: {response.reason}")
-            if limits.disallowed_header_directives and _disallowed(response, limits):
-                raise FetchFailed("opt_out", "use of the image disallowed by an X-Robots-Tag directive")
-            body = _read_body(conn, response, limits, deadline)
+            _check_opt_outs(response.headers, limits)
+            body = _read_body(response, limits)
             watchdog.check()
-            return body
+            return Fetched(url, response.status, response.headers, body)
         except FetchFailed:
             watchdog.check()
             raise
-        except Exception as err:  # noqa: BLE001 (sockets, TLS and http.client raise many kinds)
+        except Exception as err:  # noqa: BLE001 (sockets, TLS, http.client and urllib3 raise many kinds)
             watchdog.check()
-            raise FetchFailed(_network_reason(err, deadline), f"{type(err).__name__}: {err}") from None
+            cause = _cause(err)
+            raise FetchFailed(_network_reason(cause, deadline), f"{type(cause).__name__}: {cause}") from None
         finally:
             watchdog.cancel()
+            if response is not None:   # it holds the socket when the server closes the connection
+                response.close()
             conn.close()
     raise FetchFailed("too_many_redirects", f"more than {limits.max_redirects} redirects")
 
 
+def _headers(host: str, port: int, scheme: str, limits: Limits) -> dict[str, str]:
+    name = f"[{host}]" if ":" in host else host
+    default = 443 if scheme == "https" else 80
+    return {"Host": name if port == default else f"{name}:{port}", "User-Agent": _user_agent(limits),
+            "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "gzip, deflate"}
+
+
 class _Watchdog:
     """Shuts the connection's socket down at the URL's deadline. Socket timeouts bound each read, not a
-    server that sends one byte every few seconds (headers or body): this bounds the whole exchange."""
+    server that sends one byte every few seconds (headers or body): this bounds the whole exchange. It
+    holds the socket itself: http.client drops the connection's reference to it as soon as a response
+    will close the connection (HTTP/1.0, `Connection: close`), while the response still reads from it."""
 
-    def __init__(self, conn: http.client.HTTPConnection, deadline: float):
-        self.conn, self.fired = conn, False
+    def __init__(self, deadline: float):
+        self.sock: socket.socket | None = None
+        self.fired = False
+        self.lock = threading.Lock()
         self.timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
         self.timer.daemon = True
         self.timer.start()
 
+    def watch(self, sock: socket.socket | None) -> None:
+        with self.lock:
+            self.sock = sock
+            if self.fired:
+                self._shutdown()
+
     def _fire(self) -> None:
-        self.fired = True
-        sock = self.conn.sock
-        if sock is not None:
+        with self.lock:
+            self.fired = True
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -181,7 +211,27 @@ class _Watchdog:
         self.timer.cancel()
 
 
-def _network_reason(err: Exception, deadline: float) -> str:
+def _cause(err: BaseException) -> BaseException:
+    """The error beneath urllib3's wrappers (ProtocolError('Connection broken: ...', the error),
+    NewConnectionError from the socket's, ReadTimeoutError from a socket timeout)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = next((a for a in getattr(err, "args", ())[1:] if isinstance(a, BaseException)), None)
+        if isinstance(err, urllib3.exceptions.HTTPError) and not isinstance(err, http.client.IncompleteRead):
+            inner = inner or err.__cause__ or err.__context__
+        # NewConnectionError subclasses ConnectTimeoutError (urllib3 2.x): its cause says what happened
+        timed_out = isinstance(err, (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.ConnectTimeoutError)) \
+            and not isinstance(err, urllib3.exceptions.NewConnectionError)
+        if timed_out:
+            return TimeoutError(str(err))
+        if inner is None:
+            return err
+        err = inner
+    return err
+
+
+def _network_reason(err: BaseException, deadline: float) -> str:
     if isinstance(err, (socket.timeout, TimeoutError)):
         # near the deadline a read's timeout is the time left: then the deadline is what ran out
         return "deadline_exceeded" if time.monotonic() >= deadline - 0.05 else "timeout"
@@ -191,28 +241,38 @@ def _network_reason(err: Exception, deadline: float) -> str:
         return "connection_reset"
     if isinstance(err, http.client.IncompleteRead):
         return "truncated"
-    if isinstance(err, ssl.SSLError):
+    if isinstance(err, (ssl.SSLError, ssl.CertificateError, urllib3.exceptions.SSLError)):
         return "tls_error"
+    if isinstance(err, DecodeError):
+        return "content_encoding"
     return "connection_error"
 
 
-def _read_body(conn, response, limits: Limits, deadline: float) -> bytes:
-    declared = response.getheader("Content-Length")
+def _read_body(response: urllib3.BaseHTTPResponse, limits: Limits) -> bytes:
+    encoding = (response.headers.get("Content-Encoding") or "").strip().lower()
+    if encoding not in DECODED:   # we asked for gzip or deflate only: brotli, zstd ... are not decoded here
+        raise FetchFailed("content_encoding", f"Content-Encoding {encoding!r} is not decoded (asked for gzip, deflate)")
+    declared = response.headers.get("Content-Length")
     length = int(declared) if declared and declared.strip().isdigit() else None
-    if length is not None and length > limits.max_bytes:
+    if length is not None and length > limits.max_bytes and not limits.keep_prefix:
         raise FetchFailed("body_too_large", f"Content-Length {length} > max_bytes {limits.max_bytes}")
     body = bytearray()
-    while True:
-        conn.sock.settimeout(_remaining(deadline, limits.timeout))
-        chunk = response.read1(CHUNK)  # one recv: the deadline is checked between them
-        if not chunk:
-            break
+    # urllib3 >= 2.6 inflates at most CHUNK bytes a call, so a gzip bomb stops at the cap, not in memory.
+    while chunk := response.read1(CHUNK):
         body += chunk
         if len(body) > limits.max_bytes:
-            raise FetchFailed("body_too_large", f"body over max_bytes {limits.max_bytes}")
-    if length is not None and len(body) < length:
-        raise FetchFailed("truncated", f"IncompleteRead({len(body)} bytes read, {length - len(body)} more expected)")
+            if limits.keep_prefix:   # robots.txt: RFC 9309 parses the first 500 KiB of a longer file
+                return bytes(body[:limits.max_bytes])
+            raise FetchFailed("body_too_large", f"body over max_bytes {limits.max_bytes}"
+                                                + (f" after {encoding} decoding" if encoding not in ("", "identity") else ""))
     return bytes(body)
+
+
+def _check_opt_outs(headers, limits: Limits) -> None:
+    if limits.tdm_header and (headers.get("tdm-reservation") or "").strip() == "1":
+        raise FetchFailed("opt_out_tdmrep", "text and data mining reserved by a tdm-reservation: 1 header")
+    if limits.disallowed_header_directives and _disallowed(headers, limits):
+        raise FetchFailed("opt_out", "use of the image disallowed by an X-Robots-Tag directive")
 
 
 def _request_target(parts) -> str:
@@ -241,11 +301,21 @@ def _user_agent(limits: Limits) -> str:
     return USER_AGENT
 
 
-def _disallowed(response, limits: Limits) -> bool:
+class _AllValues:
+    """urllib3's headers as img2dataset's X-Robots-Tag reader asks for them (email.message's get_all)."""
+
+    def __init__(self, headers):
+        self.headers = headers
+
+    def get_all(self, name: str, default=None):
+        return self.headers.getlist(name) or default
+
+
+def _disallowed(headers, limits: Limits) -> bool:
     from img2dataset.downloader import is_disallowed  # img2dataset's reading of X-Robots-Tag
 
     token = limits.user_agent_token.strip().lower() if limits.user_agent_token else None
-    return is_disallowed(response.headers, token, limits.disallowed_header_directives)
+    return is_disallowed(_AllValues(headers), token, limits.disallowed_header_directives)
 
 
 def image_size(data: bytes, max_image_area: float) -> tuple[int, int]:
