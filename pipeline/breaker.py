@@ -85,3 +85,63 @@ def _above(item: dict) -> float:
     if limit <= share:  # float rounding at a multiple of 0.05
         limit += 0.05
     return min(1.0, round(limit, 2))
+
+
+class FailureBreaker:
+    """The breaker for mass failures (download): failures are not drops, so without it a download whose
+    every URL fails commits and the next stages run on nothing. Fed each shard's stats as it commits;
+    `check()` raises StageFailed when one failure reason exceeds `max_share` of the URLs tried (kept +
+    failed), once `min_tried` were tried, or at the end (`final`) on whatever was tried."""
+
+    def __init__(self, out: StageDir, max_share: float, min_tried: int):
+        self.out, self.max_share, self.min_tried = out, max_share, min_tried
+        self.totals, self.shards = Accounting(), []
+
+    def add(self, name: str, stats: dict) -> None:
+        self.totals.add(stats["accounting"])
+        self.shards.append(name)
+
+    def over(self, final: bool = False) -> tuple[str, int, int] | None:
+        """(reason, failures, URLs tried) of the worst reason past its share, or None."""
+        failed = self.totals.failed
+        tried = self.totals.samples_kept + sum(failed.values())
+        if not failed or tried == 0 or (tried < self.min_tried and not final):
+            return None
+        reason, count = max(failed.items(), key=lambda kv: (kv[1], kv[0]))
+        return (reason, count, tried) if count / tried > self.max_share else None
+
+    def check(self, final: bool = False) -> None:
+        found = self.over(final)
+        if found is None:
+            return
+        reason, count, tried = found
+        examples = "; ".join(f"{r['url']} ({r['error']})" for r in self._examples(reason))
+        run_dir = shlex.quote(str(self.out.path.parents[1]))
+        resume = "vlp submit --resume" if os.environ.get("VLP_RAY_JOB") else "vlp resume"
+        plan = self.out.plan() or {}
+        over = [{"reason": reason, "failed": count, "tried": tried, "share": round(count / tried, 4),
+                 "limit": self.max_share, "setting": f"{self.out.stage}.max_failed_share"}]
+        atomic_write_json(self.out.path / PLAN, {**plan, "stopped": {"over": over, "resume": f"{resume} {run_dir}"}})
+        from pipeline.data.fetch import TRANSIENT
+
+        accept = f"`{resume} {run_dir} --set {self.out.stage}.max_failed_share=" \
+                 f"{min(1.0, (math.floor(count / tried * 20) + 1) / 20):g}`"
+        advice = (f"Once the cause has passed (a server down, a network out), `{resume} {run_dir} --retry-failed` "
+                  f"fetches these URLs again; if the failures are expected, {accept}" if reason in TRANSIENT else
+                  f"{reason} is not a passing failure: check the list and the settings; if it is expected, {accept}")
+        raise StageFailed(
+            f"{self.out.stage} stopped: {reason} failed {count / tried:.1%} of the URLs tried ({count:,} of "
+            f"{tried:,}) > {self.out.stage}.max_failed_share {self.max_share:g}. Examples: {examples}. "
+            f"Its {len(self.shards)} finished shards are committed and kept. {advice}.")
+
+    def _examples(self, reason: str, n: int = 3) -> list[dict]:
+        from pipeline.ledger import read_ledger
+
+        found: list[dict] = []
+        for name in self.shards:   # a few ledgers at most: the first shards holding the reason
+            for record in read_ledger(self.out.ledger_path(name)):
+                if record["outcome"] == "failed" and record["reason"] == reason:
+                    found.append(record)
+                    if len(found) == n:
+                        return found
+        return found

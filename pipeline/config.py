@@ -232,6 +232,18 @@ class DownloadConfig:
     """Exceptions to the refusal of non-public addresses: host names (whatever they resolve to), or
     addresses and networks ("127.0.0.2", "10.0.0.0/8"), whatever name resolves to them."""
     user_agent_token: str | None = None
+    """Names the crawler in the User-Agent header and is the agent robots.txt groups and X-Robots-Tag
+    directives are matched for (None: robots.txt's "vlp" group, else its "*" group)."""
+    robots_txt: bool = True
+    """Honour each host's robots.txt (fetched once per host per shard task): a disallowed URL is dropped as
+    `opt_out_robots`; a robots.txt that answers 5xx or not at all fails its URLs as `robots_unavailable`
+    (transient). Off: a warning in the log and the manifest."""
+    tdmrep: bool = True
+    """Honour TDM-Rep: a `tdm-reservation: 1` answer header or a matching /.well-known/tdmrep.json rule
+    drops the image as `opt_out_tdmrep`. Off: a warning in the log and the manifest."""
+    ca_bundle: str | None = None
+    """A PEM file of certificate authorities that replace the system's for HTTPS (a company's or a test's
+    CA). A certificate none of them vouches for fails as `tls_error`."""
     per_host_connections: int | None = keeps_output(16)
     """Requests in flight to one host at once, per shard task (pipeline/data/politeness.py). None: no cap."""
     per_host_rate: float | None = keeps_output(None)
@@ -253,9 +265,18 @@ class DownloadConfig:
     Failed fetches are not drops: they are counted and retried (`vlp resume --retry-failed`)."""
     drop_share_limits: dict[str, float] = keeps_output(default_factory=dict)
     """Per drop reason, a share that replaces `max_drop_share` for it, e.g. {duplicate_url: 0.9}."""
+    max_failed_share: float = keeps_output(0.5)
+    """The breaker for failures: when one failure reason (`connection_refused`, `http_404`, ...) exceeds this
+    share of the URLs tried, the stage stops, naming it with example URLs and errors. Judged as shards
+    finish once `failed_share_min_urls` URLs were tried (a 400M-row list stops early), and at the end."""
+    failed_share_min_urls: int = keeps_output(1000)
+    """URLs tried before the failure breaker judges while shards still run."""
 
     def __post_init__(self) -> None:
         _require(self.samples_per_shard > 0, "samples_per_shard: must be > 0")
+        _require(0 < self.max_failed_share <= 1, f"max_failed_share: must be in (0, 1], got {self.max_failed_share}")
+        _require(self.failed_share_min_urls >= 1, "failed_share_min_urls: must be >= 1")
+        _require(self.ca_bundle is None or self.ca_bundle.strip() != "", "ca_bundle: a file path, or null")
         _drop_shares(self.max_drop_share, self.drop_share_limits)
         _require(self.per_host_connections is None or self.per_host_connections > 0, "per_host_connections: must be > 0")
         for host, rate in {"per_host_rate": self.per_host_rate, **self.host_rates}.items():

@@ -42,9 +42,12 @@ def task_window(cluster_cpus: float | None = None) -> int:
 
 
 def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
-                    samples_of: Callable[[Any], int], window: int | None = None) -> dict[str, Any]:
+                    samples_of: Callable[[Any], int], window: int | None = None,
+                    on_result: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
     """Run `remote_fn.remote(*args)` for each shard name in `jobs`, at most `window` (default
     `task_window()`) at a time, refilled as results arrive, and wait for all of them.
+    `on_result(name, result)` sees each result as it comes; if it raises StageFailed (a breaker), no
+    more tasks start, the running ones finish and commit, and that error is raised.
 
     Submitting every task at once would put every task's arguments in the object store together and
     make each `ray.wait` cost O(pending) (O(shards²) over a stage). Shards that succeed are committed by
@@ -55,9 +58,10 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
     queue = iter(jobs.items())
     pending: dict[Any, str] = {}
     results, failures = {}, {}
+    stopped: StageFailed | None = None
 
     def refill() -> None:
-        while len(pending) < window:
+        while len(pending) < window and stopped is None:
             item = next(queue, None)
             if item is None:
                 return
@@ -74,10 +78,19 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
             except (ray.exceptions.RayError, Exception) as err:  # noqa: BLE001 (reported below)
                 failures[name] = err
                 log.error("%s: shard %s failed after its retries: %s", progress.stage, name, _short(err))
+                continue
+            if on_result is not None and stopped is None:
+                try:
+                    on_result(name, results[name])
+                except StageFailed as err:
+                    stopped = err
+                    log.error("%s: stopping: %d running shard tasks finish first", progress.stage, len(pending))
         refill()
         if not ready:
             progress.update(0, 0)
     progress.update(0, 0, force=True)
+    if stopped is not None:
+        raise stopped
     _raise_failures(progress.stage, failures, len(jobs))
     return results
 

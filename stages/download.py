@@ -33,19 +33,23 @@ from pipeline.data.shards import encode_json, sample_key, shard_name
 from pipeline.data.listplan import INPUTS, ShardInput, plan_shards, read_shard_input
 from pipeline.data.urldedup import duplicates_in
 from pipeline.data.urllists import check_url_list
-from pipeline.data.fetch import TRANSIENT, FetchFailed, Limits, fetch, image_size
+from pipeline.data.fetch import OPT_OUTS, TRANSIENT, FetchFailed, Limits, fetch, fetch_response, tls_context
+from pipeline.data.images import prepare_image
+from pipeline.data.optouts import HostOptOuts
 from pipeline.data.politeness import HostQueue, Politeness
 from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
-from pipeline.breaker import check_drop_shares
+from pipeline.breaker import FailureBreaker, check_drop_shares
+from pipeline.errors import ConfigError
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
 BASE_TASK_MEMORY = 512 * 2**20   # the task's Python, pyarrow, cv2 and its shard's samples
+ROBOTS_BYTES = 500 * 1024        # RFC 9309: a crawler parses at least the first 500 KiB of a robots.txt
 
 
 def task_memory(cfg: DownloadConfig) -> int:
@@ -57,6 +61,13 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     """Download every URL of `lists` into ctx.out; returns the stage manifest."""
     started = time.time()
     stage_cfg = dataclasses.asdict(cfg)
+    if cfg.ca_bundle is not None and not as_path(cfg.ca_bundle).is_file():
+        raise ConfigError(f"download.ca_bundle: {cfg.ca_bundle} is not a file (a PEM file of CA certificates)")
+    opt_outs_off = [name for name, on in (("robots_txt", cfg.robots_txt), ("tdmrep", cfg.tdmrep),
+                                          ("x_robots_tag", bool(cfg.disallowed_header_directives))) if not on]
+    if opt_outs_off:
+        log.warning("download: opt-outs NOT honoured: %s (sites that reserved their images are downloaded; "
+                    "the manifest records this)", ", ".join(opt_outs_off))
     ctx.out.begin(ctx.fingerprint, {})
     shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task, cfg.dedup_urls)
     samples_in = sum(s.rows for s in shards)
@@ -80,19 +91,34 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     if again:
         log.info("download: retry pass %d: fetching again %d URLs that failed with transient errors", retry_pass, again)
     progress.update(len(done), sum(st["accounting"]["samples_in"] for st in done.values()), force=True)
+    # Mass failures (a server down, a list of dead links) stop the stage early: see FailureBreaker.
+    breaker = FailureBreaker(ctx.out, cfg.max_failed_share, cfg.failed_share_min_urls)
+    for name, stats in done.items():
+        breaker.add(name, stats)
+    breaker.check()
+
+    def judge(name: str, stats: dict) -> None:
+        breaker.add(name, stats)
+        breaker.check()
+
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
-    results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"])
+    results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"],
+                                     on_result=judge)
+    breaker.check(final=True)
     summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
     ctx.out.write_sizes(summaries)
     # Every shard is committed; a mass drop (a list of repeats, of refused addresses) stops the stage here.
     check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
-    politeness_counts = collections.Counter()
+    politeness_counts, opt_out_counts = collections.Counter(), collections.Counter()
     for st in results.values():
         politeness_counts.update(st.get("politeness", {}))
+        opt_out_counts.update(st.get("opt_outs", {}))
     manifest = ctx.manifest(stage_cfg, summaries, started,
                             {"lists": [dataclasses.asdict(s) | {"path": ctx.run.relative(s.path)} for s in lists],
-                             "politeness": dict(politeness_counts), **({"retry_pass": retry_pass} if retry_pass else {})})
+                             "politeness": dict(politeness_counts), "opt_outs": dict(opt_out_counts),
+                             **({"opt_outs_not_honoured": opt_outs_off} if opt_outs_off else {}),
+                             **({"retry_pass": retry_pass} if retry_pass else {})})
     if (transient := transient_counts(manifest.totals.failed)):
         log.warning("download: %d URLs failed with transient errors (%s); `vlp resume --retry-failed %s` fetches "
                     "them again", sum(transient.values()), ", ".join(f"{r} {n}" for r, n in sorted(transient.items())),
@@ -147,11 +173,11 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
         if row["first"] is not None and row["refusal"] is None:
             row["refusal"] = "duplicate_url"
     todo = [r for r in rows if r["refusal"] is None]
-    fetched, counts = {}, collections.Counter()
+    fetched, counts, opt_outs = {}, collections.Counter(), collections.Counter()
     if earlier is not None:
         fetched, again = _earlier_outcomes(out, name)
         todo = [r for r in todo if r["key"] in again]
-    fetched.update(fetch_rows(cfg, todo, counts))
+    fetched.update(fetch_rows(cfg, todo, counts, opt_outs))
     samples, records, acc = [], [], Accounting(samples_in=len(rows))
     for row in rows:
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
@@ -161,6 +187,10 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
                             **({"error": f"the URL of {row['first']}"} if row["refusal"] == "duplicate_url" else {})})
             continue
         got = fetched[row["key"]]
+        if got["status"] != "success" and got["reason"] in OPT_OUTS:   # the site's decision: a drop
+            acc.dropped[got["reason"]] += 1
+            records.append({**base, "outcome": "dropped", "reason": got["reason"], "error": got["error_message"]})
+            continue
         if got["status"] != "success":
             acc.failed[got["reason"]] += 1
             records.append({**base, "outcome": "failed", "reason": got["reason"], "error": got["error_message"]})
@@ -175,7 +205,8 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
     return out.commit_shard(name, samples, acc, records, started,
-                            {"retry_pass": retry_pass, "politeness": {k: round(v, 3) for k, v in counts.items()}})
+                            {"retry_pass": retry_pass, "politeness": {k: round(v, 3) for k, v in counts.items()},
+                             "opt_outs": dict(opt_outs)})
 
 
 def transient_counts(failed_by_reason: dict) -> dict[str, int]:
@@ -202,11 +233,10 @@ def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:
 
     outcomes, again = {}, set()
     for r in read_ledger(out.ledger_path(name)):
-        if r["outcome"] == "failed":
-            if r["reason"] in TRANSIENT:
-                again.add(r["key"])
-            else:
-                outcomes[r["key"]] = {"status": "failed", "reason": r["reason"], "error_message": r["error"]}
+        if r["outcome"] == "failed" and r["reason"] in TRANSIENT:
+            again.add(r["key"])
+        elif r["outcome"] == "failed" or (r["outcome"] == "dropped" and r["reason"] in OPT_OUTS):
+            outcomes[r["key"]] = {"status": "failed", "reason": r["reason"], "error_message": r["error"]}
     tar = out.shard_path(name)
     for sample in read_shard(tar) if tar.is_file() else []:   # after the ledger: a kill may have left a newer tar
         again.discard(sample["__key__"])
@@ -217,26 +247,34 @@ def _earlier_outcomes(out, name: str) -> tuple[dict[str, dict], set[str]]:
     return outcomes, again
 
 
-def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counter | None = None) -> dict[str, dict]:
+def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counter | None = None,
+               opt_out_counts: collections.Counter | None = None) -> dict[str, dict]:
     """Fetch and resize every row ({key, url}) on `thread_count` threads, host by host within the
     politeness limits; returns {key: result}: status "success" with jpg, sizes and the original bytes'
-    sha256, or "failed" with reason and error_message. `counts` gains the 429/503 answers and the
-    seconds of backoff they asked for."""
+    sha256, or "failed" with reason (an opt-out reason is the site's refusal: OPT_OUTS) and error_message.
+    `counts` gains the 429/503 answers and the seconds of backoff they asked for; `opt_out_counts` what
+    the hosts' robots.txt and tdmrep.json files said."""
     counts = collections.Counter() if counts is None else counts
-    from img2dataset.resizer import Resizer
-
-    resizer = Resizer(
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
-        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
-        encode_format="jpg", skip_reencode=False, disable_all_reencoding=False,
-        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area,
-        max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
-    )
+    resizer = make_resizer(cfg)
     policy = HostPolicy(cfg.allow_private_hosts)
     limits = Limits(timeout=cfg.timeout, deadline=cfg.deadline, max_bytes=cfg.max_body_bytes,
                     max_redirects=cfg.max_redirects, max_image_area=cfg.max_image_area, retries=cfg.retries,
                     user_agent_token=cfg.user_agent_token,
-                    disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives))
+                    disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives),
+                    tdm_header=cfg.tdmrep)
+    tls = tls_context(cfg.ca_bundle)
+    # robots.txt and tdmrep.json: small text files, fetched under the same guards, once per host.
+    text_limits = dataclasses.replace(limits, max_bytes=ROBOTS_BYTES, keep_prefix=True, tdm_header=False,
+                                      disallowed_header_directives=frozenset(), retries=0)
+    host_files = HostOptOuts(lambda url: fetch(url, policy, text_limits, tls=tls), cfg.user_agent_token or "vlp",
+                             robots_txt=cfg.robots_txt, tdmrep=cfg.tdmrep)
+
+    def check_hop(url: str) -> None:
+        """Every hop of a URL is asked of its host's opt-out files, not only the first (a CDN's redirect)."""
+        reason = host_files.refusal(url)
+        if reason is not None:
+            raise FetchFailed(reason, f"{url}: {'robots.txt' if reason == 'opt_out_robots' else 'tdmrep.json'} "
+                                      "reserves it")
     # One decode at a time, as in img2dataset (which resizes in its main loop): its resizer swaps the
     # process's stdout/stderr file descriptors for /dev/null while it runs, and two threads doing that at
     # once leave them pointing at /dev/null for good. It also bounds decode memory to one image.
@@ -245,10 +283,11 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counte
     def one(row: dict) -> dict | None:
         """The row's result, or None when its host asked to slow down and the row went back in line."""
         try:
-            data = fetch(row["url"], policy, limits)
-            width, height = image_size(data, cfg.max_image_area)
-            with resizing:
-                jpg, w, h, original_w, original_h, err = resizer(io.BytesIO(data))
+            check_hop(row["url"])   # the host's files first: their fetch is not charged to the URL's deadline
+            data = fetch_response(row["url"], policy, limits, tls=tls, check_hop=check_hop).body
+            with resizing:   # the image's header is read before any decode: see prepare_image
+                image, _, _ = prepare_image(data, cfg.max_image_area)
+                jpg, w, h, original_w, original_h, err = resizer(io.BytesIO(image))
         except FetchFailed as err:
             if err.rate_limited and queue.rate_limited(row, err.retry_after) is not None:
                 return None
@@ -279,7 +318,22 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counte
     if len(results) != len(rows):   # a worker died of something `one` does not catch (it catches Exception)
         raise RuntimeError(f"download: {len(rows) - len(results)} URLs of the shard got no result")
     counts.update(queue.counts)
+    if opt_out_counts is not None:
+        opt_out_counts.update(host_files.counts)
     return results
+
+
+def make_resizer(cfg: DownloadConfig):
+    """img2dataset's Resizer as the stage configures it (it takes what prepare_image hands on)."""
+    from img2dataset.resizer import Resizer
+
+    return Resizer(
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=cfg.resize_only_if_bigger,
+        upscale_interpolation="lanczos", downscale_interpolation="area", encode_quality=cfg.encode_quality,
+        encode_format="jpg", skip_reencode=False, disable_all_reencoding=False,
+        min_image_size=cfg.min_image_size, max_image_area=cfg.max_image_area,
+        max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else float("inf"),
+    )
 
 
 def politeness(cfg: DownloadConfig) -> Politeness:

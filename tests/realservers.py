@@ -240,9 +240,12 @@ class Nginx:
     It runs in the foreground as one process (`daemon off; master_process off`): the PID we started is
     the whole server, so stopping it by that PID leaves no worker behind."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, extra_files: dict[str, bytes] | None = None, extra_conf: str = ""):
+        """`extra_files`: more of the site ({URL path: bytes}); `extra_conf`: more of the HTTP server's
+        block (locations), for the tests of the download stage as a whole."""
         self.dir = folder
         self.ipv6 = ipv6_loopback()
+        self.extra_files, self.extra_conf = extra_files or {}, extra_conf
 
     def __enter__(self) -> "Nginx":
         binary = nginx_binary()
@@ -250,6 +253,11 @@ class Nginx:
             raise RuntimeError(MISSING_NGINX)
         self.site = self.dir / "site"
         self.files = write_site(self.site)
+        for path, body in self.extra_files.items():
+            target = self.site / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body)
+            self.files[path] = body
         self.ca_bundle = make_certificates(self.dir / "certs")
         self.port, self.tls_port = free_port(), free_port()
         if self.ipv6:   # the same port number on ::1; retry a few times if it is taken there
@@ -377,6 +385,7 @@ http {{
         location /as-octets/ {{ types {{ }} default_type application/octet-stream; alias {site}/img/; }}
         location /as-html/ {{ types {{ }} default_type text/html; alias {site}/img/; }}
         {redirects}
+        {self.extra_conf}
     }}
 {tls_servers}
 }}
