@@ -20,7 +20,7 @@ from pipeline.runs import STATS_SUFFIX
 EXECUTION_ONLY = {
     "download": {"thread_count": 4, "cpus_per_task": 0.5, "shard_retries": 5, "per_host_connections": 4,
                  "per_host_rate": 2.0, "host_rates": {"127.0.0.1": 5.0}, "max_drop_share": 0.9,
-                 "drop_share_limits": {"duplicate_url": 0.9}},
+                 "drop_share_limits": {"duplicate_url": 0.9}, "max_failed_share": 0.9, "failed_share_min_urls": 50},
     "prefilter": {"cpus_per_task": 0.5, "max_drop_share": 0.9, "drop_share_limits": {"duplicate_near": 0.9},
                   "dedup_partitions": 7},
     "pretrain": {"cpus_per_worker": 2.0, "activation_checkpointing": True, "checkpoint_every": 7,
