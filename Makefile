@@ -1,17 +1,29 @@
 # One command sets up and runs the demo, one sets up and runs the tests (see README).
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU build of torch 2.13.0 lies on the dev/CI machines' disk; on a GPU box, set TORCH_SPEC to your CUDA build.
-TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# Every package comes from the lock, pinned and hashed (pip-compile of pyproject.toml's ranges): a figure in
+# BENCHMARKS.md comes from exactly these versions. Its torch is PyTorch's CPU build (2.13.0+cpu: on the
+# dev/CI machines' disk; elsewhere PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu).
+LOCK ?= requirements/cpu.txt
+# On a GPU box, the CUDA build of the same torch after the lock, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?=
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
 
-.PHONY: setup system-packages demo test bench clean
+.PHONY: setup system-packages demo test bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -qq "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -qq -e '.[test]'
+	$(VENV)/bin/pip install -qq --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install -qq --no-deps --no-build-isolation -e .
+	$(if $(TORCH_SPEC),$(VENV)/bin/pip install -qq $(TORCH_SPEC))
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+# The lock again from pyproject.toml's ranges (after a change there; tests/test_lock.py says when).
+lock:
+	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -qq pip-tools==7.7.0)
+	.venv-lock/bin/pip-compile -q --extra=test --extra=tracking --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file=$(LOCK) pyproject.toml
 
 setup: $(STAMP)
 
@@ -33,4 +45,4 @@ bench: setup
 	$(VENV)/bin/python bench/dedup.py
 
 clean:
-	rm -rf $(VENV) runs bench/out
+	rm -rf $(VENV) .venv-lock runs bench/out
