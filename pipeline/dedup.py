@@ -473,7 +473,7 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
         started = time.perf_counter()
         done = {u: read_json(done_marker(root, name, str(u))) for u in units if done_marker(root, name, str(u)).is_file()}
         todo = {str(u): (str(root), u, *args) for u in units if u not in done}
-        got = run_shard_tasks(ray.remote(fn).options(**options), todo, Progress(f"prefilter/{name}", len(units), 0),
+        got = run_shard_tasks(ray.remote(fn).options(**options), todo, Progress(f"prefilter/{name}", len(units), None),
                               lambda s: 0) if todo else {}
         seconds[name] = round(time.perf_counter() - started, 2)
         return list(done.values()) + list(got.values())

@@ -17,7 +17,8 @@ log = logging.getLogger("vlp")
 class Progress:
     """Logs shards done and samples/s, at most every `interval` seconds."""
 
-    def __init__(self, stage: str, shards_total: int, samples_total: int, interval: float = 2.0):
+    def __init__(self, stage: str, shards_total: int, samples_total: int | None, interval: float = 2.0):
+        """`samples_total`: None where it is not known before the shards run (then no "of N" is shown)."""
         self.stage, self.shards_total, self.samples_total = stage, shards_total, samples_total
         self.interval, self.started, self.last = interval, time.time(), 0.0
         self.shards_done = self.samples_done = 0
@@ -29,8 +30,9 @@ class Progress:
         if force or now - self.last >= self.interval:
             self.last = now
             rate = self.samples_done / max(now - self.started, 1e-9)
-            log.info("%s: %d/%d shards, %d/%d samples, %.0f samples/s", self.stage, self.shards_done,
-                     self.shards_total, self.samples_done, self.samples_total, rate)
+            of = f"/{self.samples_total}" if self.samples_total is not None else ""
+            log.info("%s: %d/%d shards, %d%s samples, %.0f samples/s", self.stage, self.shards_done,
+                     self.shards_total, self.samples_done, of, rate)
 
 
 def task_window(cluster_cpus: float | None = None) -> int:

@@ -104,7 +104,7 @@ def _fingerprint_eval_images(eval_shards: list[str], benchmarks: list[dict], roo
     task = ray.remote(_fingerprint_unit).options(**options)
     todo = {name: (fn, args, i, str(root), settings) for i, (name, (fn, args)) in enumerate(units.items())
             if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
-    run_shard_tasks(task, todo, Progress("prefilter/eval", len(units), 0), lambda summary: 0)
+    run_shard_tasks(task, todo, Progress("prefilter/eval", len(units), None), lambda summary: 0)
 
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:

@@ -68,7 +68,7 @@ def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_
     task = ray.remote(plan_list).options(num_cpus=cpus_per_task, max_retries=2, retry_exceptions=False)
     jobs = {f"list {i}": (dataclasses.asdict(spec), i, str(folder), samples_per_shard, partitions)
             for i, spec in enumerate(lists)}
-    parts = run_shard_tasks(task, jobs, Progress("download/plan", len(jobs), 0), lambda counts: sum(counts))
+    parts = run_shard_tasks(task, jobs, Progress("download/plan", len(jobs), None), lambda counts: sum(counts))
     shards, shard_id, first_shard = [], 0, []
     for i in range(len(lists)):
         first_shard.append(shard_id)
@@ -91,7 +91,7 @@ def _find_repeated_urls(folder: Path, partitions: int, first_shard: list[int], s
                         cpus_per_task: float) -> int:
     find = ray.remote(urldedup.find_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
     jobs = {str(p): (str(folder), p) for p in range(partitions)}
-    run_shard_tasks(find, jobs, Progress("download/url-dedup", partitions, 0), lambda n: 0)
+    run_shard_tasks(find, jobs, Progress("download/url-dedup", partitions, None), lambda n: 0)
     merge = ray.remote(urldedup.merge_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
     repeats = ray.get(merge.remote(str(folder), partitions, first_shard, samples_per_shard))
     for shuffle in (urldedup.HASHES, urldedup.FOUND):

@@ -116,6 +116,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (its timeout, its deadline, a breaker stopping it) is the web as it
+        is, not a server fault: one quiet line instead of socketserver's traceback on stderr."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
 
 def serve(cfg: ToyWebConfig, port: int) -> None:
     world = ToyWorld(cfg)
