@@ -222,9 +222,10 @@ class CapfiltWorker:
         web_kept, syn_kept = pw >= threshold, ps >= threshold and bool(syn.strip())
         origin = json.loads(sample["json"]) if "json" in sample else {}
         key = sample["__key__"]
+        # every key in every sample, one type, never null (pipeline/data/samplejson.py)
         provenance = {"round": self.round, "captioner": self.fps["captioner"], "filter": self.fps["filter"],
-                      "threshold": threshold, "original_caption": web, "web_score": round(pw, 6),
-                      "synthetic_caption": syn, "synthetic_score": round(ps, 6), "url": origin.get("url"),
+                      "threshold": float(threshold), "original_caption": web, "web_score": round(pw, 6),
+                      "synthetic_caption": syn, "synthetic_score": round(ps, 6), "url": origin.get("url") or "",
                       "origin": origin}
         for kept, source, text, score in ((web_kept, "web", web, pw), (syn_kept, "synthetic", syn, ps)):
             if kept:

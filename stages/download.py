@@ -27,8 +27,9 @@ import time
 
 import ray
 
-from pipeline.config import LIST_FIELDS, DownloadConfig, UrlListConfig
+from pipeline.config import DownloadConfig, UrlListConfig
 from pipeline.configtree import build
+from pipeline.data import samplejson
 from pipeline.data.shards import encode_json, sample_key, shard_name
 from pipeline.data.listplan import INPUTS, ShardInput, plan_shards, read_shard_input
 from pipeline.data.urldedup import duplicates_in
@@ -197,11 +198,9 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
             continue
         acc.samples_kept += 1
         records.append({**base, "outcome": "kept"})
-        meta = {**base, "caption": row["caption"], "caption_error": row["caption_error"],
-                **{k: got[k] for k in ("width", "height", "original_width", "original_height", "sha256")},
-                "round": 0, "stage": "download"}
-        if listed := {f: row[f] for f in LIST_FIELDS if row.get(f) is not None}:
-            meta["list"] = listed   # what the list says of the row (LAION's similarity, punsafe, ...)
+        # every key in every sample, one type, never null (pipeline/data/samplejson.py); `list`: what the
+        # URL list says of the row (LAION's similarity, punsafe, ...)
+        meta = samplejson.download_json(base, row["caption"], row["caption_error"], got, row)
         samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                         "json": encode_json(meta)})
     return out.commit_shard(name, samples, acc, records, started,

@@ -31,7 +31,7 @@ from PIL import Image
 from pipeline.breaker import check_drop_shares
 from pipeline.config import PrefilterConfig
 from pipeline.configtree import build
-from pipeline.data import language
+from pipeline.data import language, samplejson
 from pipeline import benchmarks as benchmarks_lib
 from pipeline import dedup
 from pipeline.data.neardup import signature
@@ -205,7 +205,7 @@ def list_rule(listed: dict, cfg: PrefilterConfig) -> str | None:
     for bounds, outside in ((cfg.list_min, lambda v, b: v < b), (cfg.list_max, lambda v, b: v > b)):
         for field, bound in bounds.items():
             value = listed.get(field)
-            if value is None:
+            if samplejson.is_missing(value):   # NaN in the json (None or absent: an older download's)
                 if cfg.list_missing == "drop":
                     return f"list_{field}_missing"
             elif outside(value, bound):
@@ -286,7 +286,7 @@ def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root:
                         "error": verdict["error"]})
         if verdict["outcome"] == "kept":
             acc.samples_kept += 1
-            meta = _json(sample.get("json"))
+            meta = samplejson.stable(_json(sample.get("json")))   # one schema, whatever download wrote it
             # the near-duplicate signature travels with the sample, for dedup across runs and datasets
             meta["prefilter"] = {"signature": base64.b64encode(verdict["signature"]).decode()}
             # Only the members this stage owns: a planted `.pyd` or `.pth` member would run code in
