@@ -22,7 +22,9 @@ pycurl: docs/architecture.md, "The fetcher".
 from __future__ import annotations
 
 import functools
+import heapq
 import http.client
+import itertools
 import io
 import socket
 import ssl
@@ -179,11 +181,9 @@ class _Watchdog:
 
     def __init__(self, deadline: float):
         self.sock: socket.socket | None = None
-        self.fired = False
+        self.fired = self.cancelled = False
         self.lock = threading.Lock()
-        self.timer = threading.Timer(max(deadline - time.monotonic(), 0.0), self._fire)
-        self.timer.daemon = True
-        self.timer.start()
+        _CLOCK.add(deadline, self)
 
     def watch(self, sock: socket.socket | None) -> None:
         with self.lock:
@@ -191,10 +191,11 @@ class _Watchdog:
             if self.fired:
                 self._shutdown()
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
         with self.lock:
-            self.fired = True
-            self._shutdown()
+            if not self.cancelled:
+                self.fired = True
+                self._shutdown()
 
     def _shutdown(self) -> None:
         if self.sock is not None:
@@ -208,7 +209,42 @@ class _Watchdog:
             raise FetchFailed("deadline_exceeded", "the URL's deadline passed")
 
     def cancel(self) -> None:
-        self.timer.cancel()
+        with self.lock:
+            self.cancelled = True
+
+
+class _Clock:
+    """One thread per process fires the watchdogs at their deadlines. A `threading.Timer` per URL started
+    a thread per URL, half of a small image's fetch (bench/fetchers.py). Cancelled watchdogs leave the
+    heap when they come to its top or their deadline passes: at most (URLs/s x deadline) entries."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.heap: list[tuple[float, int, _Watchdog]] = []
+        self.order = itertools.count()
+        self.thread: threading.Thread | None = None
+
+    def add(self, deadline: float, dog: _Watchdog) -> None:
+        with self.cond:
+            heapq.heappush(self.heap, (deadline, next(self.order), dog))
+            if self.thread is None or not self.thread.is_alive():   # not started yet, or a forked child
+                self.thread = threading.Thread(target=self._run, name="fetch-deadlines", daemon=True)
+                self.thread.start()
+            elif self.heap[0][2] is dog:
+                self.cond.notify()   # a nearer deadline than the one the thread sleeps towards
+
+    def _run(self) -> None:
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                while self.heap and (self.heap[0][0] <= now or self.heap[0][2].cancelled):
+                    _, _, dog = heapq.heappop(self.heap)
+                    if not dog.cancelled:
+                        dog.fire()
+                self.cond.wait(self.heap[0][0] - now if self.heap else None)
+
+
+_CLOCK = _Clock()
 
 
 def _cause(err: BaseException) -> BaseException:
