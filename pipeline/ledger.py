@@ -20,12 +20,20 @@ SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", p
                     ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
                     ("source_row", pa.int64())])
 SUFFIX = ".parquet"
-# CapFilt's `<shard>.decisions.parquet`: both texts and both scores of every image it judged.
+# CapFilt's `decisions/<shard>.parquet`: both texts and both scores of every image it judged. In a
+# folder of their own, so that a stage folder's `*.parquet` are its ledgers only (`duckdb.sql("select *
+# from 'STAGE/*.parquet'")`, `pd.read_parquet` of the files a glob gives).
 DECISIONS_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("web_caption", pa.string()),
                               ("web_score", pa.float64()), ("web_kept", pa.bool_()),
                               ("synthetic_caption", pa.string()), ("synthetic_score", pa.float64()),
                               ("synthetic_kept", pa.bool_()), ("verdict", pa.string())])
-DECISIONS_SUFFIX = ".decisions.parquet"
+DECISIONS = "decisions"
+OLD_DECISIONS_SUFFIX = ".decisions.parquet"   # beside the ledgers, as vlp wrote them before `decisions/`
+
+
+def decisions_path(folder: Path, shard_name: str) -> Path:
+    """Where a stage folder holds the decisions of shard `shard_name` (`00003.tar`)."""
+    return folder / DECISIONS / (shard_name.split(".")[0] + SUFFIX)
 
 
 def write_records(path: Path, records: list[dict], schema: pa.Schema = SCHEMA) -> None:
@@ -45,20 +53,28 @@ def read_ledger(path: Path) -> list[dict]:
 def stage_ledger(folder: Path, columns: list[str] | None = None, expression: ds.Expression | None = None) -> pa.Table:
     """Every committed shard's ledger in a stage folder, as one table (or the rows matching
     `expression`, e.g. `ds.field("outcome") != "kept"`)."""
-    return _dataset(folder, SCHEMA, lambda name: name.count(".") == 1, columns, expression)
+    # (`NNNNN.parquet` only: a folder CapFilt began before `decisions/` has its older shards' decisions here)
+    return _dataset(folder, SCHEMA, _files(folder, lambda name: name.count(".") == 1), columns, expression)
 
 
 def stage_decisions(folder: Path) -> list[dict]:
-    """CapFilt's decisions over every shard of a stage folder, in shard order."""
-    return _dataset(folder, DECISIONS_SCHEMA, lambda name: name.endswith(DECISIONS_SUFFIX)).to_pylist()
-
-
-def _dataset(folder: Path, schema: pa.Schema, wanted, columns=None, expression=None) -> pa.Table:
+    """CapFilt's decisions over every shard of a stage folder, in shard order: `decisions/`, and the
+    `<shard>.decisions.parquet` beside the ledgers of shards an older vlp committed (a resumed stage
+    may hold both)."""
     folder = as_path(folder)
-    files = sorted(arrow(p)[0] for p in folder.glob("*.parquet") if not p.name.startswith(".") and wanted(p.name))
+    files = _files(folder / DECISIONS, lambda name: True) + _files(folder, lambda name: name.endswith(OLD_DECISIONS_SUFFIX))
+    return _dataset(folder, DECISIONS_SCHEMA, sorted(files, key=lambda f: f.rsplit("/", 1)[-1])).to_pylist()
+
+
+def _files(folder: Path, wanted) -> list[str]:
+    folder = as_path(folder)   # (a folder that does not exist globs nothing)
+    return sorted(arrow(p)[0] for p in folder.glob("*.parquet") if not p.name.startswith(".") and wanted(p.name))
+
+
+def _dataset(folder: Path, schema: pa.Schema, files: list[str], columns=None, expression=None) -> pa.Table:
     if not files:
         return schema.empty_table().select(columns or schema.names)
-    return ds.dataset(files, schema=schema, format="parquet", filesystem=arrow(folder)[1]).to_table(
+    return ds.dataset(files, schema=schema, format="parquet", filesystem=arrow(as_path(folder))[1]).to_table(
         columns=columns, filter=expression)
 
 

@@ -11,8 +11,8 @@
 
 Each shard's sampling is seeded by (run seed, round, shard name), so a shard redone after a kill, or by
 another actor, is the same bytes. Besides the tar and its stats, each shard commits
-`<shard>.decisions.parquet`: both texts and both scores of every image, kept or not (for the report and
-for measuring the filter).
+`decisions/<shard>.parquet`: both texts and both scores of every image, kept or not (for the report and
+for measuring the filter); in a folder of their own, so that the stage folder's `*.parquet` are ledgers.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pipeline.data.loader import decode_image
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
-from pipeline.ledger import DECISIONS_SCHEMA, DECISIONS_SUFFIX, write_records
+from pipeline.ledger import DECISIONS_SCHEMA, decisions_path, write_records
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.parallel import Progress, prefetched, run_on_actor_pool
 from pipeline.runs import StageDir, fingerprint, verify_shard
@@ -46,10 +46,6 @@ from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
 ROLES = ("captioner", "filter")
-
-
-def decisions_path(out: StageDir, shard_name: str) -> Path:
-    return out.path / (shard_name.split(".")[0] + DECISIONS_SUFFIX)
 
 
 def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
@@ -194,7 +190,7 @@ class CapfiltWorker:
                     acc.samples_kept += 1
                     records.append({"key": decision["key"], "outcome": "kept", "url": decision["url"]})
         records = failed + records   # the ledger's order as before streaming: decode failures first
-        write_records(decisions_path(self.out, name), decisions, DECISIONS_SCHEMA)
+        write_records(decisions_path(self.out.path, name), decisions, DECISIONS_SCHEMA)
         pairs = {"web": sum(d["web_kept"] for d in decisions), "synthetic": sum(d["synthetic_kept"] for d in decisions)}
         return self.out.commit_shard(name, out, acc, records, started, {"pairs": pairs})
 

@@ -58,3 +58,43 @@ def check_hf_reads_stage(folder, manifest, tmp_path, monkeypatch) -> None:
 def test_hf_datasets_loads_the_web_stages_shards(stage, reference_run, tmp_path, monkeypatch):
     folder, manifest = _stage(reference_run.root, stage)
     assert check_hf_reads_stage(folder, manifest, tmp_path, monkeypatch) == manifest["totals"]["samples_kept"]
+
+
+def ledgers_by_glob(folder) -> list[dict]:
+    """A stage's ledgers as duckdb reads them: every `*.parquet` of the folder, one table."""
+    import duckdb
+
+    return duckdb.sql(f"select * from '{folder}/*.parquet'").to_arrow_table().to_pylist()
+
+
+@pytest.mark.parametrize("stage", ["download", "prefilter"])
+def test_duckdb_reads_a_stage_folders_ledgers_by_glob(stage, reference_run):
+    """`STAGE/*.parquet` are the ledgers and nothing else: a row per sample in, the ledger's columns."""
+    from pipeline.ledger import SCHEMA
+
+    folder, manifest = _stage(reference_run.root, stage)
+    rows = ledgers_by_glob(folder)
+    assert len(rows) == manifest["totals"]["samples_in"]
+    assert list(rows[0]) == SCHEMA.names
+    assert sum(r["outcome"] == "kept" for r in rows) == manifest["totals"]["samples_kept"]
+
+
+def test_capfilt_decisions_in_their_folder_and_an_older_layout_still_read(tmp_path):
+    """CapFilt's decisions live in `decisions/`; a stage folder an older vlp began keeps `<shard>.decisions.parquet`
+    beside the ledgers, and a resumed stage may hold both: stage_decisions reads both, stage_ledger neither."""
+    from pipeline.ledger import (DECISIONS_SCHEMA, OLD_DECISIONS_SUFFIX, decisions_path, stage_decisions,
+                                 stage_ledger, write_ledger, write_records)
+
+    def decision(key):
+        return {"key": key, "url": f"http://e.com/{key}", "web_caption": "a", "web_score": 0.5, "web_kept": True,
+                "synthetic_caption": "b", "synthetic_score": 0.1, "synthetic_kept": False, "verdict": "web"}
+
+    write_ledger(tmp_path / "00000.parquet", [{"key": "0000000", "outcome": "kept"}])
+    write_records(tmp_path / f"00000{OLD_DECISIONS_SUFFIX}", [decision("0000000")], DECISIONS_SCHEMA)   # older vlp
+    write_ledger(tmp_path / "00001.parquet", [{"key": "0000100", "outcome": "kept"}])
+    write_records(decisions_path(tmp_path, "00001.tar"), [decision("0000100")], DECISIONS_SCHEMA)
+    assert decisions_path(tmp_path, "00001.tar") == tmp_path / "decisions" / "00001.parquet"
+    assert [d["key"] for d in stage_decisions(tmp_path)] == ["0000000", "0000100"]
+    assert stage_ledger(tmp_path)["key"].to_pylist() == ["0000000", "0000100"]
+    (tmp_path / f"00000{OLD_DECISIONS_SUFFIX}").unlink()   # the new layout: the glob gives the ledgers only
+    assert [r["key"] for r in ledgers_by_glob(tmp_path)] == ["0000000", "0000100"]
