@@ -16,7 +16,7 @@ from pipeline.data.urlpolicy import HostPolicy
 from realservers import (HOST4, HOST6, MAX_HOPS, MISSING_NGINX, REDIRECT_CODES, SELF_SIGNED_NAME, TLS_NAMES,
                          FaultServer, Nginx, PythonHttpServer, nginx_binary, response_head, write_site)
 
-POLICY = HostPolicy([HOST4, HOST6])
+POLICY = HostPolicy([HOST4, HOST6, "localhost"])   # localhost: one of the certificates' names
 V4_ONLY = HostPolicy([HOST4])
 LIMITS = Limits(timeout=2.0, deadline=5.0, max_bytes=2**20, max_redirects=3, max_image_area=4_000_000)
 IMAGES = ("/img/a.jpg", "/img/b.png", "/img/c.gif")
@@ -24,8 +24,8 @@ _unique = itertools.count()
 
 
 def resolve(host: str, port: int) -> list[str]:
-    """The test names (images.test, other.test, ...) all live on 127.0.0.1; nothing else resolves."""
-    if host.endswith(".test"):
+    """The test names (images.test, other.test, ..., localhost) all live on 127.0.0.1; nothing else resolves."""
+    if host.endswith(".test") or host == "localhost":
         return [HOST4]
     raise OSError(f"{host}: not a test name")
 

@@ -15,6 +15,7 @@ import pytest
 from imagezoo import build_zoo, expected_quadrants
 from pipeline.config import DataConfig, DownloadConfig, RayConfig, RunConfig, UrlListConfig
 from pipeline.data.shards import read_shard
+from pipeline.errors import ConfigError
 from pipeline.ledger import stage_ledger
 from realservers import HOST4, Nginx, PythonHttpServer
 from test_imagezoo import quadrant_means
@@ -36,12 +37,14 @@ def download(tmp_path, urls: list[str], **settings) -> tuple[dict, dict[str, dic
     """Run the download stage over `urls`; (manifest, {url: ledger row})."""
     from pipeline import runner
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"url": urls, "caption": [f"picture {i}" for i in range(len(urls))]}),
                    tmp_path / "list.parquet")
+    settings = {"allow_private_hosts": (HOST4,)} | settings
     cfg = RunConfig(name="realweb", stages=("download",), ray=RayConfig(num_cpus=2),
                     data=DataConfig(inputs=(UrlListConfig(path=str(tmp_path / "list.parquet"), format="parquet"),)),
                     download=DownloadConfig(samples_per_shard=64, thread_count=8, image_size=64, timeout=5.0,
-                                            deadline=10.0, allow_private_hosts=(HOST4,), **settings))
+                                            deadline=10.0, **settings))
     run = runner.execute(cfg, tmp_path / "run")
     stage = run.stage("download").path
     ledger = {r["url"]: r for r in stage_ledger(stage).to_pylist()}
@@ -109,3 +112,17 @@ def test_opt_outs_can_be_turned_off_and_say_so(tmp_path, ray_cluster, zoo_site):
     assert manifest["totals"]["samples_kept"] == 3
     assert manifest["opt_outs_not_honoured"] == ["robots_txt", "tdmrep"]
     assert manifest["opt_outs"] == {}   # no robots.txt or tdmrep.json was asked for
+
+
+def test_https_with_the_ca_bundle_setting(tmp_path, ray_cluster, zoo_site):
+    """`download.ca_bundle` is the CA the stage trusts: nginx's certificate for localhost (signed by the
+    test CA) verifies with it, and is a counted tls_error without it."""
+    server, _ = zoo_site
+    url = server.tls_url("localhost", "/img/a.jpg")
+    hosts = (HOST4, "localhost")
+    manifest, _ = download(tmp_path / "with", [url], ca_bundle=str(server.ca_bundle), allow_private_hosts=hosts)
+    assert manifest["totals"]["samples_kept"] == 1
+    manifest, ledger = download(tmp_path / "without", [url], allow_private_hosts=hosts, max_failed_share=1.0)
+    assert manifest["totals"]["failed_by_reason"] == {"tls_error": 1} and "CERTIFICATE_VERIFY_FAILED" in ledger[url]["error"]
+    with pytest.raises(ConfigError, match="download.ca_bundle"):
+        download(tmp_path / "missing", [url], ca_bundle=str(tmp_path / "no-such.pem"), allow_private_hosts=hosts)
