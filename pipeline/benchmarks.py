@@ -170,15 +170,28 @@ def image_parts(bench: dict) -> int:
 
 def part_images(bench: dict, part: int):
     """The bytes of every image of one part, one at a time."""
+    for _, image in part_items(bench, part):
+        yield image
+
+
+def part_items(bench: dict, part: int):
+    """(name, bytes) of every image of one part, one at a time: the name is the image's path under the
+    benchmark's image folder (as its annotation or class folders give it), or `<tar>/<key>` for a
+    webdataset split; what prefilter's ledger reports of an eval image a training sample copies."""
     files = _image_files(bench)
     if files is None:
-        for sample in _read_tars([_wds_shards(bench)[part]]):
+        tar = _wds_shards(bench)[part]
+        for sample in _read_tars([tar]):
             image = _image_member(sample)
             if image is not None:
-                yield image
+                yield f"{Path(tar).name}/{sample['__key__']}", image
         return
+    if bench["format"] == "karpathy":
+        root = Path(bench["images"]) if bench.get("images") else Path(bench["path"]).parent
+    else:
+        root = Path(bench["path"])
     for file in files[part * PART_IMAGES:(part + 1) * PART_IMAGES]:
-        yield file.read_bytes()
+        yield (file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name), file.read_bytes()
 
 
 def _image_files(bench: dict) -> list[Path] | None:

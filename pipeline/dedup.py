@@ -37,7 +37,14 @@ files, fsyncs and, on an object store, PUTs; a partition's task reads its row gr
           the rest sent to their second node's unit partition;
   prune   per unit partition: edges into a dropped node left out;
   near    one task: the greedy rule over the edges left (between nodes no other rule dropped), as arrays;
-  decisions per unit partition: its shards' drops, one file each.
+  drops   per unit partition: its shards' drops; the nodes they copy (their keepers) asked of the
+          keepers' unit partitions;
+  names   per unit partition: the keepers' keys (an eval image's benchmark and item) from their units'
+          scan files, answered by the asking partition;
+  decisions per unit partition: its shards' drops with their keepers' names, one file each.
+Every drop says what it copies: `keeper`, the node kept (duplicate_exact: the first of its group of equal
+bytes; duplicate_near: the kept node it copies, the closest if several; eval_contaminated: the eval image,
+the closest), and `distance` (near_copy_distance; 0 for equal bytes or pixels).
 """
 from __future__ import annotations
 
@@ -66,7 +73,7 @@ from pipeline.fsutil import (
     rows_by_partition,
 )
 from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.storage import as_path, children
+from pipeline.storage import arrow, as_path, children
 
 log = logging.getLogger("vlp")
 EVAL = 1 << 62
@@ -157,10 +164,15 @@ def hex_prefix(hashes: pa.Array) -> np.ndarray:
     return digits.reshape(-1, 15) @ (np.int64(16) ** np.arange(14, -1, -1, dtype=np.int64))
 
 
-def write_signatures(root: Path, unit: str, nodes: np.ndarray, sigs: list[bytes | None]) -> None:
-    """A unit's scan file with only what the join reads: its nodes (ascending) and their signatures.
-    prefilter's web scan writes the same path with its verdicts too (SCAN)."""
-    atomic_write_parquet(root / "scan" / f"{unit}.parquet", pa.table({"node": nodes, "signature": pa.array(sigs, pa.binary())}))
+def write_signatures(root: Path, unit: str, nodes: np.ndarray, sigs: list[bytes | None], items: list[str] | None = None,
+                     benchmark: str | None = None) -> None:
+    """A unit's scan file with only what the join reads: its nodes (ascending) and their signatures,
+    and for an eval unit the name of each image (`items`) and of its benchmark, which a drop it causes
+    reports. prefilter's web scan writes the same path with its verdicts and keys too (SCAN)."""
+    columns = {"node": nodes, "signature": pa.array(sigs, pa.binary())}
+    if items is not None:
+        columns |= {"item": pa.array(items, pa.string()), "benchmark": pa.array([benchmark] * len(items), pa.string())}
+    atomic_write_parquet(root / "scan" / f"{unit}.parquet", pa.table(columns))
 
 
 def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str | None], sigs: list[bytes | None],
@@ -190,7 +202,12 @@ def write_partitions(root: Path, unit: str, nodes: np.ndarray, exact: list[str |
     atomic_write_row_groups(root / "band" / f"{unit}.parquet", tables, BAND, **RAW)
 
 
-DROPS = pa.schema([("node", pa.int64()), ("reason", pa.string())])
+# A drop: the node, why, the node it copies (its keeper: see the module's docstring) and how far apart.
+DROPS = pa.schema([("node", pa.int64()), ("reason", pa.string()), ("keeper", pa.int64()), ("distance", pa.float64())])
+# decisions/<shard index>.parquet: a shard's drops, the keeper named (a web sample's key; an eval image's
+# benchmark and item)
+DECISIONS = pa.schema([("node", pa.int64()), ("reason", pa.string()), ("keeper", pa.string()),
+                       ("distance", pa.float64()), ("benchmark", pa.string()), ("item", pa.string())])
 
 
 def unit_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
@@ -211,7 +228,7 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
     eval image (`eval_contaminated`), else each but the group's smallest node (`duplicate_exact`)."""
     root = as_path(root)
     table = read_partition(root / "exact", p, EXACT)
-    node, reason = np.zeros(0, np.int64), np.zeros(0, object)
+    node, reason, keeper = np.zeros(0, np.int64), np.zeros(0, object), np.zeros(0, np.int64)
     if table.num_rows:
         groups = pc.dictionary_encode(table["exact"]).combine_chunks().indices.to_numpy()
         nodes = table["node"].to_numpy()
@@ -224,17 +241,23 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
         web = nodes < EVAL
         contaminated = web & with_eval & settings.decontaminate
         copy = web & ~new & ~contaminated & settings.exact   # a group's first node is its smallest
-        node = nodes[contaminated | copy]
-        reason = np.where(contaminated, "eval_contaminated", "duplicate_exact")[contaminated | copy]
-    _write_by_unit(root / "exact_out" / f"{p}.parquet", pa.table({"node": pa.array(node, pa.int64()),
-                                                                  "reason": pa.array(reason, pa.string())}, schema=DROPS),
-                   node, settings.partitions)
+        starts = np.flatnonzero(new)
+        # keepers: the group's first node; for a contaminated one, the group's first eval image
+        first_eval = np.minimum.reduceat(np.where(web, len(nodes), np.arange(len(nodes))), starts)
+        dropped = contaminated | copy
+        node = nodes[dropped]
+        reason = np.where(contaminated, "eval_contaminated", "duplicate_exact")[dropped]
+        keeper = np.where(contaminated, nodes[np.minimum(first_eval, len(nodes) - 1)[group]], nodes[starts][group])[dropped]
+    _write_by_unit(root / "exact_out" / f"{p}.parquet", pa.table({
+        "node": pa.array(node, pa.int64()), "reason": pa.array(reason, pa.string()), "keeper": pa.array(keeper, pa.int64()),
+        "distance": pa.array(np.zeros(len(node)), pa.float64())}, schema=DROPS), node, settings.partitions)
     return mark(root, "exact", str(p), {"drops": len(node)})
 
 
 # --- band join ---------------------------------------------------------------------------------------
 
 PAIRS = pa.schema([("a", pa.int64()), ("b", pa.int64())])
+EDGES = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("distance", pa.float64())])   # verified copies
 JOINED = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("sig_a", pa.binary())])
 
 
@@ -267,10 +290,15 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
             seconds.append(y)
             left_out += over
     ea, eb = _unique_pairs(firsts, seconds)
+    # their distance: 0 for the same pixels (their heads are equal too), a blank pair's from the colours
+    known, row = np.unique(nodes, return_index=True)
+    head_a, head_b = head[row[np.searchsorted(known, ea)]], head[row[np.searchsorted(known, eb)]]
+    limit = np.where(eb >= EVAL, settings.decontaminate_max_distance, settings.near_max_distance)
+    ed = neardup.blank_distances(head_a, head_b).astype(np.float64) * limit
     atomic_write_row_groups(root / "pairs_a" / f"{p}.parquet", [
         pa.table([a[rows], b[rows]], schema=PAIRS) for rows in rows_by_partition(partition_of(a >> 32, settings.partitions),
                                                                             settings.partitions)], PAIRS)
-    _write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb], schema=PAIRS), ea, settings.partitions)
+    _write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb, ed], schema=EDGES), ea, settings.partitions)
     return mark(root, "band", str(p), {"pairs": len(a), "copy_edges": len(ea), "buckets_cut": cut,
                                         "pairs_left_out": left_out})
 
@@ -414,7 +442,7 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
     """Verified near copies among the pairs whose second node's unit hashes to r: edges/<r>.parquet."""
     root = as_path(root)
     pairs = read_partition(root / "pairs_b", r, JOINED)
-    edges = {"a": [], "b": []}
+    edges = {"a": [], "b": [], "distance": []}
     decoded: dict[int, neardup.Signature] = {}
 
     def signature(node: int, raw: bytes) -> neardup.Signature:
@@ -425,23 +453,45 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
     sig_b = _signatures_of(root, pairs["b"].to_numpy()).to_pylist()
     for a, b, sig_a, raw_b in zip(pairs["a"].to_pylist(), pairs["b"].to_pylist(), pairs["sig_a"].to_pylist(), sig_b):
         limit = settings.decontaminate_max_distance if b >= EVAL else settings.near_max_distance
-        if neardup.near_copy_distance(signature(a, sig_a), signature(b, raw_b), limit) is not None:
+        distance = neardup.near_copy_distance(signature(a, sig_a), signature(b, raw_b), limit)
+        if distance is not None:
             edges["a"].append(a)
             edges["b"].append(b)
+            edges["distance"].append(distance)
     a = np.array(edges["a"], np.int64)
-    _write_by_unit(root / "edges" / f"{r}.parquet", pa.table([a, np.array(edges["b"], np.int64)], schema=PAIRS), a,
-                   settings.partitions)
+    _write_by_unit(root / "edges" / f"{r}.parquet", pa.table([a, np.array(edges["b"], np.int64),
+                                                              np.array(edges["distance"], np.float64)], schema=EDGES),
+                   a, settings.partitions)
     return mark(root, "verify", str(r), {"edges": len(edges["a"])})
 
 
 def decisions_of(root: Path, index: int) -> dict[int, str]:
-    table = read_parquet(root / "decisions" / f"{index}.parquet")
+    """{node: reason} of the drops of shard `index`."""
+    table = read_parquet(root / "decisions" / f"{index}.parquet", columns=["node", "reason"])
     return dict(zip(table["node"].to_pylist(), table["reason"].to_pylist()))
+
+
+def drops_of(root: Path, index: int) -> dict[int, dict]:
+    """{node: {reason, keeper, distance, benchmark, item}} of the drops of shard `index` (DECISIONS; the
+    fields a file from an older vlp lacks are None)."""
+    rows = read_parquet(root / "decisions" / f"{index}.parquet").to_pylist()
+    return {r["node"]: {name: r.get(name) for name in DECISIONS.names[1:]} for r in rows}
+
+
+def read_columns(path: Path, columns: list[str]) -> pa.Table:
+    """`columns` of a parquet file, those it has (a scan file an older vlp or a bench wrote lacks names)."""
+    import pyarrow.parquet as pq
+
+    name, filesystem = arrow(as_path(path))
+    with pq.ParquetFile(name, filesystem=filesystem) as f:
+        return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
 
 
 # --- the driver's side ------------------------------------------------------------------------------
 
-PHASES_LAYOUT = 2   # 2: exact drops and edges by unit partition, the resolve in four phases (1: one resolve task)
+# 3: drops carry their keeper and distance, the resolve in six phases (names); 2: exact drops and edges by unit
+# partition, the resolve in four phases; 1: one resolve task
+PHASES_LAYOUT = 3
 
 
 def _forget_other_layout(root: Path) -> None:
@@ -459,8 +509,8 @@ def _forget_other_layout(root: Path) -> None:
 
 
 def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> dict:
-    """Run exact, band, join, verify, decide, prune, near and decisions (the scans are done); returns
-    their summaries."""
+    """Run exact, band, join, verify, decide, prune, near, drops, names and decisions (the scans are done);
+    returns their summaries."""
     from pipeline import dedupresolve  # here, not above: it builds on this module
 
     _forget_other_layout(root)
@@ -491,6 +541,8 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
     summary["edges"] = sum(s["edges"] for s in decided)
     phase("prune", dedupresolve.prune_partition, list(range(P)), settings)
     summary |= phase("near", dedupresolve.near_resolve, [0], settings)[0]
+    phase("drops", dedupresolve.drops_partition, list(range(P)), settings)
+    phase("names", dedupresolve.names_partition, list(range(P)), settings)
     written = phase("decisions", dedupresolve.decisions_partition, list(range(P)), settings, shards)
     summary["dropped"] = sum(s["dropped"] for s in written)
     summary["seconds"] = seconds

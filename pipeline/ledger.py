@@ -1,8 +1,14 @@
 """Per-sample outcomes, beside each shard: `<shard>.parquet` (img2dataset's convention).
 
 One row per sample that went into the shard's task: its key, its outcome (kept, dropped, failed), the
-reason and error for the ones not kept, and where it came from (url, source list, row) when the stage
-knows. The shard's stats file holds only the counts per reason, so the driver, `vlp status` and the
+reason and error for the ones not kept, and where it came from (url, source list, row; download and
+prefilter fill them, CapFilt the url). A copy prefilter dropped says what it copies: `keeper`, the key of
+the sample kept (duplicate_exact: the first sample with the same original bytes, which a later rule may
+have dropped in turn: its own row says; duplicate_near: the kept sample it copies, the closest if
+several), or for `eval_contaminated` the eval image's `benchmark` (a benchmark's name, or
+`evaluate.shards`) and `item` (its path in the benchmark, or `<tar>/<key>`); and `distance`, the
+near-copy distance (0: the same bytes or pixels). Other rows leave those four null; ledgers written
+before they existed read with them null. The shard's stats file holds only the counts per reason, so the driver, `vlp status` and the
 resume scan read a few hundred bytes per shard; whoever wants the samples (the report, a user asking
 "why was this URL dropped?") aggregates the ledgers with pyarrow.dataset, never the tars.
 """
@@ -18,7 +24,8 @@ from pipeline.storage import arrow, as_path
 
 SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()),
                     ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
-                    ("source_row", pa.int64())])
+                    ("source_row", pa.int64()), ("keeper", pa.string()), ("distance", pa.float64()),
+                    ("benchmark", pa.string()), ("item", pa.string())])
 SUFFIX = ".parquet"
 # CapFilt's `decisions/<shard>.parquet`: both texts and both scores of every image it judged. In a
 # folder of their own, so that a stage folder's `*.parquet` are its ledgers only (`duckdb.sql("select *

@@ -93,16 +93,16 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 def _fingerprint_eval_images(eval_shards: list[str], benchmarks: list[dict], root, settings, options) -> None:
     """Hash the eval split's and every benchmark's images into the dedup partitions as eval nodes: a task
     per eval shard and per part of a benchmark (unit numbers: the eval shards, then the parts in order)."""
-    units = {p: (eval_shard_images, (p,)) for p in eval_shards}
+    units = {p: (eval_shard_items, (p,), EVAL_SHARDS) for p in eval_shards}
     count = ray.remote(benchmarks_lib.image_parts).options(num_cpus=options["num_cpus"])
     try:
         parts = ray.get([count.remote(b) for b in benchmarks])
     except ray.exceptions.RayTaskError as err:   # a benchmark that cannot be read: its own message
         raise (err.cause if isinstance(err.cause, InputError) else err) from None
-    units |= {f"{b['name']} part {k}": (benchmarks_lib.part_images, (b, k)) for b, n in zip(benchmarks, parts)
+    units |= {f"{b['name']} part {k}": (benchmarks_lib.part_items, (b, k), b["name"]) for b, n in zip(benchmarks, parts)
               for k in range(n)}
     task = ray.remote(_fingerprint_unit).options(**options)
-    todo = {name: (fn, args, i, str(root), settings) for i, (name, (fn, args)) in enumerate(units.items())
+    todo = {name: (fn, args, i, str(root), settings, bench) for i, (name, (fn, args, bench)) in enumerate(units.items())
             if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
     run_shard_tasks(task, todo, Progress("prefilter/eval", len(units), None), lambda summary: 0)
 
@@ -242,29 +242,36 @@ def _words(text: str) -> int:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # how webdatasets (ours, COCO's, open_clip's) name images
 
 
-def eval_shard_images(shard_path: str):
-    """The images of an eval shard."""
+EVAL_SHARDS = "evaluate.shards"   # the benchmark name prefilter's ledger gives a copy of an image of the eval shards
+
+
+def eval_shard_items(shard_path: str):
+    """(`<shard>/<key>`, image bytes) of every image of an eval shard."""
+    name = as_path(shard_path).name
     for sample in read_shard(as_path(shard_path)):
         data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if data is not None:
-            yield data
+            yield f"{name}/{sample['__key__']}", data
 
 
-def _fingerprint_unit(images_of, args: tuple, index: int, root: str, settings: dedup.Settings) -> dict:
-    """(sha256 of the bytes, near-duplicate signature) of every readable image `images_of(*args)` yields,
-    hashed into the dedup partitions as the eval nodes of unit `index`."""
-    exact, sigs = [], []
-    for data in images_of(*args):
+def _fingerprint_unit(items_of, args: tuple, index: int, root: str, settings: dedup.Settings,
+                      benchmark: str | None = None) -> dict:
+    """(sha256 of the bytes, near-duplicate signature) of every readable image `items_of(*args)` yields
+    (as (name, bytes)), hashed into the dedup partitions as the eval nodes of unit `index`; the names and
+    `benchmark` go into its scan file, for the ledger of a sample that copies one."""
+    exact, sigs, names = [], [], []
+    for name, data in items_of(*args):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 sigs.append(signature(img))
                 exact.append(hashlib.sha256(data).hexdigest())
+                names.append(name)
         except Exception:  # noqa: BLE001 (an unreadable eval image cannot leak into training either)
             continue
     nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
     dedup.write_partitions(as_path(root), f"eval-{index}", nodes, exact, sigs, settings)
-    dedup.write_signatures(as_path(root), f"eval-{index}", nodes, sigs)
+    dedup.write_signatures(as_path(root), f"eval-{index}", nodes, sigs, names, benchmark)
     return dedup.mark(as_path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 
@@ -274,19 +281,26 @@ def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root:
         return done
     started = time.time()
     scanned = {r["key"]: r for r in read_parquet(as_path(root) / "scan" / f"{index}.parquet").to_pylist()}
-    dropped = dedup.decisions_of(as_path(root), index)
+    dropped = dedup.drops_of(as_path(root), index)
     acc, kept, records, foreign = Accounting(), [], [], collections.Counter()
     for sample in read_shard(as_path(in_path)):
         key = sample["__key__"]
         acc.samples_in += 1
         verdict = scanned[key]
+        # the ledger says where the sample came from (download's json) and, for a copy, what it copies:
+        # the kept sample's key (or the eval image's benchmark and item) and the distance (0: the same bytes)
+        meta = _json(sample.get("json"))
+        origin = {"url": meta.get("url"), "source": meta.get("source"), "source_row": meta.get("source_row")}
+        copy = {}
         if verdict["outcome"] == "kept" and verdict["node"] in dropped:
-            verdict = {**verdict, "outcome": "dropped", "reason": dropped[verdict["node"]]}
+            copy = dropped[verdict["node"]]
+            verdict = {**verdict, "outcome": "dropped", "reason": copy["reason"]}
         records.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"],
-                        "error": verdict["error"]})
+                        "error": verdict["error"], **origin,
+                        **{k: copy.get(k) for k in ("keeper", "distance", "benchmark", "item")}})
         if verdict["outcome"] == "kept":
             acc.samples_kept += 1
-            meta = samplejson.stable(_json(sample.get("json")))   # one schema, whatever download wrote it
+            meta = samplejson.stable(meta)   # one schema, whatever download wrote it
             # the near-duplicate signature travels with the sample, for dedup across runs and datasets
             meta["prefilter"] = {"signature": base64.b64encode(verdict["signature"]).decode()}
             # Only the members this stage owns: a planted `.pyd` or `.pth` member would run code in

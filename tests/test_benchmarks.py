@@ -170,3 +170,9 @@ def test_training_copies_of_benchmark_images_are_dropped_whatever_the_layout(tmp
     new = {k for k, reason in after.items() if reason == "eval_contaminated" and before.get(k) != "eval_contaminated"}
     leaked = {truth[index[s["__key__"]]]["image_of"] for s in chosen}
     assert {truth[index[k]]["image_of"] for k in new} == leaked, "only copies of the three leaked pictures"
+    # the ledger names the benchmark image each copies: its path under the benchmark's images, or <tar>/<key>
+    rows = {r["key"]: r for r in not_kept(run_dir / "round-0" / "prefilter")}
+    assert [(rows[s["__key__"]]["benchmark"], rows[s["__key__"]]["item"]) for s in chosen] == \
+        [("coco", "images/leak.jpg"), ("imagenet", "leaks/0.jpg"), ("wds", "0.tar/0001")]
+    distances = [rows[s["__key__"]]["distance"] for s in chosen]
+    assert distances[0] == distances[2] == 0 and 0 <= distances[1] <= 0.1, distances   # exact, near, exact

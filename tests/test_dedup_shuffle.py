@@ -190,3 +190,18 @@ def test_greedy_rounds_decide_as_the_walk_in_node_order():
         x, y = np.minimum(x, y)[x != y], np.maximum(x, y)[x != y]
         x, y = (x << 32) + 7, (y << 32) + 7   # nodes as the shuffle numbers them: far apart, unordered ids
         assert set(dedupresolve.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
+
+
+def test_each_near_drop_names_the_kept_node_it_copies():
+    """The keeper of a near drop is a kept source, the closest if several (the smaller node on a tie):
+    the chain A~B~C drops B for A and keeps C; in a clique every later node names the first."""
+    chain = np.array([0, 1, 2])
+    assert [x.tolist() for x in dedupresolve.greedy_keepers(chain[:-1], chain[1:], np.array([0.01, 0.02]))] == \
+        [[1], [0], [0.01]]
+    a, b = np.array([10, 10, 10, 11, 11, 12]), np.array([11, 12, 13, 12, 13, 13])
+    dropped, keeper, _ = dedupresolve.greedy_keepers(a, b, np.full(6, 0.03))
+    assert dropped.tolist() == [11, 12, 13] and keeper.tolist() == [10, 10, 10]
+    # 5 copies both 3 and 4 (kept, distinct): it names the closer; at equal distance, the smaller
+    dropped, keeper, distance = dedupresolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.05, 0.02]))
+    assert (dropped.tolist(), keeper.tolist(), distance.tolist()) == ([5], [4], [0.02])
+    assert dedupresolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.02, 0.02]))[1].tolist() == [3]

@@ -554,6 +554,12 @@ def blank_copies(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         (np.abs(means(a) - means(b)).max(axis=1) / BLANK_LEVELS <= 1)
 
 
+def blank_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`_blank_distance` of pairs from their first four bytes (rows of a (n, 4) uint8: aspect, mean Y, Cb,
+    Cr), for many pairs at once: 0 for the same colour (the same pixels: equal signatures)."""
+    return np.abs(a[:, 1:4].astype(np.float32) - b[:, 1:4].astype(np.float32)).max(axis=1, initial=0) / BLANK_LEVELS
+
+
 def _blank_distance(a: Signature, b: Signature) -> float:
     """How far two blanks' colours are apart, relative to what a copy may move them (over 1: not copies)."""
     return float(np.abs(a.mean - b.mean).max()) / BLANK_LEVELS
