@@ -1,6 +1,6 @@
 """Records that answer questions: prefilter's ledger says where each sample came from and, for every copy
 it dropped, what it copies (the kept sample's key, or the eval image's benchmark and item) and how far
-apart."""
+apart; the README's duckdb queries over a run's ledgers give what they say."""
 from __future__ import annotations
 
 import collections
@@ -50,3 +50,42 @@ def test_prefilter_ledger_says_where_each_sample_came_from_and_what_each_copy_co
     assert sum(same_picture) >= 0.8 * len(same_picture), same_picture
     print(f"near copies of the same picture as their keeper: {sum(same_picture)}/{len(same_picture)}")
 
+
+def readme_block(heading: str) -> str:
+    """The first python block of the README's section `heading`."""
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"## {heading}\n"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+def test_the_readmes_queries_answer_what_they_ask(reference_run, capsys):
+    """The README's "Asking the records" block, run on the reference run: the URLs that timed out, the near
+    copies with their keepers' URLs, the leaked eval images, and the exact copies by pandas, are the
+    ledgers' rows of those reasons."""
+    code = readme_block("Asking the records")
+    assert 'run = "runs/demo"\n' in code
+    names: dict = {}
+    exec(compile(code.replace('run = "runs/demo"\n', f'run = "{reference_run.root}"\n'), "README.md", "exec"), names)
+    root = reference_run.root / "round-0"
+    download, prefilter = (stage_ledger(root / s).to_pylist() for s in ("download", "prefilter"))
+    by_key = {r["key"]: r for r in prefilter}
+
+    def rows(relation) -> list[dict]:
+        return relation.to_arrow_table().to_pylist()
+
+    timed_out = rows(names["timed_out"])
+    assert timed_out and sorted(r["url"] for r in timed_out) == sorted(
+        r["url"] for r in download if r["reason"] in ("timeout", "deadline_exceeded"))
+    near = rows(names["near"])
+    assert near and sorted(r["key"] for r in near) == sorted(r["key"] for r in prefilter if r["reason"] == "duplicate_near")
+    assert all(r["keeper_url"] == by_key[r["keeper"]]["url"] and by_key[r["keeper"]]["outcome"] == "kept" for r in near)
+    assert [r["distance"] for r in near] == sorted((r["distance"] for r in near), reverse=True)
+    leaks = rows(names["leaks"])
+    assert leaks and len(leaks) == sum(r["reason"] == "eval_contaminated" for r in prefilter)
+    assert all(r["benchmark"] and r["item"] for r in leaks)
+    exact = names["exact"]
+    assert sorted(exact["key"]) == sorted(r["key"] for r in prefilter if r["reason"] == "duplicate_exact")
+    assert all(by_key[k]["keeper"] == keeper for k, keeper in zip(exact["key"], exact["keeper"]))
+    assert "timeout" in capsys.readouterr().out   # what the block prints
