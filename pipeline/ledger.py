@@ -36,11 +36,27 @@ DECISIONS_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("web_
                               ("synthetic_kept", pa.bool_()), ("verdict", pa.string())])
 DECISIONS = "decisions"
 OLD_DECISIONS_SUFFIX = ".decisions.parquet"   # beside the ledgers, as vlp wrote them before `decisions/`
+# prefilter's `signatures/<shard>.parquet`: the near-duplicate signature (pipeline/data/neardup.py, raw
+# bytes) of every sample the shard kept, by key; not in the sample json, where base64 made it ~3/4 of it.
+SIGNATURES = "signatures"
+SIGNATURES_SCHEMA = pa.schema([("key", pa.string()), ("signature", pa.binary())])
+SIDE_FOLDERS = (DECISIONS, SIGNATURES)   # per-shard side files, each kind in its folder of the stage folder
 
 
 def decisions_path(folder: Path, shard_name: str) -> Path:
     """Where a stage folder holds the decisions of shard `shard_name` (`00003.tar`)."""
     return folder / DECISIONS / (shard_name.split(".")[0] + SUFFIX)
+
+
+def signatures_path(folder: Path, shard_name: str) -> Path:
+    """Where prefilter's folder holds the signatures of the samples shard `shard_name` kept."""
+    return folder / SIGNATURES / (shard_name.split(".")[0] + SUFFIX)
+
+
+def stage_signatures(folder: Path) -> pa.Table:
+    """(key, signature) of every sample a prefilter folder kept, in shard order: what deduplicating other
+    data against this one reads (pipeline.data.neardup.decode, near_copy_distance)."""
+    return _dataset(folder, SIGNATURES_SCHEMA, _files(folder / SIGNATURES, lambda name: True))
 
 
 def write_records(path: Path, records: list[dict], schema: pa.Schema = SCHEMA) -> None:

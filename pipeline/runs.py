@@ -26,7 +26,7 @@ from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json, is_temporary, read_json
-from pipeline.ledger import DECISIONS, SUFFIX as LEDGER_SUFFIX
+from pipeline.ledger import SIDE_FOLDERS, SUFFIX as LEDGER_SUFFIX
 from pipeline.manifest import Accounting, Manifest
 
 MANIFEST = "manifest.json"
@@ -118,7 +118,7 @@ class StageDir:
         if self.path.exists() and self.fingerprint() not in (None, fp):
             raise AssertionError(f"{self.path} holds fingerprint {self.fingerprint()}, not {fp}: use RunDir.build_dir")
         self.path.mkdir(parents=True, exist_ok=True)
-        for folder in (self.path, self.path / DECISIONS):  # temp files of a killed run
+        for folder in (self.path, *(self.path / side for side in SIDE_FOLDERS)):  # temp files of a killed run
             for leftover in storage.children(folder):
                 if is_temporary(leftover):
                     storage.remove_tree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -98,3 +98,28 @@ def test_capfilt_decisions_in_their_folder_and_an_older_layout_still_read(tmp_pa
     assert stage_ledger(tmp_path)["key"].to_pylist() == ["0000000", "0000100"]
     (tmp_path / f"00000{OLD_DECISIONS_SUFFIX}").unlink()   # the new layout: the glob gives the ledgers only
     assert [r["key"] for r in ledgers_by_glob(tmp_path)] == ["0000000", "0000100"]
+
+
+def test_prefilter_signatures_live_beside_the_shards_not_in_the_json(reference_run):
+    """`prefilter/signatures/<shard>.parquet`: the near-duplicate signature of every kept sample, the one its
+    image gives; the sample json has none, so a prefilter shard (a subset of download's samples with the
+    same json) is no larger than download's."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data import neardup
+    from pipeline.ledger import SIGNATURES, stage_signatures
+
+    folder, manifest = _stage(reference_run.root, "prefilter")
+    download, _ = _stage(reference_run.root, "download")
+    signatures = dict(zip(*stage_signatures(folder).to_pydict().values()))
+    assert len(signatures) == manifest["totals"]["samples_kept"]
+    assert sorted(p.name for p in (folder / SIGNATURES).iterdir()) == [s["shard"].replace(".tar", ".parquet")
+                                                                        for s in manifest["shards"]]
+    for s in manifest["shards"]:
+        for sample in read_shard(folder / s["shard"]):
+            assert "prefilter" not in json.loads(sample["json"])
+            with Image.open(io.BytesIO(sample["jpg"])) as img:
+                assert signatures[sample["__key__"]] == neardup.signature(img)
+        assert (folder / s["shard"]).stat().st_size <= (download / s["shard"]).stat().st_size, s["shard"]
