@@ -95,6 +95,21 @@ def test_filtering_accounts_for_every_image_and_text(filtered):
     assert {r["key"] for r in rejects} == {d["key"] for d in decided if d["verdict"] == "dropped"}
 
 
+def test_hf_datasets_and_duckdb_read_capfilt_output(filtered, tmp_path, monkeypatch):
+    """HF `datasets` loads a row per text CapFilt kept, each json (provenance, and prefilter's json as
+    `origin`) as written; duckdb's `capfilt/*.parquet` is the ledgers (a row per image in), the decisions
+    being in `decisions/`."""
+    from test_interop import check_hf_reads_stage, ledgers_by_glob
+
+    stage = filtered / "round-1" / "capfilt"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert check_hf_reads_stage(stage, manifest, tmp_path, monkeypatch) == manifest["pairs_out"]
+    ledgers = ledgers_by_glob(stage)
+    assert len(ledgers) == manifest["totals"]["samples_in"] == len(_decisions(stage))
+    assert sorted(p.name for p in (stage / "decisions").iterdir()) == [f"{s['shard'].split('.')[0]}.parquet"
+                                                                        for s in manifest["shards"]]
+
+
 def test_round_one_pretrains_on_capfilt_output_plus_seed_and_status_shows_rounds(tmp_path, toyweb, filtered):
     run_dir = tmp_path / "run"
     shutil.copytree(filtered, run_dir)
