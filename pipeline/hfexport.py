@@ -45,9 +45,21 @@ def export_hf(model_dir: str, out: str) -> Path:
                   "multiway": asdict(cfg), "dtype": "float32",
                   "vlp": {k: info[k] for k in ("fingerprint", "parameters") if k in info}}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # truncation=True must cut a caption to what the model's text positions hold (the saved
+        # tokenizer said 1e30, and a 57-token caption failed with a shape error)
+        tokenizer.model_max_length = cfg.max_text_len
         tokenizer.save_pretrained(str(tmp))
         (tmp / "preprocessor_config.json").write_text(json.dumps(_image_processor(cfg.image_size), indent=2) + "\n")
+        _readable(tmp)
     return target
+
+
+def _readable(folder: Path) -> None:
+    """A model folder others load (a shared disk, a Hub upload): files 0644, folders 0755 (safetensors
+    wrote its file 0600)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _image_processor(size: int) -> dict:

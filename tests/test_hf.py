@@ -208,3 +208,25 @@ def test_an_hf_export_keeps_relative_positions_and_pixel_statistics(tmp_path):
     save_pretrained(tmp_path / "model", cfg, model.state_dict(), tmp_path / "tok", {"pretrain": {"zero_stage": 0}})
     result = _export_and_compare(tmp_path / "model", tmp_path)
     assert result["image"] < 1e-5 and result["text"] < 1e-5, result
+
+
+def test_an_hf_export_truncates_to_the_model_and_is_readable_by_others(tmp_path):
+    """The exported tokenizer's model_max_length is the model's text length, so truncation=True gives
+    what the model takes; every file is 0644 (a shared disk, a Hub upload)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.hfexport import export_hf
+    from pipeline.modelio import save_pretrained
+
+    tok = train_tokenizer(CAPTIONS * 5, 200, tmp_path / "tok")
+    cfg = TINY.replace(vocab_size=len(tok))
+    save_pretrained(tmp_path / "model", cfg, MultiwayTransformer(cfg).state_dict(), tmp_path / "tok",
+                    {"pretrain": {"zero_stage": 0}})
+    out = export_hf(str(tmp_path / "model"), str(tmp_path / "hf"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    loaded = AutoTokenizer.from_pretrained(str(out))
+    assert loaded.model_max_length == cfg.max_text_len
+    long = " ".join(CAPTIONS * 4)
+    assert len(loaded(long, truncation=True)["input_ids"]) == cfg.max_text_len
