@@ -32,7 +32,8 @@ BARE = """
 OURS = """
     import time
     from img2dataset.resizer import Resizer  # the stage resizes with it too: the same imports on both sides
-    from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+    from pipeline.data.fetch import FetchFailed, Limits, fetch
+    from pipeline.data.images import image_size
     from pipeline.data.urlpolicy import HostPolicy
     started = time.perf_counter()
     data = fetch(URL, HostPolicy(["127.0.0.2"]), Limits(timeout=30, deadline=60, max_bytes=16 * 2**20, max_redirects=5,

@@ -67,7 +67,7 @@ def _resume_commands(out: StageDir, over: list[dict]) -> tuple[str, str]:
     for item in over:
         raised[item["setting"]] = max(raised.get(item["setting"], 0.0), _above(item))
     run_dir = shlex.quote(str(out.path.parents[1]))
-    resume = "vlp submit --resume" if os.environ.get("VLP_RAY_JOB") else "vlp resume"
+    resume = _resume_verb()
     command = " ".join([f"{resume} {run_dir}"] + [f"--set {k}={v!r}" for k, v in raised.items()])
     global_ones = [item for item in over if not item["setting"].startswith(f"{out.stage}.drop_share_limits.")]
     narrower = ""
@@ -76,6 +76,11 @@ def _resume_commands(out: StageDir, over: list[dict]) -> tuple[str, str]:
                                       for i in global_ones) + \
             f" to allow only {'this reason' if len(global_ones) == 1 else 'these reasons'})"
     return command, narrower
+
+
+def _resume_verb() -> str:
+    """How the user goes on: inside a Ray job (vlp submit) the resume is submitted too."""
+    return "vlp submit --resume" if os.environ.get("VLP_RAY_JOB") else "vlp resume"
 
 
 def _above(item: dict) -> float:
@@ -97,9 +102,12 @@ class FailureBreaker:
         self.out, self.max_share, self.min_tried = out, max_share, min_tried
         self.totals, self.shards = Accounting(), []
 
-    def add(self, name: str, stats: dict) -> None:
+    def add(self, name: str, stats: dict, judge: bool = True) -> None:
+        """Count a committed shard's stats; with `judge`, stop if the failures are now past the share."""
         self.totals.add(stats["accounting"])
         self.shards.append(name)
+        if judge:
+            self.check()
 
     def over(self, final: bool = False) -> tuple[str, int, int] | None:
         """(reason, failures, URLs tried) of the worst reason past its share, or None."""
@@ -117,7 +125,7 @@ class FailureBreaker:
         reason, count, tried = found
         examples = "; ".join(f"{r['url']} ({r['error']})" for r in self._examples(reason))
         run_dir = shlex.quote(str(self.out.path.parents[1]))
-        resume = "vlp submit --resume" if os.environ.get("VLP_RAY_JOB") else "vlp resume"
+        resume = _resume_verb()
         plan = self.out.plan() or {}
         over = [{"reason": reason, "failed": count, "tried": tried, "share": round(count / tried, 4),
                  "limit": self.max_share, "setting": f"{self.out.stage}.max_failed_share"}]
@@ -125,7 +133,7 @@ class FailureBreaker:
         from pipeline.data.fetch import TRANSIENT
 
         accept = f"`{resume} {run_dir} --set {self.out.stage}.max_failed_share=" \
-                 f"{min(1.0, (math.floor(count / tried * 20) + 1) / 20):g}`"
+                 f"{_above({'dropped': count, 'samples_in': tried}):g}`"
         advice = (f"Once the cause has passed (a server down, a network out), `{resume} {run_dir} --retry-failed` "
                   f"fetches these URLs again; if the failures are expected, {accept}" if reason in TRANSIENT else
                   f"{reason} is not a passing failure: check the list and the settings; if it is expected, {accept}")

@@ -95,17 +95,12 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     # Mass failures (a server down, a list of dead links) stop the stage early: see FailureBreaker.
     breaker = FailureBreaker(ctx.out, cfg.max_failed_share, cfg.failed_share_min_urls)
     for name, stats in done.items():
-        breaker.add(name, stats)
+        breaker.add(name, stats, judge=False)
     breaker.check()
-
-    def judge(name: str, stats: dict) -> None:
-        breaker.add(name, stats)
-        breaker.check()
-
     task = ray.remote(download_shard).options(
         num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
     results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"],
-                                     on_result=judge)
+                                     on_result=breaker.add)
     breaker.check(final=True)
     summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
     ctx.out.write_sizes(summaries)
@@ -188,13 +183,11 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
                             **({"error": f"the URL of {row['first']}"} if row["refusal"] == "duplicate_url" else {})})
             continue
         got = fetched[row["key"]]
-        if got["status"] != "success" and got["reason"] in OPT_OUTS:   # the site's decision: a drop
-            acc.dropped[got["reason"]] += 1
-            records.append({**base, "outcome": "dropped", "reason": got["reason"], "error": got["error_message"]})
-            continue
-        if got["status"] != "success":
-            acc.failed[got["reason"]] += 1
-            records.append({**base, "outcome": "failed", "reason": got["reason"], "error": got["error_message"]})
+        if got["status"] != "success":   # an opt-out is the site's decision: a drop; the rest failed
+            dropped = got["reason"] in OPT_OUTS
+            (acc.dropped if dropped else acc.failed)[got["reason"]] += 1
+            records.append({**base, "outcome": "dropped" if dropped else "failed", "reason": got["reason"],
+                            "error": got["error_message"]})
             continue
         acc.samples_kept += 1
         records.append({**base, "outcome": "kept"})

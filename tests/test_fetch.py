@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+from pipeline.data.fetch import FetchFailed, Limits, fetch
+from pipeline.data.images import image_size
 from pipeline.data.urlpolicy import HostPolicy, is_public, literal_address, refusal
 from webguard import ALLOWED, HostileWeb, TlsServer, jpeg, png_bomb
 

@@ -18,7 +18,8 @@ from PIL import Image
 
 from imagezoo import HEIGHT, WIDTH, build_zoo, expected_quadrants, zoo_files
 from pipeline.config import DownloadConfig
-from pipeline.data.fetch import FetchFailed, image_size
+from pipeline.data.fetch import FetchFailed
+from pipeline.data.images import image_size
 from pipeline.data.images import PLUGINS, prepare_image
 from stages.download import make_resizer
 from webguard import png_bomb

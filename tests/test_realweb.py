@@ -11,7 +11,8 @@ import ssl
 
 import pytest
 
-from pipeline.data.fetch import FetchFailed, Limits, fetch, image_size
+from pipeline.data.fetch import FetchFailed, Limits, fetch
+from pipeline.data.images import image_size
 from pipeline.data.urlpolicy import HostPolicy
 from realservers import (HOST4, HOST6, MAX_HOPS, MISSING_NGINX, REDIRECT_CODES, SELF_SIGNED_NAME, TLS_NAMES,
                          FaultServer, Nginx, PythonHttpServer, nginx_binary, response_head, write_site)

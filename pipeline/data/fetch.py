@@ -14,8 +14,7 @@ TLS with SNI and certificate checks), driving one connection per hop itself so t
     dripping in) has one wall-clock `deadline`;
   - a 429 or 503 answer is not retried here: it raises at once with the Retry-After it gave, and the
     shard task pauses that host (politeness.py);
-  - the image's dimensions are read from its header (PIL opens lazily) before anything decodes it:
-    an image over `max_image_area` is refused undecoded (a 140 KB PNG can claim 12000 x 12000 pixels).
+  - (the image's size is checked from its header before anything decodes it: images.open_image).
 Failures raise FetchFailed with the reason the download stage counts. Why urllib3 and not httpx or
 pycurl: docs/architecture.md, "The fetcher".
 """
@@ -25,12 +24,10 @@ import functools
 import heapq
 import http.client
 import itertools
-import io
 import socket
 import ssl
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 from urllib.parse import quote, urljoin, urlsplit
@@ -38,7 +35,6 @@ from urllib.parse import quote, urljoin, urlsplit
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import DecodeError
-from PIL import Image
 
 from pipeline.data.politeness import RATE_LIMITED, parse_retry_after
 from pipeline.data.urlpolicy import HostPolicy, Refused, Resolver, system_resolver
@@ -352,20 +348,3 @@ def _disallowed(headers, limits: Limits) -> bool:
 
     token = limits.user_agent_token.strip().lower() if limits.user_agent_token else None
     return is_disallowed(_AllValues(headers), token, limits.disallowed_header_directives)
-
-
-def image_size(data: bytes, max_image_area: float) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels; raises FetchFailed for what
-    is no image PIL can read, or one over `max_image_area` (the decoder would need that many pixels)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError as err:
-        raise FetchFailed("image_too_large", str(err)) from None
-    except Exception as err:  # noqa: BLE001 (PIL raises many kinds for bytes that are not an image)
-        raise FetchFailed("decode_error", f"Image decoding error: {type(err).__name__}: {err}") from None
-    if width * height > max_image_area:
-        raise FetchFailed("image_too_large", f"{width} x {height} pixels > max_image_area {max_image_area:.0f}")
-    return width, height

@@ -86,19 +86,10 @@ def register_plugins() -> dict[str, str]:
 register_plugins()
 
 
-def prepare_image(data: bytes, max_image_area: float) -> tuple[bytes, int, int]:
-    """(bytes for img2dataset's Resizer, width, height as displayed) of a downloaded image.
-
-    Raises FetchFailed: "image_too_large" for an image of more than `max_image_area` pixels (read from
-    the header, nothing decoded), "unsupported_format" for a format with no decoder installed (HEIC
-    without pillow-heif, ...), "decode_error" for what is no image or a broken one.
-
-    Cost, one thread on this repo's 2-core dev machine (Pillow 13.0, OpenCV 4.14), medians: the fast
-    path is the header parse, 0.04 ms for a 512 x 384 JPEG (as fetch.image_size; the Resizer then
-    takes 2.4 ms). The slow path for a 512 x 384 RGBA PNG takes 8.3 ms (Pillow's PNG decode 7.3,
-    matting 1, BMP 0.2) and the Resizer 1.6 ms on its BMP: 9.9 ms in all against 15.7 ms for the
-    Resizer on the PNG as it is (its float64 matting is slow); 2048 x 1536: 174 ms against 203.
-    """
+def open_image(data: bytes, max_image_area: float) -> Image.Image:
+    """The image of `data`, opened lazily (its header read, no pixel decoded) and checked: raises
+    FetchFailed "image_too_large" over `max_image_area` pixels (a 140 KB PNG can claim 12000 x 12000),
+    "unsupported_format" for a format with no decoder here, "decode_error" for what is no image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -110,12 +101,36 @@ def prepare_image(data: bytes, max_image_area: float) -> tuple[bytes, int, int]:
             raise FetchFailed("unsupported_format", f"{fmt} image, and no decoder for it is installed: "
                                                     f"install {PLUGINS[fmt]}") from None
         raise FetchFailed("decode_error", f"Image decoding error: {type(err).__name__}: {err}") from None
-    with img:
+    width, height = img.size
+    if width * height > max_image_area:
+        img.close()
+        raise FetchFailed("image_too_large", f"{width} x {height} pixels > max_image_area {max_image_area:.0f}")
+    return img
+
+
+def image_size(data: bytes, max_image_area: float) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels (see open_image)."""
+    with open_image(data, max_image_area) as img:
+        return img.size
+
+
+def prepare_image(data: bytes, max_image_area: float) -> tuple[bytes, int, int]:
+    """(bytes for img2dataset's Resizer, width, height as displayed) of a downloaded image.
+
+    Raises FetchFailed: "image_too_large" for an image of more than `max_image_area` pixels (read from
+    the header, nothing decoded), "unsupported_format" for a format with no decoder installed (HEIC
+    without pillow-heif, ...), "decode_error" for what is no image or a broken one.
+
+    Cost, one thread on this repo's 2-core dev machine (Pillow 13.0, OpenCV 4.14), medians: the fast
+    path is the header parse, 0.04 ms for a 512 x 384 JPEG (open_image; the Resizer then
+    takes 2.4 ms). The slow path for a 512 x 384 RGBA PNG takes 8.3 ms (Pillow's PNG decode 7.3,
+    matting 1, BMP 0.2) and the Resizer 1.6 ms on its BMP: 9.9 ms in all against 15.7 ms for the
+    Resizer on the PNG as it is (its float64 matting is slow); 2048 x 1536: 174 ms against 203.
+    """
+    with open_image(data, max_image_area) as img:
         if img.format in REFUSED:
             raise FetchFailed("unsupported_format", f"{img.format} image: {REFUSED[img.format]}")
         width, height = img.size
-        if width * height > max_image_area:
-            raise FetchFailed("image_too_large", f"{width} x {height} pixels > max_image_area {max_image_area:.0f}")
         if _cv2_reads_as_is(img, data):
             return data, width, height
         try:
