@@ -4,7 +4,10 @@ A shard task's threads take their next URL from a `HostQueue` rather than in lis
 hands out a URL only when its host has a free connection (`per_host_connections`) and its next start
 time has come (`per_host_rate`, a request every 1/rate seconds); a host that answered 429 or 503 is
 paused for its Retry-After (or 1, 2, 4 ... seconds without one), and the URL goes back to the front of
-its host's queue. Threads meanwhile take URLs of other hosts, so one slow or rate-limited host does
+its host's queue. A host that said so also gets fewer connections at once: its cap halves on each such
+answer and grows back by about one per round of answers without one (additive increase, multiplicative
+decrease, as TCP does), so the burst that ends a pause does not run into the same limit again and spend
+the URLs' tries. Threads meanwhile take URLs of other hosts, so one slow or rate-limited host does
 not hold the whole task. A URL's deadline covers its own requests, not its wait in the queue.
 
 The limits are per task: a host sees at most (limit x shard tasks running at once). A list shuffled
@@ -60,12 +63,18 @@ class Politeness:
 
 
 class _Host:
-    __slots__ = ("queue", "active", "next_start")
+    __slots__ = ("queue", "active", "next_start", "cap", "slowed_until")
 
     def __init__(self):
         self.queue: collections.deque = collections.deque()
         self.active = 0
         self.next_start = 0.0
+        self.cap: float | None = None   # connections allowed after a 429/503 (None: the configured limit)
+        self.slowed_until = 0.0         # end of the pause the last 429/503 asked for
+
+    def full(self, connections: int | None) -> bool:
+        limit = connections if self.cap is None else int(self.cap)
+        return bool(limit) and self.active >= limit
 
 
 class HostQueue:
@@ -94,7 +103,7 @@ class HostQueue:
                     name = self.order[0]
                     self.order.rotate(-1)
                     host = self.hosts[name]
-                    if not host.queue or (self.rules.connections and host.active >= self.rules.connections):
+                    if not host.queue or host.full(self.rules.connections):
                         continue
                     if host.next_start > now:
                         soonest = host.next_start if soonest is None else min(soonest, host.next_start)
@@ -108,7 +117,12 @@ class HostQueue:
     def finish(self, row: dict) -> None:
         """The row is done (fetched, or failed for good)."""
         with self.cond:
-            self.hosts[host_of(row["url"])].active -= 1
+            host = self.hosts[host_of(row["url"])]
+            host.active -= 1
+            if host.cap is not None:   # an answer that was not "slow down": one more connection per round
+                host.cap += 1.0 / host.cap
+                if self.rules.connections and host.cap >= self.rules.connections:
+                    host.cap = None
             self.pending -= 1
             self.cond.notify_all()
 
@@ -124,8 +138,12 @@ class HostQueue:
                 return None
             row["_rate_limited"] = tries + 1
             host = self.hosts[host_of(row["url"])]
+            now = self.clock()
+            if now >= host.slowed_until:   # once per pause: the other answers of the same burst say the same
+                host.cap = max(1.0, min(host.active if host.cap is None else host.cap, host.active) / 2)
+                host.slowed_until = now + wait
             host.active -= 1
-            host.next_start = max(host.next_start, self.clock() + wait)
+            host.next_start = max(host.next_start, now + wait)
             host.queue.appendleft(row)
             self.counts["backoff_s"] += wait
             self.cond.notify_all()
