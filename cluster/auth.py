@@ -5,6 +5,9 @@ with token auth (RAY_AUTH_MODE=token, set explicitly rather than relying on one 
 and the token file is the user's alone (0600): Ray 2.60 writes ~/.ray/auth_token world-readable.
 The token is found as Ray finds it: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
 ~/.ray/auth_token.
+
+A local run's Ray also listens on the loopback only (`loopback_only`): by default Ray 2.60 binds the GCS,
+the raylet, every worker and the metrics exporter (which asks no token) on all interfaces.
 """
 from __future__ import annotations
 
@@ -44,6 +47,22 @@ def secure_local_token() -> Path | None:
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return path
+
+
+# Ray's switch for a node whose address is the loopback: its own name speaks of Windows and macOS, where
+# it is the default; on Linux it binds the GCS, raylet, workers and agents to 127.0.0.1 (measured:
+# tests/test_local_ray.py). `ray.init(_node_ip_address="127.0.0.1")` does not: Ray swaps a loopback
+# address for the machine's reachable one.
+_LOOPBACK_NODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def loopback_only() -> None:
+    """Before a local Ray starts: it and every process it starts listen on 127.0.0.1 only."""
+    os.environ[_LOOPBACK_NODE] = "0"   # Ray's processes read it when they start
+    # The driver read it when Ray was first imported (a stage module imports Ray early).
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def use_token_if_available() -> None:

@@ -220,9 +220,10 @@ def ray_session(cfg: RunConfig) -> Iterator[None]:
         use_token_if_available()
         ray.init(address=cfg.ray.address, **kwargs)
     else:
-        from cluster.auth import secure_local_token
+        from cluster.auth import loopback_only, secure_local_token
 
         secure_local_token()  # token auth on, token file 0600 (cluster/auth.py)
+        loopback_only()       # no port on other interfaces: a local run serves no one else
         if not cfg.ray.include_dashboard:   # no State API: Ray Train's cleaner would warn every second
             kwargs["runtime_env"]["worker_process_setup_hook"] = "pipeline.rayworker.quiet_known_noise"
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
