@@ -24,9 +24,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config value, e.g. --set download.timeout=5 (repeatable)")
     run.add_argument("--submitted-marker", help=argparse.SUPPRESS)  # set by `vlp submit` (cluster/jobs.py)
 
-    resume = sub.add_parser("resume", help="finish a run: redo only what is missing")
+    resume = sub.add_parser("resume", help="finish a run: redo only what is missing of what it was asked to do")
     resume.add_argument("run_dir")
     resume.add_argument("--stage", help="resume only this stage")
+    resume.add_argument("--all", action="store_true",
+                        help="run every stage of the config, also those the run was not asked for (`vlp run --only`)")
     resume.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a setting of the run's saved config.yaml, e.g. --set prefilter.max_drop_share=0.9 "
                              "(repeatable); a setting that changes a stage's output re-runs that stage")
@@ -122,7 +124,9 @@ def _dispatch(args) -> int:
 
         run = RunDir(args.run_dir).require()
         cfg = load_config(run.config_path, args.overrides)  # execute() saves it as the run's config.yaml
-        run = runner.execute(cfg, run.root, [args.stage] if args.stage else None, retry_failed=args.retry_failed)
+        # What the run was last asked to do (`vlp run --only download` resumes download alone).
+        only = [args.stage] if args.stage else None if args.all else run.selected()
+        run = runner.execute(cfg, run.root, only, retry_failed=args.retry_failed)
         _print_status(run.root)
         return 0
     if args.command == "status":
@@ -187,7 +191,6 @@ def _gc(run_dir: str, delete: bool) -> int:
     """Superseded results are committed work: they go only when the user says so, under the run's lock."""
     from pipeline.runlock import RunLock
     from pipeline.runs import RunDir
-    from pipeline.storage import as_path, remove_tree
 
     run = RunDir(run_dir).require()
     with RunLock(run.root):
@@ -196,13 +199,20 @@ def _gc(run_dir: str, delete: bool) -> int:
             print(f"{run.root}: nothing superseded")
             return 0
         for row in old:
-            print(f"{'deleting' if delete else 'would delete'} {row['path']} ({row['bytes'] / 1e6:.1f} MB, "
-                  f"{'complete' if row['complete'] else 'partial'})")
+            print(f"{'deleting' if delete else 'would delete'} {row['path']} ({_describe_superseded(row)})")
             if delete:
-                remove_tree(as_path(row["path"]))
+                run.remove_superseded(row)
         if not delete:
             print("run `vlp gc RUN_DIR --yes` to delete them")
     return 0
+
+
+def _describe_superseded(row: dict) -> str:
+    if row["kind"] == "link":
+        return f"a symlink to {row['target']}: the link only, never what it points to"
+    if row["kind"] == "file":
+        return f"{row['bytes']} bytes, a stray file: no result vlp moved there"
+    return f"{row['bytes'] / 1e6:.1f} MB, {'complete' if row['complete'] else 'partial'}"
 
 
 def _print_status(run_dir) -> None:

@@ -14,8 +14,12 @@ every LEASE_S / 4 seconds. A lock not renewed for LEASE_S is a dead holder's and
 then created again conditionally, so of two takers at most one gets it — unless the first has
 released it again in between, a window of one request). `holder` reports a live one only.
 
-Ray's shard tasks write into the directory for the driver that holds the lock; after a kill -9 of the
-driver a task of the old run can still commit a shard (atomically) before Ray ends it: harmless.
+Ray's shard tasks write into the directory for the driver that holds the lock, and outlive a kill -9 of
+it until Ray's reaper ends them. Such an orphan's shard is not harmless: a driver killed with its process
+group takes the toy web (or a proxy, a mount) with it, and the orphan records every URL it still had as
+`connection_refused` (measured: 40 of 40 in one shard, kept by a plain resume). So each holder has a
+token, stage folders carry it to their tasks, and a task checks it (`check_writer`) before it commits: a
+run whose lock is free (its holder died) or held under another token (a newer run) gets no commit.
 """
 from __future__ import annotations
 
@@ -42,6 +46,10 @@ class RunInUse(InputError):
     """Another live process holds the run directory."""
 
 
+class RunGone(RuntimeError):
+    """The run a task works for no longer holds its run directory: the task must not commit."""
+
+
 def RunLock(run_root, command: str | None = None) -> "FileLock | ObjectLock":
     """`with RunLock(run_root):` holds the run directory for this process."""
     root = as_path(run_root)
@@ -52,15 +60,16 @@ def _command() -> str:
     return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
 
 
-def _holder_record(command: str) -> dict:
+def _holder_record(command: str, token: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": command}
+            "command": command, "token": token}
 
 
 class FileLock:
     def __init__(self, run_root: Path, command: str | None = None):
         self.path = Path(run_root) / LOCK_NAME
         self.command = command or _command()
+        self.token = uuid.uuid4().hex
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
@@ -73,7 +82,7 @@ class FileLock:
             os.close(fd)
             raise RunInUse(f"{self.path.parent} is in use by {describe(holder)}; wait for it, or stop it "
                            f"(a lock whose process has ended is free again: no need to delete {self.path.name})") from None
-        holder = _holder_record(self.command)
+        holder = _holder_record(self.command, self.token)
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         os.fsync(fd)
@@ -121,7 +130,7 @@ class ObjectLock:
         return self
 
     def _record(self) -> bytes:
-        return (json.dumps({**_holder_record(self.command), "token": self.token, "renewed": time.time()}) + "\n").encode()
+        return (json.dumps({**_holder_record(self.command, self.token), "renewed": time.time()}) + "\n").encode()
 
     def _renew(self) -> None:
         while not self._stop.wait(LEASE_S / 4):
@@ -176,6 +185,17 @@ def holder(run_root) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def check_writer(run_root, token: str) -> None:
+    """Raise RunGone unless the run holding `run_root` now is the one whose lock has `token`. A free lock
+    means its holder died (the kernel freed the flock; an object-store lease ran out)."""
+    held = holder(run_root)
+    if held is None:
+        raise RunGone(f"{run_root}: the run this task works for has ended (its lock is free): not committing")
+    if held.get("token") != token:   # another run's (or one that has not written its record yet)
+        raise RunGone(f"{run_root}: now held by {describe(held)}, not by the run this task works for: "
+                      "not committing")
 
 
 def describe(holder: dict | None) -> str:

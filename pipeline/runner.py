@@ -48,6 +48,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, 
         lock = RunLock(run.root).acquire()
     except OSError as err:
         raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None
+    run.writer = (str(run.root), lock.token)   # its shard tasks commit only while this run holds the lock
     try:
         return _execute(cfg, run, selected, retry_failed, with_ray)
     finally:
@@ -64,6 +65,7 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
     for line in explain_reruns(cfg, run, order):
         log.warning("%s", line)
     atomic_write_bytes(run.config_path, dump_config(cfg).encode())
+    run.select(selected)
     log.info("run directory %s; stages %s; %d bootstrapping round(s)", run.root, ", ".join(selected), cfg.rounds)
     sources = _sources(cfg, run)
     with contextlib.ExitStack() as stack:

@@ -36,6 +36,7 @@ FINGERPRINT = ".fingerprint"
 STATS_SUFFIX = ".stats.json"
 NEXT_PREFIX = ".next-"      # round-<r>/.next-<stage>/: a rebuild in progress beside the result it replaces
 SUPERSEDED = "superseded"   # <run>/superseded/: replaced results, kept until `vlp gc`
+SELECTED = "stages.json"    # <run>/stages.json: the stages the run was last asked for (what `vlp resume` resumes)
 
 
 def fingerprint(stage: str, stage_config: Any, input_fingerprints: list[str]) -> str:
@@ -46,8 +47,9 @@ def fingerprint(stage: str, stage_config: Any, input_fingerprints: list[str]) ->
 class StageDir:
     """One stage's folder for one round."""
 
-    def __init__(self, path: Path, stage: str, round_: int):
+    def __init__(self, path: Path, stage: str, round_: int, writer: tuple | None = None):
         self.path, self.stage, self.round = path, stage, round_
+        self.writer = writer   # (run root, lock token) of the run that builds it: see check_writer
 
     def shard_path(self, name: str) -> Path:
         return self.path / name
@@ -87,14 +89,23 @@ class StageDir:
         acc.check(f"{self.stage} shard {name}")
         if len(records) != acc.samples_in:
             raise AssertionError(f"{self.stage} shard {name}: {acc.samples_in} samples in, {len(records)} in its ledger")
+        self.check_writer()
         path = self.shard_path(name)
         write_shard(path, samples)
         write_ledger(self.ledger_path(name), records)
+        self.check_writer()   # again just before the commit: the shard took a while to write
         stats = {"shard": name, "samples": len(samples), "sha256": sha256_file(path), "bytes": path.stat().st_size,
                  "accounting": acc.to_json(), "ledger": self.ledger_path(name).name,
                  "duration_s": round(time.time() - started, 3), **(extra or {})}
         atomic_write_json(self.stats_path(name), stats)
         return stats
+
+    def check_writer(self) -> None:
+        """A task of a run that has died or been replaced commits nothing (pipeline/runlock.py)."""
+        if self.writer is not None:
+            from pipeline.runlock import check_writer
+
+            check_writer(*self.writer)
 
     def write_sizes(self, summaries: list[dict]) -> None:
         """sizes.json, open_clip's convention: {shard: samples}."""
@@ -157,10 +168,20 @@ def check_run_dir(run_dir):
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = check_run_dir(root)
+        self.writer: tuple | None = None   # (root, lock token) while a run holds it: passed to its stage folders
 
     @property
     def config_path(self) -> Path:
         return self.root / "config.yaml"
+
+    def select(self, stages: list[str]) -> None:
+        """Record the stages this run was asked for (`vlp run --only`, `vlp resume --stage`)."""
+        atomic_write_json(self.root / SELECTED, {"stages": list(stages)})
+
+    def selected(self) -> list[str] | None:
+        """The stages the run was last asked for, or None (a run from before this was recorded: all)."""
+        path = self.root / SELECTED
+        return read_json(path)["stages"] if path.is_file() else None
 
     def relative(self, path) -> str:
         """`path` as a manifest records it: relative to the run directory when inside it (so the run can be
@@ -176,10 +197,10 @@ class RunDir:
         return self.root / recorded
 
     def stage(self, stage: str, round_: int = 0) -> StageDir:
-        return StageDir(self.root / f"round-{round_}" / stage, stage, round_)
+        return StageDir(self.root / f"round-{round_}" / stage, stage, round_, self.writer)
 
     def _next(self, stage: str, round_: int) -> StageDir:
-        return StageDir(self.root / f"round-{round_}" / f"{NEXT_PREFIX}{stage}", stage, round_)
+        return StageDir(self.root / f"round-{round_}" / f"{NEXT_PREFIX}{stage}", stage, round_, self.writer)
 
     def staged(self, stage: str, round_: int) -> StageDir | None:
         """The rebuild of (stage, round) in progress beside its current result, if there is one."""

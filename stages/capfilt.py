@@ -71,7 +71,7 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 
     def make_actor():
         return worker.remote(str(ctx.out.path / "captioner"), str(ctx.out.path / "filter"), to_plain(cfg),
-                             str(ctx.out.path), ctx.out.round, ctx.seed, fps, calibration)
+                             str(ctx.out.path), ctx.out.round, ctx.seed, fps, calibration, ctx.out.writer)
 
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"], s) for s in shards}
     results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
@@ -146,7 +146,7 @@ class CapfiltWorker:
     """A Ray actor: loads the captioner and the filter once, then processes shard after shard."""
 
     def __init__(self, captioner_dir: str, filter_dir: str, cfg: dict, out_dir: str, round_: int, seed: int,
-                 fps: dict, calibration: dict | None = None):
+                 fps: dict, calibration: dict | None = None, writer: tuple | None = None):
         from pipeline.modelio import load_pretrained
 
         self.cfg = build(CapfiltConfig, cfg, source="capfilt")
@@ -155,7 +155,7 @@ class CapfiltWorker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.captioner, self.tok, _ = load_pretrained(captioner_dir, self.device)
         self.filter, _, _ = load_pretrained(filter_dir, self.device)
-        self.out = StageDir(as_path(out_dir), "capfilt", round_)
+        self.out = StageDir(as_path(out_dir), "capfilt", round_, writer)   # writer: commit only for a live run
         self.round, self.seed, self.fps = round_, seed, fps
         prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
         self.prompt = torch.tensor(prompt, device=self.device)[None]

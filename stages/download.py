@@ -88,7 +88,7 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
             done[name] = stats
             continue
         again += transient_failures(stats) if retry else 0
-        jobs[name] = (str(ctx.out.path), dataclasses.astuple(s), stage_cfg, retry_pass)
+        jobs[name] = (str(ctx.out.path), dataclasses.astuple(s), stage_cfg, retry_pass, ctx.out.writer)
     if again:
         log.info("download: retry pass %d: fetching again %d URLs that failed with transient errors", retry_pass, again)
     progress.update(len(done), sum(st["accounting"]["samples_in"] for st in done.values()), force=True)
@@ -143,7 +143,8 @@ STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_:
 
 # --- inside the Ray task --------------------------------------------------------------------------
 
-def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: int = 0) -> dict:
+def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: int = 0,
+                   writer: tuple | None = None) -> dict:
     """Download one shard (`shard`: its ShardInput from the plan, as a tuple) and commit it.
     Safe to run again: a shard committed in this retry pass (`retry_pass`, 0 without `--retry-failed`) is
     returned as it is. One committed by an earlier pass has its transient failures fetched again; every
@@ -152,7 +153,7 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
     from pipeline.runs import StageDir
 
     cfg = build(DownloadConfig, stage_cfg, source="download task")
-    out = StageDir(as_path(stage_path), "download", 0)
+    out = StageDir(as_path(stage_path), "download", 0, writer)   # writer: commit only for a live run
     shard_input = ShardInput(*shard)
     shard_id, name = shard_input.shard_id, shard_name(shard_input.shard_id)
     earlier = out.shard_stats(name)

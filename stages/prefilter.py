@@ -78,7 +78,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
         if settings.decontaminate:
             _fingerprint_eval_images(eval_shards, benchmarks, root, settings, options)
         details["dedup"] = dedup.run_phases(root, len(shards), settings, options)
-    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root))
+    jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root), ctx.out.writer)
             for i, s in enumerate(shards)}
     write = ray.remote(write_shard_task).options(**options)
     results = run_missing_shards(ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
@@ -276,8 +276,9 @@ def _fingerprint_unit(items_of, args: tuple, index: int, root: str, settings: de
     return dedup.mark(as_path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 
-def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root: str) -> dict:
-    out = StageDir(as_path(stage_path), "prefilter", 0)
+def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root: str,
+                     writer: tuple | None = None) -> dict:
+    out = StageDir(as_path(stage_path), "prefilter", 0, writer)   # writer: commit only for a live run
     if (done := out.shard_stats(name)) is not None:
         return done
     started = time.time()

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, vlp, write_config
-from pipeline.runlock import RunInUse, RunLock, holder
+from pipeline.runlock import RunGone, RunInUse, RunLock, check_writer, holder
 
 HOLD = "import sys, time; from pipeline.runlock import RunLock; RunLock(sys.argv[1], 'vlp run (test holder)').acquire(); " \
        "print('held', flush=True); time.sleep(600)"
@@ -54,3 +54,17 @@ def test_a_lock_whose_holder_died_is_free(held):
         assert holder(run_dir)["command"] == "taker" and holder(run_dir)["pid"] == os.getpid()
         assert lock.fd is not None
     assert holder(run_dir) is None and (run_dir / ".lock").exists()
+
+
+def test_a_task_commits_only_for_the_run_that_holds_the_directory(held, tmp_path):
+    """check_writer, as a shard task calls it before its commit: the holder's own token passes; another
+    token (a newer run) and a free lock (the holder died) are refused."""
+    run_dir, proc = held
+    token = holder(run_dir)["token"]
+    check_writer(run_dir, token)
+    with pytest.raises(RunGone, match=f"PID {proc.pid}"):
+        check_writer(run_dir, "a-run-that-has-gone")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(RunGone, match="has ended"):
+        check_writer(run_dir, token)
