@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -262,14 +263,26 @@ class RunDir:
         return target
 
     def superseded(self) -> list[dict]:
-        """Results replaced by newer ones, kept until `vlp gc`: name, size in bytes, complete or not."""
+        """What <run>/superseded/ holds, kept until `vlp gc`: name, path, size in bytes, complete or not,
+        and its `kind`: `result` (a folder: a result a rebuild replaced), `link` (a symlink, `target` named,
+        never followed: what it points to is not the run's) or `file` (a stray file: no result). A
+        `superseded` that is itself a symlink is listed as that one link."""
         folder = self.root / SUPERSEDED
-        rows = []
-        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-            size = storage.tree_bytes(path)
-            rows.append({"name": path.name, "path": str(path), "bytes": size,
-                         "complete": (path / MANIFEST).is_file()})
-        return rows
+        if _is_link(folder):
+            return [_entry(folder)]
+        return [_entry(path) for path in sorted(storage.children(folder))]
+
+    def remove_superseded(self, row: dict) -> None:
+        """Delete one entry of `superseded()` (`vlp gc --yes`): a result's folder with all it holds, a
+        symlink as a link (never what it points to), a stray file; nothing outside the run directory."""
+        path = storage.as_path(row["path"])
+        folder = self.root / SUPERSEDED
+        if path != folder and path.parent != folder:
+            raise InputError(f"{path}: not in {folder}; vlp gc deletes nothing else")
+        if _is_link(path) or not path.is_dir():
+            path.unlink()   # a link (dangling or not) or a file: only that name goes
+        else:
+            storage.remove_tree(path)   # removes the links inside a folder without following them
 
     def require(self) -> "RunDir":
         if not self.config_path.is_file():
@@ -283,6 +296,20 @@ class RunDir:
                 if stage_path.is_dir() and not stage_path.name.startswith((".", "_")):
                     found.append(StageDir(stage_path, stage_path.name, int(round_dir.name.split("-")[1])))
         return found
+
+
+def _is_link(path) -> bool:
+    return not storage.is_remote(path) and path.is_symlink()   # an object store has no links
+
+
+def _entry(path) -> dict:
+    """One entry of <run>/superseded/, as `RunDir.superseded` lists it."""
+    row = {"name": path.name, "path": str(path), "complete": False}
+    if _is_link(path):
+        return {**row, "kind": "link", "bytes": 0, "target": os.readlink(path)}
+    if path.is_dir():
+        return {**row, "kind": "result", "bytes": storage.tree_bytes(path), "complete": (path / MANIFEST).is_file()}
+    return {**row, "kind": "file", "bytes": path.stat().st_size}
 
 
 def verify_shard(path: Path, expected: dict) -> None:
