@@ -6,14 +6,27 @@ nodes mount: the job reads it there and writes its shards there), ships this pro
 see the run directory (it removes a marker file the submitter wrote); until then `vlp submit` waits,
 so a run directory the cluster cannot see is an error at submit time, not a silent failure later.
 
+What is shipped is an allow-list (`package_working_dir`): the packages (pipeline/, stages/, cluster/),
+configs/, pyproject.toml and the lock (requirements/), copied into a temporary folder that becomes the
+job's working_dir; nothing else of the checkout goes (outputs, environments, notes, a stray credentials
+file). Inside those folders, names that hold secrets (SECRETS: .env, .envrc, keys, tokens, cloud and
+registry credentials, kubeconfig, rclone.conf, ...) are left out too, and so are symlinks (a link can
+point anywhere: ~/.aws). A file the job needs beyond these is named, relative to the project root, in
+the VLP_SUBMIT_INCLUDE variable (comma-separated files, folders or glob patterns, e.g.
+`VLP_SUBMIT_INCLUDE=bench/train.py,extra/`); naming a secret there is an error, not a way to ship it.
+
 Auth: clusters started with `RAY_AUTH_MODE=token` require the token on every request; we send
 `Authorization: Bearer <token>` from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else
 ~/.ray/auth_token (Ray's own lookup order).
 """
 from __future__ import annotations
 
+import fnmatch
+import logging
 import os
 import shlex
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -27,13 +40,25 @@ from pipeline.storage import as_path, is_remote, make_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Not shipped with the job: environments, outputs, caches.
-EXCLUDES = [".venv", "runs", ".git", ".gl", "bench/out", "**/__pycache__", "*.egg-info", ".pytest_cache",
-            # nor secrets that happen to lie in a checkout: keys, certificates, tokens, credentials
-            ".env", ".env.*", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
-            "*.token", "auth_token", ".netrc", ".git-credentials", ".aws", ".ssh", ".ray", ".kube"]
+# What a job needs of the project (relative to ROOT): the packages, the configs, pyproject and the lock.
+SHIPPED = ("pipeline", "stages", "cluster", "configs", "pyproject.toml", "requirements")
+INCLUDE_ENV = "VLP_SUBMIT_INCLUDE"   # more files or folders to ship, comma-separated, relative to ROOT
+# Names never shipped, at any depth (fnmatch on each file's and folder's name): secrets that happen to
+# lie in a checkout (keys, certificates, tokens, cloud, registry and cluster credentials) ...
+SECRETS = (".env", ".env.*", ".envrc", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore",
+           "id_rsa*", "id_ecdsa*", "id_ed25519*", "id_dsa*", "*.token", "auth_token", ".vault-token",
+           ".netrc", ".git-credentials", ".pypirc", ".npmrc", ".yarnrc*", ".s3cfg", ".boto", "rclone.conf",
+           "kubeconfig*", "*.kubeconfig", "credentials", "credentials.json", "service-account*.json",
+           "application_default_credentials.json", "secrets.yaml", "secrets.yml", "secrets.*.yaml",
+           "secrets.*.yml", ".htpasswd", ".aws", ".ssh", ".ray", ".kube", ".docker", ".gnupg", ".azure",
+           ".config")
+# ... and outputs, environments and caches.
+OUTPUTS = (".venv", "runs", ".git", ".gl", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+# Given to Ray as well (its gitignore-style excludes), a second guard over the staged folder.
+EXCLUDES = [*OUTPUTS, "bench/out", "**/__pycache__", *SECRETS]
 MARKER_PREFIX = ".submitted-"
 
+log = logging.getLogger("vlp")
 STORE_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
@@ -73,6 +98,15 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
            run_dir: str | None = None, resume: str | None = None, retry_failed: bool = False,
            wait_visible_s: float = 120.0) -> tuple[str, Path]:
     """Submit a run (or the resumption of one) as a Ray Job; returns (job id, run directory)."""
+    with tempfile.TemporaryDirectory(prefix="vlp-job-") as staging:
+        # first: a VLP_SUBMIT_INCLUDE that names a secret or nothing fails before the run directory is touched
+        package_working_dir(Path(staging))
+        return _submit(staging, address, config=config, overrides=overrides, run_dir=run_dir, resume=resume,
+                       retry_failed=retry_failed, wait_visible_s=wait_visible_s)
+
+
+def _submit(working_dir: str, address: str | None, *, config: str | None, overrides: tuple[str, ...],
+            run_dir: str | None, resume: str | None, retry_failed: bool, wait_visible_s: float) -> tuple[str, Path]:
     from pipeline.config import dump_config, load_config
     from pipeline.runner import default_run_dir
     from pipeline.runs import RunDir
@@ -101,13 +135,65 @@ def submit(address: str | None, *, config: str | None = None, overrides: tuple[s
     marker = run.root / f"{MARKER_PREFIX}{uuid.uuid4().hex[:12]}"
     atomic_write_bytes(marker, b"vlp submit\n")
     entrypoint = job_entrypoint(run.root, args, marker)
-    runtime_env = {"working_dir": str(ROOT), "excludes": EXCLUDES,
+    # working_dir: the staged copy of what the job needs (package_working_dir), which submit_job zips and
+    # uploads before it returns; EXCLUDES again, a second guard
+    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES,
                    "env_vars": {"VLP_RAY_JOB": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
                                 "PYTHONWARNINGS": "ignore::UserWarning", **store_endpoints()}}
     job_id = c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                           metadata={"vlp_run_dir": str(run.root), "vlp_name": name})
     _wait_until_visible(c, job_id, marker, wait_visible_s)
     return job_id, run.root
+
+
+def package_working_dir(dest: Path, root: Path = ROOT, include: str | None = None) -> list[str]:
+    """Copy what a job needs of the project at `root` into `dest` (the job's working_dir): SHIPPED, and
+    the paths `include` names (default: $VLP_SUBMIT_INCLUDE), less every SECRETS or OUTPUTS name at any
+    depth and every symlink. Returns the files copied, relative to `root`; raises InputError for an
+    `include` entry that is missing, outside `root`, or a secret."""
+    include = os.environ.get(INCLUDE_ENV, "") if include is None else include
+    wanted = [root / name for name in SHIPPED if (root / name).exists() or (root / name).is_symlink()]
+    for entry in (e.strip() for e in include.split(",")):
+        if entry:
+            wanted += _included(root, entry)
+    copied, left_out = [], []
+    for top in wanted:
+        # a symlink is not followed (rglob does not descend into one either): it may point anywhere
+        for path in [top] if top.is_file() or top.is_symlink() else sorted(top.rglob("*")):
+            rel = path.relative_to(root)
+            if _matches(rel, OUTPUTS):
+                continue
+            if _matches(rel, SECRETS) or path.is_symlink():
+                left_out.append(str(rel))
+            elif path.is_file() and not (dest / rel).exists():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest / rel)
+                copied.append(str(rel))
+    if left_out:
+        log.warning("vlp submit: not shipped with the job (secrets, symlinks): %s", ", ".join(left_out[:20])
+                    + (f" and {len(left_out) - 20} more" if len(left_out) > 20 else ""))
+    return copied
+
+
+def _included(root: Path, entry: str) -> list[Path]:
+    """The paths a VLP_SUBMIT_INCLUDE entry names (a file, a folder or a glob pattern, relative to `root`)."""
+    if Path(entry).is_absolute() or ".." in Path(entry).parts:
+        raise InputError(f"{INCLUDE_ENV}: {entry!r} is not a path inside the project {root}; name it relative to it")
+    found = sorted(root.glob(entry)) if any(c in entry for c in "*?[") else \
+        [root / entry] if (root / entry).exists() else []
+    if not found:
+        raise InputError(f"{INCLUDE_ENV}: {entry!r} is not in the project {root}")
+    for path in found:
+        if _matches(path.relative_to(root), SECRETS):
+            raise InputError(f"{INCLUDE_ENV}: {entry!r} names {path.relative_to(root)}, which holds or is a credential "
+                             "(cluster/jobs.py SECRETS); credentials are not shipped with a job: give the cluster's "
+                             "nodes their own (an instance role, or variables set on the nodes)")
+    return found
+
+
+def _matches(rel: Path, patterns: tuple[str, ...]) -> bool:
+    """Whether any part of `rel` (a path relative to the project) has a name `patterns` matches, in any case."""
+    return any(fnmatch.fnmatchcase(part.lower(), pattern) for part in rel.parts for pattern in patterns)
 
 
 def store_endpoints() -> dict[str, str]:
