@@ -3,13 +3,17 @@ server on 127.0.0.2, a secret one on 127.0.0.1 that no spelling, name or redirec
 from __future__ import annotations
 
 import ipaddress
+import os
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
 from pipeline.data.fetch import FetchFailed, Limits, fetch
 from pipeline.data.images import image_size
-from pipeline.data.urlpolicy import HostPolicy, is_public, literal_address, refusal
+from pipeline.data.urlpolicy import HostPolicy, Refused, is_public, literal_address, refusal
 from webguard import ALLOWED, HostileWeb, TlsServer, jpeg, png_bomb
 
 POLICY = HostPolicy([ALLOWED])
@@ -55,6 +59,47 @@ def test_every_spelling_of_the_secret_host_is_refused(web, host):
 ])
 def test_address_ranges(address, public):
     assert is_public(ipaddress.ip_address(address)) is public
+
+
+# IPv6 forms that carry a private IPv4 address, or reach a site's own network (a tunnel or translator
+# delivers them); each is checked as the fetcher checks every hop (HostPolicy.pin), as a name's answer
+# and as a literal host, and when the list is planned (refusal).
+EMBEDDING_V6 = [
+    "::10.0.0.1", "::127.0.0.1", "::169.254.169.254",   # IPv4-compatible (::/96, deprecated)
+    "::8.8.8.8",                                        # ... refused whatever it carries
+    "::ffff:10.0.0.1", "::ffff:127.0.0.1",              # IPv4-mapped
+    "::ffff:0:10.0.0.1", "::ffff:0:127.0.0.1",          # SIIT (::ffff:0:0:0/96)
+    "64:ff9b:1::a00:1", "64:ff9b:1:a9fe:a9:fe00::",      # local-use NAT64 (64:ff9b:1::/48), /96 and /48 forms
+    "64:ff9b::10.0.0.1", "64:ff9b::169.254.169.254",    # well-known NAT64 with a private IPv4
+    "2002:a00:1::1", "2002:a9fe:a9fe::",                # 6to4 of 10.0.0.1, of the metadata address
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",             # Teredo whose client is 10.0.0.1
+    "fec0::1", "feff:ffff::1",                           # site-local (fec0::/10)
+]
+
+
+@pytest.mark.parametrize("address", EMBEDDING_V6)
+def test_ipv6_forms_embedding_private_ipv4_are_refused_on_every_hop(address):
+    assert not is_public(ipaddress.ip_address(address))
+    # a name that resolves to it: refused by the check fetch() makes for every hop, before any connection
+    assert failure("http://images.example/a.jpg", resolver=lambda h, p: [address]) == "url_private_address"
+    policy = HostPolicy([ALLOWED])
+    with pytest.raises(Refused) as caught:
+        policy.pin("http://images.example/a.jpg", lambda h, p: [address], redirect=True)
+    assert caught.value.reason == "redirect_private_address"
+    # the address as the URL's host: refused when the list is planned, and when fetched
+    literal = f"http://[{address}]/a.jpg"
+    assert refusal(literal, [ALLOWED]) == "url_private_address" and failure(literal) == "url_private_address"
+    # unless the allow-list names it (the address, or a network holding it)
+    for named in (address, str(ipaddress.ip_network(f"{address}/64", strict=False))):
+        assert HostPolicy([named]).refusal(literal) is None
+        pinned = HostPolicy([named]).pin("http://images.example/a.jpg", lambda h, p: [address])[2]
+        assert ipaddress.ip_address(pinned) == ipaddress.ip_address(address)
+
+
+def test_public_ipv6_forms_still_pass():
+    for address in ("2606:4700::1111", "64:ff9b::8.8.8.8", "2002:808:808::1"):
+        assert is_public(ipaddress.ip_address(address)), address
+        assert refusal(f"http://[{address}]/a.jpg") is None
 
 
 def test_literal_addresses_in_resolver_spellings():
@@ -158,3 +203,60 @@ def test_tls_goes_to_the_pinned_address_and_checks_the_name(tmp_path):
         with pytest.raises(FetchFailed) as caught:   # and a certificate nobody vouches for
             fetch(url, POLICY, LIMITS, lambda h, p: resolve[h])
         assert caught.value.reason == "tls_error"
+
+
+class _RobotsTagged(BaseHTTPRequestHandler):
+    """An image whose answer carries the X-Robots-Tag header given in `?tag=` (repeatable)."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = jpeg()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        for tag in parse_qs(urlsplit(self.path).query).get("tag", []):
+            self.send_header("X-Robots-Tag", tag)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def tagged():
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset.downloader  # noqa: F401 (the X-Robots-Tag reader: its first import takes seconds, not
+    # to be spent inside a URL's deadline)
+
+    server = ThreadingHTTPServer((ALLOWED, 0), _RobotsTagged)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield lambda *tags: f"http://{ALLOWED}:{server.server_address[1]}/a.jpg?" + urlencode([("tag", t) for t in tags])
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("directives, tags, opted_out", [
+    # the download stage's default directives (pipeline/config.py)
+    (("noai", "noimageai", "noindex", "noimageindex"), ["none"], True),   # none = noindex, nofollow
+    (("noai", "noimageai", "noindex", "noimageindex"), ["NONE"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["vlp: none"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["otherbot: none"], False),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["noarchive, none"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["noindex"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["all"], False),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["nofollow"], False),
+    (("nofollow",), ["none"], True),       # either half of what `none` means
+    (("noai",), ["none"], False),          # `none` says nothing of AI use
+])
+def test_x_robots_tag_none_is_noindex_nofollow(tagged, directives, tags, opted_out):
+    limits = Limits(timeout=1.5, deadline=3.0, max_bytes=2**20, max_redirects=3, max_image_area=4_000_000,
+                    user_agent_token="vlp", disallowed_header_directives=frozenset(directives))
+    url = tagged(*tags)
+    if opted_out:
+        assert failure(url, limits=limits) == "opt_out"
+    else:
+        assert fetch(url, POLICY, limits) == jpeg()

@@ -343,8 +343,18 @@ class _AllValues:
         return self.headers.getlist(name) or default
 
 
+# X-Robots-Tag directives that stand for others: `none` is `noindex, nofollow` (Google's and Bing's
+# documented meaning), so a site that sends it opts out wherever either of those two would.
+SHORTHANDS = {"none": frozenset({"noindex", "nofollow"})}
+
+
+def header_directives(disallowed: frozenset[str]) -> frozenset[str]:
+    """The directives that opt an image out, with each shorthand that means one of `disallowed`."""
+    return disallowed | {short for short, meaning in SHORTHANDS.items() if meaning & disallowed}
+
+
 def _disallowed(headers, limits: Limits) -> bool:
     from img2dataset.downloader import is_disallowed  # img2dataset's reading of X-Robots-Tag
 
     token = limits.user_agent_token.strip().lower() if limits.user_agent_token else None
-    return is_disallowed(_AllValues(headers), token, limits.disallowed_header_directives)
+    return is_disallowed(_AllValues(headers), token, header_directives(limits.disallowed_header_directives))

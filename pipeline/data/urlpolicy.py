@@ -7,6 +7,9 @@ metadata service and private services: a list (or a redirect it leads to) must n
     checked: loopback, private, link-local, shared (CGNAT), reserved, multicast and unspecified ranges
     are refused, IPv4 in every spelling the resolver accepts (127.1, 2130706433, 0x7f000001,
     0177.0.0.1, 0) and IPv6 with the IPv4 addresses it can embed (mapped, 6to4, Teredo, NAT64);
+    IPv6 forms that reach an IPv4 address or a site's own network through a tunnel or translator and
+    that no host on the web has (IPv4-compatible ::a.b.c.d, SIIT ::ffff:0:a.b.c.d, local-use NAT64
+    64:ff9b:1::/48, site-local fec0::/10) are refused whatever they carry;
   - the connection then goes to the address that was checked (fetch.py pins it): a second lookup could
     answer differently (DNS rebinding).
 `allow_private_hosts` names exceptions: host names (any address they resolve to is allowed), or
@@ -26,6 +29,14 @@ from urllib.parse import urlsplit
 LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Refused whatever address they embed: deprecated or site-local forms no web host has, each of which a
+# tunnel or translator may carry into the cluster's own network (Python's is_global passes them all).
+FORBIDDEN_V6 = tuple(ipaddress.ip_network(net) for net in (
+    "::/96",            # IPv4-compatible (RFC 4291, deprecated): a sit tunnel sends ::a.b.c.d to a.b.c.d
+    "::ffff:0:0:0/96",  # SIIT's IPv4-translated (RFC 2765): ::ffff:0:a.b.c.d
+    "64:ff9b:1::/48",   # local-use NAT64 (RFC 8215): a site's own translator, to its own IPv4 network
+    "fec0::/10",        # site-local (RFC 3879, deprecated): a site's own network
+))
 # What the resolver accepts as an IPv4 literal (inet_aton's forms: 1 to 4 parts, decimal, octal or hex).
 _NUMERIC_V4 = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$")
 
@@ -75,8 +86,11 @@ def _embedded_v4(address: IPAddress) -> list[ipaddress.IPv4Address]:
 
 
 def is_public(address: IPAddress) -> bool:
-    """A global unicast address whose embedded IPv4 addresses (if any) are global unicast too."""
+    """A global unicast address, in no FORBIDDEN_V6 range, whose embedded IPv4 addresses (if any) are
+    global unicast too."""
     if not address.is_global or address.is_multicast or address.is_unspecified:
+        return False
+    if address.version == 6 and any(address in net for net in FORBIDDEN_V6):
         return False
     return all(is_public(v4) for v4 in _embedded_v4(address))
 
