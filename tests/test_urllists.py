@@ -185,3 +185,48 @@ def test_a_lists_numbers_stream_as_float_columns(tmp_path):
     assert read_url_list(UrlListConfig(path=str(jsonl), format="jsonl", columns={"punsafe": "nsfw"})).to_pylist()[0]["punsafe"] is None
     with pytest.raises(InputError, match="'clip2'"):
         read_url_list(UrlListConfig(path=str(csv), format="csv", columns={"similarity": "clip2"}))
+
+
+@pytest.mark.parametrize("fmt, suffix, quoted", [("csv", "", False), ("csv", "", True), ("tsv", ".gz", False)])
+def test_a_row_longer_than_a_read_block_is_read_with_the_rest(tmp_path, fmt, suffix, quoted):
+    """One 5 MB caption (pyarrow's streaming reader failed the whole list on it: "straddling object straddles
+    two block boundaries") is read like any row: every row in comes out, in order, the planning task's
+    shard inputs included."""
+    from pipeline.data.listplan import input_name, plan_list
+
+    sep = "," if fmt == "csv" else "\t"
+    huge = "x" * (5 << 20)
+    rows = [("http://e.com/1.jpg", "a cat"), ("http://e.com/2.jpg", "a dog"),
+            ("http://e.com/3.jpg", f'"{huge}"' if quoted else huge), ("http://e.com/4.jpg", "a cow"),
+            ("http://e.com/5.jpg", "a hen")]
+    body = (f"url{sep}caption\n" + "".join(f"{u}{sep}{c}\n" for u, c in rows)).encode()
+    path = tmp_path / f"list.{fmt}{suffix}"
+    if suffix:
+        with pa.CompressedOutputStream(str(path), "gzip") as out:
+            out.write(body)
+    else:
+        path.write_bytes(body)
+    spec = UrlListConfig(path=str(path), format=fmt)
+    check_url_list(spec)
+    got = read_url_list(spec).to_pylist()
+    assert [(r["url"], r["source_row"]) for r in got] == [(u, i) for i, (u, _) in enumerate(rows)]
+    assert [r["caption"] for r in got] == ["a cat", "a dog", huge, "a cow", "a hen"]
+    assert count_rows(spec) == 5
+    import dataclasses
+
+    assert plan_list(dataclasses.asdict(spec), 0, str(tmp_path), samples_per_shard=2) == [2, 2, 1]
+    planned = pq.read_table(tmp_path / input_name(0))
+    assert planned.column("url").to_pylist() == [u for u, _ in rows]
+
+
+def test_a_line_past_the_row_limit_is_an_error_naming_it(tmp_path, monkeypatch):
+    from pipeline.data import urllists
+
+    monkeypatch.setattr(urllists, "MAX_ROW_BYTES", 3 << 20)
+    path = tmp_path / "list.csv"
+    huge = "x" * (4 << 20)
+    path.write_text(f"url,caption\nhttp://e.com/1.jpg,a\n\nhttp://e.com/2.jpg,{huge}\nhttp://e.com/3.jpg,c\n")
+    with pytest.raises(InputError) as err:
+        read_url_list(UrlListConfig(path=str(path), format="csv"))
+    assert str(path) in str(err.value) and "line 4 is longer than 3 MiB" in str(err.value)
+    assert "MAX_ROW_BYTES" in str(err.value) and "straddl" not in str(err.value)

@@ -34,6 +34,8 @@ SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("caption_er
                     ("source", pa.string()), ("source_row", pa.int64())] + [(f, pa.float64()) for f in LIST_FIELDS])
 BATCH_ROWS = 65_536
 TEXT_BLOCK = 8 << 20     # bytes of a line-oriented list read at once
+CSV_PIECE = TEXT_BLOCK // 4   # bytes of a CSV/TSV list pyarrow parses at once (more, for a longer line)
+MAX_ROW_BYTES = 64 << 20      # a CSV/TSV line longer than this is an error naming it, not a piece to parse
 _URL = r"(?i)^https?://"
 
 
@@ -150,22 +152,57 @@ def _read_parquet(spec: UrlListConfig, path: Path, batch_rows: int):
 
 
 def _read_delimited(spec: UrlListConfig, path: Path, batch_rows: int):
+    """CSV/TSV, parsed by pyarrow in pieces we cut at line ends. pyarrow's streaming reader cuts the
+    bytes into blocks itself and fails the whole list on a row longer than its block ("straddling object
+    straddles two block boundaries"): one caption of a few MB lost every row of the file. A piece here
+    holds whole lines, however long (up to MAX_ROW_BYTES), and pyarrow reads each piece as one block.
+    A line end inside quotes ends the row, as it did with pyarrow's reader (newlines_in_values off)."""
     url_col, caption_col = _columns_for(spec)
     parse = pacsv.ParseOptions(delimiter="," if spec.format == "csv" else "\t")
-    with input_stream(path) as stream:   # the header, to name missing columns
-        found = pacsv.open_csv(stream, parse_options=parse).schema.names
-    _check_columns(path, spec.format, found, url_col, caption_col)
-    numbers = list_columns(spec, found)
-    # Captions as bytes: a caption that is not UTF-8 is a counted defect of its row, not a failed list.
-    convert = pacsv.ConvertOptions(strings_can_be_null=True,
-                                   include_columns=list(dict.fromkeys([url_col, caption_col, *numbers.values()])),
-                                   column_types={url_col: pa.binary(), caption_col: pa.binary()})
     with input_stream(path) as stream:
-        reader = pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=TEXT_BLOCK // 4),
-                                parse_options=parse, convert_options=convert)
-        for batch in reader:
-            captions, errors = _texts(batch.column(caption_col))
-            yield _urls(batch.column(url_col)), captions, errors, _numbers(batch, numbers)
+        pieces = _line_pieces(stream, path)
+        first = next(pieces, b"")
+        end = first.find(b"\n") + 1 or len(first)
+        # the header alone names the columns (and drops a UTF-8 byte order mark)
+        found = pacsv.read_csv(pa.BufferReader(first[:end]), parse_options=parse).column_names
+        _check_columns(path, spec.format, found, url_col, caption_col)
+        numbers = list_columns(spec, found)
+        # Captions as bytes: a caption that is not UTF-8 is a counted defect of its row, not a failed list.
+        columns = list(dict.fromkeys([url_col, caption_col, *numbers.values()]))
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, include_columns=columns,
+                                       column_types={url_col: pa.binary(), caption_col: pa.binary()})
+        for piece in itertools.chain([first[end:]], pieces):
+            if not piece or piece.isspace():
+                continue
+            read = pacsv.ReadOptions(column_names=found, block_size=len(piece) + 1)   # the piece is one block
+            table = pacsv.read_csv(pa.BufferReader(piece), read_options=read, parse_options=parse,
+                                   convert_options=convert)
+            for batch in table.combine_chunks().to_batches():
+                captions, errors = _texts(batch.column(caption_col))
+                yield _urls(batch.column(url_col)), captions, errors, _numbers(batch, numbers)
+
+
+def _line_pieces(stream, path: Path) -> Iterator[bytes]:
+    """A text stream in pieces of about CSV_PIECE bytes, each ending at a line end (but the last); a line
+    longer than that is one piece. A line over MAX_ROW_BYTES is an InputError naming it."""
+    held: list[bytes] = []   # the bytes since the last line end
+    held_bytes = lines = 0   # lines: line ends before `held`, for the message
+    while block := stream.read(CSV_PIECE):
+        cut = block.rfind(b"\n") + 1
+        if not cut:
+            held.append(block)
+            held_bytes += len(block)
+            if held_bytes > MAX_ROW_BYTES:
+                raise InputError(f"{path}: line {lines + 1} is longer than {MAX_ROW_BYTES >> 20} MiB (a URL list's "
+                                 "row is a few hundred bytes); remove or fix that line (the limit is MAX_ROW_BYTES "
+                                 "in pipeline/data/urllists.py)")
+            continue
+        piece = b"".join([*held, block[:cut]])
+        lines += piece.count(b"\n")
+        held, held_bytes = [block[cut:]], len(block) - cut
+        yield piece
+    if held_bytes:
+        yield b"".join(held)
 
 
 def _lines(path: Path) -> Iterator[list[bytes]]:
