@@ -1,7 +1,12 @@
 """`vlp report RUN_DIR`: one static HTML page (PNG charts and sample images beside it, no server, no
-scripts) that shows where every sample went and what CapFilt did, round over round.
+scripts) that shows where every sample went and what CapFilt did, round over round: the run's dates,
+code version, config and fingerprints, the accounting funnel, examples of every drop and failure reason
+(a copy beside the sample or eval image it copies), download's failures by host, each source's fates,
+the filter's scores and threshold, CapFilt's samples, retrieval per round, and links to the run's files
+(pipeline/reportsections.py, pipeline/reportdata.py).
 
-Written to `<run>/report/` as a whole: built in a temporary folder and renamed into place.
+Written to `<run>/report/` as a whole: built in a temporary folder and renamed into place (on an object
+store: put object by object). Its links are relative, so a copied or served run folder keeps them.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import collections
 import html
 from pathlib import Path
 
+from pipeline import reportsections
 from pipeline.benchmarks import format_benchmarks
 from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
@@ -44,14 +50,15 @@ def _build(run: RunDir, out: Path) -> str:
     capfilt_rounds = [r["round"] for r in round_rows if "capfilt_in" in r]
     last_capfilt = run.stage("capfilt", capfilt_rounds[-1]) if capfilt_rounds else None
     decided = decisions(last_capfilt.path) if last_capfilt else []
-    parts = [f"<h1>vlp run report: {html.escape(run.root.name)}</h1>",
-             f"<p>Run directory <code>{html.escape(str(run.root))}</code>.</p>"]
+    parts = [f"<h1>vlp run report: {html.escape(run.root.name)}</h1>", reportsections.metadata(run, stages)]
 
     parts.append("<h2>Accounting funnel</h2><p>Every sample that entered a stage is kept, dropped (with a "
                  "reason) or failed (with an error).</p>")
     _funnel_chart(stages, out / "funnel.png")
     parts.append('<img src="funnel.png" alt="accounting funnel per stage">')
     parts.append(_stage_table(stages))
+    parts.append(reportsections.examples(run, stages, out))
+    parts.append(reportsections.failures_by_host(run))
 
     fates = _fates_by_source(run, decided, truth)
     if fates:
@@ -65,11 +72,13 @@ def _build(run: RunDir, out: Path) -> str:
         manifest = last_capfilt.manifest()
         calibrated = manifest.config.get("rule") == "calibrated"
         what = "calibrated ITM + ITC score" if calibrated else "ITM match probability"
+        threshold = float(manifest.details.get("threshold", manifest.config["threshold"]))
         parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
                      f"<p>The {what} the filter gave each web caption and each synthetic caption; the dashed "
-                     "line is the threshold.</p>")
-        _score_chart(decided, truth, float(manifest.details.get("threshold", manifest.config["threshold"])),
-                     out / "scores.png", what)
+                     f'line is the threshold, <b id="threshold">{threshold:g}</b> (rule '
+                     f"<code>{html.escape(str(manifest.config.get('rule')))}</code>): a caption scoring at least "
+                     "this is kept.</p>")
+        _score_chart(decided, truth, threshold, out / "scores.png", what)
         parts.append('<img src="scores.png" alt="histograms of filter scores">')
         parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")
         parts.append(_sample_grid(run, decided, truth, out))
@@ -96,11 +105,14 @@ def _build(run: RunDir, out: Path) -> str:
                 (out / f"training_round{r['round']}.png").write_bytes(curves.read_bytes())
                 parts.append(f"<h3>Training curves, round {r['round']}</h3>"
                              f'<img src="training_round{r["round"]}.png" alt="training curves round {r["round"]}">')
+    parts.append(reportsections.files(run))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
              ".grid{display:grid;grid-template-columns:repeat(3,1fr);gap:10px}.card{border:1px solid #ddd;padding:6px;"
              "font-size:12px}.card img{width:96px;height:96px;image-rendering:pixelated;float:left;margin-right:8px}"
-             ".kept{color:#070}.rejected{color:#b00}")
+             ".kept{color:#070}.rejected{color:#b00}.figures{display:flex;gap:6px}figure{margin:0 0 4px 0}"
+             "figcaption{font-size:11px}.example img{float:none}.noimage{width:96px;height:96px;background:#eee}"
+             ".meta th{text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>vlp report {html.escape(run.root.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -247,8 +259,8 @@ def _sample_grid(run: RunDir, decided: list[dict], truth: dict | None, out: Path
             truth_note = f"<br>truth: {html.escape(t['noise'])}" if t else ""
             cards.append(
                 f'<div class="card"><img src="samples/{d["key"]}.jpg" alt="sample {d["key"]}">'
-                f"<b>{verdict}</b>{truth_note}<br>web ({d['web_score']:.2f}, {_verdict(d['web_kept'])}): "
-                f"{html.escape(d['web_caption'])}<br>synthetic ({d['synthetic_score']:.2f}, "
+                f"<b>{verdict}</b>{truth_note}<br>web ({d['web_score']:.4g}, {_verdict(d['web_kept'])}): "
+                f"{html.escape(d['web_caption'])}<br>synthetic ({d['synthetic_score']:.4g}, "
                 f"{_verdict(d['synthetic_kept'])}): {html.escape(d['synthetic_caption'])}</div>")
     return f'<div class="grid">{"".join(cards)}</div>'
 
