@@ -9,8 +9,15 @@ LOCK ?= requirements/cpu.txt
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | cksum | cut -d' ' -f1)
+# open_clip's training loader, for tests/test_openclip.py, in a venv of its own (inside .venv, so git ignores it
+# and `make clean` removes it): open_clip_train reads shards with webdataset <= 0.2.86 only (the lock: 0.2.111),
+# and PyPI's torchvision for torch 2.13.0, a CUDA build, breaks transformers beside the CPU torch (README,
+# "Versions that interoperate"). Its lock, from requirements/openclip.in, has the same CPU torch.
+OPENCLIP_VENV ?= $(VENV)/openclip
+OPENCLIP_LOCK ?= requirements/openclip.txt
+OPENCLIP_STAMP := $(OPENCLIP_VENV)/.installed-$(shell cat $(OPENCLIP_LOCK) 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: setup system-packages demo test bench lock clean
+.PHONY: setup openclip-setup system-packages demo test bench lock clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,13 +26,23 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(if $(TORCH_SPEC),$(VENV)/bin/pip install -qq $(TORCH_SPEC))
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-# The lock again from pyproject.toml's ranges (after a change there; tests/test_lock.py says when).
+$(OPENCLIP_STAMP): $(OPENCLIP_LOCK)
+	test -x $(OPENCLIP_VENV)/bin/python || $(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/pip install -qq --require-hashes --no-deps -r $(OPENCLIP_LOCK)
+	rm -f $(OPENCLIP_VENV)/.installed-* && touch $(OPENCLIP_STAMP)
+
+# The locks again from pyproject.toml's ranges (after a change there; tests/test_lock.py says when) and from
+# requirements/openclip.in (tests/test_openclip.py checks that one).
 lock:
 	test -x .venv-lock/bin/pip-compile || ($(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -qq pip-tools==7.7.0)
 	.venv-lock/bin/pip-compile -q --extra=test --extra=tracking --generate-hashes --allow-unsafe --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --output-file=$(LOCK) pyproject.toml
+	.venv-lock/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --output-file=$(OPENCLIP_LOCK) requirements/openclip.in
 
 setup: $(STAMP)
+
+openclip-setup: $(OPENCLIP_STAMP)
 
 demo: setup
 	$(VENV)/bin/vlp run configs/demo.yaml
@@ -36,8 +53,8 @@ system-packages:
 	command -v chromium >/dev/null && command -v nginx >/dev/null || (apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium nginx >/dev/null)
 
-test: setup system-packages
-	$(VENV)/bin/python -m pytest -q
+test: setup openclip-setup system-packages
+	OPENCLIP_PYTHON=$(abspath $(OPENCLIP_VENV))/bin/python $(VENV)/bin/python -m pytest -q
 
 bench: setup
 	$(VENV)/bin/python bench/download.py
