@@ -251,6 +251,13 @@ def tagged():
     (("noai", "noimageai", "noindex", "noimageindex"), ["nofollow"], False),
     (("nofollow",), ["none"], True),       # either half of what `none` means
     (("noai",), ["none"], False),          # `none` says nothing of AI use
+    # a directive with a value is not a crawler's name (img2dataset's reader took it for one)
+    (("noai", "noimageai", "noindex", "noimageindex"), ["max-image-preview:large, noindex"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["unavailable_after: 25 Jun 2010 15:00:00 PST, noindex"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["unavailable_after: Friday, 25-Jun-10 15:00:00 PST, noai"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["googlebot: noindex, noimageai"], False),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["googlebot: noindex", "vlp: max-snippet:0, noai"], True),
+    (("noai", "noimageai", "noindex", "noimageindex"), ["noarchive, googlebot: noindex"], False),
 ])
 def test_x_robots_tag_none_is_noindex_nofollow(tagged, directives, tags, opted_out):
     limits = Limits(timeout=1.5, deadline=3.0, max_bytes=2**20, max_redirects=3, max_image_area=4_000_000,

@@ -2,9 +2,9 @@
 
 img2dataset's fetcher (urllib's urlopen) follows redirects anywhere, connects wherever a second DNS
 lookup points, reads bodies whole with no size cap, has only a per-read timeout, and decodes an image
-before checking its size. This fetcher keeps img2dataset's X-Robots-Tag rules and speaks HTTP through
-urllib3 (HTTP/1.0 and 1.1, keep-alive or not, chunked bodies, gzip/deflate decoded in bounded steps,
-TLS with SNI and certificate checks), driving one connection per hop itself so that:
+before checking its size. This fetcher keeps img2dataset's X-Robots-Tag rules (read by our own
+robots_tag_rules) and speaks HTTP through urllib3 (HTTP/1.0 and 1.1, keep-alive or not, chunked
+bodies, gzip/deflate decoded in bounded steps, TLS with SNI and certificate checks), driving one connection per hop itself so that:
   - every hop's host is resolved and every address checked (urlpolicy.HostPolicy.pin), and the
     connection goes to the checked address (TLS still verifies the certificate against the name);
   - redirects (301/302/303/307/308) are followed here, at most `max_redirects` hops, each checked the
@@ -24,6 +24,7 @@ import functools
 import heapq
 import http.client
 import itertools
+import re
 import socket
 import ssl
 import threading
@@ -333,19 +334,15 @@ def _user_agent(limits: Limits) -> str:
     return USER_AGENT
 
 
-class _AllValues:
-    """urllib3's headers as img2dataset's X-Robots-Tag reader asks for them (email.message's get_all)."""
-
-    def __init__(self, headers):
-        self.headers = headers
-
-    def get_all(self, name: str, default=None):
-        return self.headers.getlist(name) or default
-
-
 # X-Robots-Tag directives that stand for others: `none` is `noindex, nofollow` (Google's and Bing's
 # documented meaning), so a site that sends it opts out wherever either of those two would.
 SHORTHANDS = {"none": frozenset({"noindex", "nofollow"})}
+# Directives written `name: value`. Any other `word:` opens the rules for the crawler it names
+# ("googlebot: noindex"). img2dataset's reader took the text before the first colon of a header for a
+# crawler's name, so `max-image-preview:large, noindex` or `unavailable_after: ..., noindex` read as
+# rules for another crawler and the site's noindex was missed.
+VALUED_DIRECTIVES = frozenset({"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"})
+_CRAWLER = re.compile(r"[a-z0-9_.-]+")   # a product token; a date's "15:00" piece is not one
 
 
 def header_directives(disallowed: frozenset[str]) -> frozenset[str]:
@@ -353,8 +350,26 @@ def header_directives(disallowed: frozenset[str]) -> frozenset[str]:
     return disallowed | {short for short, meaning in SHORTHANDS.items() if meaning & disallowed}
 
 
-def _disallowed(headers, limits: Limits) -> bool:
-    from img2dataset.downloader import is_disallowed  # img2dataset's reading of X-Robots-Tag
+def robots_tag_rules(values: list[str]) -> list[tuple[str | None, str]]:
+    """(crawler or None for all, directive) of every X-Robots-Tag header: each is a comma-separated
+    list; `crawler: directive` starts that crawler's rules, which go on to the end of the header."""
+    rules = []
+    for value in values:
+        crawler = None
+        for part in value.split(","):
+            part = part.strip()
+            name, colon, rest = part.partition(":")
+            name = name.strip().lower()
+            if colon and name not in VALUED_DIRECTIVES and _CRAWLER.fullmatch(name):
+                crawler, part = name, rest.strip()
+                name = part.partition(":")[0].strip().lower()
+            if name:
+                rules.append((crawler, name))
+    return rules
 
+
+def _disallowed(headers, limits: Limits) -> bool:
     token = limits.user_agent_token.strip().lower() if limits.user_agent_token else None
-    return is_disallowed(_AllValues(headers), token, header_directives(limits.disallowed_header_directives))
+    refused = header_directives(limits.disallowed_header_directives)
+    return any((crawler is None or crawler == token) and directive in refused
+               for crawler, directive in robots_tag_rules(headers.getlist("X-Robots-Tag")))
