@@ -10,12 +10,16 @@
     class name, unless a `classnames` file gives them), each class's text feature the normalised mean over the prompt templates; top-1/top-5.
   * wds: CLIP_benchmark's webdataset layout (`<root>/<split>/*.tar` with an image member, `.cls` for
     classification or `.txt` captions, one per line, for retrieval; `classnames.txt` and
-    `zeroshot_classification_templates.txt` beside the splits).
+    `zeroshot_classification_templates.txt` beside the splits). Each tar is read whole, as every shard vlp
+    reads (pipeline/data/shards.py: a cut tar is an InputError naming it); a sample with no image, or
+    without the `.cls` or `.txt` its task reads, is skipped and counted (`skipped` in the result).
 """
 from __future__ import annotations
 
+import collections
 import glob
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +28,7 @@ from pipeline.data.loader import decode_image
 from pipeline.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+log = logging.getLogger("vlp")
 
 
 def run_benchmark(bench: dict, model, tok, device: str, batch_size: int) -> dict:
@@ -36,13 +41,20 @@ def run_benchmark(bench: dict, model, tok, device: str, batch_size: int) -> dict
         images, labels, classes = read_imagefolder(bench["path"], bench.get("max_items"), bench.get("classnames"))
         return zero_shot(model, tok, images, labels, classes, bench["templates"], device, batch_size)
     if fmt == "wds":
-        root = Path(bench["path"])
+        root, skipped = Path(bench["path"]), collections.Counter()
         if (root / "classnames.txt").is_file():
             images, labels, classes, templates = read_wds_classification(root, bench.get("split") or "test",
-                                                                         bench.get("max_items"))
-            return zero_shot(model, tok, images, labels, classes, templates or bench["templates"], device, batch_size)
-        images, captions, owner = read_wds_retrieval(root, bench.get("split") or "test", bench.get("max_items"))
-        return retrieval(model, tok, images, captions, owner, device, batch_size, bench.get("rerank_k") or 0)
+                                                                         bench.get("max_items"), skipped)
+            result = zero_shot(model, tok, images, labels, classes, templates or bench["templates"], device, batch_size)
+        else:
+            images, captions, owner = read_wds_retrieval(root, bench.get("split") or "test", bench.get("max_items"),
+                                                         skipped)
+            result = retrieval(model, tok, images, captions, owner, device, batch_size, bench.get("rerank_k") or 0)
+        if skipped:
+            log.warning("benchmark %s: skipped %s", bench["name"], ", ".join(f"{n} sample(s) {reason}"
+                                                                            for reason, n in sorted(skipped.items())))
+            result["skipped"] = dict(sorted(skipped.items()))
+        return result
     raise InputError(f"benchmark {bench['name']}: unknown format {fmt!r}")
 
 
@@ -114,20 +126,27 @@ def _tars(root: Path, split: str) -> list[str]:
 
 
 def _read_tars(shards: list[str]):
-    import webdataset as wds
+    """The samples of the split's tars in order, extensions in lower case as webdataset gives them; each tar
+    read whole (a cut one is an InputError naming it)."""
+    from pipeline.data.shards import read_shard
 
-    return wds.WebDataset(shards, shardshuffle=False, empty_check=False)
+    for shard in shards:
+        for sample in read_shard(shard):
+            yield {k if k == "__key__" else k.lower(): v for k, v in sample.items()}
 
 
 def _image_member(sample: dict) -> bytes | None:
     return next((sample[k] for k in ("webp", "jpg", "jpeg", "png") if k in sample), None)
 
 
-def _wds_samples(root: Path, split: str, limit: int | None):
+def _wds_samples(root: Path, split: str, limit: int | None, needed: str, skipped: collections.Counter):
+    """(image bytes, sample) of the samples that hold an image and the `needed` member; the others counted
+    in `skipped` (`missing_image`, `missing_<needed>`)."""
     n = 0
     for sample in _read_tars(_tars(root, split)):
         image = _image_member(sample)
-        if image is None:
+        if image is None or needed not in sample:
+            skipped["missing_image" if image is None else f"missing_{needed}"] += 1
             continue
         yield image, sample
         n += 1
@@ -135,20 +154,20 @@ def _wds_samples(root: Path, split: str, limit: int | None):
             return
 
 
-def read_wds_classification(root: Path, split: str, limit: int | None):
+def read_wds_classification(root: Path, split: str, limit: int | None, skipped: collections.Counter):
     classes = [line.strip() for line in (root / "classnames.txt").read_text().splitlines() if line.strip()]
     templates_file = root / "zeroshot_classification_templates.txt"
     templates = [t.strip() for t in templates_file.read_text().splitlines() if t.strip()] if templates_file.is_file() else []
     images, labels = [], []
-    for image, sample in _wds_samples(root, split, limit):
+    for image, sample in _wds_samples(root, split, limit, "cls", skipped):
         images.append(image)
         labels.append(int(sample["cls"]))
     return images, labels, classes, [t.replace("{c}", "{}") for t in templates]
 
 
-def read_wds_retrieval(root: Path, split: str, limit: int | None):
+def read_wds_retrieval(root: Path, split: str, limit: int | None, skipped: collections.Counter):
     images, captions, owner = [], [], []
-    for image, sample in _wds_samples(root, split, limit):
+    for image, sample in _wds_samples(root, split, limit, "txt", skipped):
         texts = [t for t in sample["txt"].decode("utf-8").splitlines() if t.strip()]
         captions += texts
         owner += [len(images)] * len(texts)

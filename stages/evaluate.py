@@ -12,6 +12,7 @@ Karpathy-split retrieval, zero-shot classification, CLIP_benchmark webdatasets (
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import time
@@ -20,8 +21,9 @@ import ray
 import torch
 
 from pipeline.config import EvaluateConfig
+from pipeline.errors import InputError
 from pipeline.data.loader import decode_image
-from pipeline.data.shards import read_shard
+from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.manifest import Accounting, Manifest
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
@@ -34,10 +36,17 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     model_dir, eval_shards = inputs.first().exported_model(), inputs.extra["eval_shards"]
     ctx.out.begin(ctx.fingerprint, {"eval_shards": eval_shards})
     task = ray.remote(evaluate_retrieval).options(num_cpus=1)
-    metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg), inputs.extra["benchmarks"]))
-    n = metrics["pairs"]
-    return ctx.manifest(dataclasses.asdict(cfg), [], started, {"metrics": metrics},
-                        totals=Accounting(samples_in=n, samples_kept=n))
+    try:
+        metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg), inputs.extra["benchmarks"]))
+    except ray.exceptions.RayTaskError as err:   # a cut eval shard: its own message, naming it
+        raise (err.cause if isinstance(err.cause, InputError) else err) from None
+    read = metrics.pop("eval_shards")   # what reading the eval set left out, beside the metrics
+    n, skipped = metrics["pairs"], collections.Counter(read["skipped_by_reason"])
+    if skipped or read["members_dropped"]:
+        dropped = collections.Counter(read["members_dropped"])
+        ShardCheck(read["shards"], n, skipped, dropped).warn("evaluate: eval shards")
+    return ctx.manifest(dataclasses.asdict(cfg), [], started, {"metrics": metrics, "eval_shards": read},
+                        totals=Accounting(samples_in=n + sum(skipped.values()), samples_kept=n, failed=skipped))
 
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
@@ -61,15 +70,7 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, _ = load_pretrained(model_dir, device)
     size, max_len = model.cfg.image_size, model.cfg.max_text_len
-    images, captions, labels, attributes = [], [], [], []
-    for shard in eval_shards:
-        for sample in read_shard(as_path(shard)):
-            meta = json.loads(sample["json"])
-            images.append(decode_image(sample["jpg"], size, None))
-            captions.append(sample["txt"].decode("utf-8"))
-            attrs = meta.get("attributes")
-            labels.append(json.dumps(attrs, sort_keys=True) if attrs else sample["__key__"])
-            attributes.append(attrs if isinstance(attrs, dict) else {})
+    images, captions, labels, attributes, read = read_eval_set(eval_shards, size)
     n, bs = len(images), cfg["batch_size"]
     enc = tok(captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
     images_t = torch.stack(images).to(device)
@@ -90,8 +91,8 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
             out.append(logits.softmax(-1)[:, 1])
         return torch.cat(out)
 
-    result = {"pairs": n, "chance_r1": round(same.float().mean().item(), 4), "rerank_k": k,
-              "attribute_probe": probe_accuracy(cls_hidden, attributes)}
+    result = {"pairs": n, "eval_shards": read.to_json(), "chance_r1": round(same.float().mean().item(), 4),
+              "rerank_k": k, "attribute_probe": probe_accuracy(cls_hidden, attributes)}
     for direction, scores in (("tr", sim), ("ir", sim.t())):
         top = scores.topk(k, dim=1).indices.cpu()  # [queries, k]
         queries = torch.arange(n).repeat_interleave(k)
@@ -105,3 +106,29 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
     result["benchmarks"] = {b["name"]: {"format": b["format"], **run_benchmark(b, model, tok, device, bs)}
                             for b in benchmarks}
     return result
+
+
+def read_eval_set(eval_shards: list[str], image_size: int) -> tuple[list, list, list, list, ShardCheck]:
+    """(image tensors, captions, labels, attribute dicts, what reading left out) of the held-out set. It is
+    the user's: a cut shard is an InputError naming it; a sample with no image or caption, or one that
+    does not decode, is skipped and counted; members we do not own are dropped and counted."""
+    images, captions, labels, attributes = [], [], [], []
+    read = ShardCheck()
+    for shard in eval_shards:
+        for sample in read_input_shard(as_path(shard), read):
+            try:
+                image = decode_image(sample["jpg"], image_size, None)
+                caption = sample["txt"].decode("utf-8")
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            except Exception:  # noqa: BLE001 (an undecodable pair is counted and skipped, not the evaluation's end)
+                read.reject("decode_error")
+                continue
+            images.append(image)
+            captions.append(caption)
+            attrs = meta.get("attributes") if isinstance(meta, dict) else None
+            labels.append(json.dumps(attrs, sort_keys=True) if attrs else sample["__key__"])
+            attributes.append(attrs if isinstance(attrs, dict) else {})
+    if not images:
+        raise InputError(f"evaluate: no usable pair in the {len(eval_shards)} eval shard(s) {eval_shards[:1]} ... "
+                         f"({read.to_json()})")
+    return images, captions, labels, attributes, read

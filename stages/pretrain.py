@@ -7,6 +7,7 @@ from its last complete checkpoint, with the same fingerprint.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -20,7 +21,7 @@ import torch
 from pipeline import storage
 from pipeline.config import PretrainConfig
 from pipeline.configtree import to_plain
-from pipeline.data.shards import read_shard
+from pipeline.data.shards import ShardCheck, check_input_shards, read_input_shard
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.errors import InputError, StageFailed
 from pipeline.model import SIZES, ModelConfig
@@ -43,13 +44,18 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     upstream, upstream_dir = inputs.first().manifest, inputs.first().path
     seed_shards, previous_model = inputs.extra["seed_shards"], inputs.extra["previous_model"]
     web_samples = sum(s["samples"] for s in upstream.shards)
-    seed_samples = sum(1 for p in seed_shards for _ in read_shard(as_path(p)))
+    # the seed set is the user's: each shard read whole once here (InputError names a cut one), and the
+    # samples the loader will skip (no image or caption) and the members it never hands on are counted
+    seed = check_input_shards(seed_shards)
+    seed.warn("pretrain: seed shards")
+    seed_samples = seed.samples
     samples = web_samples + seed_samples
     global_batch = cfg.micro_batch * cfg.grad_accum * cfg.num_workers
     if samples < global_batch:
         raise InputError(f"pretrain: {samples} training samples in {upstream_dir} is fewer than one global batch "
                          f"({global_batch} = micro_batch x grad_accum x num_workers)")
-    ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples, "seed_samples": seed_samples})
+    ctx.out.begin(ctx.fingerprint, {"steps": cfg.steps, "samples_in": samples, "seed_samples": seed_samples,
+                                    "seed_shards": seed.to_json()})
     shards = [str(upstream_dir / s["shard"]) for s in upstream.shards if s["samples"] > 0] + list(seed_shards)
     # DeepSpeed, TensorBoard and tokenizers write files by name: for an object-store run directory they
     # work in a node-local folder whose results are put in the stage folder (pipeline/storage.py)
@@ -82,10 +88,11 @@ def run(cfg: PretrainConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     if work != ctx.out.path:   # the node-local stand-in: everything in it is in the run directory now
         shutil.rmtree(work, ignore_errors=True)
     epochs = cfg.steps * global_batch / samples
-    totals = Accounting(samples_in=samples, samples_kept=samples)
+    totals = Accounting(samples_in=samples + sum(seed.skipped.values()), samples_kept=samples,
+                        failed=collections.Counter(seed.skipped))
     return ctx.manifest(to_plain(cfg), [], started,
                         {"model": dataclasses.asdict(model_cfg), "parameters": n_params, "epochs": round(epochs, 3),
-                         "seed_samples": seed_samples, "init_from": init_note,
+                         "seed_samples": seed_samples, "seed_shards": seed.to_json(), "init_from": init_note,
                          "final": history[-1] if history else {}, "export": "model"}, totals=totals)
 
 
@@ -157,10 +164,10 @@ def sample_captions(shards: list[str], limit: int, seed: int, seen: list | None 
         index, path = item
         return hashlib.sha256(f"{seed}:{index}:{as_path(path).name}".encode()).digest()
 
-    taken = 0
+    taken, check = 0, ShardCheck()   # samples with no caption are skipped (the driver counted the seed set's)
     try:
         for _, shard in sorted(enumerate(shards), key=rank):
-            for sample in read_shard(as_path(shard)):
+            for sample in read_input_shard(as_path(shard), check, needed=("txt",)):
                 yield sample["txt"].decode("utf-8", errors="replace")
                 taken += 1
                 if taken >= limit:

@@ -9,7 +9,9 @@ start its next epoch a little earlier than another.
 
 Every batch says which stream produced it and how many raw samples (bad ones included) that stream had
 consumed through it; a checkpoint keeps those counts, and a resumed stream skips that many raw samples
-without decoding them, so training continues with exactly the next samples.
+without decoding them, so training continues with exactly the next samples. Shards are read with
+`read_input_shard`: a sample with no image or caption never enters a stream (pretrain's driver counts
+the seed set's), no member we do not own is handed on, and a cut shard is an InputError naming it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.shards import read_shard
+from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
@@ -93,7 +95,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             mine = order[me::streams] if by_shard else order
             counter = 0
             for shard in mine:
-                samples = list(read_shard(as_path(shard)))
+                # a sample with no image or caption (the seed set is the user's) is not in the stream at all,
+                # nor is a member we do not own; pretrain's driver counted them (stages/pretrain.py)
+                samples = list(read_input_shard(as_path(shard), ShardCheck()))
                 # seeded by the shard name, not its path: a copied or moved run shuffles the same way
                 random.Random(f"{s.seed}:{epoch}:{as_path(shard).name}").shuffle(samples)
                 for sample in samples:
