@@ -11,8 +11,8 @@ URL's outcome, with the reason of each refusal or failure: pipeline/ledger.py), 
 The lists reach the tasks as a row group per shard, written by planning tasks (pipeline/data/listplan.py).
 
 Memory: a task holds at most `thread_count` bodies of up to `max_body_bytes` and decodes one image of
-at most `max_image_area` pixels at a time (~64 bytes a pixel at worst); it asks Ray for that much
-(`task_memory`).
+at most `max_image_area` pixels at a time (~36 bytes a pixel at worst, its Decoder); it
+asks Ray for that much (`task_memory`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,14 @@ from pipeline.errors import ConfigError
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
-DECODE_BYTES_PER_PIXEL = 64      # cv2's decode + img2dataset's float64 alpha matting, at worst (RGBA)
+# One decode (prepare_image, then the Resizer), peak bytes a stored pixel above the worker's baseline:
+# 29.1 at worst, measured by tests/decode_memory.py (4999 x 4999 lossy WebP with alpha, decoded for 16
+# threads; RGBA PNG 17.1, AVIF 21.6, HEIC 17.8, CMYK JPEG 12.0: BENCHMARKS.md), plus 24% for
+# what was not measured (other allocator and library versions, formats). It holds because the stage
+# decodes on one thread (Decoder): when each fetch thread decoded in turn, each kept its largest decode in
+# its own malloc arena, 122 bytes a pixel over 16 threads. The Resizer alone on an RGBA PNG (its float64
+# matting: 76) no longer runs: it gets RGB or grey. Checked by tests/test_decode_memory.py.
+DECODE_BYTES_PER_PIXEL = 36
 BASE_TASK_MEMORY = 512 * 2**20   # the task's Python, pyarrow, cv2 and its shard's samples
 ROBOTS_BYTES = 500 * 1024        # RFC 9309: a crawler parses at least the first 500 KiB of a robots.txt
 
@@ -268,19 +275,13 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counte
         if reason is not None:
             raise FetchFailed(reason, f"{url}: {'robots.txt' if reason == 'opt_out_robots' else 'tdmrep.json'} "
                                       "reserves it")
-    # One decode at a time, as in img2dataset (which resizes in its main loop): its resizer swaps the
-    # process's stdout/stderr file descriptors for /dev/null while it runs, and two threads doing that at
-    # once leave them pointing at /dev/null for good. It also bounds decode memory to one image.
-    resizing = threading.Lock()
-
+    decode = Decoder(cfg, resizer)
     def one(row: dict) -> dict | None:
         """The row's result, or None when its host asked to slow down and the row went back in line."""
         try:
             check_hop(row["url"])   # the host's files first: their fetch is not charged to the URL's deadline
             data = fetch_response(row["url"], policy, limits, tls=tls, check_hop=check_hop).body
-            with resizing:   # the image's header is read before any decode: see prepare_image
-                image, _, _ = prepare_image(data, cfg.max_image_area)
-                jpg, w, h, original_w, original_h, err = resizer(io.BytesIO(image))
+            jpg, w, h, original_w, original_h, err = decode(data)
         except FetchFailed as err:
             if err.rate_limited and queue.rate_limited(row, err.retry_after) is not None:
                 return None
@@ -308,12 +309,43 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counte
         t.start()
     for t in threads:
         t.join()
+    decode.close()
     if len(results) != len(rows):   # a worker died of something `one` does not catch (it catches Exception)
         raise RuntimeError(f"download: {len(rows) - len(results)} URLs of the shard got no result")
     counts.update(queue.counts)
     if opt_out_counts is not None:
         opt_out_counts.update(host_files.counts)
     return results
+
+
+class Decoder:
+    """Decodes and resizes one image at a time, always on the same thread of its own.
+
+    One at a time, as in img2dataset (which resizes in its main loop): its resizer swaps the process's
+    stdout/stderr file descriptors for /dev/null while it runs, and two threads doing that at once leave
+    them pointing at /dev/null for good; and a task's memory is budgeted for one decode
+    (DECODE_BYTES_PER_PIXEL). On one thread, because glibc gives each thread its own malloc arena and keeps
+    what a decode frees there for later: when every fetch thread decoded in turn under a lock, each kept
+    its largest decode, and 16 threads that each decoded a 25-megapixel RGBA PNG held 122 bytes a pixel
+    (tests/test_decode_memory.py). The image's header is read before any decode (prepare_image)."""
+
+    def __init__(self, cfg: DownloadConfig, resizer):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.max_image_area, self.resizer = cfg.max_image_area, resizer
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="vlp-decode")
+
+    def _decode(self, data: bytes) -> tuple:
+        image, _, _ = prepare_image(data, self.max_image_area)
+        return self.resizer(io.BytesIO(image))
+
+    def __call__(self, data: bytes) -> tuple:
+        """(jpg, width, height, original width, original height, error) as img2dataset's Resizer; raises
+        what prepare_image raises (FetchFailed)."""
+        return self.pool.submit(self._decode, data).result()
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def make_resizer(cfg: DownloadConfig):

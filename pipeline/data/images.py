@@ -21,11 +21,12 @@ downloader's threads import this module before they start; the import lock makes
 Bytes of a format with no decoder here fail as `unsupported_format`, naming the plugin to install;
 so do EPS files (`REFUSED`: Pillow would run Ghostscript on them).
 
-Memory of the slow path: the decoded frame (4 bytes a pixel at most), the copies that turning,
-converting and matting make (~4 + 4 + 3 + 1) and the re-encoding (3, twice while BytesIO hands it
-over): ~25 bytes a pixel at worst, under the 64 a pixel the download stage budgets for one decode
-(cv2's, and img2dataset's float64 matting of RGBA, which slow-path images no longer go through). Call
-it under the same one-at-a-time lock as the Resizer to keep that bound.
+Memory: one decode through prepare_image and the Resizer peaks at 25 bytes a stored pixel at worst
+(lossy WebP with alpha; RGBA PNG 17, AVIF 21, CMYK JPEG 11; tests/decode_memory.py at 4999 x 4999,
+Pillow 13, OpenCV 4.14; BENCHMARKS.md), under the 36 a pixel the download stage budgets for it
+(`DECODE_BYTES_PER_PIXEL`). img2dataset's float64 matting, 76 bytes a pixel on an RGBA PNG, no longer
+runs: the Resizer gets RGB or grey only. Call it where the Resizer runs, one image at a time and on one
+thread: stages/download.py's Decoder says why (glibc's per-thread malloc arenas).
 """
 from __future__ import annotations
 
