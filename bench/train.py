@@ -3,9 +3,13 @@
 (a) step time of DeepSpeed ZeRO-2 vs plain torch DDP, same model and batch, 2 CPU ranks (gloo);
 (b) memory per rank for ZeRO 0/1/2/3 next to the ZeRO paper's model-state formulas;
 (c) activation checkpointing (fairscale checkpoint_wrapper): activation memory saved vs time added;
-(d) on a GPU: `base` in bf16 on one GPU, samples/s and MFU (skipped without CUDA).
+(d) on a GPU: `base` in bf16 on one GPU, samples/s and MFU (skipped without CUDA);
+(e) the demo model's training step on 2 cores: fp32 / bf16 autocast / bf16 with fp32 attention /
+    + channels_last conv stem / + torch.compile, as 1 process x 2 threads and 2 x 1, bare torch loops
+    against vlp's own step (pipeline/train/loop.py `micro_step` on its DeepSpeed ZeRO-2 engine), all
+    interleaved in one run; prints vlp's ratio to the best bare loop, and when compile pays for itself.
 
-    .venv/bin/python bench/train.py [--steps 10]
+    .venv/bin/python bench/train.py [--steps 10] [--only precision] [--block 8] [--repeats 5] [--no-compile]
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import os
 import platform
 import resource
 import socket
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -179,11 +185,19 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--gpu-only", action="store_true", help="only (d): for a GPU machine without DeepSpeed")
+    parser.add_argument("--only", choices=["precision"], help="only (e)")
+    parser.add_argument("--block", type=int, default=8, help="(e): steps per interleaved block")
+    parser.add_argument("--repeats", type=int, default=5, help="(e): rounds over the variants")
+    parser.add_argument("--no-compile", action="store_true", help="(e): leave out torch.compile (its cold start)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    if args.only == "precision":
+        precision_and_layout(args.block, args.repeats, not args.no_compile)
+        return
     if not args.gpu_only:
         cpu_benchmarks(args)
+        precision_and_layout(args.block, args.repeats, not args.no_compile)
     print("\n(d) base (bf16) on one GPU")
     gpu = gpu_base_bf16(args.steps)
     if gpu is None:
@@ -222,6 +236,210 @@ def cpu_benchmarks(args) -> None:
     (m0, t0), (m1, t1) = ac[False], ac[True]
     print(f"    peak RSS growth over a step: {m0:.0f} MB without, {m1:.0f} MB with ({1 - m1 / m0:.0%} less)")
     print(f"    step time:          {t0:.3f} s without, {t1:.3f} s with ({t1 / t0 - 1:+.0%})")
+
+
+# --- (e) precision, attention, channels_last, compile, layout: vlp's step vs bare torch ---------------------
+
+DEMO_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 1.0, "bow": 1.0}   # configs/demo.yaml: MLM off
+DEMO_UNIMODAL = {"itc": 1.0, "bow": 1.0}
+FUSION_EVERY, GLOBAL_BATCH = 4, 64
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    procs: int              # processes x threads = 2 cores: 1 x 2 or 2 x 1
+    precision: str          # fp32, bf16 (bare: autocast) or auto (vlp: pipeline/train/precision.py decides)
+    attn_fp32: bool = True  # bare bf16: attention in fp32 (the model's switch)
+    channels_last: bool = True   # bare bf16: the conv stem channels_last (the model's switch; never in fp32)
+    compile: bool = False
+    vlp: bool = False       # vlp's own micro_step on a DeepSpeed ZeRO-2 engine, else a bare torch loop
+
+
+VARIANTS = [
+    Variant("bare fp32", 1, "fp32"),
+    Variant("bare bf16 autocast as is", 1, "bf16", attn_fp32=False, channels_last=False),
+    Variant("bare bf16 + fp32 attention", 1, "bf16", channels_last=False),
+    Variant("bare bf16 + fp32 attn + channels_last", 1, "bf16"),
+    Variant("bare bf16 + fp32 attn + channels_last + compile", 1, "bf16", compile=True),
+    Variant("vlp fp32", 1, "fp32", vlp=True),
+    Variant("vlp auto", 1, "auto", vlp=True),
+    Variant("bare fp32", 2, "fp32"),
+    Variant("bare bf16 + fp32 attn + channels_last", 2, "bf16"),
+    Variant("vlp fp32 (the demo before #30)", 2, "fp32", vlp=True),
+    Variant("vlp auto", 2, "auto", vlp=True),
+]
+
+
+class Trainer:
+    """One variant's model, optimizer (or DeepSpeed engine), text queue and generator; `step(i)` runs
+    micro-step i of the demo's schedule (the fusion objectives every 4th step) on this rank's batch."""
+
+    def __init__(self, v: Variant, rank: int, world: int):
+        from pipeline.model.objectives import TextQueue
+        from pipeline.train.loop import make_engine
+        from pipeline.train.precision import resolve
+
+        self.v, self.world = v, world
+        micro = GLOBAL_BATCH // world
+        self.cfg = PretrainConfig(model="demo", micro_batch=micro, num_workers=world, steps=10_000, warmup_steps=10,
+                                  text_queue=1024, itm_easy_negatives=0.5, fusion_every=FUSION_EVERY,
+                                  precision="fp32" if v.precision == "fp32" else ("bf16" if not v.vlp else "auto"))
+        self.precision = resolve(self.cfg.precision)
+        torch.manual_seed(0)
+        model = MultiwayTransformer(SIZES["demo"])
+        self.batches = [batch(SIZES["demo"], micro, 1000 * rank + i) for i in range(4)]
+        self.queue, self.generator = TextQueue(1024), torch.Generator().manual_seed(rank)
+        if v.vlp:
+            self.engine = make_engine(model, self.cfg, world, self.precision)
+        else:
+            if v.compile:   # every mode of forward (embed_image, encode_text, fuse, ...) is a graph of its own
+                torch._dynamo.config.recompile_limit = 64
+            self.model = torch.compile(model) if v.compile else model
+            self.params = list(model.parameters())
+            self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+    def step(self, i: int) -> None:
+        from pipeline.model.multiway import Attention, ConvStem
+        from pipeline.model.objectives import pretrain_losses
+        from pipeline.train.loop import micro_step
+
+        v = self.v
+        # the model's switches, per variant (vlp runs the model as it ships: both on)
+        Attention.fp32_under_cpu_autocast = v.attn_fp32 or v.vlp
+        ConvStem.channels_last_under_cpu_autocast = v.channels_last or v.vlp
+        weights = DEMO_WEIGHTS if i % FUSION_EVERY == 0 else DEMO_UNIMODAL
+        b = self.batches[i % len(self.batches)]
+        if v.vlp:
+            micro_step(self.engine, b, SPECIAL, weights, self.generator, self.cfg, self.queue, self.precision)
+            return
+        with self.precision.autocast(managed_by_deepspeed=False):
+            loss = pretrain_losses(self.model, b, SPECIAL, weights, self.generator, 0.5, self.queue)["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world > 1:   # data parallel in one all-reduce of every gradient (what DDP's buckets add up to)
+            import torch.distributed as dist
+
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            for p, g in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads)):
+                p.grad = g
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+
+def _timed_block(trainer: Trainer, start: int, steps: int, barrier=None) -> float:
+    if barrier:
+        barrier()
+    t0 = time.perf_counter()
+    for i in range(start, start + steps):
+        trainer.step(i)
+    if barrier:
+        barrier()
+    return time.perf_counter() - t0
+
+
+def _init_group(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    from pipeline.train.deepspeed_config import build_comm_op, import_deepspeed
+
+    build_comm_op()
+    import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
+def _layout_worker(rank, world, port, variants, commands, results):
+    """A rank of the 2 x 1 layout: builds its variants, then runs the blocks the driver asks for."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    _init_group(rank, world, port)
+    trainers = {v.name: Trainer(v, rank, world) for v in variants}
+    while (command := commands[rank].get()) is not None:
+        name, start, steps = command
+        results.put((rank, _timed_block(trainers[name], start, steps, dist.barrier)))
+
+
+def precision_and_layout(block: int, repeats: int, compile_: bool) -> None:
+    from pipeline.train.precision import cpu_bf16_instructions, resolve
+
+    auto = resolve("auto")
+    block = -(-block // FUSION_EVERY) * FUSION_EVERY   # whole fusion cycles: every block does the same work
+    print(f"\n(e) demo model, global batch {GLOBAL_BATCH}, the demo's schedule (ITC + BoW every step, ITM + LM "
+          f"every {FUSION_EVERY}th, text queue 1024), synthetic batches, no loader; 2 cores as 1 process x 2 "
+          f"threads or 2 x 1; variants interleaved in blocks of {block} steps, {repeats} rounds, median samples/s")
+    print(f"    bf16 instructions: {cpu_bf16_instructions()}; vlp's auto: {auto.name} ({auto.reason})")
+    variants = [v for v in VARIANTS if compile_ or not v.compile]
+    one, two = [v for v in variants if v.procs == 1], [v for v in variants if v.procs == 2]
+    torch.set_num_threads(2)
+    _init_group(0, 1, _free_port())
+    ctx = mp.get_context("spawn")
+    commands, results = [ctx.Queue() for _ in range(2)], ctx.Queue()
+    workers = mp.spawn(_layout_worker, args=(2, _free_port(), two, commands, results), nprocs=2, join=False)
+
+    def run_two(name: str, start: int) -> float:
+        for q in commands:
+            q.put((name, start, block))
+        return max(results.get()[1] for _ in range(2))
+
+    trainers, first = {}, {}
+    for v in one:   # the first block of each: allocations, optimizer state, and compile's cold start
+        trainers[v.name] = Trainer(v, 0, 1)
+        first[(1, v.name)] = _timed_block(trainers[v.name], 0, block)
+    for v in two:
+        run_two(v.name, 0)
+    keys = [(1, v.name) for v in one] + [(2, v.name) for v in two]
+    rates = {k: [] for k in keys}
+    for r in range(repeats):   # rotated each round, so that a slow spell of the machine hits every variant
+        for layout, name in keys[r % len(keys):] + keys[:r % len(keys)]:
+            start = block * (r + 1)
+            seconds = _timed_block(trainers[name], start, block) if layout == 1 else run_two(name, start)
+            rates[(layout, name)].append(GLOBAL_BATCH * block / seconds)
+    for q in commands:
+        q.put(None)
+    while not workers.join():
+        pass
+    median = {k: statistics.median(v) for k, v in rates.items()}
+    base = median[(1, "bare fp32")]
+    # the best round too: on a shared machine the fastest block is the one least disturbed by others
+    print(f"    {'layout':<6} {'variant':<48} {'median':>7} {'best':>5} {'range':>11} {'median vs bare fp32 1x2':>24}")
+    for layout, name in keys:
+        lo, hi = min(rates[(layout, name)]), max(rates[(layout, name)])
+        print(f"    {'1 x 2' if layout == 1 else '2 x 1':<6} {name:<48} {median[(layout, name)]:7.0f} {hi:5.0f} "
+              f"{lo:5.0f}-{hi:<5.0f} {median[(layout, name)] / base:23.2f}x")
+    if compile_:
+        name = next(v.name for v in one if v.compile)
+        eager = name.replace(" + compile", "")
+        cold = first[(1, name)] - block * GLOBAL_BATCH / median[(1, eager)]
+        saved = GLOBAL_BATCH / median[(1, eager)] - GLOBAL_BATCH / median[(1, name)]
+        print(f"    compile: first block {first[(1, name)]:.0f} s (~{cold:.0f} s of compiling); "
+              + (f"saves {saved * 1000:.0f} ms a step: pays for itself after ~{cold / saved:.0f} steps"
+                 if saved > 0 else "no faster than eager here: never pays"))
+    def best(keep) -> tuple[int, str]:
+        return max((k for k in median if keep(k)), key=median.get)
+
+    def named(k: tuple[int, str]) -> str:
+        return f"{k[1]}, {'1 x 2' if k[0] == 1 else '2 x 1'}"
+
+    def bare(k: tuple[int, str]) -> bool:   # compile left out: on the demo's steps it never paid (see above)
+        return not k[1].startswith("vlp") and "compile" not in k[1]
+    for layout in (1, 2):
+        ours, theirs = (layout, "vlp auto"), best(lambda k: bare(k) and k[0] == layout)
+        print(f"    {'1 x 2' if layout == 1 else '2 x 1'}: vlp's step (auto) / best bare loop ({theirs[1]}): "
+              f"{median[ours] / median[theirs]:.2f}")
+    ours, theirs = best(lambda k: k[1] == "vlp auto"), best(bare)
+    print(f"    vlp's best ({named(ours)}) / the best bare torch loop ({named(theirs)}): "
+          f"ratio {median[ours] / median[theirs]:.2f} (target >= 0.8); "
+          f"{median[ours] / median[(2, 'vlp fp32 (the demo before #30)')]:.2f}x the demo's step before #30 "
+          f"(vlp fp32, 2 x 1)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

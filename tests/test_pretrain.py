@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, VLP, load_config, pretrain_config, vlp
 from pipeline import runner, status
+from pipeline.train.precision import resolve
 
 def _history(run_dir):
     lines = (run_dir / "round-0" / "pretrain" / "metrics.jsonl").read_text().splitlines()
@@ -48,6 +49,11 @@ def test_trains_exports_and_evaluates(trained):
     assert (stage / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["model"]["width"] == 32 and manifest["parameters"] > 10_000
+    # precision auto, resolved on this machine (bf16 where the CPU has bf16 instructions), and why: in every
+    # record and so in the manifest's final one (the exact-resume tests below then run in that precision)
+    chosen = resolve("auto")
+    assert all(h["precision"] == chosen.name for h in history)
+    assert (manifest["final"]["precision"], manifest["final"]["precision_reason"]) == (chosen.name, chosen.reason)
     rows = {r["stage"]: r for r in status.status(trained)}
     assert [r["state"] for r in rows.values()] == ["done"] * 4
     metrics = rows["evaluate"]["metrics"]

@@ -8,6 +8,7 @@ Each expert owns its pre-FFN LayerNorm, as in VLMo, so the statistics of each mo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -21,6 +22,13 @@ IMAGE, TEXT = 0, 1
 
 
 class Attention(nn.Module):
+    fp32_under_cpu_autocast = True
+    """Under bf16 autocast on a CPU, compute the attention itself (softmax(QK^T)V, forward and backward)
+    in fp32; the projections stay in bf16. torch's bf16 attention backward on CPU was 48% of the demo's
+    step on a Xeon with AMX, and the step ran 1.8x as fast with it in fp32 (issue #30); 1.35-1.55x on a
+    2-core AVX512-BF16 EPYC (BENCHMARKS.md, "Training precision"). On a GPU the bf16 kernels (flash,
+    memory-efficient) are the fast ones, so this applies to the CPU only."""
+
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.dropout = heads, dropout
@@ -38,12 +46,16 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
+        fp32 = self.fp32_under_cpu_autocast and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
         if bias is not None:
             n = bias.shape[-1]
             bias = F.pad(bias, (0, k.shape[2] - n, 0, t - n)).to(q.dtype)[None]
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
 
 
@@ -254,6 +266,11 @@ class ConvStem(nn.Module):
     each with BatchNorm and ReLU, channels doubling up to the width, until one position per patch.
     A transformer from a patch projection learns shapes of small objects slowly; this learns them fast."""
 
+    channels_last_under_cpu_autocast = True
+    """Under bf16 autocast on a CPU, run the convolutions channels_last: oneDNN's bf16 convolutions use AMX
+    only in that layout (+8% a demo step on a Xeon with AMX, issue #30; neutral on an AVX512-BF16 EPYC).
+    Not in fp32, where it measured 0.97-0.99x and would change the bits of an fp32 run."""
+
     def __init__(self, width: int, patch_size: int):
         super().__init__()
         stages = patch_size.bit_length() - 1
@@ -268,6 +285,9 @@ class ConvStem(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, width, H / patch, W / patch], like the patch convolution."""
+        cpu_autocast = images.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if self.channels_last_under_cpu_autocast and cpu_autocast:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.convs(images)
 
 

@@ -74,10 +74,14 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, scale: torch.Ten
     (loss, global i2t logits over the batch's texts, offset of the local rows, the gathered text features)."""
     rank, _ = world()
     all_img, all_txt = gather(image_feat), gather(text_feat)
-    logits = scale * all_img @ all_txt.t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    i2t = logits if queued_text is None else torch.cat([logits, scale * all_img @ queued_text.t()], dim=1)
-    loss = (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    # in fp32 under bf16 autocast too: with 1 / temperature up to 100, bf16 logits are 0.25 apart near 50,
+    # a coarse grid for a softmax over the batch; the matmul is B x B x embed_dim, nothing to save
+    with torch.autocast(image_feat.device.type, enabled=False):
+        all_img, all_txt, scale = all_img.float(), all_txt.float(), scale.float()
+        logits = scale * all_img @ all_txt.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        i2t = logits if queued_text is None else torch.cat([logits, scale * all_img @ queued_text.float().t()], dim=1)
+        loss = (F.cross_entropy(i2t, labels) + F.cross_entropy(logits.t(), labels)) / 2
     return loss, logits.detach(), rank * image_feat.shape[0], all_txt.detach()
 
 
@@ -193,7 +197,7 @@ def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, 
         all_tokens = gather(image_tokens, scale_local=False)
         text_ids, text_mask, queued_sim, queued_ids = all_ids, all_mask, None, None
         if queue is not None and len(queue):
-            queued_sim = (scale * img_feat @ queue.feats.t()).detach()
+            queued_sim = (scale.float() * img_feat.float() @ queue.feats.t()).detach()   # the queue keeps fp32
             queued_ids = queue.ids
             text_ids, text_mask = torch.cat([all_ids, queue.ids]), torch.cat([all_mask, queue.mask])
         neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator, itm_easy, queued_sim, queued_ids)

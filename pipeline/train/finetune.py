@@ -4,6 +4,11 @@ The captioner learns with the LM loss on `prompt + caption`; the filter with ITC
 negatives are the hardest ones in the batch (sampled by ITC similarity), so it learns to tell a
 caption from one that differs in a detail. Seed sets are small (BLIP: COCO), so this is a single
 process with plain AdamW rather than a Ray Train job; it runs as one Ray task per copy.
+
+Precision: the pretraining's (`pretrain.precision` as recorded in the base model; `auto` for a model
+without it), resolved on this machine as pretraining resolves it (pipeline/train/precision.py): bf16
+autocast over fp32 weights where the CPU has bf16 instructions. The filter's calibration scores the
+held-out pairs in fp32, the precision the CapFilt actors score in, so that its threshold fits them.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pipeline.fsutil import sha256_file
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.storage import as_path
+from pipeline.train.precision import resolve
 
 OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
 
@@ -41,6 +47,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok, info = load_pretrained(base_dir, device)
+    precision = resolve((info.get("pretrain") or {}).get("precision", "auto"))
     model.train()
     special = SpecialTokens(pad=tok.pad_token_id, cls=tok.cls_token_id, sep=tok.sep_token_id, mask=tok.mask_token_id)
     spec = StreamSpec(shards=tuple(seed_shards), rank=0, world=1, seed=seed, batch_size=ft.batch_size,
@@ -57,8 +64,9 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     for step in range(1, ft.steps + 1):
         raw = next(batches)
         batch = Batch(raw["images"].to(device), raw["ids"].to(device), raw["mask"].to(device))
-        losses = pretrain_losses(model, batch, special, weights, generator, ft.itm_easy_negatives, queue,
-                                 ft.queue_in_itc)
+        with precision.autocast(managed_by_deepspeed=False):
+            losses = pretrain_losses(model, batch, special, weights, generator, ft.itm_easy_negatives, queue,
+                                     ft.queue_in_itc)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -73,9 +81,9 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     out = as_path(out_dir)
     save_pretrained(out, model.cfg, model.state_dict(), as_path(base_dir) / "tokenizer",
                     {"role": role, "base_model": model_fingerprint(as_path(base_dir)), "finetune": cfg,
-                     "prompt": prompt, "history": history, "calibration": calibration})
+                     "prompt": prompt, "history": history, "calibration": calibration, **precision.to_json()})
     return {"role": role, "fingerprint": model_fingerprint(out), "final": history[-1],
-            "duration_s": round(time.time() - started, 2), "calibration": calibration}
+            "duration_s": round(time.time() - started, 2), "calibration": calibration, **precision.to_json()}
 
 
 def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: float, device: str,

@@ -28,6 +28,7 @@ from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_
 from pipeline.storage import as_path, is_remote, local_copy, upload
 from pipeline.train import checkpoints
 from pipeline.train.optim import lr_lambda, param_groups
+from pipeline.train.precision import Precision, resolve
 from pipeline.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
@@ -66,17 +67,20 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
                                auto_mpi_discovery=False)
     seed = config["seed"]
     torch.manual_seed(seed)  # the same initial weights on every rank
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    precision = resolve(cfg.precision)
+    if not torch.cuda.is_available():   # rank 0's choice for all: a cluster's nodes may differ in CPU
+        box = [precision]
+        dist.broadcast_object_list(box, src=0)
+        precision = box[0]
+    if rank == 0:
+        log.info("pretrain: precision %s (%s)", precision.name, precision.reason)
     model = build_model(model_cfg, cfg.activation_checkpointing)
     if config.get("init_from"):  # continue from the previous round's model (a checkpoint, if any, wins)
         from safetensors.torch import load_file
 
         with local_copy(as_path(config["init_from"])) as weights:
             model.load_state_dict(load_file(str(weights)))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.weight_decay),
-        config=deepspeed_config(cfg, world, bf16), dist_init_required=False,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    engine = make_engine(model, cfg, world, precision)
     device = engine.device
     generator = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
     random.seed(seed * 1000 + rank)
@@ -99,6 +103,10 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
             queue.load_state_dict(state["text_queue"])
         if rank == 0:
             log.info("pretrain: resumed from the complete checkpoint at step %d", start)
+            if state.get("precision", "fp32") != precision.name:   # checkpoints before #30 were all fp32 on CPU
+                log.warning("pretrain: the checkpoint at step %d was trained in %s, this run continues in %s: "
+                            "the steps after it are not those of an uninterrupted run", start,
+                            state.get("precision", "fp32"), precision.name)
 
     tok = load_tokenizer(config["tokenizer_dir"])
     special = SpecialTokens(pad=tok.pad_token_id, cls=tok.cls_token_id, sep=tok.sep_token_id, mask=tok.mask_token_id)
@@ -112,25 +120,21 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
     window, steps_in_window, t0, bad = {}, 0, time.time(), 0
     # FLOPs of one micro-batch's forward + backward per kind of step, counted by torch's FlopCounterMode
     # on its first occurrence (every later one does the same matmuls), for TFLOP/s and MFU
-    flops_of, window_flops, peak = {}, 0.0, peak_flops(cfg, bf16)
+    flops_of, window_flops, peak = {}, 0.0, peak_flops(cfg, precision.name == "bf16")
     for step in range(start + 1, cfg.steps + 1):
         for _ in range(cfg.grad_accum):
             raw = next(batches)
             consumed[raw["worker"]] = raw["consumed"]
             bad = raw["bad"]
-            images = raw["images"].to(device, torch.bfloat16 if bf16 else torch.float32)
+            images = raw["images"].to(device, precision.input_dtype)
             batch = Batch(images, raw["ids"].to(device), raw["mask"].to(device))
             phase = weights if step % cfg.fusion_every == 0 else unimodal
             kind = "fusion" if phase is weights else "unimodal"
             counter = FlopCounterMode(display=False) if kind not in flops_of else contextlib.nullcontext()
-            with counter:
-                losses = pretrain_losses(engine, batch, special, phase, generator, cfg.itm_easy_negatives, queue,
-                                         cfg.queue_in_itc)
-                engine.backward(losses["loss"])
+            losses = micro_step(engine, batch, special, phase, generator, cfg, queue, precision, counter)
             if kind not in flops_of:
                 flops_of[kind] = float(counter.get_total_flops())
             window_flops += flops_of[kind]
-            engine.step()
             for k, v in losses.items():
                 window.setdefault(k, [0.0, 0])[0] += float(v.detach()) / cfg.grad_accum
         for k in losses:  # a mean per objective over the steps that ran it (see fusion_every)
@@ -143,15 +147,43 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
             speed = {"samples_per_s": samples / seconds, "tflops": achieved / 1e12}
             if peak:
                 speed["mfu"] = achieved / (peak * world)
-            metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0], **speed, bad_samples=bad)
+            metrics.write(step, _mean_over_ranks(window), engine.get_lr()[0], **speed, bad_samples=bad,
+                          **precision.to_json())
             window, steps_in_window, t0, window_flops = {}, 0, time.time(), 0.0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoints.save(engine, ckpt_dir, step, rank, {
                 "rng": checkpoints.rng_state(generator), "consumed": dict(consumed),
-                "text_queue": queue.state_dict() if queue else None}, cfg.keep_checkpoints,
+                "text_queue": queue.state_dict() if queue else None, "precision": precision.name},
+                cfg.keep_checkpoints,
                 remote / "checkpoints" if remote is not None else None)
             metrics.publish()
     metrics.close()
+
+
+def make_engine(model: torch.nn.Module, cfg: PretrainConfig, world: int, precision: Precision):
+    """The DeepSpeed engine over `model`: ZeRO, AdamW, warmup + cosine LR, clipping, accumulation (in a
+    process group already set up). DeepSpeed's bf16 mode only where the precision wants bf16 weights."""
+    deepspeed = import_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.weight_decay),
+        config=deepspeed_config(cfg, world, precision.deepspeed_bf16), dist_init_required=False,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    return engine
+
+
+def micro_step(engine, batch: Batch, special: SpecialTokens, weights: dict[str, float], generator: torch.Generator,
+               cfg: PretrainConfig, queue: TextQueue | None, precision: Precision,
+               counter: contextlib.AbstractContextManager | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch: the forward in `precision` (bf16 autocast on a CPU), backward, and DeepSpeed's
+    step (which applies the optimizer at the end of a gradient-accumulation cycle). `counter` wraps the
+    forward and backward (FLOPs). bench/train.py times this very function against bare torch loops."""
+    with counter or contextlib.nullcontext():
+        with precision.autocast():
+            losses = pretrain_losses(engine, batch, special, weights, generator, cfg.itm_easy_negatives, queue,
+                                     cfg.queue_in_itc)
+        engine.backward(losses["loss"])
+    engine.step()
+    return losses
 
 
 # Dense bf16 peak FLOP/s per device, for MFU (vendor data sheets, SXM parts); others: pretrain.peak_tflops
@@ -205,11 +237,11 @@ class MetricsLog:
         record = {"step": step, "lr": lr, **{k: round(v, 6) for k, v in losses.items()}, **extra}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step":
-                self.tb.add_scalar(f"train/{k}", v, step)
+        numbers = {k: v for k, v in record.items() if k != "step" and not isinstance(v, str)}
+        for k, v in numbers.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
         if self.tracker is not None:
-            self.tracker.metrics({f"train/{k}": v for k, v in record.items() if k != "step"}, step)
+            self.tracker.metrics({f"train/{k}": v for k, v in numbers.items()}, step)
         log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s, %.3f TFLOP/s%s", step, losses["loss"],
                  ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
                  extra["samples_per_s"], extra["tflops"], f", MFU {extra['mfu']:.1%}" if "mfu" in extra else "")
