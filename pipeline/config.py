@@ -423,6 +423,9 @@ class PretrainConfig:
     cpus_per_worker: float = keeps_output(1.0)
     loader_workers: int = 0
     """DataLoader processes per rank (0: load in the training process)."""
+    loader_prefetch: int = keeps_output(2)
+    """With loader_workers 0: batches a thread of the training process prepares ahead, while the model
+    trains on the current one (0: load in series with training). Changes no batch and no result."""
     zero_stage: int = 2
     micro_batch: int = 32
     grad_accum: int = 1
@@ -433,7 +436,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    """auto: bf16 on a GPU; on a CPU bf16 autocast where it has bf16 instructions (AMX-BF16, AVX512-BF16),
+    else fp32 (pipeline/train/precision.py). bf16 on a CPU without them works, slower than fp32."""
     peak_tflops: float | None = keeps_output(None)
     """One device's peak TFLOP/s for the MFU in the training metrics; None: known GPUs' bf16 peak (H100,
     H200, A100, ...), else no MFU (TFLOP/s achieved is logged either way)."""
@@ -477,6 +481,7 @@ class PretrainConfig:
         _require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         _require(self.vocab_size >= 64, "vocab_size: must be >= 64")
         _require(self.tokenizer_captions >= 1, "tokenizer_captions: must be >= 1")
+        _require(self.loader_prefetch >= 0, f"loader_prefetch: must be >= 0, got {self.loader_prefetch}")
         _require(self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops: must be > 0 (or unset)")
         _require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip: must be >= 0 (0: no clipping)")

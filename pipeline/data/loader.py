@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -160,10 +162,73 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None) -> tor
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def make_loader(spec: StreamSpec, skip: dict[int, int] | None = None) -> torch.utils.data.DataLoader:
+def make_loader(spec: StreamSpec, skip: dict[int, int] | None = None, prefetch: int = 0):
+    """The batches of `spec`'s stream. `prefetch` > 0 with no loader workers: a thread of this process
+    prepares that many batches ahead (see `Prefetch`)."""
     # Loader workers start from a fork server, not by forking this process: it is a Ray worker (or driver)
     # with Ray's threads and gRPC channels, and a fork of it once left a child hung on a futex while the
     # parent's Ray core died on a corrupted pubsub reply ("publisher_id is empty"), ending pytest silently.
     context = "forkserver" if spec.num_workers else None
-    return torch.utils.data.DataLoader(ShardStream(spec, skip), batch_size=None, num_workers=spec.num_workers,
-                                       persistent_workers=False, multiprocessing_context=context)
+    loader = torch.utils.data.DataLoader(ShardStream(spec, skip), batch_size=None, num_workers=spec.num_workers,
+                                         persistent_workers=False, multiprocessing_context=context)
+    if not prefetch or spec.num_workers:
+        return loader
+    # transformers is imported here, not first in the thread: its lazy imports fail ("cannot import name
+    # 'AutoTokenizer'") when two threads import it at once, as the caller may be doing
+    from transformers import AutoTokenizer  # noqa: F401
+
+    return Prefetch(loader, prefetch)
+
+
+class Prefetch:
+    """Iterate `source` in a background thread, `depth` items ahead, in the same order.
+
+    Why a thread: decoding and tokenising a batch took ~15% of a demo training step (~30 ms for 64
+    samples, docs/architecture.md "pretrain"), in series with the model. torch's kernels, PIL's
+    decoder and the Rust tokenizer release the GIL, so the next batch is made while this one trains and
+    while a rank waits for the other at an all-reduce. A loader process instead would cost a process
+    and a copy of every batch. The order, and so every batch, is that of the plain iterator (one
+    producer): a run with it is bit for bit one without it. An error in the producer is raised here."""
+
+    _END = object()
+
+    def __init__(self, source, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(source,), name="vlp-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self, source) -> None:
+        try:
+            for item in source:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
+            self._put(err)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(item)   # later calls raise StopIteration too
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the producer (it ends at its next batch)."""
+        self._stop.set()
+

@@ -113,7 +113,7 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
     spec = StreamSpec(shards=tuple(config["shards"]), rank=rank, world=world, seed=seed, batch_size=cfg.micro_batch,
                       image_size=model_cfg.image_size, max_text_len=model_cfg.max_text_len,
                       tokenizer_dir=config["tokenizer_dir"], augment=cfg.augment, num_workers=cfg.loader_workers)
-    batches = iter(make_loader(spec, consumed))
+    batches = iter(make_loader(spec, consumed, cfg.loader_prefetch))
     metrics = MetricsLog(work, rank, start, remote, config.get("tracking"))
     weights = dict(cfg.loss_weights)
     unimodal = {k: w for k, w in weights.items() if k in UNIMODAL_OBJECTIVES}
@@ -158,6 +158,8 @@ def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
                 remote / "checkpoints" if remote is not None else None)
             metrics.publish()
     metrics.close()
+    if hasattr(batches, "close"):
+        batches.close()
 
 
 def make_engine(model: torch.nn.Module, cfg: PretrainConfig, world: int, precision: Precision):
