@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.model.scoring import rerank_score
+
 from pipeline.data.loader import decode_image
 from pipeline.errors import InputError
 
@@ -264,28 +266,42 @@ def retrieval(model, tok, images: list[bytes], captions: list[str], owner: list[
         k = min(rerank_k, len(captions), len(images))
         pixels = None
 
-        def itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        def itm_logits(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
             nonlocal pixels
             if pixels is None:
                 pixels = torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
             out = []
             for i in range(0, len(image_idx), batch_size):
                 a, b = image_idx[i:i + batch_size], text_idx[i:i + batch_size]
-                out.append(model("itm_logits", model("fuse", pixels[a], ids[b], mask[b])).softmax(-1)[:, 1].cpu())
+                out.append(model("itm_logits", model("fuse", pixels[a], ids[b], mask[b])).float().cpu())
             return torch.cat(out)
 
-        # the top k get 1 + the ITM probability; the rest keep their ITC order below them
-        reranked = sim - 10.0
-        top = sim.topk(k, dim=1).indices       # texts per image
-        rows = torch.arange(len(images)).repeat_interleave(k)
-        reranked[rows, top.reshape(-1)] = itm(rows, top.reshape(-1)) + 1.0
-        tr = _recalls("itm", reranked, owner_t, directions=("tr",))
-        reranked = sim - 10.0
-        top = sim.t().topk(k, dim=1).indices   # images per text
-        cols = torch.arange(len(captions)).repeat_interleave(k)
-        reranked[top.reshape(-1), cols] = itm(top.reshape(-1), cols) + 1.0
-        result.update({**tr, **_recalls("itm", reranked, owner_t, directions=("ir",)), "rerank_k": k})
+        # The top k of each query get a score above every other candidate's, which keep their ITC order
+        # below them: by the ITM probability alone ("itm", ALBEF), by ITM and ITC together ("rerank", BLIP).
+        scale = model.itc_scale().float().cpu()
+        for direction, scores in (("tr", sim), ("ir", sim.t())):   # rows: the queries
+            top = scores.topk(k, dim=1).indices
+            queries = torch.arange(scores.shape[0]).repeat_interleave(k)
+            pair = (queries, top.reshape(-1)) if direction == "tr" else (top.reshape(-1), queries)
+            logits = itm_logits(*pair)
+            for name, score in (("itm", logits.softmax(-1)[:, 1]),
+                                ("rerank", rerank_score(logits, scale * scores[queries, top.reshape(-1)]))):
+                ranked = reranked(scores, top, score.reshape(-1, k))
+                ranked = ranked if direction == "tr" else ranked.t()
+                result.update(_recalls(name, ranked, owner_t, directions=(direction,)))
+        result["rerank_k"] = k
     return result
+
+
+def reranked(scores: torch.Tensor, top: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """scores [queries, candidates]; top [queries, k], each query's candidates in ITC order; score the
+    re-ranker's score of each. A matrix that ranks them first, in the re-ranker's order, and every other
+    candidate after them in ITC order. Ranks, not scores: a tie (two saturated probabilities) would
+    otherwise count the query's own item first; the ITC order breaks it (the sort is stable)."""
+    k = top.shape[1]
+    order = top.gather(1, score.argsort(dim=1, descending=True, stable=True))
+    out = scores - scores.max() - 1.0
+    return out.scatter_(1, order, float(k) - torch.arange(k, dtype=scores.dtype).expand(len(order), k))
 
 
 def _recalls(name: str, sim: torch.Tensor, owner: torch.Tensor, directions=("tr", "ir")) -> dict:
@@ -339,6 +355,9 @@ def describe(name: str, m: dict) -> str:
     if "itm_tr_r1" in m:
         line += (f"; ITM re-rank of the top {m['rerank_k']} TR@1/5/10 {m['itm_tr_r1']:.3f}/{m['itm_tr_r5']:.3f}/"
                  f"{m['itm_tr_r10']:.3f} IR@1/5/10 {m['itm_ir_r1']:.3f}/{m['itm_ir_r5']:.3f}/{m['itm_ir_r10']:.3f}")
+    if "rerank_tr_r1" in m:
+        line += (f"; ITM+ITC TR@1/5/10 {m['rerank_tr_r1']:.3f}/{m['rerank_tr_r5']:.3f}/{m['rerank_tr_r10']:.3f} "
+                 f"IR@1/5/10 {m['rerank_ir_r1']:.3f}/{m['rerank_ir_r5']:.3f}/{m['rerank_ir_r10']:.3f}")
     return line
 
 

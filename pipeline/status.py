@@ -81,7 +81,9 @@ def format_status(rows: list[dict]) -> str:
             m = r["metrics"]
             lines.append(f"{'':>17}retrieval on {m['pairs']} held-out pairs (chance R@1 {m['chance_r1']:.3f}): "
                          f"ITC TR@1 {m['itc_tr_r1']:.3f} IR@1 {m['itc_ir_r1']:.3f} TR@5 {m['itc_tr_r5']:.3f} "
-                         f"IR@5 {m['itc_ir_r5']:.3f}; ITM re-rank TR@1 {m['itm_tr_r1']:.3f} IR@1 {m['itm_ir_r1']:.3f}")
+                         f"IR@5 {m['itc_ir_r5']:.3f}; top {m['rerank_k']} re-ranked by ITM TR@1 {m['itm_tr_r1']:.3f} "
+                         f"IR@1 {m['itm_ir_r1']:.3f}" + (f", by ITM+ITC TR@1 {m['rerank_tr_r1']:.3f} IR@1 "
+                                                         f"{m['rerank_ir_r1']:.3f}" if "rerank_tr_r1" in m else ""))
             for name, bench in (m.get("benchmarks") or {}).items():
                 lines.append(f"{'':>17}{describe_benchmark(name, bench)}")
         for kind in ("dropped", "failed"):

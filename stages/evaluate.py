@@ -4,7 +4,8 @@ TR@k: for each image, is a correct caption among the k best-ranked captions; IR@
 is a correct image among the k best-ranked images. *Correct* means the retrieved item has the same
 attributes as the query (toy web: shape, colour, size, position, background), since many held-out
 pairs share a scene; where the split carries no attributes, only the item's own partner is correct.
-Ranked by ITC similarity alone, and by ITM match probability over the ITC top-k ("rerank").
+Ranked by ITC similarity alone ("itc"), and the ITC top-k re-ranked two ways: by the ITM match
+probability alone ("itm", as ALBEF) and by ITM and ITC together ("rerank", as BLIP; pipeline/model/scoring.py).
 Where the split labels its images' attributes, a linear probe per attribute on the frozen image
 features ([CLS], 5-fold) says which ones the encoder tells apart (pipeline/probe.py).
 Then the standard evaluations (`evaluate.benchmarks`, and the toy web's toy COCO and toy ImageNet):
@@ -25,6 +26,7 @@ from pipeline.errors import InputError
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.manifest import Accounting, Manifest
+from pipeline.model.scoring import rerank_score
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.storage import as_path
@@ -83,13 +85,10 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
     same = torch.tensor([[a == b for b in labels] for a in labels])
     k = min(cfg["rerank_k"], n)
 
-    def itm_scores(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, len(img_idx), bs):
-            a, b = img_idx[i:i + bs], txt_idx[i:i + bs]
-            logits = model("itm_logits", model("fuse", images_t[a], ids[b], mask[b]))
-            out.append(logits.softmax(-1)[:, 1])
-        return torch.cat(out)
+    def itm_logits(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model("itm_logits", model("fuse", images_t[img_idx[i:i + bs]], ids[txt_idx[i:i + bs]],
+                                                      mask[txt_idx[i:i + bs]])).float().cpu()
+                          for i in range(0, len(img_idx), bs)])
 
     result = {"pairs": n, "eval_shards": read.to_json(), "chance_r1": round(same.float().mean().item(), 4),
               "rerank_k": k, "attribute_probe": probe_accuracy(cls_hidden, attributes)}
@@ -98,8 +97,11 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
         queries = torch.arange(n).repeat_interleave(k)
         cand = top.reshape(-1)
         pair = (queries.to(device), cand.to(device)) if direction == "tr" else (cand.to(device), queries.to(device))
-        reranked = top.gather(1, itm_scores(*pair).reshape(n, k).cpu().argsort(1, descending=True))
-        for name, order in (("itc", top), ("itm", reranked)):
+        logits = itm_logits(*pair).reshape(n, k, 2)
+        itc_logit = model.itc_scale().float().cpu() * scores.cpu().gather(1, top)
+        by_itm = top.gather(1, logits.softmax(-1)[..., 1].argsort(dim=1, descending=True, stable=True))
+        by_both = top.gather(1, rerank_score(logits, itc_logit).argsort(dim=1, descending=True, stable=True))
+        for name, order in (("itc", top), ("itm", by_itm), ("rerank", by_both)):
             hits = same.gather(1, order)
             for r in (1, 5):
                 result[f"{name}_{direction}_r{r}"] = round(hits[:, :r].any(1).float().mean().item(), 4)

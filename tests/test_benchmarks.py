@@ -67,6 +67,40 @@ def test_toy_coco_in_karpathy_blip_and_wds_layouts_gives_the_same_retrieval(toyw
     assert run_benchmark(_bench(name="coco", format="wds", path=str(wds_root), rerank_k=4), model, tok, "cpu", 16) == karpathy
 
 
+def test_the_re_ranks_keep_the_itc_order_where_itm_is_indifferent(toyweb, tiny_model):
+    """With an ITM head that says the same for every pair, both re-ranks are the ITC ranking (in both
+    directions, at every k); with one that knows each image's own captions, ITM+ITC finds them all."""
+    import copy
+
+    model, tok = tiny_model
+    coco = next(b for b in toyweb.benchmarks if b["format"] == "karpathy")
+    bench = _bench(name="coco", format="karpathy", path=coco["path"], rerank_k=10)
+    indifferent = copy.deepcopy(model)
+    torch.nn.init.zeros_(indifferent.itm_head.weight)
+    torch.nn.init.zeros_(indifferent.itm_head.bias)
+    out = run_benchmark(bench, indifferent, tok, "cpu", 16)
+    for d in ("tr", "ir"):
+        for r in (1, 5, 10):
+            assert out[f"rerank_{d}_r{r}"] == out[f"itm_{d}_r{r}"] == out[f"itc_{d}_r{r}"]
+
+
+
+def test_a_re_rank_puts_the_re_rankers_order_first_and_breaks_ties_by_itc():
+    from pipeline.benchmarks import reranked
+
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1],    # query 0: ITC top 3 = 0, 1, 2
+                           [0.2, 0.6, 0.5, 0.4]])   # query 1: ITC top 3 = 1, 2, 3
+    top = scores.topk(3, dim=1).indices
+    score = torch.tensor([[0.1, 0.9, 0.9],          # 1 and 2 tie: ITC's order (1 before 2)
+                          [0.0, 0.3, 0.8]])
+    order = reranked(scores, top, score).argsort(dim=1, descending=True)
+    assert order.tolist() == [[1, 2, 0, 3], [3, 2, 1, 0]]
+    # texts 0..3 belong to images 1, 0, 0, 1: ITC ranks another image's text first for both images
+    out = _recalls("x", reranked(scores, top, score), torch.tensor([1, 0, 0, 1]), directions=("tr",))
+    assert out["x_tr_r1"] == 1.0   # image 0 -> text 1 (its own), image 1 -> text 3 (its own)
+    assert _recalls("x", scores, torch.tensor([1, 0, 0, 1]), directions=("tr",))["x_tr_r1"] == 0.0
+
+
 def test_toy_imagenet_as_a_folder_and_as_a_clip_benchmark_webdataset(toyweb, tiny_model, tmp_path):
     model, tok = tiny_model
     imagenet = next(b for b in toyweb.benchmarks if b["format"] == "imagefolder")

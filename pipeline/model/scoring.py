@@ -52,3 +52,14 @@ class Calibration:
 
     def to_json(self) -> dict:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def rerank_score(itm_logits: torch.Tensor, itc_logit: torch.Tensor) -> torch.Tensor:
+    """The re-rank score of (image, text) candidates: log P(match) from the ITM head plus the ITC logit
+    (1 / temperature x cosine), the two experts' log-likelihoods multiplied. BLIP re-ranks by ITM score
+    plus ITC similarity; both terms here are in the same unit (a log-odds), so neither is a tie-breaker
+    for the other. ITM alone (ALBEF) throws away what ITC already knows: on the demo's round-0 model the
+    ITM head told the right caption from a wrong one among the ITC top 16 with AUC 0.82 where ITC itself
+    had 0.95, and re-ranking by it alone cost 28 points of TR@1 (docs/architecture.md, "Retrieval")."""
+    return torch.log_softmax(itm_logits.float(), dim=-1)[..., 1] + itc_logit.float()
+
