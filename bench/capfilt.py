@@ -10,9 +10,12 @@
     ahead, 2 shards per actor), same shards checked (sha256);
 (e) the same decode + caption + filter over the same shards with Ray Data (read_webdataset, then
     map_batches on a pool of 2 actors holding the same models) vs vlp's actor pool, images/s. Ray Data
-    has no per-shard commit: its way scores and counts, vlp's also writes and commits every shard.
+    has no per-shard commit: its way scores and counts, vlp's also writes and commits every shard;
+(f) an actor's two jobs, caption generation (KV cache, greedy) and match scoring (ITM + ITC,
+    pipeline/model/scoring.py), on the same batches over fp32 weights in fp32 vs under bf16 autocast (the
+    precision a bf16 fine-tune's models caption and score in), interleaved, median of --repeats each.
 
-    .venv/bin/python bench/capfilt.py [--model demo] [--tokens 30] [--no-actors]
+    .venv/bin/python bench/capfilt.py [--model demo] [--tokens 30] [--no-actors] [--only f]
 """
 from __future__ import annotations
 
@@ -78,6 +81,43 @@ def filter_batches(cfg, device, dtype, pairs: int = 256) -> dict:
             _sync(device)
             out[bs] = pairs / (time.perf_counter() - t0)
     return out
+
+
+def precision_ab(cfg, device: str, batch: int, tokens: int, repeats: int) -> dict:
+    """(f): {(job, precision): median seconds} of caption generation and match scoring of the same batch in
+    fp32 and in bf16 autocast over the same fp32 weights (as an actor holds them), the two precisions
+    interleaved (which goes first alternates), and how far bf16's outputs are from fp32's."""
+    import statistics
+
+    from pipeline.model.scoring import match_scores
+    from pipeline.train.precision import resolve
+
+    torch.manual_seed(0)
+    model = MultiwayTransformer(cfg).to(device).eval()
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
+    prompt = torch.full((batch, 1), CLS, device=device)
+    ids = torch.randint(5, cfg.vocab_size, (batch, cfg.max_text_len), device=device)
+    ids[:, 0] = CLS
+    mask = torch.ones_like(ids)
+    precisions = {"fp32": resolve("fp32"), "bf16": resolve("bf16")}
+    jobs = {"caption": lambda: generate(model, images, prompt, sep_id=-1, pad_id=PAD, max_len=tokens + 1, top_p=None),
+            "match": lambda: match_scores(model, images, ids, mask)}
+    times, outputs = {(j, p): [] for j in jobs for p in precisions}, {}
+    for r in range(repeats + 1):   # round 0 warms up, untimed
+        for job, run in jobs.items():
+            for name in (list(precisions) if r % 2 else list(precisions)[::-1]):
+                with precisions[name].autocast(managed_by_deepspeed=False):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    outputs[job, name] = run()
+                    _sync(device)
+                if r:
+                    times[job, name].append(time.perf_counter() - t0)
+    new_tokens = [outputs["caption", name][:, 1:] for name in precisions]   # without the prompt's [CLS]
+    same = (new_tokens[0] == new_tokens[1]).float().mean().item()
+    diff = [(a - b).abs().max().item() for a, b in zip(outputs["match", "fp32"], outputs["match", "bf16"])]
+    return {"median": {k: statistics.median(v) for k, v in times.items()}, "same_tokens": same,
+            "itm_diff": diff[0], "itc_diff": diff[1], "auto": resolve("auto")}
 
 
 def actors(workdir: Path, variants: dict[str, list[str]], ray_data: bool = True) -> tuple[dict, dict]:
@@ -183,6 +223,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--no-actors", action="store_true")
+    parser.add_argument("--only", default="abcdef", help="which parts to run, e.g. f (c, d, e run together)")
+    parser.add_argument("--repeats", type=int, default=15, help="(f): timed repeats of each job per precision")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -191,16 +233,31 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}; model {args.model} ({dtype})")
 
-    kv = kv_cache(cfg, device, dtype, args.batch, args.tokens)
-    print(f"\n(a) generation, batch {args.batch}, {args.tokens} tokens, greedy")
-    print(f"    with KV cache    {kv['with']:9.0f} tokens/s\n    without KV cache {kv['without']:9.0f} tokens/s\n"
-          f"    ratio {kv['with'] / kv['without']:.1f}x (target >= 3x); same tokens: {kv['same_tokens']}")
+    if "a" in args.only:
+        kv = kv_cache(cfg, device, dtype, args.batch, args.tokens)
+        print(f"\n(a) generation, batch {args.batch}, {args.tokens} tokens, greedy")
+        print(f"    with KV cache    {kv['with']:9.0f} tokens/s\n    without KV cache {kv['without']:9.0f} tokens/s\n"
+              f"    ratio {kv['with'] / kv['without']:.1f}x (target >= 3x); same tokens: {kv['same_tokens']}")
 
-    fb = filter_batches(cfg, device, dtype)
-    print("\n(b) filter (ITM), 256 pairs")
-    print(f"    batch 1  {fb[1]:8.0f} pairs/s\n    batch 64 {fb[64]:8.0f} pairs/s\n    ratio {fb[64] / fb[1]:.1f}x")
+    if "b" in args.only:
+        fb = filter_batches(cfg, device, dtype)
+        print("\n(b) filter (ITM), 256 pairs")
+        print(f"    batch 1  {fb[1]:8.0f} pairs/s\n    batch 64 {fb[64]:8.0f} pairs/s\n    ratio {fb[64] / fb[1]:.1f}x")
 
-    if args.no_actors:
+    if "f" in args.only:
+        ab = precision_ab(cfg, device, args.batch, args.tokens, args.repeats)
+        med = ab["median"]
+        print(f"\n(f) fp32 vs bf16 autocast over the same fp32 weights, the same batch of {args.batch}, interleaved, "
+              f"median of {args.repeats}; vlp's auto here: {ab['auto'].name} ({ab['auto'].reason})")
+        for job, unit, work in (("caption", "tokens/s", args.batch * args.tokens), ("match", "pairs/s", args.batch)):
+            for name in ("fp32", "bf16"):
+                print(f"    {job} {name} {med[job, name] * 1e3:8.1f} ms {work / med[job, name]:9.0f} {unit}")
+            print(f"    {job} ratio fp32/bf16 {med[job, 'fp32'] / med[job, 'bf16']:.2f}x")
+        print(f"    caption: {args.tokens} tokens, KV cache, greedy; same tokens {ab['same_tokens']:.1%}\n"
+              f"    match: ITM + ITC (match_scores); bf16 - fp32 at most {ab['itm_diff']:.4f} (ITM log-odds), "
+              f"{ab['itc_diff']:.4f} (ITC cosine)")
+
+    if args.no_actors or not set("cde") & set(args.only):
         return
     whole = ["capfilt.prefetch_batches=0", "capfilt.shards_per_actor=1"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,9 @@
    captioner samples one synthetic caption (nucleus sampling, KV cache) and the filter scores the web
    caption and the synthetic one (`rule`: BLIP's ITM probability, or ITM + ITC calibrated on seed pairs
    held out of the filter's fine-tuning); each text at or above the threshold becomes one output
-   sample. An image with no kept text is dropped ("filter_rejected").
+   sample. An image with no kept text is dropped ("filter_rejected"). Each model captions or scores in
+   the precision of the fine-tune that produced it (bf16 autocast where that one ran in bf16), the one
+   the filter's calibration scored in.
 
 Each shard's sampling is seeded by (run seed, round, shard name), so a shard redone after a kill, or by
 another actor, is the same bytes. Besides the tar and its stats, each shard commits
@@ -41,7 +43,7 @@ from pipeline.runs import StageDir, fingerprint, verify_shard
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
 from pipeline.model.scoring import Calibration, match_scores
-from pipeline.train.finetune import finetune, model_fingerprint
+from pipeline.train.finetune import finetune, model_fingerprint, model_precision
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
@@ -153,8 +155,10 @@ class CapfiltWorker:
         self.calibration = Calibration(**calibration) if self.cfg.rule == "calibrated" else None
         self.threshold = self.calibration.threshold if self.calibration else self.cfg.threshold
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.captioner, self.tok, _ = load_pretrained(captioner_dir, self.device)
-        self.filter, _, _ = load_pretrained(filter_dir, self.device)
+        self.captioner, self.tok, captioner_info = load_pretrained(captioner_dir, self.device)
+        self.filter, _, filter_info = load_pretrained(filter_dir, self.device)
+        # each model in its fine-tune's precision: the filter's calibration scored in it
+        self.precision = {"captioner": model_precision(captioner_info), "filter": model_precision(filter_info)}
         self.out = StageDir(as_path(out_dir), "capfilt", round_, writer)   # writer: commit only for a live run
         self.round, self.seed, self.fps = round_, seed, fps
         prompt = self.tok(self.cfg.prompt, add_special_tokens=True)["input_ids"][:-1]  # [CLS] prompt, no [SEP]
@@ -238,18 +242,20 @@ class CapfiltWorker:
         from pipeline.model.generate import generate
 
         prompt = self.prompt.expand(images.shape[0], -1)
-        ids = generate(self.captioner, images, prompt, sep_id=self.tok.sep_token_id, pad_id=self.tok.pad_token_id,
-                       max_len=self.cfg.max_len, min_len=self.cfg.min_len, top_p=self.cfg.top_p,
-                       repetition_penalty=self.cfg.repetition_penalty, generator=generator)
+        with self.precision["captioner"].autocast(managed_by_deepspeed=False):
+            ids = generate(self.captioner, images, prompt, sep_id=self.tok.sep_token_id,
+                           pad_id=self.tok.pad_token_id, max_len=self.cfg.max_len, min_len=self.cfg.min_len,
+                           top_p=self.cfg.top_p, repetition_penalty=self.cfg.repetition_penalty, generator=generator)
         return [t.strip() for t in self.tok.batch_decode(ids[:, prompt.shape[1]:], skip_special_tokens=True)]
 
     @torch.no_grad()
     def match(self, images: torch.Tensor, texts: list[str]) -> list[float]:
         """Per text, the score the rule compares with the threshold: the ITM match probability ("itm") or
-        the calibrated sum of both standardised scores ("calibrated")."""
+        the calibrated sum of both standardised scores ("calibrated"); in the filter's fine-tune's precision."""
         enc = self.tok(texts, padding="max_length", truncation=True, max_length=self.filter.cfg.max_text_len,
                        return_tensors="pt")
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        itm, itc = match_scores(self.filter, images, ids, mask)
+        with self.precision["filter"].autocast(managed_by_deepspeed=False):
+            itm, itc = match_scores(self.filter, images, ids, mask)
         scores = self.calibration.combine(itm, itc) if self.calibration else torch.sigmoid(itm)
         return scores.tolist()

@@ -250,3 +250,114 @@ def test_report_renders_in_headless_chromium(tmp_path, filtered):
     for folder in run_dir.glob("round-*/*/manifest.json"):
         manifest = json.loads(folder.read_text())
         assert prints[(manifest["stage"], manifest["round"])] == manifest["fingerprint"]
+
+
+# The precision of CapFilt's calibration, captioning and scoring (no Ray: the fine-tune is a plain function
+# and the actor's class a plain object): that of the fine-tune that produced the model, as its export says.
+
+def _seed_shard(path: Path, n: int = 48) -> Path:
+    """`n` small pictures (a coloured square on a noisy background) with their captions."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+    samples = []
+    for i in range(n):
+        colour, side = sorted(colours)[rng.integers(4)], ("left", "right")[rng.integers(2)]
+        img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+        img.paste(colours[colour], (2, 10, 18, 26) if side == "left" else (22, 10, 38, 26))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        samples.append({"__key__": f"seed{i:04d}", "jpg": buf.getvalue(),
+                        "txt": f"a {colour} square on the {side}".encode()})
+    write_shard(path, samples)
+    return path
+
+
+def _held_out(shard: Path, holdout: float, size: int, tok, max_len: int):
+    """The held-out pairs as one batch, as `calibrate` reads them (fewer than its batch of 64)."""
+    import torch
+
+    from pipeline.data.loader import decode_image, in_holdout
+
+    pairs = [(decode_image(s["jpg"], size, None), s["txt"].decode()) for s in read_shard(shard)
+             if in_holdout(s["__key__"], holdout)]
+    assert 10 <= len(pairs) < 64
+    enc = tok([p[1] for p in pairs], padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs], enc["input_ids"], enc["attention_mask"]
+
+
+def test_calibration_captioning_and_scoring_run_in_the_fine_tunes_precision(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.model import SIZES, MultiwayTransformer
+    from pipeline.model import generate as generate_module
+    from pipeline.model.scoring import Calibration, match_scores
+    from pipeline.modelio import load_pretrained, read_info, save_pretrained
+    from pipeline.train.finetune import calibrate, finetune, model_precision
+    from pipeline.train.precision import resolve
+    from stages.capfilt import CapfiltWorker
+
+    holdout, reject_rate = 0.4, 0.1
+    shard = _seed_shard(tmp_path / "seed.tar")
+    captions = [s["txt"].decode() for s in read_shard(shard)]
+    tok = train_tokenizer(captions * 3, 200, tmp_path / "tok")
+    cfg = SIZES["tiny"].replace(vocab_size=200)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_pretrained(base, cfg, MultiwayTransformer(cfg).state_dict(), tmp_path / "tok",
+                    {"pretrain": {"precision": "bf16"}})
+    ft = {"steps": 2, "batch_size": 8, "warmup_steps": 0}
+    summary = finetune(str(base), [str(shard)], str(tmp_path / "filter"), "filter", ft, "", seed=1,
+                       holdout=holdout, reject_rate=reject_rate)
+    assert summary["precision"] == "bf16" and read_info(tmp_path / "filter")["precision"] == "bf16"
+
+    model, tok, _ = load_pretrained(tmp_path / "filter")
+    images, texts, ids, mask = _held_out(shard, holdout, cfg.image_size, tok, cfg.max_text_len)
+    fp32 = match_scores(model, images, ids, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = match_scores(model, images, ids, mask)
+    for a, b in zip(bf16, fp32):   # float32 on the CPU either way; bf16's matmuls: close, not the same
+        assert a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
+        assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.1), (a - b).abs().max()
+    # the fine-tune calibrated on bf16 scores, not on fp32 ones
+    assert summary["calibration"] == Calibration.fit(*bf16, reject_rate).to_json()
+    assert summary["calibration"] != Calibration.fit(*fp32, reject_rate).to_json()
+
+    # the same export saying fp32 (a fine-tune that ran in fp32), and one from before precisions were recorded
+    exports = {"bf16": tmp_path / "filter"}
+    for name, precision in (("fp32", "fp32"), ("none", None)):
+        exports[name] = tmp_path / f"filter-{name}"
+        shutil.copytree(tmp_path / "filter", exports[name])
+        data = read_info(exports[name])
+        data.pop("precision")
+        if precision:
+            data["precision"] = precision
+        (exports[name] / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    assert model_precision(read_info(exports["none"])).name == resolve("auto").name
+    fp32_info = read_info(exports["fp32"])
+    in_fp32 = calibrate(model, tok, [str(shard)], holdout, reject_rate, "cpu", model_precision(fp32_info))
+    assert in_fp32.to_json() == Calibration.fit(*fp32, reject_rate).to_json()
+
+    seen = []
+    real_generate = generate_module.generate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real_generate(*args, **kwargs)
+    monkeypatch.setattr(generate_module, "generate", spy)
+    for name, scores in (("bf16", bf16), ("fp32", fp32)):
+        worker = CapfiltWorker(str(exports[name]), str(exports[name]), {**CAPFILT, "rule": "calibrated"},
+                               str(tmp_path / "stage"), 1, 0, {"captioner": "-", "filter": "-"},
+                               summary["calibration"])
+        assert worker.precision["filter"].name == worker.precision["captioner"].name == name
+        # the actor scores exactly as the calibration did (bf16) or exactly in fp32
+        assert worker.match(images, texts) == Calibration(**summary["calibration"]).combine(*scores).tolist()
+        worker.caption(images[:4], torch.Generator().manual_seed(0))
+        assert seen.pop() == (torch.bfloat16 if name == "bf16" else False)

@@ -7,8 +7,9 @@ process with plain AdamW rather than a Ray Train job; it runs as one Ray task pe
 
 Precision: the pretraining's (`pretrain.precision` as recorded in the base model; `auto` for a model
 without it), resolved on this machine as pretraining resolves it (pipeline/train/precision.py): bf16
-autocast over fp32 weights where the CPU has bf16 instructions. The filter's calibration scores the
-held-out pairs in fp32, the precision the CapFilt actors score in, so that its threshold fits them.
+autocast over fp32 weights where the CPU has bf16 instructions. The export records it ("precision"), and
+the CapFilt actors caption and score in it (`model_precision`); the filter's calibration scores the
+held-out pairs in it too, so that its threshold fits the actors' scores.
 """
 from __future__ import annotations
 
@@ -24,9 +25,16 @@ from pipeline.fsutil import sha256_file
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.storage import as_path
-from pipeline.train.precision import resolve
+from pipeline.train.precision import Precision, resolve
 
 OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
+
+
+def model_precision(info: dict) -> Precision:
+    """The precision a fine-tuned model captions and scores in: that of the fine-tune that produced it (its
+    export's "precision"), resolved here; `auto` for a model without one. Run it as
+    `model_precision(info).autocast(managed_by_deepspeed=False)` (fp32 weights: autocast on a GPU too)."""
+    return resolve(info.get("precision") or "auto")
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -77,7 +85,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     calibration = None
     if holdout > 0 and reject_rate is not None:
         model.eval()
-        calibration = calibrate(model, tok, seed_shards, holdout, reject_rate, device).to_json()
+        calibration = calibrate(model, tok, seed_shards, holdout, reject_rate, device, precision).to_json()
     out = as_path(out_dir)
     save_pretrained(out, model.cfg, model.state_dict(), as_path(base_dir) / "tokenizer",
                     {"role": role, "base_model": model_fingerprint(as_path(base_dir)), "finetune": cfg,
@@ -87,8 +95,9 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
 
 
 def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: float, device: str,
-              batch_size: int = 64) -> Calibration:
-    """Both match scores of the held-out (never trained on) clean seed pairs, and the rule fitted to them."""
+              precision: Precision, batch_size: int = 64) -> Calibration:
+    """Both match scores of the held-out (never trained on) clean seed pairs, and the rule fitted to them.
+    `precision`: the fine-tune's, which its export records and the actors score in (`model_precision`)."""
     from pipeline.data.loader import decode_image, in_holdout
     from pipeline.data.shards import read_shard
 
@@ -102,8 +111,9 @@ def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: f
     for i in range(0, len(images), batch_size):
         enc = tok(captions[i:i + batch_size], padding="max_length", truncation=True,
                   max_length=model.cfg.max_text_len, return_tensors="pt")
-        a, b = match_scores(model, torch.stack(images[i:i + batch_size]).to(device),
-                            enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        with precision.autocast(managed_by_deepspeed=False):
+            a, b = match_scores(model, torch.stack(images[i:i + batch_size]).to(device),
+                                enc["input_ids"].to(device), enc["attention_mask"].to(device))
         itm.append(a)
         itc.append(b)
     if not itm:
