@@ -7,21 +7,23 @@
 (e) the demo model's training step on 2 cores: fp32 / bf16 autocast / bf16 with fp32 attention /
     + channels_last conv stem / + torch.compile, as 1 process x 2 threads and 2 x 1, bare torch loops
     against vlp's own step (pipeline/train/loop.py `micro_step` on its DeepSpeed ZeRO-2 engine), all
-    interleaved in one run; prints vlp's ratio to the best bare loop, and when compile pays for itself.
+    interleaved in one run; prints vlp's ratio to the best bare loop, and when compile pays for itself;
+(f) vlp's step (1 x 2, auto) on real loader batches made in series vs by the prefetch thread, interleaved.
 
-    .venv/bin/python bench/train.py [--steps 10] [--only precision] [--block 8] [--repeats 5] [--no-compile]
+    .venv/bin/python bench/train.py [--steps 10] [--only precision|prefetch] [--block 8] [--repeats 5] [--no-compile]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import random
 import resource
 import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -185,9 +187,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--gpu-only", action="store_true", help="only (d): for a GPU machine without DeepSpeed")
-    parser.add_argument("--only", choices=["precision"], help="only (e)")
-    parser.add_argument("--block", type=int, default=8, help="(e): steps per interleaved block")
-    parser.add_argument("--repeats", type=int, default=5, help="(e): rounds over the variants")
+    parser.add_argument("--only", choices=["precision", "prefetch"], help="only (e) or only (f)")
+    parser.add_argument("--block", type=int, default=8, help="(e), (f): steps per interleaved block")
+    parser.add_argument("--repeats", type=int, default=5, help="(e), (f): rounds over the variants")
     parser.add_argument("--no-compile", action="store_true", help="(e): leave out torch.compile (its cold start)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -195,9 +197,13 @@ def main():
     if args.only == "precision":
         precision_and_layout(args.block, args.repeats, not args.no_compile)
         return
+    if args.only == "prefetch":
+        loader_prefetch(args.block, args.repeats)
+        return
     if not args.gpu_only:
         cpu_benchmarks(args)
         precision_and_layout(args.block, args.repeats, not args.no_compile)
+        loader_prefetch(args.block, args.repeats)
     print("\n(d) base (bf16) on one GPU")
     gpu = gpu_base_bf16(args.steps)
     if gpu is None:
@@ -273,9 +279,10 @@ VARIANTS = [
 
 class Trainer:
     """One variant's model, optimizer (or DeepSpeed engine), text queue and generator; `step(i)` runs
-    micro-step i of the demo's schedule (the fusion objectives every 4th step) on this rank's batch."""
+    micro-step i of the demo's schedule (the fusion objectives every 4th step) on this rank's batch: a
+    synthetic one, or the next of `source` (a training loader's iterator, section (f))."""
 
-    def __init__(self, v: Variant, rank: int, world: int):
+    def __init__(self, v: Variant, rank: int, world: int, model_cfg=SIZES["demo"], source=None):
         from pipeline.model.objectives import TextQueue
         from pipeline.train.loop import make_engine
         from pipeline.train.precision import resolve
@@ -287,8 +294,9 @@ class Trainer:
                                   precision="fp32" if v.precision == "fp32" else ("bf16" if not v.vlp else "auto"))
         self.precision = resolve(self.cfg.precision)
         torch.manual_seed(0)
-        model = MultiwayTransformer(SIZES["demo"])
-        self.batches = [batch(SIZES["demo"], micro, 1000 * rank + i) for i in range(4)]
+        model = MultiwayTransformer(model_cfg)
+        self.source = source
+        self.batches = [batch(model_cfg, micro, 1000 * rank + i) for i in range(4)] if source is None else None
         self.queue, self.generator = TextQueue(1024), torch.Generator().manual_seed(rank)
         if v.vlp:
             self.engine = make_engine(model, self.cfg, world, self.precision)
@@ -309,7 +317,11 @@ class Trainer:
         Attention.fp32_under_cpu_autocast = v.attn_fp32 or v.vlp
         ConvStem.channels_last_under_cpu_autocast = v.channels_last or v.vlp
         weights = DEMO_WEIGHTS if i % FUSION_EVERY == 0 else DEMO_UNIMODAL
-        b = self.batches[i % len(self.batches)]
+        if self.source is None:
+            b = self.batches[i % len(self.batches)]
+        else:   # as pretrain's loop feeds micro_step (pipeline/train/loop.py)
+            raw = next(self.source)
+            b = Batch(raw["images"].to(dtype=self.precision.input_dtype), raw["ids"], raw["mask"])
         if v.vlp:
             micro_step(self.engine, b, SPECIAL, weights, self.generator, self.cfg, self.queue, self.precision)
             return
@@ -434,6 +446,87 @@ def precision_and_layout(block: int, repeats: int, compile_: bool) -> None:
           f"ratio {median[ours] / median[theirs]:.2f} (target >= 0.8); "
           f"{median[ours] / median[(2, 'vlp fp32 (the demo before #30)')]:.2f}x the demo's step before #30 "
           f"(vlp fp32, 2 x 1)")
+
+
+# --- (f) the training loader's prefetch thread: batches made in series vs ahead, under vlp's step ------------
+
+def _toy_shards(folder: Path, n: int = 600, shards: int = 3) -> tuple[list[str], list[str]]:
+    """`n` samples like the demo's toy web (an 85 x 64 JPEG of a coloured shape, its caption) in `shards`
+    webdataset shards; returns the shards' paths and the captions."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from pipeline.data.shards import encode_json, write_shard
+
+    rng = random.Random(0)
+    colours = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+    samples, captions = [], []
+    for i in range(n):
+        colour, shape, side = rng.choice(list(colours)), rng.choice(["circle", "square"]), rng.choice(["left", "right"])
+        img = Image.new("RGB", (85, 64), tuple(rng.randrange(120, 256) for _ in range(3)))
+        x, y, r = rng.randrange(4, 30) + (0 if side == "left" else 42), rng.randrange(4, 36), rng.randrange(8, 14)
+        draw = ImageDraw.Draw(img)
+        (draw.ellipse if shape == "circle" else draw.rectangle)((x, y, x + 2 * r, y + 2 * r), fill=colours[colour])
+        jpg = io.BytesIO()
+        img.save(jpg, "JPEG", quality=90)
+        captions.append(f"a {'small' if r < 11 else 'large'} {colour} {shape} on the {side}")
+        samples.append({"__key__": f"{i:06d}", "jpg": jpg.getvalue(), "txt": captions[-1].encode(),
+                        "json": encode_json({"i": i})})
+    paths = [folder / f"{s:05d}.tar" for s in range(shards)]
+    for s, path in enumerate(paths):
+        write_shard(path, iter(samples[s::shards]))
+    return [str(path) for path in paths], captions
+
+
+def loader_prefetch(block: int, repeats: int, drain: int = 20) -> None:
+    import tempfile
+
+    from pipeline.data.loader import StreamSpec, make_loader
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.train.precision import resolve
+
+    auto = resolve("auto")
+    block = -(-block // FUSION_EVERY) * FUSION_EVERY   # whole fusion cycles, as in (e)
+    print(f"\n(f) the training loader's prefetch thread: vlp's step, 1 process x 2 threads, global batch {GLOBAL_BATCH}, "
+          f"the demo's schedule, on real batches (600 toy JPEGs in 3 shards: decoded, cropped, captions tokenized) "
+          f"made in series vs by a thread 2 batches ahead; interleaved in blocks of {block} steps, {repeats} rounds, "
+          f"median samples/s")
+    print(f"    vlp's auto: {auto.name} ({auto.reason}); load average {os.getloadavg()[0]:.1f} (a shared machine slows both)")
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, captions = _toy_shards(Path(tmp))
+        tok = train_tokenizer(captions, SIZES["demo"].vocab_size, Path(tmp) / "tok")
+        # Trainer uses SPECIAL: the tokenizer's vocabulary starts [PAD] [UNK] [CLS] [SEP] [MASK]
+        assert (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == astuple(SPECIAL)
+        spec = StreamSpec(shards=tuple(paths), rank=0, world=1, seed=0, batch_size=GLOBAL_BATCH, image_size=64,
+                          max_text_len=16, tokenizer_dir=str(Path(tmp) / "tok"), augment=True)
+        plain = iter(make_loader(spec))
+        next(plain)   # not timed: the first batch loads the tokenizer
+        t0 = time.perf_counter()
+        for _ in range(drain):
+            next(plain)
+        loader_ms = (time.perf_counter() - t0) / drain * 1000
+        if not torch.distributed.is_initialized():   # the full run set it up in (e) already
+            _init_group(0, 1, _free_port())
+        model_cfg, v = SIZES["demo"].replace(vocab_size=len(tok)), Variant("vlp auto", 1, "auto", vlp=True)
+        # each its own iterator over the same stream: the same batches in the same order
+        trainers = {"in series": Trainer(v, 0, 1, model_cfg, iter(make_loader(spec))),
+                    "prefetch 2": Trainer(v, 0, 1, model_cfg, make_loader(spec, prefetch=2))}
+        for trainer in trainers.values():   # not timed: allocations, optimizer state
+            _timed_block(trainer, 0, block)
+        names, rates = list(trainers), {name: [] for name in trainers}
+        # rotated each round, as in (e); a prefetch block starts with its queue full, as in steady training
+        for r in range(repeats):
+            for name in names[r % 2:] + names[:r % 2]:
+                rates[name].append(GLOBAL_BATCH * block / _timed_block(trainers[name], block * (r + 1), block))
+        trainers["prefetch 2"].source.close()
+    median = {name: statistics.median(rates[name]) for name in names}
+    for name in names:
+        print(f"    {name:<10} median {median[name]:4.0f} samples/s (range {min(rates[name]):.0f}-{max(rates[name]):.0f})")
+    step_ms = GLOBAL_BATCH / median["in series"] * 1000
+    print(f"    ratio prefetch / in series: {median['prefetch 2'] / median['in series']:.2f}; the loader alone "
+          f"(no training): {loader_ms:.0f} ms per batch of {GLOBAL_BATCH}, {loader_ms / step_ms:.0%} of an in-series step")
 
 
 def _free_port() -> int:

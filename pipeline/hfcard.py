@@ -11,7 +11,8 @@ from pipeline.storage import as_path
 
 TAGS = ["vlp", "vision-language", "multiway-transformer", "vlmo", "image-text-retrieval", "custom_code"]
 METRIC_LEGEND = ("`tr`: text retrieval (image to caption), `ir`: image retrieval; `r1`/`r5`/`r10`: recall at 1/5/10; "
-                 "`itc_`: ranked by embedding similarity, `itm_`: the top `rerank_k` re-ranked by the match head; "
+                 "`itc_`: ranked by embedding similarity, `itm_`: the top `rerank_k` re-ranked by the match head alone, "
+                 "`rerank_`: by the match head and the similarity together; "
                  "`top1`/`top5`: zero-shot classification accuracy; `attribute_probe`: linear-probe accuracy per "
                  "attribute on frozen image features; `chance_r1`: recall at 1 by chance.")
 
