@@ -361,3 +361,29 @@ def test_calibration_captioning_and_scoring_run_in_the_fine_tunes_precision(tmp_
         assert worker.match(images, texts) == Calibration(**summary["calibration"]).combine(*scores).tolist()
         worker.caption(images[:4], torch.Generator().manual_seed(0))
         assert seen.pop() == (torch.bfloat16 if name == "bf16" else False)
+
+
+def test_calibration_skips_and_counts_seed_samples_it_cannot_use(tmp_path, caplog):
+    """A seed sample with no image (only a .pyd), or an image that does not decode, is skipped and
+    counted as the fine-tune's stream skips it; it used to end the stage with KeyError 'jpg'."""
+    import torch
+
+    from pipeline.data.shards import write_shard
+    from pipeline.data.tokenizer import train_tokenizer
+    from pipeline.model import SIZES, MultiwayTransformer
+    from pipeline.train.finetune import calibrate
+    from pipeline.train.precision import resolve
+
+    good = list(read_shard(_seed_shard(tmp_path / "good.tar")))
+    bad = [{"__key__": "seedx0001", "pyd": b"not ours"},
+           {"__key__": "seedx0002", "jpg": b"not a jpeg", "txt": b"a red square on the left"}]
+    write_shard(tmp_path / "seed.tar", good + bad)
+    tok = train_tokenizer([s["txt"].decode() for s in good] * 3, 200, tmp_path / "tok")
+    cfg = SIZES["tiny"].replace(vocab_size=200)
+    torch.manual_seed(0)
+    model = MultiwayTransformer(cfg).eval()
+    with caplog.at_level("WARNING", logger="vlp"):
+        mixed = calibrate(model, tok, [str(tmp_path / "seed.tar")], 1.0, 0.1, "cpu", resolve("fp32"))
+    clean = calibrate(model, tok, [str(tmp_path / "good.tar")], 1.0, 0.1, "cpu", resolve("fp32"))
+    assert mixed == clean and mixed.pairs == len(good)
+    assert "1 sample(s) decode_error" in caplog.text and "1 sample(s) missing_jpg" in caplog.text

@@ -99,14 +99,23 @@ def calibrate(model, tok, seed_shards: list[str], holdout: float, reject_rate: f
     """Both match scores of the held-out (never trained on) clean seed pairs, and the rule fitted to them.
     `precision`: the fine-tune's, which its export records and the actors score in (`model_precision`)."""
     from pipeline.data.loader import decode_image, in_holdout
-    from pipeline.data.shards import read_shard
+    from pipeline.data.shards import ShardCheck, read_input_shard
 
-    images, captions = [], []
+    # read as the fine-tune's own stream reads them: a sample with no image or caption is skipped, as is
+    # one that does not decode, and counted; a cut shard is an InputError naming it
+    images, captions, read = [], [], ShardCheck()
     for shard in seed_shards:
-        for sample in read_shard(as_path(shard)):
-            if in_holdout(sample["__key__"], holdout):
-                images.append(decode_image(sample["jpg"], model.cfg.image_size, None))
-                captions.append(sample["txt"].decode("utf-8"))
+        for sample in read_input_shard(as_path(shard), read):
+            if not in_holdout(sample["__key__"], holdout):
+                continue
+            try:
+                image, caption = decode_image(sample["jpg"], model.cfg.image_size, None), sample["txt"].decode("utf-8")
+            except Exception:  # noqa: BLE001 (an unusable pair is counted and skipped, not the stage's end)
+                read.reject("decode_error")
+                continue
+            images.append(image)
+            captions.append(caption)
+    read.warn("capfilt: the filter's calibration pairs")
     itm, itc = [], []
     for i in range(0, len(images), batch_size):
         enc = tok(captions[i:i + batch_size], padding="max_length", truncation=True,
