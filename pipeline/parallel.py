@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import ray
 
@@ -180,44 +178,3 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
 def _short(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__
-
-
-def prefetched(items: Iterable, depth: int) -> Iterator:
-    """`items`, produced by a thread up to `depth` ahead of the consumer (decode overlapping inference).
-    An error in the producer is raised in the consumer, at the item it would have been; a consumer that
-    stops early stops the producer at its next item."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry: tuple) -> bool:
-        """Wait for room, unless the consumer has gone; False then."""
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("end", None))
-        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
-            put(("error", err))
-
-    thread = threading.Thread(target=produce, name="vlp-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = ready.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join(timeout=5)

@@ -38,7 +38,8 @@ from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.ledger import DECISIONS_SCHEMA, decisions_path, write_records
 from pipeline.manifest import Accounting, Manifest, shard_summary
-from pipeline.parallel import Progress, prefetched, run_on_actor_pool
+from pipeline.parallel import Progress, run_on_actor_pool
+from pipeline.threads import prefetched
 from pipeline.runs import StageDir, fingerprint, verify_shard
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards

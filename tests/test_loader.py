@@ -104,11 +104,12 @@ def test_loader_workers_share_a_rank_without_overlap(shards, tokenizer_dir):
 
 
 def test_prefetch_yields_the_same_batches_and_raises_the_producers_error(shards, tokenizer_dir):
-    from pipeline.data.loader import Prefetch, make_loader
+    from pipeline.data.loader import make_loader
+    from pipeline.threads import prefetched
 
     spec = _spec(shards, tokenizer_dir, rank=1, world=2)
     plain, ahead = iter(make_loader(spec, {0: 3})), make_loader(spec, {0: 3}, prefetch=2)
-    assert isinstance(ahead, Prefetch)
+    assert not isinstance(ahead, torch.utils.data.DataLoader)
     for _ in range(12):   # past an epoch's end: the same images, ids, masks and counts, in the same order
         a, b = next(plain), next(ahead)
         assert a.keys() == b.keys()
@@ -119,8 +120,8 @@ def test_prefetch_yields_the_same_batches_and_raises_the_producers_error(shards,
         yield 1
         raise InputError("shard 7 is cut")
 
-    items = Prefetch(broken(), 2)
+    items = prefetched(broken(), 2)
     assert next(items) == 1
     with pytest.raises(InputError, match="shard 7 is cut"):
         next(items)
-    assert list(Prefetch(iter([1, 2, 3]), 1)) == [1, 2, 3]
+    assert list(prefetched(iter([1, 2, 3]), 1)) == [1, 2, 3]

@@ -7,7 +7,8 @@ import pytest
 import ray
 
 from pipeline.errors import StageFailed
-from pipeline.parallel import Progress, prefetched, run_shard_tasks, task_window
+from pipeline.parallel import Progress, run_shard_tasks, task_window
+from pipeline.threads import prefetched
 
 
 def test_no_more_than_the_window_is_in_flight_and_every_shard_is_answered(ray_cluster):

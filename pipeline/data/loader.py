@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
-import queue
 import random
-import threading
 import time
 from dataclasses import dataclass
 
@@ -29,6 +27,7 @@ from PIL import Image
 
 from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.storage import as_path
+from pipeline.threads import prefetched
 
 log = logging.getLogger("vlp")
 
@@ -164,7 +163,10 @@ def decode_image(data: bytes, size: int, rng: np.random.Generator | None) -> tor
 
 def make_loader(spec: StreamSpec, skip: dict[int, int] | None = None, prefetch: int = 0):
     """The batches of `spec`'s stream. `prefetch` > 0 with no loader workers: a thread of this process
-    prepares that many batches ahead (see `Prefetch`)."""
+    prepares that many batches ahead, in the same order (one producer: the same batches, bit for bit).
+    Decoding and tokenising 64 samples took ~30 ms, ~15% of a demo step, in series with the model; PIL,
+    the Rust tokenizer and torch's kernels release the GIL, so the next batch is made while a step trains
+    or while a rank waits for the other at an all-reduce (docs/architecture.md, "pretrain")."""
     # Loader workers start from a fork server, not by forking this process: it is a Ray worker (or driver)
     # with Ray's threads and gRPC channels, and a fork of it once left a child hung on a futex while the
     # parent's Ray core died on a corrupted pubsub reply ("publisher_id is empty"), ending pytest silently.
@@ -177,58 +179,4 @@ def make_loader(spec: StreamSpec, skip: dict[int, int] | None = None, prefetch: 
     # 'AutoTokenizer'") when two threads import it at once, as the caller may be doing
     from transformers import AutoTokenizer  # noqa: F401
 
-    return Prefetch(loader, prefetch)
-
-
-class Prefetch:
-    """Iterate `source` in a background thread, `depth` items ahead, in the same order.
-
-    Why a thread: decoding and tokenising a batch took ~15% of a demo training step (~30 ms for 64
-    samples, docs/architecture.md "pretrain"), in series with the model. torch's kernels, PIL's
-    decoder and the Rust tokenizer release the GIL, so the next batch is made while this one trains and
-    while a rank waits for the other at an all-reduce. A loader process instead would cost a process
-    and a copy of every batch. The order, and so every batch, is that of the plain iterator (one
-    producer): a run with it is bit for bit one without it. An error in the producer is raised here."""
-
-    _END = object()
-
-    def __init__(self, source, depth: int = 2):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(source,), name="vlp-prefetch", daemon=True)
-        self._thread.start()
-
-    def _produce(self, source) -> None:
-        try:
-            for item in source:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as err:  # noqa: BLE001 (handed to the consumer, which raises it)
-            self._put(err)
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self._queue.get()
-        if item is self._END:
-            self._queue.put(item)   # later calls raise StopIteration too
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the producer (it ends at its next batch)."""
-        self._stop.set()
-
+    return prefetched(loader, prefetch)
