@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.scoring import rerank_score
+from pipeline.model.retrieval import retrieval_recalls
 
 from pipeline.data.loader import decode_image
 from pipeline.errors import InputError
@@ -256,71 +256,25 @@ def _text_features(model, tok, texts: list[str], device: str, batch_size: int) -
 @torch.no_grad()
 def retrieval(model, tok, images: list[bytes], captions: list[str], owner: list[int], device: str,
               batch_size: int, rerank_k: int) -> dict:
+    """Karpathy-split retrieval: only an image's own captions are right (pipeline/model/retrieval.py)."""
     img = _image_features(model, images, device, batch_size)
     txt, ids, mask = _text_features(model, tok, captions, device, batch_size)
     sim = (img @ txt.t()).cpu()                          # [images, texts]
-    owner_t = torch.tensor(owner)
-    result = {"images": len(images), "texts": len(captions)}
-    result.update(_recalls("itc", sim, owner_t))
-    if rerank_k:
-        k = min(rerank_k, len(captions), len(images))
-        pixels = None
+    own = torch.tensor(owner)[None, :] == torch.arange(len(images))[:, None]
+    pixels = None
 
-        def itm_logits(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-            nonlocal pixels
-            if pixels is None:
-                pixels = torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
-            out = []
-            for i in range(0, len(image_idx), batch_size):
-                a, b = image_idx[i:i + batch_size], text_idx[i:i + batch_size]
-                out.append(model("itm_logits", model("fuse", pixels[a], ids[b], mask[b])).float().cpu())
-            return torch.cat(out)
+    def itm_logits(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        nonlocal pixels
+        if pixels is None:   # decoded only when re-ranking
+            pixels = torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
+        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+        return torch.cat([model("itm_logits", model("fuse", pixels[image_idx[i:i + batch_size]],
+                                                      ids[text_idx[i:i + batch_size]], mask[text_idx[i:i + batch_size]])
+                                ).float().cpu() for i in range(0, len(image_idx), batch_size)])
 
-        # The top k of each query get a score above every other candidate's, which keep their ITC order
-        # below them: by the ITM probability alone ("itm", ALBEF), by ITM and ITC together ("rerank", BLIP).
-        scale = model.itc_scale().float().cpu()
-        for direction, scores in (("tr", sim), ("ir", sim.t())):   # rows: the queries
-            top = scores.topk(k, dim=1).indices
-            queries = torch.arange(scores.shape[0]).repeat_interleave(k)
-            pair = (queries, top.reshape(-1)) if direction == "tr" else (top.reshape(-1), queries)
-            logits = itm_logits(*pair)
-            for name, score in (("itm", logits.softmax(-1)[:, 1]),
-                                ("rerank", rerank_score(logits, scale * scores[queries, top.reshape(-1)]))):
-                ranked = reranked(scores, top, score.reshape(-1, k))
-                ranked = ranked if direction == "tr" else ranked.t()
-                result.update(_recalls(name, ranked, owner_t, directions=(direction,)))
-        result["rerank_k"] = k
-    return result
-
-
-def reranked(scores: torch.Tensor, top: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """scores [queries, candidates]; top [queries, k], each query's candidates in ITC order; score the
-    re-ranker's score of each. A matrix that ranks them first, in the re-ranker's order, and every other
-    candidate after them in ITC order. Ranks, not scores: a tie (two saturated probabilities) would
-    otherwise count the query's own item first; the ITC order breaks it (the sort is stable)."""
-    k = top.shape[1]
-    order = top.gather(1, score.argsort(dim=1, descending=True, stable=True))
-    out = scores - scores.max() - 1.0
-    return out.scatter_(1, order, float(k) - torch.arange(k, dtype=scores.dtype).expand(len(order), k))
-
-
-def _recalls(name: str, sim: torch.Tensor, owner: torch.Tensor, directions=("tr", "ir")) -> dict:
-    """sim: [images, texts]; owner[t]: the image text t describes."""
-    out = {}
-    n_img = sim.shape[0]
-    if "tr" in directions:   # rank of the best own caption of each image
-        own = owner[None, :] == torch.arange(n_img)[:, None]
-        best_own = sim.masked_fill(~own, float("-inf")).max(1, keepdim=True).values
-        rank = (sim > best_own).sum(1)
-        out.update({f"{name}_tr_r{k}": round((rank < k).float().mean().item(), 4) for k in (1, 5, 10)})
-    if "ir" in directions:   # rank of each caption's own image
-        st = sim.t()
-        own_score = st.gather(1, owner[:, None])
-        rank = (st > own_score).sum(1)
-        out.update({f"{name}_ir_r{k}": round((rank < k).float().mean().item(), 4) for k in (1, 5, 10)})
-    if len(directions) == 2:
-        out[f"{name}_r_mean"] = round(sum(out[f"{name}_{d}_r{k}"] for d in directions for k in (1, 5, 10)) / 6, 4)
-    return out
+    k = min(rerank_k, len(captions), len(images))
+    return {"images": len(images), "texts": len(captions),
+            **retrieval_recalls(sim, own, k, itm_logits, model.itc_scale())}
 
 
 @torch.no_grad()

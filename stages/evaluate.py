@@ -26,7 +26,7 @@ from pipeline.errors import InputError
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.manifest import Accounting, Manifest
-from pipeline.model.scoring import rerank_score
+from pipeline.model.retrieval import retrieval_recalls
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.storage import as_path
@@ -83,28 +83,16 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
     txt_feat = torch.cat([model("encode_text", ids[i:i + bs], mask[i:i + bs])[1] for i in range(0, n, bs)])
     sim = img_feat @ txt_feat.t()  # [images, texts]
     same = torch.tensor([[a == b for b in labels] for a in labels])
-    k = min(cfg["rerank_k"], n)
 
     def itm_logits(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
+        img_idx, txt_idx = img_idx.to(device), txt_idx.to(device)
         return torch.cat([model("itm_logits", model("fuse", images_t[img_idx[i:i + bs]], ids[txt_idx[i:i + bs]],
                                                       mask[txt_idx[i:i + bs]])).float().cpu()
                           for i in range(0, len(img_idx), bs)])
 
     result = {"pairs": n, "eval_shards": read.to_json(), "chance_r1": round(same.float().mean().item(), 4),
-              "rerank_k": k, "attribute_probe": probe_accuracy(cls_hidden, attributes)}
-    for direction, scores in (("tr", sim), ("ir", sim.t())):
-        top = scores.topk(k, dim=1).indices.cpu()  # [queries, k]
-        queries = torch.arange(n).repeat_interleave(k)
-        cand = top.reshape(-1)
-        pair = (queries.to(device), cand.to(device)) if direction == "tr" else (cand.to(device), queries.to(device))
-        logits = itm_logits(*pair).reshape(n, k, 2)
-        itc_logit = model.itc_scale().float().cpu() * scores.cpu().gather(1, top)
-        by_itm = top.gather(1, logits.softmax(-1)[..., 1].argsort(dim=1, descending=True, stable=True))
-        by_both = top.gather(1, rerank_score(logits, itc_logit).argsort(dim=1, descending=True, stable=True))
-        for name, order in (("itc", top), ("itm", by_itm), ("rerank", by_both)):
-            hits = same.gather(1, order)
-            for r in (1, 5):
-                result[f"{name}_{direction}_r{r}"] = round(hits[:, :r].any(1).float().mean().item(), 4)
+              "attribute_probe": probe_accuracy(cls_hidden, attributes)}
+    result.update(retrieval_recalls(sim, same, min(cfg["rerank_k"], n), itm_logits, model.itc_scale()))
     result["benchmarks"] = {b["name"]: {"format": b["format"], **run_benchmark(b, model, tok, device, bs)}
                             for b in benchmarks}
     return result

@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.benchmarks import _recalls, run_benchmark
+from pipeline.benchmarks import run_benchmark
 from pipeline.config import BenchmarkConfig
 from pipeline.configtree import to_plain
 from pipeline.data.shards import write_shard
 from pipeline.data.tokenizer import train_tokenizer
 from pipeline.model import SIZES, MultiwayTransformer
+from pipeline.model.retrieval import retrieval_recalls
 
 
 def test_recalls_on_a_matrix_worked_by_hand():
     # 2 images, 4 texts: texts 0, 1 describe image 0; texts 2, 3 image 1
     sim = torch.tensor([[0.1, 0.9, 0.8, 0.0],     # image 0: best text is its own (1)        -> TR rank 0
                         [0.7, 0.2, 0.1, 0.3]])    # image 1: own best 0.3, beaten by 0.7     -> TR rank 1
-    out = _recalls("itc", sim, torch.tensor([0, 0, 1, 1]))
+    owner = torch.tensor([0, 0, 1, 1])
+    out = retrieval_recalls(sim, owner[None, :] == torch.arange(2)[:, None])
     assert out["itc_tr_r1"] == 0.5 and out["itc_tr_r5"] == 1.0
     # IR: text 0 -> image 1 scores higher (rank 1); text 1 -> own (0); text 2 -> image 0 higher (1); text 3 -> own (0)
     assert out["itc_ir_r1"] == 0.5 and out["itc_ir_r5"] == 1.0
@@ -86,7 +88,7 @@ def test_the_re_ranks_keep_the_itc_order_where_itm_is_indifferent(toyweb, tiny_m
 
 
 def test_a_re_rank_puts_the_re_rankers_order_first_and_breaks_ties_by_itc():
-    from pipeline.benchmarks import reranked
+    from pipeline.model.retrieval import recalls, reranked
 
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.1],    # query 0: ITC top 3 = 0, 1, 2
                            [0.2, 0.6, 0.5, 0.4]])   # query 1: ITC top 3 = 1, 2, 3
@@ -96,9 +98,9 @@ def test_a_re_rank_puts_the_re_rankers_order_first_and_breaks_ties_by_itc():
     order = reranked(scores, top, score).argsort(dim=1, descending=True)
     assert order.tolist() == [[1, 2, 0, 3], [3, 2, 1, 0]]
     # texts 0..3 belong to images 1, 0, 0, 1: ITC ranks another image's text first for both images
-    out = _recalls("x", reranked(scores, top, score), torch.tensor([1, 0, 0, 1]), directions=("tr",))
-    assert out["x_tr_r1"] == 1.0   # image 0 -> text 1 (its own), image 1 -> text 3 (its own)
-    assert _recalls("x", scores, torch.tensor([1, 0, 0, 1]), directions=("tr",))["x_tr_r1"] == 0.0
+    right = torch.tensor([1, 0, 0, 1])[None, :] == torch.arange(2)[:, None]
+    assert recalls("x", "tr", reranked(scores, top, score), right)["x_tr_r1"] == 1.0   # image 0 -> text 1, 1 -> 3
+    assert recalls("x", "tr", scores, right)["x_tr_r1"] == 0.0
 
 
 def test_toy_imagenet_as_a_folder_and_as_a_clip_benchmark_webdataset(toyweb, tiny_model, tmp_path):
