@@ -159,7 +159,6 @@ class ToyWebConfig:
 # for prefilter's `list_rules`: LAION's CLIP similarity, NSFW and watermark probabilities, and the image
 # size the list claims.
 LIST_FIELDS = ("similarity", "punsafe", "pwatermark", "width", "height")
-LIST_FORMATS = ("laion", "cc3m", "sbu", "parquet", "csv", "tsv", "json", "jsonl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -638,8 +637,6 @@ class CapfiltConfig:
 
 
 STAGE_ORDER = ("download", "prefilter", "pretrain", "evaluate", "capfilt", "report")
-ROUND_ZERO = ("download", "prefilter", "pretrain", "evaluate")
-LATER_ROUNDS = ("capfilt", "pretrain", "evaluate")
 
 
 @dataclass(frozen=True, kw_only=True)
