@@ -24,7 +24,7 @@ EXECUTION_ONLY = {
     "prefilter": {"cpus_per_task": 0.5, "max_drop_share": 0.9, "drop_share_limits": {"duplicate_near": 0.9},
                   "dedup_partitions": 7},
     "pretrain": {"cpus_per_worker": 2.0, "activation_checkpointing": True, "checkpoint_every": 7,
-                 "keep_checkpoints": 5, "log_every": 3, "max_failures": 4, "peak_tflops": 100.0},
+                 "keep_checkpoints": 5, "log_every": 3, "max_failures": 4, "peak_tflops": 100.0, "loader_prefetch": 0},
     "evaluate": {"batch_size": 16},
     "capfilt": {"actors": 1, "cpus_per_actor": 0.5, "shard_retries": 0, "max_drop_share": 0.9,
                 "drop_share_limits": {"filter_rejected": 0.9}, "prefetch_batches": 0, "shards_per_actor": 1},
