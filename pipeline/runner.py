@@ -86,7 +86,9 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
             if spec(stage).fetches and cfg.data.toyweb is not None:
                 from pipeline.toyweb.service import serve_toy_web
 
-                stack.enter_context(serve_toy_web(cfg.data.toyweb, sources.toyweb["port"]))
+                # a local run's web outlives a killed driver until the run's lock is free (no false failures)
+                stack.enter_context(serve_toy_web(cfg.data.toyweb, sources.toyweb["port"],
+                                                  None if storage.is_remote(run.root) else run.root))
             if with_ray and not ray_started:
                 stack.enter_context(ray_session(cfg))
                 ray_started = True

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -27,18 +28,18 @@ def _totals(run_dir, stage):
 
 def _own_web_config(tmp_path, toyweb, port: int):
     """A download-only config whose toy web the driver serves itself (on a fixed port, so that two run
-    directories get the same URLs): a kill of the driver's process group takes the web down with it, as
-    it takes down whatever a real driver's group holds (a tunnel, a proxy, a mount)."""
+    directories get the same URLs). The web runs in a session of its own and outlives a killed driver until
+    the run's lock is free (test below)."""
     web = to_plain(dataclasses.replace(TEST_WEB, port=port))
     return write_config(tmp_path / "own-web.yaml", toyweb, stages=["download", "prefilter"],
                         data={"inputs": [], "toyweb": web})
 
 
 def test_kill_9_of_the_driver_group_then_a_plain_resume_gives_the_same_shards(tmp_path, toyweb):
-    """The driver, its local Ray and its toy web get SIGKILL together mid-download. Ray's shard tasks live
-    in their own session and outlive it: they must not commit what they fetch from the dead web (every
-    URL `connection_refused`), and a plain `vlp resume` then finishes what `vlp run --only download`
-    was asked to do — download alone — byte-identical to an uninterrupted run."""
+    """The driver's process group (the driver, its local Ray) gets SIGKILL mid-download. Ray's shard tasks
+    live in their own session and outlive it: they must not commit once the run's lock is free, and a plain
+    `vlp resume` then finishes what `vlp run --only download` was asked to do — download alone —
+    byte-identical to an uninterrupted run."""
     config = _own_web_config(tmp_path, toyweb, _free_port())
     reference = tmp_path / "reference"
     vlp("run", str(config), "--run-dir", str(reference), "--only", "download")
@@ -174,3 +175,50 @@ def test_an_upstream_shard_changed_after_its_commit_is_refused(tmp_path, toyweb,
     prefilter = run_dir / "round-0" / "prefilter"
     assert json.loads((prefilter / "manifest.json").read_text()) == \
         json.loads((reference_run.stage("prefilter").path / "manifest.json").read_text()), "the old result stands"
+
+
+def test_a_killed_drivers_toy_web_serves_until_its_run_lock_is_free(tmp_path):
+    """Why the kill test above can trust its shards: the toy web a run serves is not in the driver's
+    process group, and when the driver dies it serves on until the run's lock is free. Were it killed
+    with the driver, a task that outlived them could see only refused connections while the lock still
+    looked held (the driver's files close a moment after), and commit a shard of false failures (seen in
+    CI: shard 00001 committed with 40 connection_refused)."""
+    import http.client
+
+    from pipeline.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = RunLock(run_dir).acquire()   # held here: it stays held after the driver's death, as its would a moment
+    driver_code = ("import sys, time; sys.path.insert(0, sys.argv[2])\n"
+                   "from pipeline.config import ToyWebConfig\n"
+                   "from pipeline.toyweb.server import ToyWebServer\n"
+                   "web = ToyWebServer(ToyWebConfig(num_urls=10, eval_size=10), 0, sys.argv[1]).start()\n"
+                   "print(web.port, web.proc.pid, flush=True)\n"
+                   "time.sleep(600)\n")
+    driver = subprocess.Popen([sys.executable, "-c", driver_code, str(run_dir), str(ROOT)], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    port, web_pid = map(int, driver.stdout.readline().split())
+    web = psutil.Process(web_pid)
+
+    def answers() -> bool:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/")
+            return conn.getresponse().status > 0
+        except OSError:
+            return False
+
+    try:
+        assert answers()
+        os.killpg(driver.pid, signal.SIGKILL)   # the driver's whole group, as a kill -9 of `vlp run` would
+        driver.wait(timeout=30)
+        wait_for(lambda: web.ppid() != driver.pid, 30, "the web to learn of its parent's death")
+        assert web.is_running() and answers(), "the web went with its driver while the run's lock was held"
+        lock.release()
+        wait_for(lambda: not web.is_running() or web.status() == psutil.STATUS_ZOMBIE, 30,
+                 "the web to stop once the lock is free")
+    finally:
+        lock.release()
+        if web.is_running():
+            web.kill()

@@ -124,7 +124,9 @@ class _Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def serve(cfg: ToyWebConfig, port: int) -> None:
+def serve(cfg: ToyWebConfig, port: int, outlive_lock: str | None = None) -> None:
+    """Serve until SIGTERM. `outlive_lock`: a run directory whose lock the driver (this process's parent)
+    holds; when the parent dies, keep serving until that lock is free (see ToyWebServer)."""
     world = ToyWorld(cfg)
     server = _Server((HOST, port), type("Handler", (_Handler,), {"world": world}))
     servers = [server]
@@ -132,8 +134,11 @@ def serve(cfg: ToyWebConfig, port: int) -> None:
         limited = type("LimitedHandler", (_Handler,), {"world": world, "limiter": RateWindow(cfg.rate_limit)})
         servers.append(_Server((LIMITED_HOST, server.server_address[1]), limited))
         threading.Thread(target=servers[1].serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # the driver's stop()
+    if outlive_lock is not None:   # the kernel's word that the driver died (PR_SET_PDEATHSIG, see ToyWebServer)
+        signal.signal(PARENT_DIED, lambda *_: threading.Thread(target=_shutdown_when_free, args=(server, outlive_lock),
+                                                               daemon=True).start())
     print(f"READY {server.server_address[1]}", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -141,10 +146,29 @@ def serve(cfg: ToyWebConfig, port: int) -> None:
             s.server_close()
 
 
-def _die_with_parent() -> None:
-    """Linux: ask the kernel to SIGTERM this child when its parent dies (even by kill -9)."""
+def _shutdown_when_free(server, run_root: str, limit_s: float = 30.0) -> None:
+    """The driver died: serve on until its run lock is free, then stop. A shard task that outlived the
+    driver checks that lock before committing; were the web gone first, the task could see only refused
+    connections while the lock still looked held (the driver's threads and files die a moment after the
+    signal that ends this process) and commit a shard of false failures."""
+    from pipeline.runlock import holder
+
+    deadline = time.monotonic() + limit_s
+    while holder(run_root) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.shutdown()
+
+
+# The signal the kernel sends a web that outlives its driver's run lock when the driver dies: not SIGTERM,
+# which is the driver's own stop. It comes when the thread that started the web exits, which under kill -9
+# is before the driver's files (its lock) are closed, while getppid() still names the driver.
+PARENT_DIED = signal.SIGUSR1
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: ask the kernel to send this child `sig` when its parent dies (even by kill -9)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -152,15 +176,22 @@ def _die_with_parent() -> None:
 class ToyWebServer:
     """Runs the toy web server as a child process; stop() ends it by its PID."""
 
-    def __init__(self, cfg: ToyWebConfig, port: int = 0):
-        self.cfg, self.requested_port = cfg, port
+    def __init__(self, cfg: ToyWebConfig, port: int = 0, outlive_lock: str | None = None):
+        """`outlive_lock`: the run directory whose lock this process holds: the server runs in a session of
+        its own (a kill of this process's group does not reach it), learns of this process's death from
+        the kernel (PR_SET_PDEATHSIG), and stops once that lock is free."""
+        self.cfg, self.requested_port, self.outlive_lock = cfg, port, outlive_lock
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
     def start(self) -> "ToyWebServer":
         cmd = [sys.executable, "-m", "pipeline.toyweb.server",
                "--config", json.dumps(to_plain(self.cfg)), "--port", str(self.requested_port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        if self.outlive_lock:
+            cmd += ["--outlive-lock", str(self.outlive_lock)]
+        pdeath = (lambda: _die_with_parent(PARENT_DIED)) if self.outlive_lock else _die_with_parent
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=pdeath,
+                                     start_new_session=bool(self.outlive_lock))
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):
             self.stop()
@@ -189,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the toy web on 127.0.0.1")
     parser.add_argument("--config", default="{}", help="ToyWebConfig as JSON")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--outlive-lock", help="a run directory: if the parent dies, serve until its lock is free")
     args = parser.parse_args(argv)
-    serve(build(ToyWebConfig, json.loads(args.config), source="--config"), args.port)
+    serve(build(ToyWebConfig, json.loads(args.config), source="--config"), args.port, args.outlive_lock)
 
 
 if __name__ == "__main__":

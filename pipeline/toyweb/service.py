@@ -56,8 +56,10 @@ def prepare_toy_web(cfg: ToyWebConfig, run: RunDir) -> dict:
 
 
 @contextlib.contextmanager
-def serve_toy_web(cfg: ToyWebConfig, port: int) -> Iterator[None]:
-    server = ToyWebServer(cfg, port)
+def serve_toy_web(cfg: ToyWebConfig, port: int, run_root=None) -> Iterator[None]:
+    """The toy web for the block's length. `run_root`: a local run directory whose lock this process
+    holds: if this process is killed, the web serves on until that lock is free (ToyWebServer)."""
+    server = ToyWebServer(cfg, port, str(run_root) if run_root is not None else None)
     try:
         server.start()
     except RuntimeError as err:
