@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.retrieval import retrieval_recalls
-
 from pipeline.data.loader import decode_image
 from pipeline.errors import InputError
+from pipeline.model.retrieval import retrieval_recalls
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 log = logging.getLogger("vlp")

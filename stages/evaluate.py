@@ -5,7 +5,7 @@ is a correct image among the k best-ranked images. *Correct* means the retrieved
 attributes as the query (toy web: shape, colour, size, position, background), since many held-out
 pairs share a scene; where the split carries no attributes, only the item's own partner is correct.
 Ranked by ITC similarity alone ("itc"), and the ITC top-k re-ranked two ways: by the ITM match
-probability alone ("itm", as ALBEF) and by ITM and ITC together ("rerank", as BLIP; pipeline/model/scoring.py).
+probability alone ("itm", as ALBEF) and by ITM and ITC together ("rerank", as BLIP; pipeline/model/retrieval.py).
 Where the split labels its images' attributes, a linear probe per attribute on the frozen image
 features ([CLS], 5-fold) says which ones the encoder tells apart (pipeline/probe.py).
 Then the standard evaluations (`evaluate.benchmarks`, and the toy web's toy COCO and toy ImageNet):
