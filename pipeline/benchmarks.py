@@ -26,7 +26,7 @@ import torch
 
 from pipeline.data.loader import decode_image
 from pipeline.errors import InputError
-from pipeline.model.retrieval import retrieval_recalls
+from pipeline.model.retrieval import itm_scorer, retrieval_recalls
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 log = logging.getLogger("vlp")
@@ -260,20 +260,12 @@ def retrieval(model, tok, images: list[bytes], captions: list[str], owner: list[
     txt, ids, mask = _text_features(model, tok, captions, device, batch_size)
     sim = (img @ txt.t()).cpu()                          # [images, texts]
     own = torch.tensor(owner)[None, :] == torch.arange(len(images))[:, None]
-    pixels = None
-
-    def itm_logits(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-        nonlocal pixels
-        if pixels is None:   # decoded only when re-ranking
-            pixels = torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
-        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-        return torch.cat([model("itm_logits", model("fuse", pixels[image_idx[i:i + batch_size]],
-                                                      ids[text_idx[i:i + batch_size]], mask[text_idx[i:i + batch_size]])
-                                ).float().cpu() for i in range(0, len(image_idx), batch_size)])
+    def decoded() -> torch.Tensor:   # the pixels, decoded only when re-ranking
+        return torch.stack([_decode(b, model.cfg.image_size) for b in images]).to(device)
 
     k = min(rerank_k, len(captions), len(images))
     return {"images": len(images), "texts": len(captions),
-            **retrieval_recalls(sim, own, k, itm_logits, model.itc_scale())}
+            **retrieval_recalls(sim, own, k, itm_scorer(model, decoded, ids, mask, batch_size), model.itc_scale())}
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from pipeline.errors import InputError
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.manifest import Accounting, Manifest
-from pipeline.model.retrieval import retrieval_recalls
+from pipeline.model.retrieval import itm_scorer, retrieval_recalls
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
 from pipeline.storage import as_path
@@ -84,15 +84,10 @@ def evaluate_retrieval(model_dir: str, eval_shards: list[str], cfg: dict, benchm
     sim = img_feat @ txt_feat.t()  # [images, texts]
     same = torch.tensor([[a == b for b in labels] for a in labels])
 
-    def itm_logits(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
-        img_idx, txt_idx = img_idx.to(device), txt_idx.to(device)
-        return torch.cat([model("itm_logits", model("fuse", images_t[img_idx[i:i + bs]], ids[txt_idx[i:i + bs]],
-                                                      mask[txt_idx[i:i + bs]])).float().cpu()
-                          for i in range(0, len(img_idx), bs)])
-
     result = {"pairs": n, "eval_shards": read.to_json(), "chance_r1": round(same.float().mean().item(), 4),
               "attribute_probe": probe_accuracy(cls_hidden, attributes)}
-    result.update(retrieval_recalls(sim, same, min(cfg["rerank_k"], n), itm_logits, model.itc_scale()))
+    result.update(retrieval_recalls(sim, same, min(cfg["rerank_k"], n), itm_scorer(model, images_t, ids, mask, bs),
+                                    model.itc_scale()))
     result["benchmarks"] = {b["name"]: {"format": b["format"], **run_benchmark(b, model, tok, device, bs)}
                             for b in benchmarks}
     return result

@@ -46,6 +46,24 @@ def retrieval_recalls(sim: torch.Tensor, correct: torch.Tensor, k: int = 0,
     return out
 
 
+def itm_scorer(model, pixels: torch.Tensor | Callable[[], torch.Tensor], ids: torch.Tensor, mask: torch.Tensor,
+               batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `itm_logits(image_idx, text_idx)` that retrieval_recalls re-ranks with: the match head's [n, 2]
+    logits of those (image, text) pairs, fused in batches. `pixels`: the images [n, 3, H, W], or a function
+    that returns them, called once and only when a re-rank asks (a benchmark decodes its images only then)."""
+    held: list[torch.Tensor] = []
+
+    def itm_logits(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        if not held:
+            held.append(pixels() if callable(pixels) else pixels)
+        images = held[0]
+        image_idx, text_idx = image_idx.to(images.device), text_idx.to(images.device)
+        return torch.cat([model("itm_logits", model("fuse", images[image_idx[i:i + batch_size]],
+                                                    ids[text_idx[i:i + batch_size]], mask[text_idx[i:i + batch_size]])
+                                ).float().cpu() for i in range(0, len(image_idx), batch_size)])
+    return itm_logits
+
+
 def recalls(name: str, direction: str, scores: torch.Tensor, right: torch.Tensor,
             ranks: tuple[int, ...] = RANKS) -> dict:
     """scores, right: [queries, candidates]. {name}_{direction}_r{r}: the share of queries with a right
