@@ -4,8 +4,13 @@ Two views of one model: the ITM head's log-odds (fusion encoder: reads the text 
 tokens; good at details it was trained to check, blind to text that is not a caption at all) and the
 ITC cosine (the two encoders' features; sees garbage and mismatched text at once, and what the image
 [CLS] knows). The calibrated rule adds both after standardising each on clean held-out pairs, and keeps
-a text whose sum is above what the lowest `reject_rate` of those clean pairs score (a normal fit of
-their sums, steadier than an empirical tail of a few hundred pairs).
+a text whose sum is above what the lowest `reject_rate` of those clean pairs score. That quantile is
+read from the lower side of their sums only: the median minus the normal quantile times the RMS distance
+of the sums below the median. Clean sums are skewed to the left (a clean pair the model misreads scores
+low, none scores unusually high), so a normal fit of all of them placed the threshold too high: on the
+demo's web it rejected 4.1% of clean pairs when asked for 3%, the lower-side fit 3.2%. It is steadier
+than an empirical tail of a few hundred pairs (at 1% that is the 2nd lowest of 195) and equals the
+normal fit on normal data.
 """
 from __future__ import annotations
 
@@ -43,8 +48,11 @@ class Calibration:
             raise ValueError(f"calibration needs at least 10 clean held-out pairs, got {len(itm)}")
         im, isd = itm.mean().item(), itm.std().item() + 1e-6
         cm, csd = itc.mean().item(), itc.std().item() + 1e-6
-        combined = (itm - im) / isd + (itc - cm) / csd
-        threshold = combined.mean().item() + NormalDist().inv_cdf(reject_rate) * combined.std().item()
+        combined = ((itm - im) / isd + (itc - cm) / csd).double()
+        median = combined.median().item()
+        below = combined[combined < median] - median
+        lower_spread = below.square().mean().sqrt().item() if len(below) else 0.0
+        threshold = median + NormalDist().inv_cdf(reject_rate) * lower_spread
         return cls(im, isd, cm, csd, threshold, reject_rate, len(itm))
 
     def combine(self, itm: torch.Tensor, itc: torch.Tensor) -> torch.Tensor:
