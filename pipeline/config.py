@@ -391,8 +391,12 @@ class PrefilterConfig:
                 raise ValueError(f"boilerplate_patterns[{i}]: not a valid regex ({err})") from None
 
 
-OBJECTIVES = ("itc", "itm", "mlm", "lm", "bow")
-UNIMODAL_OBJECTIVES = ("itc", "bow")  # need no fusion pass
+# The pretraining objectives by name -> whether they run the fusion encoder (fusion steps only, see
+# fusion_every), in the order a step computes them. The losses are pipeline/model/objectives.py's LOSSES
+# (the model package imports only torch, so it cannot read this table; tests/test_recipe.py holds the two
+# together). Loss weights, the training log, its plots and the model card read the names from here.
+OBJECTIVES: dict[str, bool] = {"bow": False, "itc": False, "itm": True, "mlm": True, "lm": True}
+UNIMODAL_OBJECTIVES = tuple(name for name, fused in OBJECTIVES.items() if not fused)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.config import OBJECTIVES
 from pipeline.storage import as_path
 
 TAGS = ["vlp", "vision-language", "multiway-transformer", "vlmo", "image-text-retrieval", "custom_code"]
@@ -133,7 +134,7 @@ def _training(info: dict, run: dict | None) -> list[str]:
         items.append(f"{m.totals.samples_in} training samples, {m.details.get('epochs')} epochs, "
                      f"{m.duration_s} s")
         final = m.details.get("final") or {}
-        losses = {k: v for k, v in final.items() if k in ("loss", "itc", "itm", "mlm", "lm", "bow", "itm_acc")}
+        losses = {k: v for k, v in final.items() if k in ("loss", *OBJECTIVES, "itm_acc")}
         if losses:
             items.append(f"at step {final.get('step')}: " + ", ".join(f"{k} {v}" for k, v in losses.items()))
     return ["## Training", "", *(f"- {item}" for item in items), ""] if items else []

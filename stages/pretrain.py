@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from pipeline import storage
-from pipeline.config import PretrainConfig
+from pipeline.config import OBJECTIVES, PretrainConfig
 from pipeline.configtree import to_plain
 from pipeline.data.shards import ShardCheck, check_input_shards, read_input_shard
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
@@ -234,7 +234,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     from pipeline.fsutil import atomic_path
 
     seen = {k for h in history for k in h}
-    names = [k for k in ("loss", "itc", "itm", "mlm", "lm", "bow") if k in seen]
+    names = [k for k in ("loss", *OBJECTIVES) if k in seen]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = [(h["step"], h[name]) for h in history if name in h]  # see fusion_every

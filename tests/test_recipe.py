@@ -5,11 +5,12 @@ loader's held-out share. Exact checks on CPU, no Ray."""
 import pytest
 import torch
 
+from pipeline.config import OBJECTIVES
 from pipeline.data.loader import in_holdout
 from pipeline.model import SIZES, MultiwayTransformer
 from pipeline.model.multiway import sincos_2d
-from pipeline.model.objectives import (Batch, SpecialTokens, TextQueue, bag_of_words_loss, hard_negatives,
-                                       pretrain_losses)
+from pipeline.model.objectives import (LOSSES, Batch, SpecialTokens, TextQueue, bag_of_words_loss,
+                                       hard_negatives, pretrain_losses)
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.probe import probe_accuracy
 
@@ -152,6 +153,20 @@ def test_calibration_follows_a_left_skewed_clean_tail():
     cal = Calibration.fit(itm, itc, 0.03)
     rejected = (cal.combine(itm, itc) < cal.threshold).float().mean().item()
     assert abs(rejected - 0.03) < 0.004
+
+
+def test_the_objective_table_names_the_model_losses_in_their_order():
+    assert list(OBJECTIVES) == list(LOSSES)
+    # a unimodal objective runs on unimodal steps (fusion_every): it must not call the fusion encoder
+    model, calls = MultiwayTransformer(CFG), []
+    original = model.forward
+    model.forward = lambda mode, *a, **k: calls.append(mode) or original(mode, *a, **k)
+    for name, fused in OBJECTIVES.items():
+        calls.clear()
+        pretrain_losses(model, _batch(), SPECIAL, {name: 1.0}, torch.Generator().manual_seed(0), 0.5)
+        assert ("fuse" in calls) == fused, name
+    with pytest.raises(ValueError, match="unknown objective"):
+        pretrain_losses(model, _batch(), SPECIAL, {"clip": 1.0})
 
 
 def test_match_scores_are_one_per_pair():

@@ -12,6 +12,7 @@ gradient on every rank and are not scaled.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -168,60 +169,116 @@ def mask_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, special: Specia
     return inputs, labels
 
 
+class _Shared:
+    """What one batch's objectives share, each piece computed once, when the first objective asks for it:
+    the image tokens (a conv stem is not free), the unimodal image encoding, the contrastive step."""
+
+    def __init__(self, model, batch: Batch, special: SpecialTokens, generator: torch.Generator | None,
+                 itm_easy: float, queue: TextQueue | None, queue_in_itc: bool):
+        self.model, self.batch, self.special, self.generator = model, batch, special, generator
+        self.itm_easy, self.queue, self.queue_in_itc = itm_easy, queue, queue_in_itc
+        self.image_tokens = model("embed_image", batch.images)
+        self._image: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._contrast: dict | None = None
+
+    def image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image hidden states, image ITC feature) from the image encoder alone."""
+        if self._image is None:
+            self._image = self.model("encode_image", self.image_tokens, embedded=True)
+        return self._image
+
+    def contrast(self) -> dict:
+        """The ITC step: its loss, the global i2t similarities and this rank's offset in them, the gathered
+        text features (for the queue), the scale, and the queued features it used."""
+        if self._contrast is None:
+            _, img_feat = self.image()
+            _, txt_feat = self.model("encode_text", self.batch.ids, self.batch.mask)
+            q = self.queue
+            queued = q.feats if q is not None and self.queue_in_itc and len(q) else None
+            scale = self.model("itc_scale")
+            loss, sim, offset, all_txt = itc_loss(img_feat, txt_feat, scale, queued)
+            self._contrast = {"loss": loss, "sim": sim, "offset": offset, "all_txt": all_txt, "scale": scale,
+                              "img_feat": img_feat}
+        return self._contrast
+
+
+def _bow(s: _Shared) -> dict[str, torch.Tensor]:
+    return {"bow": bag_of_words_loss(s.model, s.image()[0][:, 0], s.batch, s.special)}
+
+
+def _itc(s: _Shared) -> dict[str, torch.Tensor]:
+    return {"itc": s.contrast()["loss"]}
+
+
+def _itm(s: _Shared) -> dict[str, torch.Tensor]:
+    """Each pair against one hard negative text and one hard negative image (hard_negatives)."""
+    c, batch, b = s.contrast(), s.batch, s.batch.images.shape[0]
+    all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
+    # negative images may live on another rank: their tokens travel, with gradient for the local ones
+    all_tokens = gather(s.image_tokens, scale_local=False)
+    text_ids, text_mask, queued_sim, queued_ids = all_ids, all_mask, None, None
+    if s.queue is not None and len(s.queue):
+        queued_sim = (c["scale"].float() * c["img_feat"].float() @ s.queue.feats.t()).detach()   # the queue keeps fp32
+        queued_ids = s.queue.ids
+        text_ids, text_mask = torch.cat([all_ids, s.queue.ids]), torch.cat([all_mask, s.queue.mask])
+    neg_text, neg_image = hard_negatives(c["sim"], all_ids, c["offset"], b, s.generator, s.itm_easy, queued_sim,
+                                         queued_ids)
+    tokens = torch.cat([s.image_tokens, s.image_tokens, all_tokens[neg_image]])
+    ids = torch.cat([batch.ids, text_ids[neg_text], batch.ids])
+    mask = torch.cat([batch.mask, text_mask[neg_text], batch.mask])
+    labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
+    logits = s.model("itm_logits", s.model("fuse", tokens, ids, mask, embedded=True))
+    return {"itm": F.cross_entropy(logits, labels), "itm_acc": (logits.argmax(1) == labels).float().mean().detach()}
+
+
+def _mlm(s: _Shared) -> dict[str, torch.Tensor]:
+    inputs, labels = mask_tokens(s.batch.ids, s.batch.mask, s.special, vocab_size(s.model), generator=s.generator)
+    logits = s.model("lm_logits", s.model("fuse", s.image_tokens, inputs, s.batch.mask, embedded=True))
+    return {"mlm": _ce_or_zero(logits, labels)}
+
+
+def _lm(s: _Shared) -> dict[str, torch.Tensor]:
+    hidden = s.model("fuse", s.image_tokens, s.batch.ids, s.batch.mask, causal=True, embedded=True)
+    labels = s.batch.ids[:, 1:].masked_fill(s.batch.mask[:, 1:] == 0, -100)
+    return {"lm": _ce_or_zero(s.model("lm_logits", hidden[:, :-1]), labels)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: Callable[[_Shared], dict[str, torch.Tensor]]
+    """The objective's loss under its name (and any metric beside it, e.g. itm_acc)."""
+    needs: tuple[str, ...] = ()
+    """Objectives computed with it even at weight 0 (ITM samples its negatives from ITC's similarities)."""
+
+
+# The objectives by name, in the order a step computes them (that order fixes the random draws: ITM's
+# negatives before MLM's masks). pipeline/config.py's OBJECTIVES names the same ones, in this order, and
+# says which need the fusion encoder; tests/test_recipe.py holds the two together.
+LOSSES: dict[str, Objective] = {"bow": Objective(_bow), "itc": Objective(_itc), "itm": Objective(_itm, ("itc",)),
+                                "mlm": Objective(_mlm), "lm": Objective(_lm)}
+
+
 def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, special: SpecialTokens, weights: dict[str, float],
                     generator: torch.Generator | None = None, itm_easy: float = 0.0, queue: TextQueue | None = None,
                     queue_in_itc: bool = False) -> dict[str, torch.Tensor]:
-    """All weighted objectives for one batch; "loss" is what to call backward on. `itm_easy`: share of
-    uniform (easy) ITM negatives, see hard_negatives. `queue`: earlier texts as extra ITM negatives (and
-    ITC negatives with `queue_in_itc`); this batch's texts are pushed to it at the end."""
+    """All weighted objectives for one batch (LOSSES); "loss" is what to call backward on. `itm_easy`:
+    share of uniform (easy) ITM negatives, see hard_negatives. `queue`: earlier texts as extra ITM
+    negatives (and ITC negatives with `queue_in_itc`); this batch's texts are pushed to it at the end."""
+    unknown = set(weights) - set(LOSSES)
+    if unknown:
+        raise ValueError(f"unknown objective(s) {sorted(unknown)}; known: {', '.join(LOSSES)}")
+    active = {name for name, w in weights.items() if w}
+    active |= {need for name in active for need in LOSSES[name].needs}
+    shared = _Shared(model, batch, special, generator, itm_easy, queue, queue_in_itc)
     out: dict[str, torch.Tensor] = {}
     total = batch.images.new_zeros(())
-    # The batch's images are embedded once (a conv stem is not free) and reused by every objective.
-    image_tokens = model("embed_image", batch.images)
-    if weights.get("itc", 0) or weights.get("itm", 0) or weights.get("bow", 0):
-        image_hidden, img_feat = model("encode_image", image_tokens, embedded=True)
-    if weights.get("bow", 0):
-        out["bow"] = bag_of_words_loss(model, image_hidden[:, 0], batch, special)
-        total = total + weights["bow"] * out["bow"]
-    if weights.get("itc", 0) or weights.get("itm", 0):
-        _, txt_feat = model("encode_text", batch.ids, batch.mask)
-        queued = queue.feats if queue is not None and queue_in_itc and len(queue) else None
-        scale = model("itc_scale")
-        itc, sim, offset, all_txt = itc_loss(img_feat, txt_feat, scale, queued)
-        out["itc"] = itc
-        total = total + weights.get("itc", 0) * itc
-    if weights.get("itm", 0):
-        b = batch.images.shape[0]
-        all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
-        # negative images may live on another rank: their tokens travel, with gradient for the local ones
-        all_tokens = gather(image_tokens, scale_local=False)
-        text_ids, text_mask, queued_sim, queued_ids = all_ids, all_mask, None, None
-        if queue is not None and len(queue):
-            queued_sim = (scale.float() * img_feat.float() @ queue.feats.t()).detach()   # the queue keeps fp32
-            queued_ids = queue.ids
-            text_ids, text_mask = torch.cat([all_ids, queue.ids]), torch.cat([all_mask, queue.mask])
-        neg_text, neg_image = hard_negatives(sim, all_ids, offset, b, generator, itm_easy, queued_sim, queued_ids)
-        tokens = torch.cat([image_tokens, image_tokens, all_tokens[neg_image]])
-        ids = torch.cat([batch.ids, text_ids[neg_text], batch.ids])
-        mask = torch.cat([batch.mask, text_mask[neg_text], batch.mask])
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(ids.device)
-        logits = model("itm_logits", model("fuse", tokens, ids, mask, embedded=True))
-        out["itm"] = F.cross_entropy(logits, labels)
-        out["itm_acc"] = (logits.argmax(1) == labels).float().mean().detach()
-        total = total + weights["itm"] * out["itm"]
-    if weights.get("mlm", 0):
-        inputs, labels = mask_tokens(batch.ids, batch.mask, special, vocab_size(model), generator=generator)
-        logits = model("lm_logits", model("fuse", image_tokens, inputs, batch.mask, embedded=True))
-        out["mlm"] = _ce_or_zero(logits, labels)
-        total = total + weights["mlm"] * out["mlm"]
-    if weights.get("lm", 0):
-        hidden = model("fuse", image_tokens, batch.ids, batch.mask, causal=True, embedded=True)
-        labels = batch.ids[:, 1:].masked_fill(batch.mask[:, 1:] == 0, -100)
-        out["lm"] = _ce_or_zero(model("lm_logits", hidden[:, :-1]), labels)
-        total = total + weights["lm"] * out["lm"]
+    for name, objective in LOSSES.items():
+        if name in active:
+            out.update(objective.loss(shared))
+            total = total + weights.get(name, 0) * out[name]
     if queue is not None and "itc" in out:
         all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
-        queue.push(all_txt, all_ids, all_mask)
+        queue.push(shared.contrast()["all_txt"], all_ids, all_mask)
     out["loss"] = total
     return out
 

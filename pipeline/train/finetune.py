@@ -27,7 +27,7 @@ from pipeline.model.scoring import Calibration, match_scores
 from pipeline.storage import as_path
 from pipeline.train.precision import Precision, resolve
 
-OBJECTIVES = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}
+ROLE_WEIGHTS = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}   # objectives: config.OBJECTIVES
 
 
 def model_precision(info: dict) -> Precision:
@@ -65,7 +65,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
     optimizer = torch.optim.AdamW(param_groups(model, ft.weight_decay), lr=ft.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(ft))
     generator = torch.Generator(device=device).manual_seed(seed)
-    weights = OBJECTIVES[role]
+    weights = ROLE_WEIGHTS[role]
     history = []
     queue = TextQueue(ft.text_queue) if ft.text_queue and "itm" in weights else None
     batches = iter(make_loader(spec))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.train.deepspeed_config import build_comm_op, deepspeed_config, import_deepspeed
-from pipeline.config import UNIMODAL_OBJECTIVES, PretrainConfig
+from pipeline.config import OBJECTIVES, UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.data.tokenizer import load_tokenizer
@@ -245,7 +245,7 @@ class MetricsLog:
         if self.tracker is not None:
             self.tracker.metrics({f"train/{k}": v for k, v in numbers.items()}, step)
         log.info("pretrain step %d: loss %.4f (%s), %.1f samples/s, %.3f TFLOP/s%s", step, losses["loss"],
-                 ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in ("itc", "itm", "mlm", "lm", "bow")),
+                 ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k in OBJECTIVES),
                  extra["samples_per_s"], extra["tflops"], f", MFU {extra['mfu']:.1%}" if "mfu" in extra else "")
 
     def publish(self) -> None:
