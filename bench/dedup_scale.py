@@ -119,7 +119,7 @@ def peak_rss_mb() -> float:
 def shuffle_way(rows: int, folder: Path) -> dict:
     import ray
 
-    from pipeline import dedup
+    from pipeline import dedup, dedupphases
     from pipeline.parallel import Progress, run_shard_tasks
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -131,7 +131,7 @@ def shuffle_way(rows: int, folder: Path) -> dict:
                     {str(s): (str(root), s, rows, settings) for s in range(shards)},
                     Progress("map", shards, rows), lambda r: r["rows"])
     mapped = time.perf_counter()
-    summary = dedup.run_phases(root, shards, settings, {"num_cpus": 1})
+    summary = dedupphases.run_phases(root, shards, settings, {"num_cpus": 1})
     done = time.perf_counter()
     decisions = {}
     if rows <= 200_000:

@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
 
     train = sub.add_parser("train", help="the pretrain stage under torchrun or the deepspeed launcher, without Ray "
-                                         "(every process runs it; see pipeline/train/launch.py)")
+                                         "(every process runs it; see pipeline/torchrun.py)")
     train.add_argument("config", help="YAML config; its data stages must be committed in the run directory")
     train.add_argument("--run-dir", help="run directory (default: the config's run_dir, else runs/<name>)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -153,7 +153,7 @@ def _dispatch(args) -> int:
     if args.command == "gc":
         return _gc(args.run_dir, args.yes)
     if args.command == "train":
-        from pipeline.train.launch import train_command
+        from pipeline.torchrun import train_command
 
         return train_command(args.config, args.run_dir, args.overrides)
     if args.command == "export":

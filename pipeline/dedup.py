@@ -32,7 +32,8 @@ files, fsyncs and, on an object store, PUTs; a partition's task reads its row gr
           pairs that need the verifier read them);
   verify  per partition: with the second node's signature, pipeline/data/neardup.py verifies -> edges;
           (exact drops and edges are written by the unit partition of their first node: a shard's
-          nodes are decided together; the phases below are pipeline/dedupresolve.py)
+          nodes are decided together; the phases below are pipeline/dedupresolve.py, and
+          pipeline/dedupphases.py runs them all from the driver)
   decide  per unit partition: eval_contaminated and duplicate_exact; edges from a dropped node left out,
           the rest sent to their second node's unit partition;
   prune   per unit partition: edges into a dropped node left out;
@@ -49,17 +50,13 @@ the closest), and `distance` (near_copy_distance; 0 for equal bytes or pixels).
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from pipeline.data import neardup
 from pipeline.fsutil import (
@@ -72,10 +69,8 @@ from pipeline.fsutil import (
     read_partition,
     rows_by_partition,
 )
-from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.storage import arrow, as_path, children
+from pipeline.storage import arrow, as_path
 
-log = logging.getLogger("vlp")
 EVAL = 1 << 62
 MAX_SIMHASH_BITS = 32
 BUCKET_CAP = 1024
@@ -112,7 +107,7 @@ def partition_of(values: np.ndarray, partitions: int) -> np.ndarray:
     return ((mixed >> np.uint64(33)) % np.uint64(partitions)).astype(np.int64)
 
 
-def _read(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
+def read_table(folder: Path, schema: pa.Schema | None = None) -> pa.Table:
     files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".")) if folder.is_dir() else []
     tables = [read_parquet(p) for p in files]
     if not tables:
@@ -215,7 +210,7 @@ def unit_partition(nodes: np.ndarray, partitions: int) -> np.ndarray:
     return partition_of(nodes >> 32, partitions)
 
 
-def _write_by_unit(path: Path, table: pa.Table, nodes: np.ndarray, partitions: int) -> None:
+def write_by_unit(path: Path, table: pa.Table, nodes: np.ndarray, partitions: int) -> None:
     """`table` as one file, row group u holding the rows whose `nodes` are in unit partition u."""
     atomic_write_row_groups(path, [table.take(rows) for rows in rows_by_partition(unit_partition(nodes, partitions), partitions)],
                             table.schema)
@@ -248,7 +243,7 @@ def exact_partition(root: str, p: int, settings: Settings) -> dict:
         node = nodes[dropped]
         reason = np.where(contaminated, "eval_contaminated", "duplicate_exact")[dropped]
         keeper = np.where(contaminated, nodes[np.minimum(first_eval, len(nodes) - 1)[group]], nodes[starts][group])[dropped]
-    _write_by_unit(root / "exact_out" / f"{p}.parquet", pa.table({
+    write_by_unit(root / "exact_out" / f"{p}.parquet", pa.table({
         "node": pa.array(node, pa.int64()), "reason": pa.array(reason, pa.string()), "keeper": pa.array(keeper, pa.int64()),
         "distance": pa.array(np.zeros(len(node)), pa.float64())}, schema=DROPS), node, settings.partitions)
     return mark(root, "exact", str(p), {"drops": len(node)})
@@ -298,7 +293,7 @@ def band_partition(root: str, p: int, settings: Settings) -> dict:
     atomic_write_row_groups(root / "pairs_a" / f"{p}.parquet", [
         pa.table([a[rows], b[rows]], schema=PAIRS) for rows in rows_by_partition(partition_of(a >> 32, settings.partitions),
                                                                             settings.partitions)], PAIRS)
-    _write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb, ed], schema=EDGES), ea, settings.partitions)
+    write_by_unit(root / "edges" / f"band-{p}.parquet", pa.table([ea, eb, ed], schema=EDGES), ea, settings.partitions)
     return mark(root, "band", str(p), {"pairs": len(a), "copy_edges": len(ea), "buckets_cut": cut,
                                         "pairs_left_out": left_out})
 
@@ -459,7 +454,7 @@ def verify_partition(root: str, r: int, settings: Settings) -> dict:
             edges["b"].append(b)
             edges["distance"].append(distance)
     a = np.array(edges["a"], np.int64)
-    _write_by_unit(root / "edges" / f"{r}.parquet", pa.table([a, np.array(edges["b"], np.int64),
+    write_by_unit(root / "edges" / f"{r}.parquet", pa.table([a, np.array(edges["b"], np.int64),
                                                               np.array(edges["distance"], np.float64)], schema=EDGES),
                    a, settings.partitions)
     return mark(root, "verify", str(r), {"edges": len(edges["a"])})
@@ -485,69 +480,6 @@ def read_columns(path: Path, columns: list[str]) -> pa.Table:
     name, filesystem = arrow(as_path(path))
     with pq.ParquetFile(name, filesystem=filesystem) as f:
         return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
-
-
-# --- the driver's side ------------------------------------------------------------------------------
-
-# 3: drops carry their keeper and distance, the resolve in six phases (names); 2: exact drops and edges by unit
-# partition, the resolve in four phases; 1: one resolve task
-PHASES_LAYOUT = 3
-
-
-def _forget_other_layout(root: Path) -> None:
-    """A dedup folder a vlp before PHASES_LAYOUT left (a run resumed across an upgrade) keeps its scans,
-    whose files have not changed; the markers of its later phases are dropped, so those phases run again
-    and rewrite their outputs (derived files, not committed work)."""
-    path = root / "phases-layout.json"
-    if path.is_file() and read_json(path) == PHASES_LAYOUT:
-        return
-    if (root / "done").is_dir():
-        for marker in children(root / "done"):
-            if not marker.name.startswith("scan-"):
-                marker.unlink()
-    atomic_write_json(path, PHASES_LAYOUT)
-
-
-def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> dict:
-    """Run exact, band, join, verify, decide, prune, near, drops, names and decisions (the scans are done);
-    returns their summaries."""
-    from pipeline import dedupresolve  # here, not above: it builds on this module
-
-    _forget_other_layout(root)
-    P = settings.partitions
-    summary: dict = {"partitions": P}
-
-    seconds: dict[str, float] = {}
-
-    def phase(name: str, fn, units: list[int], *args) -> list[dict]:
-        started = time.perf_counter()
-        done = {u: read_json(done_marker(root, name, str(u))) for u in units if done_marker(root, name, str(u)).is_file()}
-        todo = {str(u): (str(root), u, *args) for u in units if u not in done}
-        got = run_shard_tasks(ray.remote(fn).options(**options), todo, Progress(f"prefilter/{name}", len(units), None),
-                              lambda s: 0) if todo else {}
-        seconds[name] = round(time.perf_counter() - started, 2)
-        return list(done.values()) + list(got.values())
-
-    summary["exact_drops"] = sum(s["drops"] for s in phase("exact", exact_partition, list(range(P)), settings))
-    if settings.searches_near:
-        bands = phase("band", band_partition, list(range(P)), settings)
-        summary["candidate_pairs"] = sum(s["pairs"] for s in bands)
-        summary["copy_edges"] = sum(s["copy_edges"] for s in bands)
-        summary["buckets_cut"] = sum(s["buckets_cut"] for s in bands)
-        summary["pairs_left_out"] = sum(s["pairs_left_out"] for s in bands)
-        phase("join", join_partition, list(range(P)), settings)
-        summary["verified_edges"] = sum(s["edges"] for s in phase("verify", verify_partition, list(range(P)), settings))
-    decided = phase("decide", dedupresolve.decide_partition, list(range(P)), settings)
-    summary["edges"] = sum(s["edges"] for s in decided)
-    phase("prune", dedupresolve.prune_partition, list(range(P)), settings)
-    summary |= phase("near", dedupresolve.near_resolve, [0], settings)[0]
-    phase("drops", dedupresolve.drops_partition, list(range(P)), settings)
-    phase("names", dedupresolve.names_partition, list(range(P)), settings)
-    written = phase("decisions", dedupresolve.decisions_partition, list(range(P)), settings, shards)
-    summary["dropped"] = sum(s["dropped"] for s in written)
-    summary["seconds"] = seconds
-    log.info("prefilter: dedup over %d partitions: %s", P, json.dumps(summary))
-    return summary
 
 
 def load_settings(root: Path, settings: Settings) -> Settings:

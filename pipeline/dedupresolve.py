@@ -17,13 +17,13 @@ from pipeline.dedup import (
     EDGES,
     EVAL,
     Settings,
-    _read,
-    _write_by_unit,
     mark,
     partition_of,
     read_columns,
+    read_table,
     unit_of,
     unit_partition,
+    write_by_unit,
 )
 from pipeline.fsutil import (
     atomic_write_parquet,
@@ -78,7 +78,7 @@ def decide_partition(root: str, u: int, settings: Settings) -> dict:
     decided = decided.take(pa.array(np.argsort(decided["node"].to_numpy(), kind="stable"), pa.int64()))
     atomic_write_parquet(root / "decided" / f"{u}.parquet", decided)
     web = ~to_eval & ~np.isin(a, decided["node"].to_numpy())
-    _write_by_unit(root / "free_first" / f"{u}.parquet", pa.table([a[web], b[web], d[web]], schema=EDGES), b[web],
+    write_by_unit(root / "free_first" / f"{u}.parquet", pa.table([a[web], b[web], d[web]], schema=EDGES), b[web],
                    settings.partitions)
     return mark(root, "decide", str(u), {"decided": decided.num_rows, "edges": len(a)})
 
@@ -98,9 +98,9 @@ def near_resolve(root: str, unit: int, settings: Settings) -> dict:
     """(one task) The greedy near rule over the edges between nodes not dropped already, its drops (with
     the kept node each copies) by unit partition. Holds only those edges, as arrays (24 bytes an edge)."""
     root = as_path(root)
-    edges = _read(root / "free", EDGES)
+    edges = read_table(root / "free", EDGES)
     near, keeper, distance = greedy_keepers(edges["a"].to_numpy(), edges["b"].to_numpy(), edges["distance"].to_numpy())
-    _write_by_unit(root / "near" / "all.parquet", _drops(near, np.full(len(near), "duplicate_near"), keeper, distance),
+    write_by_unit(root / "near" / "all.parquet", _drops(near, np.full(len(near), "duplicate_near"), keeper, distance),
                    near, settings.partitions)
     return mark(root, "near", "all", {"near": len(near), "near_graph_edges": edges.num_rows})
 

@@ -40,6 +40,10 @@ def write_report(run_dir: str | Path) -> Path:
     return final / "index.html"
 
 
+# Steps that run once after every round and commit no manifest: name in `stages:` -> what it does(run root).
+AFTER_ROUNDS = {"report": write_report}
+
+
 def _build(run: RunDir, out: Path) -> str:
     import matplotlib
 

@@ -57,7 +57,7 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, 
 
 def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: bool = False,
              with_ray: bool = True) -> RunDir:
-    from stages import AFTER_ROUNDS
+    from pipeline.report import AFTER_ROUNDS   # imported when a run starts: the report reads the status
 
     for finished in run.recover():   # a kill between a new result's commit and its move into place
         log.info("%s: finished putting its new result in place (the old one is in superseded/)", finished)

@@ -1,6 +1,7 @@
 """The stage registry: every stage of the graph, in the order they run within a round. A new stage is
 a module that declares its `Stage` (pipeline/stage.py) and a line here (and its config section in
-pipeline/config.py's RunConfig)."""
+pipeline/config.py's RunConfig). The steps that run after every round and commit no manifest (the report)
+are the engine's own: pipeline/report.py's AFTER_ROUNDS."""
 from __future__ import annotations
 
 from pipeline.stage import Stage
@@ -15,12 +16,3 @@ REGISTRY: tuple[Stage, ...] = (
 )
 BY_NAME = {stage.name: stage for stage in REGISTRY}
 
-
-def _report(run_root):
-    from pipeline.report import write_report   # imported when it runs: the report reads the status
-
-    return write_report(run_root)
-
-
-# Steps that run once after every round and commit no manifest: (name in `stages:`, what it does).
-AFTER_ROUNDS = {"report": _report}

@@ -33,7 +33,7 @@ from pipeline.config import PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language, samplejson
 from pipeline import benchmarks as benchmarks_lib
-from pipeline import dedup
+from pipeline import dedup, dedupphases
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError, InputError
@@ -77,7 +77,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                         Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
         if settings.decontaminate:
             _fingerprint_eval_images(eval_shards, benchmarks, root, settings, options)
-        details["dedup"] = dedup.run_phases(root, len(shards), settings, options)
+        details["dedup"] = dedupphases.run_phases(root, len(shards), settings, options)
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root), ctx.out.writer)
             for i, s in enumerate(shards)}
     write = ray.remote(write_shard_task).options(**options)

@@ -54,7 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
-    """One rank's training, under Ray Train or a launcher (torchrun, deepspeed; pipeline/train/launch.py)
+    """One rank's training, under Ray Train or a launcher (torchrun, deepspeed; pipeline/torchrun.py)
     that set up the rendezvous (MASTER_ADDR, ...) in the environment."""
     deepspeed = import_deepspeed()
     cfg = build(PretrainConfig, config["pretrain"], source="pretrain")
