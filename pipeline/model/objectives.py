@@ -180,6 +180,14 @@ class _Shared:
         self.image_tokens = model("embed_image", batch.images)
         self._image: tuple[torch.Tensor, torch.Tensor] | None = None
         self._contrast: dict | None = None
+        self._texts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def texts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch's token ids and mask (gathered from every rank once: ITM's negatives and the
+        queue both read them)."""
+        if self._texts is None:
+            self._texts = tuple(gather(t, with_grad_local=False) for t in (self.batch.ids, self.batch.mask))
+        return self._texts
 
     def image(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image hidden states, image ITC feature) from the image encoder alone."""
@@ -213,7 +221,7 @@ def _itc(s: _Shared) -> dict[str, torch.Tensor]:
 def _itm(s: _Shared) -> dict[str, torch.Tensor]:
     """Each pair against one hard negative text and one hard negative image (hard_negatives)."""
     c, batch, b = s.contrast(), s.batch, s.batch.images.shape[0]
-    all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
+    all_ids, all_mask = s.texts()
     # negative images may live on another rank: their tokens travel, with gradient for the local ones
     all_tokens = gather(s.image_tokens, scale_local=False)
     text_ids, text_mask, queued_sim, queued_ids = all_ids, all_mask, None, None
@@ -277,8 +285,7 @@ def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, 
             out.update(objective.loss(shared))
             total = total + weights.get(name, 0) * out[name]
     if queue is not None and "itc" in out:
-        all_ids, all_mask = (gather(t, with_grad_local=False) for t in (batch.ids, batch.mask))
-        queue.push(shared.contrast()["all_txt"], all_ids, all_mask)
+        queue.push(shared.contrast()["all_txt"], *shared.texts())
     out["loss"] = total
     return out
 
