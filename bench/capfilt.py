@@ -180,7 +180,7 @@ class RayDataScorer:
     """Ray Data's way (e): a map_batches actor holding the stage's two models (CapfiltWorker's own)."""
 
     def __init__(self, stage_dir: str, cfg: dict, calibration):
-        from stages.capfilt import CapfiltWorker
+        from stages.capfilt.stage import CapfiltWorker
 
         self.worker = CapfiltWorker(f"{stage_dir}/captioner", f"{stage_dir}/filter", cfg, stage_dir, 1, 0,
                                     {"captioner": "-", "filter": "-"}, calibration)

@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipeline.config import PrefilterConfig, ToyWebConfig  # noqa: E402
+from pipeline.config import ToyWebConfig  # noqa: E402
+
+from stages.prefilter.config import PrefilterConfig
 from pipeline.data import neardup  # noqa: E402
 from pipeline.toyweb import lookalikes  # noqa: E402
 from pipeline.toyweb.world import ToyWorld  # noqa: E402

@@ -33,7 +33,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DownloadConfig, RunConfig, ToyWebConfig, UrlListConfig, DataConfig, RayConfig
+from pipeline.config import RunConfig, ToyWebConfig, UrlListConfig, DataConfig, RayConfig
+
+from stages.download.config import DownloadConfig
 from pipeline.toyweb.lists import write_toyweb
 from pipeline.toyweb.server import ToyWebServer
 

@@ -79,7 +79,11 @@ def main() -> None:
     import ray
     import s3fs
 
-    from pipeline.config import DataConfig, DownloadConfig, PrefilterConfig, RayConfig, RunConfig, ToyWebConfig
+    from pipeline.config import DataConfig, RayConfig, RunConfig, ToyWebConfig
+
+    from stages.download.config import DownloadConfig
+
+    from stages.prefilter.config import PrefilterConfig
     from pipeline.toyweb.lists import write_toyweb
     from pipeline.toyweb.server import ToyWebServer
 

@@ -63,7 +63,7 @@ def synthetic_laion(folder: Path, rows: int) -> list[dict]:
 
 
 def plan_in_driver(specs: list[dict], stage: Path) -> int:
-    """The plan before #14 (stages/download.py at 3304e73): everything in the driver, shards as tables."""
+    """The plan before #14 (stages/download/stage.py at 3304e73): everything in the driver, shards as tables."""
     import pyarrow as pa
 
     from pipeline.config import UrlListConfig
@@ -113,7 +113,7 @@ def scan(stage: Path, shards: int) -> int:
     from pipeline.data.shards import shard_name
     from pipeline.manifest import Accounting
     from pipeline.runs import StageDir
-    from stages.download import transient_failures
+    from stages.download.stage import transient_failures
 
     out, acc, again = StageDir(stage, "download", 0), Accounting(), 0
     for stats in out.committed_stats([shard_name(i) for i in range(shards)]).values():
@@ -151,7 +151,7 @@ def child(part: str, way: str, rows: int, folder: Path) -> dict:
         stage = folder / f"stats-{way}-{shards}"
         if not stage.is_dir():
             synthetic_stats(stage, shards, inline_rejects=way == "inline")
-        import stages.download  # noqa: F401  (imports are not the scan)
+        import stages.download.stage  # noqa: F401  (imports are not the scan)
 
         base = peak_rss_mb()
         started = time.perf_counter()

@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import PretrainConfig  # noqa: E402
+from stages.pretrain.config import PretrainConfig  # noqa: E402
 from pipeline.model import SIZES, MultiwayTransformer, count_parameters  # noqa: E402
 from pipeline.model.objectives import Batch, SpecialTokens, pretrain_losses  # noqa: E402
 

@@ -176,7 +176,7 @@ def read_wds_retrieval(root: Path, split: str, limit: int | None, skipped: colle
     return images, captions, owner
 
 
-# --- the images alone, for decontamination (stages/prefilter.py): the whole split, in parts -------
+# --- the images alone, for decontamination (stages/prefilter/stage.py): the whole split, in parts -------
 
 PART_IMAGES = 2000   # image files per part: ImageNet's 50k validation images are 25 tasks
 

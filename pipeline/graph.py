@@ -9,20 +9,17 @@ from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.runs import RunDir
 from pipeline.stage import Stage
+import stages
 
 log = logging.getLogger("vlp")
 
 
 def registry() -> tuple[Stage, ...]:
-    from stages import REGISTRY   # the stage modules import Ray and torch: only when a graph is walked
-
-    return REGISTRY
+    return stages.registry()   # the stage modules import Ray and torch: only when a graph is walked
 
 
 def spec(name: str) -> Stage:
-    from stages import BY_NAME
-
-    return BY_NAME[name]
+    return stages.stage(name)
 
 
 def bootstraps(cfg: RunConfig) -> bool:

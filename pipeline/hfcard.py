@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.config import OBJECTIVES
+from stages.pretrain.config import OBJECTIVES
 from pipeline.storage import as_path
 
 TAGS = ["vlp", "vision-language", "multiway-transformer", "vlmo", "image-text-retrieval", "custom_code"]

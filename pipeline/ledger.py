@@ -7,8 +7,10 @@ the sample kept (duplicate_exact: the first sample with the same original bytes,
 have dropped in turn: its own row says; duplicate_near: the kept sample it copies, the closest if
 several), or for `eval_contaminated` the eval image's `benchmark` (a benchmark's name, or
 `evaluate.shards`) and `item` (its path in the benchmark, or `<tar>/<key>`); and `distance`, the
-near-copy distance (0: the same bytes or pixels). Other rows leave those four null; ledgers written
-before they existed read with them null. The shard's stats file holds only the counts per reason, so the driver, `vlp status` and the
+near-copy distance (0: the same bytes or pixels). A scoring stage fills `score` (score_filter: the
+image-text score it kept or dropped the sample by) and a balancing one `entries` (balance: the entries
+the caption matched). Other rows leave those six null; ledgers written before they existed read with
+them null. The shard's stats file holds only the counts per reason, so the driver, `vlp status` and the
 resume scan read a few hundred bytes per shard; whoever wants the samples (the report, a user asking
 "why was this URL dropped?") aggregates the ledgers with pyarrow.dataset, never the tars.
 """
@@ -25,7 +27,8 @@ from pipeline.storage import arrow, as_path
 SCHEMA = pa.schema([("key", pa.string()), ("outcome", pa.string()), ("reason", pa.string()),
                     ("error", pa.string()), ("url", pa.string()), ("source", pa.string()),
                     ("source_row", pa.int64()), ("keeper", pa.string()), ("distance", pa.float64()),
-                    ("benchmark", pa.string()), ("item", pa.string())])
+                    ("benchmark", pa.string()), ("item", pa.string()), ("score", pa.float64()),
+                    ("entries", pa.list_(pa.string()))])
 SUFFIX = ".parquet"
 # CapFilt's `decisions/<shard>.parquet`: both texts and both scores of every image it judged. In a
 # folder of their own, so that a stage folder's `*.parquet` are its ledgers only (`duckdb.sql("select *

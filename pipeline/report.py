@@ -246,7 +246,7 @@ def _sample_grid(run: RunDir, decided: list[dict], truth: dict | None, out: Path
             by_verdict[d["verdict"]].append(d)
     wanted = {d["key"]: d for group in by_verdict.values() for d in group}
     images, prefilter = {}, run.stage("prefilter", 0)
-    # a key starts with its shard's number (stages/download.py): only the shards that hold a wanted key
+    # a key starts with its shard's number (stages/download/stage.py): only the shards that hold a wanted key
     for name in sorted({key[:SHARD_DIGITS] + ".tar" for key in wanted}):
         if prefilter.shard_path(name).is_file():
             for sample in read_shard(prefilter.shard_path(name)):

@@ -156,7 +156,7 @@ def _json(data: bytes | None) -> dict:
 
 
 def eval_images(run: RunDir, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
-    """{(benchmark, item): image bytes} of the eval images prefilter's ledger names (see stages/prefilter.py:
+    """{(benchmark, item): image bytes} of the eval images prefilter's ledger names (see stages/prefilter/stage.py:
     `evaluate.shards` and `<tar>/<key>`, or a benchmark's name and the image's path under its images, or
     `<tar>/<key>` of a webdataset benchmark). An image no longer where the config says is left out."""
     if not wanted:

@@ -67,7 +67,7 @@ class Sources:
         fingerprint of each: its settings and the (size, mtime) of every file under it (a COCO image
         folder is not hashed on every resume). `images_only`: the fingerprint of which images the
         benchmark holds, for decontamination (a new rerank_k or template changes no image)."""
-        from pipeline.config import BenchmarkConfig
+        from stages.evaluate.config import BenchmarkConfig
         from pipeline.configtree import build, to_plain
 
         toy = [build(BenchmarkConfig, b, source="the toy web") for b in (self.toyweb or {}).get("benchmarks", [])]

@@ -1,21 +1,22 @@
 """The stage contract: what a stage declares, what it is given, what it returns.
 
-A stage module declares one `Stage`: its name, config type, the rounds it runs in, the upstream
-stages it reads, the extra inputs it needs (URL lists, seed or eval shards, a base model) and its
-`run(cfg, inputs, ctx) -> Manifest`. `stages/__init__.py` lists them in graph order; the runner
+A stage's stage.py declares one `Stage`: its name, its settings' declaration (config type, the rounds
+it runs in: stages/<name>/config.py), the upstream stages it reads, the extra inputs it needs (URL lists, seed or eval shards, a base model) and its
+`run(cfg, inputs, ctx) -> Manifest`. `stages/__init__.py` names them in graph order; the runner
 (pipeline/runner.py) walks that table and knows no stage by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable
 
 from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir, StageDir
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.configbase import Section
     from pipeline.sources import Sources
 
 @dataclass(frozen=True)
@@ -80,10 +81,8 @@ class Request:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    config: type
-    rounds: Literal["first", "later", "every"]
-    """first: round 0 only (the web's data); later: bootstrapping rounds 1.. only; every: all rounds.
-    Bootstrapping rounds exist when a `later` stage is among the config's stages."""
+    section: "Section"
+    """Its settings' declaration (stages/<name>/config.py): the config type, the rounds it runs in."""
     upstreams: Callable[["RunConfig", int], list[tuple[str, int]]]
     """(stage, round) of the committed results it reads; the first is its main input."""
     run: Callable[[Any, Inputs, StageContext], Manifest]
@@ -98,14 +97,42 @@ class Stage:
     """A filtering stage: every sample its main input kept must come in (checked after it runs)."""
     fetches: bool = False
     """Reads the URL lists' web: the toy web (if the run has one) is served while it runs."""
+    curates_web: bool = False
+    """Its output is the web's samples, cut as download's shards (download, prefilter, and every filter
+    after them): the next such stage reads it, round 0's pretraining and CapFilt read the last (web_data)."""
     retryable: Callable[[Manifest], int] | None = None
     """How many samples of a committed result failed in ways a new try may fix (timeouts, 5xx): `vlp
     resume --retry-failed` runs the stage again over them (StageDir.start_retry_pass). None: never."""
+
+    @property
+    def config(self) -> type:
+        return self.section.config
+
+    @property
+    def rounds(self) -> str:
+        return self.section.rounds
 
     def runs_in(self, round_: int) -> bool:
         return self.rounds == "every" or (self.rounds == "first") == (round_ == 0)
 
 
+def shard_tasks(cfg: "RunConfig", cpus: float, urls: int | None) -> Request:
+    """The request of a stage that runs a task per web shard (a filter after download)."""
+    shards = web_shards(cfg, urls)
+    return Request({"CPU": cpus}, shards or 1, False, shards,
+                   f"at most {urls if urls is not None else 'all listed'} in (what the stages before it keep)")
+
+
 def web_shards(cfg: "RunConfig", urls: int | None) -> int | None:
     """How many shards the web's data is cut into (download's, kept by prefilter and capfilt)."""
     return None if urls is None else max(1, -(-urls // cfg.download.samples_per_shard))
+
+
+def web_data(cfg: "RunConfig", before: str | None = None) -> tuple[str, int]:
+    """(stage, 0) whose shards are the web's data as far as the run curates it: the last stage that
+    `curates_web` among the config's stages (in the registry's order), or the last before stage `before`."""
+    import stages
+
+    names = stages.NAMES[:stages.NAMES.index(before)] if before else stages.NAMES
+    curating = [n for n in names if n in cfg.stages and stages.stage(n).curates_web]
+    return (curating[-1] if curating else "download"), 0

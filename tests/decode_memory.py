@@ -1,5 +1,5 @@
 """Peak memory of one download decode, per stored pixel: prepare_image, then img2dataset's Resizer, as
-stages/download.py's fetch_rows runs them (its Decoder: one at a time, on one thread), on large images of the formats
+stages/download/stage.py's fetch_rows runs them (its Decoder: one at a time, on one thread), on large images of the formats
 of the image zoo (tests/imagezoo.py) that cost the most.
 
 Each measurement is two fresh processes: one writes the image file, the other imports everything,
@@ -7,11 +7,11 @@ decodes a small image of the same kind (codecs and caches loaded), reads the fil
 resident size as the baseline and its peak (`VmHWM`, the kernel's ru_maxrss, reset through
 /proc/self/clear_refs where the kernel allows it) around the decode: once, or once in each of `threads`
 threads, each through the one Decoder (as the fetch threads decode). Peak minus baseline, over the stored
-pixels, is what stages/download.py budgets as DECODE_BYTES_PER_PIXEL. With `trace`, tracemalloc's
+pixels, is what stages/download/stage.py budgets as DECODE_BYTES_PER_PIXEL. With `trace`, tracemalloc's
 peak too (numpy's and Python's allocations; Pillow's image memory is not traced).
 
 `python tests/decode_memory.py [side]` prints the table for side x side images (default 4999: just under
-the default max_image_area of 25 million pixels); it sets stages/download.py's DECODE_BYTES_PER_PIXEL.
+the default max_image_area of 25 million pixels); it sets stages/download/stage.py's DECODE_BYTES_PER_PIXEL.
 tests/test_decode_memory.py checks an RGBA PNG decoded for 16 threads against it.
 """
 from __future__ import annotations
@@ -126,8 +126,8 @@ import gc, io, json, resource, sys, threading, time
 kind, path, small, mode, trace = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 threads = int(sys.argv[6])
 raw = kind.startswith("raw:")
-from pipeline.config import DownloadConfig
-from stages.download import Decoder, make_resizer
+from stages.download.config import DownloadConfig
+from stages.download.stage import Decoder, make_resizer
 cfg = DownloadConfig(resize_mode=mode)
 resize = make_resizer(cfg)
 decoder = Decoder(cfg, resize)   # the stage's own: one image at a time, on one thread of its own

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.benchmarks import run_benchmark
-from pipeline.config import BenchmarkConfig
+from stages.evaluate.config import BenchmarkConfig
 from pipeline.configtree import to_plain
 from pipeline.data.shards import write_shard
 from pipeline.data.tokenizer import train_tokenizer

@@ -13,7 +13,9 @@ import yaml
 from conftest import CAPFILT, ROOT, load_config, pretrain_config, vlp, write_config
 from pipeline import cli, runner, status
 from pipeline.breaker import check_drop_shares
-from pipeline.config import CapfiltConfig, DownloadConfig, PrefilterConfig
+from stages.capfilt.config import CapfiltConfig
+from stages.download.config import DownloadConfig
+from stages.prefilter.config import PrefilterConfig
 from pipeline.configtree import to_plain
 from pipeline.errors import ConfigError, StageFailed
 from pipeline.manifest import Accounting

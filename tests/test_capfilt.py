@@ -302,7 +302,7 @@ def test_calibration_captioning_and_scoring_run_in_the_fine_tunes_precision(tmp_
     from pipeline.modelio import load_pretrained, read_info, save_pretrained
     from pipeline.train.finetune import calibrate, finetune, model_precision
     from pipeline.train.precision import resolve
-    from stages.capfilt import CapfiltWorker
+    from stages.capfilt.stage import CapfiltWorker
 
     holdout, reject_rate = 0.4, 0.1
     shard = _seed_shard(tmp_path / "seed.tar")

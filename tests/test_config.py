@@ -40,7 +40,8 @@ BASE = "name: t\ndata:\n  inputs: [{path: x.tsv, format: cc3m}]\n"
     ("download:\n  resize_mode: stretch\n", "download.resize_mode: 'stretch' is not one of"),
     ("prefilter:\n  boilerplate_patterns: ['(unclosed']\n", "prefilter.boilerplate_patterns[0]: not a valid regex"),
     ("prefilter:\n  dedup_near: 'yes'\n", "prefilter.dedup_near: expected true or false"),
-    ("stages: [prefilter, download]\n", "stages: must be in graph order"),
+    ("stages: [download, prefilter, download]\n", "stages: a stage is listed twice"),
+    ("stages: [download, dedupe]\n", "stages[1]: 'dedupe' is not one of 'download'"),
     ("bogus: 1\n", "unknown key 'bogus'"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, extra, message):
@@ -49,6 +50,12 @@ def test_bad_values_name_file_and_key(tmp_path, extra, message):
         load_config(path)
     assert str(path) in str(err.value)
     assert message in str(err.value)
+
+
+def test_stages_run_in_the_graphs_order_whatever_the_lists(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE + "stages: [report, prefilter, download]\n"))
+    assert cfg.stages == ("download", "prefilter", "report")
+    assert "stages:\n- download\n- prefilter\n- report\n" in dump_config(cfg)
 
 
 def test_toyweb_rates_are_checked(tmp_path):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline.config import PrefilterConfig
+from stages.prefilter.config import PrefilterConfig
 from pipeline.toyweb import lookalikes
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import ConfigError
@@ -14,7 +14,7 @@ from pipeline.ledger import read_ledger
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import RunDir
 from pipeline.stage import Inputs, StageContext, Upstream
-from stages import prefilter
+from stages.prefilter import stage as prefilter
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 

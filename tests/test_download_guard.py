@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from pipeline.config import DownloadConfig, UrlListConfig
+from pipeline.config import UrlListConfig
+from stages.download.config import DownloadConfig
 from pipeline.configtree import to_plain
 from pipeline.ledger import not_kept
-from stages.download import task_memory
+from stages.download.stage import task_memory
 from webguard import ALLOWED, HostileWeb
 
 PEAK_RSS = """
@@ -88,10 +89,11 @@ def test_a_bomb_is_refused_within_the_tasks_memory_bound(tmp_path, web):
     script = textwrap.dedent(f"""
         import json, sys
         from pathlib import Path
-        from pipeline.config import DownloadConfig, UrlListConfig
+        from pipeline.config import UrlListConfig
+        from stages.download.config import DownloadConfig
         from pipeline.configtree import build
         from pipeline.data.listplan import input_name, plan_list
-        from stages.download import download_shard
+        from stages.download.stage import download_shard
         out = Path({str(tmp_path / "stage")!r}); (out / "inputs").mkdir(parents=True)
         plan_list(dict(path={str(parquet)!r}, format="parquet"), 0, str(out / "inputs"), 1000)
         stats = download_shard(str(out), (0, "inputs/" + input_name(0), 0, 6), json.loads(sys.argv[1]))

@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DataConfig, DownloadConfig, RayConfig, RunConfig, UrlListConfig
+from pipeline.config import DataConfig, RayConfig, RunConfig, UrlListConfig
+
+from stages.download.config import DownloadConfig
 from pipeline.errors import StageFailed
 from webguard import ALLOWED, HostileWeb
 

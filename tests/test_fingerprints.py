@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from conftest import load_config, write_config
-from pipeline import config as C
+import stages
 from pipeline.configtree import CHANGES_OUTPUT, to_plain
 from pipeline.runs import STATS_SUFFIX
 
@@ -28,6 +28,11 @@ EXECUTION_ONLY = {
     "evaluate": {"batch_size": 16},
     "capfilt": {"actors": 1, "cpus_per_actor": 0.5, "shard_retries": 0, "max_drop_share": 0.9,
                 "drop_share_limits": {"filter_rejected": 0.9}, "prefetch_batches": 0, "shards_per_actor": 1},
+    # the model's and the entry list's content enter as inputs (their fingerprints), not their paths
+    "score_filter": {"cpus_per_task": 0.5, "max_drop_share": 0.9,
+                     "drop_share_limits": {"score_below_threshold": 0.9}, "clip_model": "/elsewhere/clip"},
+    "balance": {"cpus_per_task": 0.5, "max_drop_share": 0.9,
+                "drop_share_limits": {"balance_no_entry": 0.9}, "entries": "/elsewhere/entries.txt"},
 }
 # Some that do change it: they must move the fingerprint.
 OUTPUT = {
@@ -37,6 +42,8 @@ OUTPUT = {
     "pretrain": {"steps": 301, "num_workers": 1, "micro_batch": 8, "zero_stage": 1},
     "evaluate": {"rerank_k": 2},
     "capfilt": {"batch_size": 8, "top_p": 0.8, "threshold": 0.7},
+    "score_filter": {"keep_top": 0.5, "batch_size": 8},
+    "balance": {"t": 5, "min_count": 3, "keep_unmatched": True},
 }
 
 
@@ -57,10 +64,13 @@ def _typed(section, field: str, value):
     return value
 
 
+def test_every_stage_is_in_the_tables():
+    assert set(EXECUTION_ONLY) == set(OUTPUT) == set(stages.NAMES)
+
+
 @pytest.mark.parametrize("stage", sorted(EXECUTION_ONLY))
 def test_the_table_is_what_the_config_marks(stage):
-    cls = {"download": C.DownloadConfig, "prefilter": C.PrefilterConfig, "pretrain": C.PretrainConfig,
-           "evaluate": C.EvaluateConfig, "capfilt": C.CapfiltConfig}[stage]
+    cls = stages.section(stage).config
     marked = {f.name for f in dataclasses.fields(cls) if f.metadata.get(CHANGES_OUTPUT) is False}
     assert marked == set(EXECUTION_ONLY[stage])
 

@@ -1,5 +1,5 @@
 """Images written by real encoders (tests/imagezoo.py) through prepare_image and img2dataset's Resizer,
-configured as stages/download.py's fetch_rows configures it: every format Pillow decodes is kept upright,
+configured as stages/download/stage.py's fetch_rows configures it: every format Pillow decodes is kept upright,
 in its colours, transparency on white; a format with no decoder installed fails with a named reason;
 nothing raises anything but FetchFailed.
 
@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from imagezoo import HEIGHT, WIDTH, build_zoo, expected_quadrants, zoo_files
-from pipeline.config import DownloadConfig
+from stages.download.config import DownloadConfig
 from pipeline.data.fetch import FetchFailed
 from pipeline.data.images import image_size
 from pipeline.data.images import PLUGINS, prepare_image
-from stages.download import make_resizer
+from stages.download.stage import make_resizer
 from webguard import png_bomb
 
 CFG = DownloadConfig(image_size=64)

@@ -103,7 +103,7 @@ def test_foreign_members_are_dropped_and_incomplete_samples_skipped_all_counted(
 
 
 def test_the_tokenizer_captions_skip_a_sample_with_only_a_foreign_member(tmp_path):
-    from stages.pretrain import sample_captions
+    from stages.pretrain.stage import sample_captions
 
     shard = _planted(tmp_path / "seed.tar")   # s0002 holds only a .pyd: it was a KeyError 'txt'
     seen = []
@@ -117,10 +117,10 @@ class _Stop(Exception):
 
 def _pretrain_until_training(tmp_path, seed_shards, monkeypatch):
     """stages.pretrain.run on a fake upstream of 100 web samples, stopped where the tokenizer is made."""
-    from pipeline.config import PretrainConfig
+    from stages.pretrain.config import PretrainConfig
     from pipeline.runs import StageDir
     from pipeline.stage import Inputs
-    from stages import pretrain
+    from stages.pretrain import stage as pretrain
 
     def stop(*args, **kwargs):
         raise _Stop
@@ -178,10 +178,10 @@ def _evaluate(tmp_path, model_dir, eval_shards, monkeypatch):
     """stages.evaluate.run with its Ray task run in this process (a task's error raised as Ray raises it)."""
     import ray
 
-    from pipeline.config import EvaluateConfig
+    from stages.evaluate.config import EvaluateConfig
     from pipeline.runs import StageDir
     from pipeline.stage import Inputs, StageContext
-    from stages import evaluate
+    from stages.evaluate import stage as evaluate
 
     class InProcess:   # ray.remote(f).options(...).remote(*args), then ray.get
         exceptions = ray.exceptions

@@ -14,12 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import LIST_FIELDS, DownloadConfig, DownloadFaults, ToyWebConfig, UrlListConfig
+from pipeline.config import DownloadFaults, ToyWebConfig, UrlListConfig
+
+from pipeline.configbase import LIST_FIELDS
+
+from stages.download.config import DownloadConfig
 from pipeline.data.politeness import HostQueue, Politeness, parse_retry_after
 from pipeline.ledger import read_ledger
 from pipeline.toyweb.server import ToyWebServer, url_for
 from pipeline.toyweb.world import LIMITED_HOST, ToyWorld
-from stages.download import fetch_rows
+from stages.download.stage import fetch_rows
 from webguard import ALLOWED, BUSY_SEEN, HostileWeb
 
 NO_FAULTS = DownloadFaults(**{f.name: 0.0 for f in dataclasses.fields(DownloadFaults)})
@@ -132,7 +136,8 @@ def test_urls_repeated_across_lists_are_fetched_once_and_laion_columns_reach_pre
     duplicate_url naming the kept key. The lists' similarity and punsafe land in each sample's json,
     and prefilter's list rules drop by them (a missing punsafe counted on its own)."""
     from pipeline import runner
-    from pipeline.config import DataConfig, PrefilterConfig, RayConfig, RunConfig
+    from pipeline.config import DataConfig, RayConfig, RunConfig
+    from stages.prefilter.config import PrefilterConfig
 
     with HostileWeb() as web:
         urls = [web.url(f"/img.jpg?n={i}") for i in range(8)]

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from pipeline.config import PretrainConfig
+from stages.pretrain.config import PretrainConfig
 from pipeline.model import SIZES, MultiwayTransformer
 from pipeline.model import multiway
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue

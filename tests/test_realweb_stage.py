@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagezoo import build_zoo, expected_quadrants
-from pipeline.config import DataConfig, DownloadConfig, RayConfig, RunConfig, UrlListConfig
+from pipeline.config import DataConfig, RayConfig, RunConfig, UrlListConfig
+from stages.download.config import DownloadConfig
 from pipeline.data.shards import read_shard
 from pipeline.errors import ConfigError
 from pipeline.ledger import stage_ledger

@@ -5,7 +5,7 @@ loader's held-out share. Exact checks on CPU, no Ray."""
 import pytest
 import torch
 
-from pipeline.config import OBJECTIVES
+from stages.pretrain.config import OBJECTIVES
 from pipeline.data.loader import in_holdout
 from pipeline.model import SIZES, MultiwayTransformer
 from pipeline.model.multiway import sincos_2d

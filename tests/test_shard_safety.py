@@ -46,7 +46,7 @@ def test_prefilter_writes_only_its_own_members(tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline import dedup
-    from stages.prefilter import write_shard_task
+    from stages.prefilter.stage import write_shard_task
 
     marker = tmp_path / "pwned"
     planted_shard(tmp_path / "in.tar", marker)

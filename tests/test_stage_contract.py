@@ -2,22 +2,37 @@
 round-trip through their one reader and writer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 from conftest import ROOT, load_config, write_config
 from pipeline import graph
-from pipeline.config import STAGE_ORDER
+import stages
+from pipeline.config import DEFAULT_STAGES, STAGE_ORDER, RunConfig
 from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir
 from pipeline.report import AFTER_ROUNDS
-from stages import REGISTRY
+
+REGISTRY = stages.registry()
 
 
 def test_the_registry_declares_every_configurable_stage():
     assert {s.name for s in REGISTRY} | set(AFTER_ROUNDS) == set(STAGE_ORDER)
     for stage in REGISTRY:
         assert stage.rounds in ("first", "later", "every") and callable(stage.run) and callable(stage.request)
+
+
+def test_a_stage_is_named_once_in_the_registry():
+    """The run config's sections, its stage list and the graph all come from stages/__init__.py's NAMES."""
+    assert STAGE_ORDER == stages.NAMES + ("report",) and [s.name for s in REGISTRY] == list(stages.NAMES)
+    fields = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    for name in stages.NAMES:
+        assert fields[name] is stages.section(name).config
+        assert (name in DEFAULT_STAGES) != stages.section(name).optional
+    for folder in (ROOT / "stages").iterdir():   # a stage folder that the registry does not name is dead code
+        if folder.is_dir() and folder.name != "__pycache__":
+            assert folder.name in stages.NAMES, f"stages/{folder.name}/ is not in stages/__init__.py's NAMES"
 
 
 def test_the_runner_knows_no_stage_by_name():
@@ -28,7 +43,7 @@ def test_the_runner_knows_no_stage_by_name():
 
 
 def test_rounds_come_from_what_each_stage_declares(tmp_path, toyweb):
-    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(STAGE_ORDER), rounds=2))
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(DEFAULT_STAGES), rounds=2))
     order = graph.schedule(cfg, list(cfg.stages))
     assert order == [("download", 0), ("prefilter", 0), ("pretrain", 0), ("evaluate", 0),
                      ("capfilt", 1), ("pretrain", 1), ("evaluate", 1),
@@ -37,6 +52,21 @@ def test_rounds_come_from_what_each_stage_declares(tmp_path, toyweb):
     no_bootstrap = load_config(write_config(tmp_path / "d.yaml", toyweb,
                                             stages=["download", "prefilter", "pretrain", "evaluate"]))
     assert [r for _, r in graph.schedule(no_bootstrap, list(no_bootstrap.stages))] == [0, 0, 0, 0]
+
+
+def test_a_curation_operator_slots_in_between_the_web_stages_and_their_readers(tmp_path, toyweb):
+    """An optional filter of the web's data reads the stage before it, and round 0's pretraining and
+    CapFilt read the last: no stage names another's upstream."""
+    both = load_config(write_config(tmp_path / "a.yaml", toyweb, rounds=1,
+                                    stages=list(DEFAULT_STAGES) + ["score_filter", "balance"]))
+    assert graph.upstreams(both, "score_filter", 0) == [("prefilter", 0)]
+    assert graph.upstreams(both, "balance", 0) == [("score_filter", 0)]
+    assert graph.upstreams(both, "pretrain", 0) == [("balance", 0)]
+    assert graph.upstreams(both, "capfilt", 1) == [("balance", 0), ("pretrain", 0)]
+    assert [s for s, r in graph.schedule(both, list(both.stages)) if r == 0] == \
+        ["download", "prefilter", "score_filter", "balance", "pretrain", "evaluate"]
+    one = load_config(write_config(tmp_path / "b.yaml", toyweb, stages=["download", "prefilter", "balance", "pretrain"]))
+    assert graph.upstreams(one, "balance", 0) == [("prefilter", 0)] and graph.upstreams(one, "pretrain", 0) == [("balance", 0)]
 
 
 def test_a_manifest_reads_back_what_was_written(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, pretrain_config, shard_digests, vlp, wait_for, write_config
 from pipeline.storage import as_path
-from stages.download import transient_failures
+from stages.download.stage import transient_failures
 
 RAY = str(Path(sys.executable).parent / "ray")
 

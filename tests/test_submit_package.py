@@ -23,7 +23,7 @@ CREDENTIALS = [".envrc", ".s3cfg", ".boto", ".pypirc", ".npmrc", ".vault-token",
                ".git-credentials", ".aws/credentials", ".ssh/config", ".kube/config", ".docker/config.json"]
 # What a job needs: the packages, the configs, pyproject and the lock.
 NEEDED = ["pipeline/__init__.py", "pipeline/cli.py", "pipeline/hf_template/modeling_vlp.py", "stages/__init__.py",
-          "stages/download.py", "cluster/__init__.py", "cluster/jobs.py", "configs/tiny.yaml", "pyproject.toml",
+          "stages/download/stage.py", "cluster/__init__.py", "cluster/jobs.py", "configs/tiny.yaml", "pyproject.toml",
           "requirements/cpu.txt"]
 
 

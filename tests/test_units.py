@@ -4,12 +4,14 @@ import re
 import pytest
 import webdataset as wds
 
-from pipeline.config import DEFAULT_BOILERPLATE, PrefilterConfig, ToyWebConfig
+from pipeline.config import ToyWebConfig
+
+from stages.prefilter.config import DEFAULT_BOILERPLATE, PrefilterConfig
 from pipeline.data.shards import read_shard, write_shard
 from pipeline.toyweb.world import ToyWorld
 from pipeline.manifest import Accounting
-from stages.download import failure_reason
-from stages.prefilter import caption_rule, image_rule
+from stages.download.stage import failure_reason
+from stages.prefilter.stage import caption_rule, image_rule
 
 
 def _samples(n):
@@ -95,7 +97,7 @@ def test_the_tokenizer_reads_a_bounded_seeded_sample_of_captions_and_all_of_a_sm
 
     from pipeline.data.shards import write_shard
     from pipeline.data.tokenizer import build_vocab
-    from stages.pretrain import sample_captions
+    from stages.pretrain.stage import sample_captions
 
     def shards(folder):
         paths = []

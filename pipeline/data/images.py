@@ -26,7 +26,7 @@ Memory: one decode through prepare_image and the Resizer peaks at 25 bytes a sto
 Pillow 13, OpenCV 4.14; BENCHMARKS.md), under the 36 a pixel the download stage budgets for it
 (`DECODE_BYTES_PER_PIXEL`). img2dataset's float64 matting, 76 bytes a pixel on an RGBA PNG, no longer
 runs: the Resizer gets RGB or grey only. Call it where the Resizer runs, one image at a time and on one
-thread: stages/download.py's Decoder says why (glibc's per-thread malloc arenas).
+thread: stages/download/stage.py's Decoder says why (glibc's per-thread malloc arenas).
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             counter = 0
             for shard in mine:
                 # a sample with no image or caption (the seed set is the user's) is not in the stream at all,
-                # nor is a member we do not own; pretrain's driver counted them (stages/pretrain.py)
+                # nor is a member we do not own; pretrain's driver counted them (stages/pretrain/stage.py)
                 samples = list(read_input_shard(as_path(shard), ShardCheck()))
                 # seeded by the shard name, not its path: a copied or moved run shuffles the same way
                 random.Random(f"{s.seed}:{epoch}:{as_path(shard).name}").shuffle(samples)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import LIST_FIELDS
+from pipeline.configbase import LIST_FIELDS
 
 IMAGE_FIELDS = ("width", "height", "original_width", "original_height", "sha256")
 

@@ -7,7 +7,7 @@ compressed with gzip, bz2, lz4 or zstd (by extension) are decompressed as they s
 
 `check_url_list` is the cheap test the driver makes before anything is fetched (the file is there, in
 its format, with its columns, and its first batch holds URLs); the download's planning tasks stream the
-whole list with `iter_url_batches` (stages/download_plan.py).
+whole list with `iter_url_batches` (pipeline/data/listplan.py).
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.config import LIST_FIELDS, UrlListConfig
+from pipeline.config import UrlListConfig
+
+from pipeline.configbase import LIST_FIELDS
 from pipeline.errors import InputError
 from pipeline.storage import arrow, as_path, input_stream
 

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall at k: one implementation for the held-out split (stages/evaluate.py) and the
+"""Image-text retrieval recall at k: one implementation for the held-out split (stages/evaluate/stage.py) and the
 standard benchmarks (pipeline/benchmarks.py), which differ only in which texts are right for an image.
 
 Ranked by ITC similarity ("itc"), and each query's ITC top k re-ranked by the ITM head alone ("itm", as

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.config import PretrainConfig
+from stages.pretrain.config import PretrainConfig
 
 
 def import_deepspeed():

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.config import FinetuneConfig
+from stages.capfilt.config import FinetuneConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.fsutil import sha256_file

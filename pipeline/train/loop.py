@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.train.deepspeed_config import build_comm_op, deepspeed_config, import_deepspeed
-from pipeline.config import OBJECTIVES, UNIMODAL_OBJECTIVES, PretrainConfig
+from stages.pretrain.config import OBJECTIVES, UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.data.tokenizer import load_tokenizer

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pipeline.config import PretrainConfig
+from stages.pretrain.config import PretrainConfig
 
 
 def lr_lambda(cfg: PretrainConfig):

@@ -21,7 +21,7 @@ import time
 import ray
 import torch
 
-from pipeline.config import EvaluateConfig
+from stages.evaluate.config import SECTION, EvaluateConfig
 from pipeline.errors import InputError
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import ShardCheck, read_input_shard
@@ -58,7 +58,7 @@ def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, .
             "benchmarks": Extra(benchmarks, fingerprints)}
 
 
-STAGE = Stage("evaluate", EvaluateConfig, "every", upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,
+STAGE = Stage("evaluate", SECTION, upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,
               request=lambda cfg, urls: Request({"CPU": 1.0}, 1, False, None, "the held-out split"),
               extra_inputs=_eval_shards)
 

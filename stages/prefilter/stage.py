@@ -29,7 +29,7 @@ import ray
 from PIL import Image
 
 from pipeline.breaker import check_drop_shares
-from pipeline.config import PrefilterConfig
+from stages.prefilter.config import SECTION, PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language, samplejson
 from pipeline import benchmarks as benchmarks_lib
@@ -43,7 +43,7 @@ from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.manifest import Accounting, Manifest, shard_summary
 from pipeline.runs import StageDir, verify_shard
 from pipeline.sources import Sources
-from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
+from pipeline.stage import Extra, Inputs, Stage, StageContext, Upstream, shard_tasks, web_data
 from pipeline.storage import as_path, remove_tree
 
 DEDUP = "dedup"   # the shuffle's working folder inside the stage's, removed once every shard is committed
@@ -118,14 +118,9 @@ def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, .
             "benchmarks": Extra(benchmarks, fps)}
 
 
-def _request(cfg, urls: int | None) -> Request:
-    shards = web_shards(cfg, urls)
-    return Request({"CPU": cfg.prefilter.cpus_per_task}, shards or 1, False, shards,
-                   f"at most {urls if urls is not None else 'all listed'} in (what download keeps)")
-
-
-STAGE = Stage("prefilter", PrefilterConfig, "first", upstreams=lambda cfg, round_: [("download", 0)], run=run,
-              request=_request, extra_inputs=_eval_shards, conserves=True)
+STAGE = Stage("prefilter", SECTION, curates_web=True, conserves=True, run=run,
+              request=lambda cfg, urls: shard_tasks(cfg, cfg.prefilter.cpus_per_task, urls),
+              upstreams=lambda cfg, round_: [web_data(cfg, before="prefilter")], extra_inputs=_eval_shards)
 
 
 def _check_languages(cfg: PrefilterConfig) -> None:

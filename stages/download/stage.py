@@ -27,7 +27,9 @@ import time
 
 import ray
 
-from pipeline.config import DownloadConfig, UrlListConfig
+from pipeline.config import UrlListConfig
+
+from stages.download.config import SECTION, DownloadConfig
 from pipeline.configtree import build
 from pipeline.data import samplejson
 from pipeline.data.shards import encode_json, sample_key, shard_name
@@ -142,7 +144,7 @@ def _request(cfg, urls: int | None) -> Request:
                    f"{cfg.download.thread_count} download threads per task")
 
 
-STAGE = Stage("download", DownloadConfig, "first", upstreams=lambda cfg, round_: [],
+STAGE = Stage("download", SECTION, curates_web=True, upstreams=lambda cfg, round_: [],
               run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], ctx),
               request=_request, extra_inputs=_extra_inputs, fetches=True,
               retryable=lambda m: sum(transient_counts(m.totals.failed).values()))

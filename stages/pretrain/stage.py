@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from pipeline import storage
-from pipeline.config import OBJECTIVES, PretrainConfig
+from stages.pretrain.config import SECTION, OBJECTIVES, PretrainConfig
 from pipeline.configtree import to_plain
 from pipeline.data.shards import ShardCheck, check_input_shards, read_input_shard
 from pipeline.data.tokenizer import load_tokenizer, train_tokenizer
@@ -28,7 +28,7 @@ from pipeline.model import SIZES, ModelConfig
 from pipeline.modelio import read_info, save_pretrained
 from pipeline.manifest import Accounting, Manifest
 from pipeline.sources import Sources
-from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data
 from pipeline.train import checkpoints
 from pipeline.train.metrics import read_metrics
 from pipeline.storage import as_path
@@ -127,7 +127,7 @@ def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, 
 
 
 def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
-    return [("prefilter", 0)] if round_ == 0 else [("capfilt", round_)]
+    return [web_data(cfg)] if round_ == 0 else [("capfilt", round_)]
 
 
 def _request(cfg, urls: int | None) -> Request:
@@ -138,7 +138,7 @@ def _request(cfg, urls: int | None) -> Request:
                    + (" (data + seed set)" if p.with_seed else ""))
 
 
-STAGE = Stage("pretrain", PretrainConfig, "every", upstreams=_upstreams, run=run, request=_request,
+STAGE = Stage("pretrain", SECTION, upstreams=_upstreams, run=run, request=_request,
               extra_inputs=_extra_inputs, seeded=True)
 
 

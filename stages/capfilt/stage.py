@@ -30,7 +30,7 @@ import ray
 import torch
 
 from pipeline.breaker import check_drop_shares
-from pipeline.config import CapfiltConfig
+from stages.capfilt.config import SECTION, CapfiltConfig
 from pipeline.configtree import build, to_plain
 from pipeline.data.loader import decode_image
 from pipeline.data.shards import encode_json, read_shard
@@ -42,7 +42,7 @@ from pipeline.parallel import Progress, run_on_actor_pool
 from pipeline.threads import prefetched
 from pipeline.runs import StageDir, fingerprint, verify_shard
 from pipeline.sources import Sources
-from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_shards
+from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data, web_shards
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.train.finetune import finetune, model_fingerprint, model_precision
 from pipeline.storage import as_path
@@ -95,7 +95,7 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
 
 def _upstreams(cfg, round_: int) -> list[tuple[str, int]]:
     """Round 0's web data, cleaned with the previous round's model (or `capfilt.model` in round 1)."""
-    return [("prefilter", 0)] + ([] if round_ == 1 and cfg.capfilt.model else [("pretrain", round_ - 1)])
+    return [web_data(cfg)] + ([] if round_ == 1 and cfg.capfilt.model else [("pretrain", round_ - 1)])
 
 
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
@@ -117,7 +117,7 @@ def _request(cfg, urls: int | None) -> Request:
                    "out per image" + ("; GPU per actor: 1 where the cluster has GPUs" if c.gpus_per_actor is None else ""))
 
 
-STAGE = Stage("capfilt", CapfiltConfig, "later", upstreams=_upstreams, run=run, request=_request,
+STAGE = Stage("capfilt", SECTION, upstreams=_upstreams, run=run, request=_request,
               extra_inputs=_extra_inputs, seeded=True, conserves=True)
 
 

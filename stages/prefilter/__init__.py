@@ -1,0 +1,1 @@
+"""prefilter: see stage.py (its declaration and code) and config.py (its settings)."""

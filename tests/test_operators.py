@@ -1,0 +1,149 @@
+"""The curation operators built on the shard map (pipeline/shardmap.py): score_filter with a local
+Hugging Face CLIP model (a tiny random one built here: transformers' own CLIPModel, tokenizer and image
+processor), and MetaCLIP's balance. Both run after the session's reference download + prefilter,
+account for every sample, and are resumable and reproducible."""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import load_config, shard_digests, write_config
+from pipeline.data.shards import read_shard
+from pipeline.ledger import stage_ledger
+from pipeline.runs import STATS_SUFFIX
+
+
+@pytest.fixture(scope="module")
+def clip_model(tmp_path_factory):
+    """A tiny random CLIPModel saved like any Hub checkpoint: config, safetensors, tokenizer, image processor."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pipeline.data.tokenizer import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    words = "a an the small large red green blue yellow circle square triangle star on background of with".split()
+    tok = train_tokenizer([" ".join(words)] * 4, 120, folder)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 24,
+                                  "eos_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
+                                  "bos_token_id": tok.cls_token_id},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _run(tmp_path, toyweb, reference_run, clip_model, **sections):
+    from pipeline import runner
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    run_dir = tmp_path / "run"
+    if not run_dir.exists():
+        shutil.copytree(reference_run.root, run_dir)
+    sections = {"score_filter": {"clip_model": str(clip_model), "keep_top": 0.4, "batch_size": 16},
+                "balance": {"t": 6}, **sections}
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=["download", "prefilter", "score_filter",
+                                                                        "balance"], **sections))
+    return runner.execute(cfg, run_dir)
+
+
+def _manifest(run, stage):
+    return json.loads((run.stage(stage).path / "manifest.json").read_text())
+
+
+def test_score_filter_keeps_the_top_fraction_by_the_models_own_score(tmp_path, toyweb, reference_run, clip_model):
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    run = _run(tmp_path, toyweb, reference_run, clip_model)
+    prefilter, scored = _manifest(run, "prefilter"), _manifest(run, "score_filter")
+    totals = scored["totals"]
+    assert totals["samples_in"] == prefilter["totals"]["samples_kept"]    # every sample prefilter kept came in
+    assert totals["samples_in"] == totals["samples_kept"] + totals["samples_dropped"] + totals["samples_failed"]
+    rule = scored["rule"]
+    assert rule["keep_top"] == 0.4 and rule["kept_share"] == round(totals["samples_kept"] / rule["scored"], 6)
+    ledger = stage_ledger(run.stage("score_filter").path).to_pylist()
+    kept = [r["score"] for r in ledger if r["outcome"] == "kept"]
+    dropped = [r["score"] for r in ledger if r["outcome"] == "dropped"]
+    assert min(kept) >= rule["threshold"] > max(dropped)
+    assert {r["reason"] for r in ledger if r["outcome"] == "dropped"} == {"score_below_top"}
+    # the kept share is the target to within the samples of one histogram bin at the threshold
+    at_edge = sum(1 for s in kept + dropped if abs(s - rule["threshold"]) < 0.001)
+    assert abs(len(kept) - 0.4 * len(ledger)) <= at_edge + 1
+
+    # The score is the model's: recomputed here with transformers alone, for the kept samples of a shard.
+    model, tok = AutoModel.from_pretrained(clip_model).eval(), AutoTokenizer.from_pretrained(clip_model)
+    images = AutoImageProcessor.from_pretrained(clip_model)
+    shard = sorted(run.stage("score_filter").path.glob("*.tar"))[0]
+    samples = list(read_shard(shard))[:5]
+    import io
+    pixels = images(images=[Image.open(io.BytesIO(s["jpg"])).convert("RGB") for s in samples], return_tensors="pt")
+    enc = tok([s["txt"].decode() for s in samples], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = model.get_image_features(**pixels)
+        txt = model.get_text_features(**enc)
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))
+    expected = torch.nn.functional.cosine_similarity(img, txt).tolist()
+    got = [json.loads(s["json"])["clip_score"] for s in samples]
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_balance_caps_each_entry_and_keeps_the_tail(tmp_path, toyweb, reference_run, clip_model):
+    run = _run(tmp_path, toyweb, reference_run, clip_model)
+    folder = run.stage("balance").path
+    manifest = _manifest(run, "balance")
+    totals = manifest["totals"]
+    assert totals["samples_in"] == _manifest(run, "score_filter")["totals"]["samples_kept"]
+    assert totals["samples_in"] == totals["samples_kept"] + totals["samples_dropped"] + totals["samples_failed"]
+    assert manifest["t"] == 6 and manifest["entries_over_t"] > 0
+    table = pq.read_table(folder / manifest["entries_table"]).to_pylist()
+    assert len(table) == manifest["entries"] and manifest["head"][0] == [table[0]["entry"], table[0]["matched"],
+                                                                         table[0]["kept"]]
+    for row in table:
+        assert row["kept"] <= row["matched"]
+        if row["matched"] <= 6:                      # under the cap: every pair kept
+            assert row["kept"] == row["matched"], row
+    # a head entry loses most of its pairs; its kept pairs are those another entry kept or it drew
+    head = table[0]
+    assert head["matched"] > 6 and head["kept"] < head["matched"]
+    # the ledger lists each caption's entries; the counts per entry are the ledger's own
+    ledger = stage_ledger(folder).to_pylist()
+    matched = collections.Counter(e for r in ledger for e in (r["entries"] or ()))
+    assert {row["entry"]: row["matched"] for row in table} == dict(matched)
+    reasons = collections.Counter(r["reason"] for r in ledger if r["outcome"] == "dropped")
+    assert set(reasons) <= {"balance_capped", "balance_no_entry"} and reasons["balance_capped"] > 0
+    kept_json = [json.loads(s["json"]) for tar in sorted(folder.glob("*.tar")) for s in read_shard(tar)]
+    assert all(isinstance(j["balance_entries"], list) and isinstance(j["clip_score"], float) for j in kept_json)
+
+
+def test_the_operators_resume_to_the_same_bytes_and_rerun_the_same(tmp_path, toyweb, reference_run, clip_model):
+    """A stage killed after some shards: the rest is measured and written again, the plan is the same, the
+    shards are those of an uninterrupted run. Another run of the same config: the same bytes."""
+    first = _run(tmp_path / "a", toyweb, reference_run, clip_model)
+    expected = {s: shard_digests(first.stage(s).path) for s in ("score_filter", "balance")}
+    for stage in ("score_filter", "balance"):
+        folder = first.stage(stage).path
+        (folder / "manifest.json").unlink()
+        for stats in sorted(folder.glob(f"*{STATS_SUFFIX}"))[1:]:
+            stats.unlink()
+    resumed = _run(tmp_path / "a", toyweb, reference_run, clip_model)
+    assert {s: shard_digests(resumed.stage(s).path) for s in expected} == expected
+    again = _run(tmp_path / "b", toyweb, reference_run, clip_model)
+    assert {s: shard_digests(again.stage(s).path) for s in expected} == expected
+    assert not (again.stage("balance").path / "work").exists()   # the values went with the last commit
+
+
+def test_a_missing_model_is_a_clear_error_before_anything_runs(tmp_path, toyweb, reference_run, clip_model):
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="score_filter.clip_model"):
+        _run(tmp_path, toyweb, reference_run, clip_model, score_filter={"clip_model": str(tmp_path / "nowhere")})
