@@ -14,7 +14,8 @@ import collections
 import html
 from pathlib import Path
 
-from pipeline import reportsections
+import stages as stages_registry
+from pipeline import graph, reportsections
 from pipeline.benchmarks import format_benchmarks
 from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
@@ -62,15 +63,16 @@ def _build(run: RunDir, out: Path) -> str:
     parts.append('<img src="funnel.png" alt="accounting funnel per stage">')
     parts.append(_stage_table(stages))
     parts.append(reportsections.examples(run, stages, out))
+    parts.append(reportsections.operators(run))
     parts.append(reportsections.failures_by_host(run))
 
-    fates = _fates_by_source(run, decided, truth)
+    fates, fate_order = _fates_by_source(run, decided, truth)
     if fates:
         parts.append("<h2>Noise per source</h2><p>What became of each source's URLs, stage by stage"
                      + (" (and, on the toy web, how many of its captions are truly noisy)" if truth else "") + ".</p>")
-        _source_chart(fates, out / "sources.png")
+        _source_chart(fates, fate_order, out / "sources.png")
         parts.append('<img src="sources.png" alt="fates per source">')
-        parts.append(_source_table(fates, truth))
+        parts.append(_source_table(fates, fate_order, truth))
 
     if decided:
         manifest = last_capfilt.manifest()
@@ -135,7 +137,7 @@ def _stage_table(stages: list[dict]) -> str:
 def _funnel_chart(stages: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    shown = [s for s in stages if s["stage"] in ("download", "prefilter", "capfilt")]
+    shown = [s for s in stages if graph.spec(s["stage"]).curates_web or graph.spec(s["stage"]).conserves]
     labels = [f"{s['stage']}\nround {s['round']}" for s in shown]
     fig, ax = plt.subplots(figsize=(7, 3))
     kept = [s["samples_kept"] for s in shown]
@@ -149,26 +151,40 @@ def _funnel_chart(stages: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> dict[str, collections.Counter]:
-    """{source: Counter of fates} over every URL of round 0's download, from the stages' ledgers (joined
-    and counted in Arrow: no tar is read)."""
+def _web_filters(run: RunDir) -> list[str]:
+    """The stages after download that filtered round 0's web data in this run, in graph order."""
+    return [name for name in stages_registry.NAMES if name != "download" and graph.spec(name).curates_web
+            and run.stage(name, 0).manifest() is not None]
+
+
+def fate_names(filters: list[str]) -> list[str]:
+    return ["download failed"] + [f"{s} dropped" for s in filters] + \
+        ["web caption rejected", "web caption kept", "kept (no capfilt)"]
+
+
+def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> tuple[dict[str, collections.Counter], list[str]]:
+    """({source: Counter of fates}, the fates in order) over every URL of round 0's download, from the
+    stages' ledgers (joined and counted in Arrow: no tar is read). A URL's fate is the first stage that
+    did not keep it."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     download = run.stage("download", 0)
     if download.manifest() is None:
-        return {}
-    urls = stage_ledger(download.path, ["key", "outcome", "source", "url"])
-    prefilter = stage_ledger(run.stage("prefilter", 0).path, ["key", "outcome"]).rename_columns(["key", "prefilter"])
+        return {}, []
+    filters = _web_filters(run)
+    table = stage_ledger(download.path, ["key", "outcome", "source", "url"])
+    for name in filters:
+        ledger = stage_ledger(run.stage(name, 0).path, ["key", "outcome"]).rename_columns(["key", name])
+        table = table.join(ledger, "key", join_type="left outer")
     capfilt = pa.table({"key": pa.array([d["key"] for d in decided], pa.string()),
                         "web_kept": pa.array([d["web_kept"] for d in decided], pa.bool_())})
-    table = urls.join(prefilter, "key", join_type="left outer").join(capfilt, "key", join_type="left outer")
-    kept = pc.equal(table["outcome"], "kept")
-    prefilter_dropped = pc.and_(pc.is_valid(table["prefilter"]), pc.not_equal(table["prefilter"], "kept"))
-    fate = pc.case_when(
-        pc.make_struct(pc.invert(kept), prefilter_dropped, pc.fill_null(table["web_kept"], False),
-                       pc.is_valid(table["web_kept"])),
-        "download failed", "prefilter dropped", "web caption kept", "web caption rejected", "kept (no capfilt)")
+    table = table.join(capfilt, "key", join_type="left outer")
+    conditions = [pc.not_equal(table["outcome"], "kept")]
+    conditions += [pc.and_(pc.is_valid(table[name]), pc.not_equal(table[name], "kept")) for name in filters]
+    conditions += [pc.invert(pc.fill_null(table["web_kept"], True)), pc.fill_null(table["web_kept"], False)]
+    fate = pc.case_when(pc.make_struct(*conditions, field_names=[str(i) for i in range(len(conditions))]),
+                        *fate_names(filters))
     noisy = pa.array([bool(truth and truth.get(u, {}).get("noisy")) for u in table["url"].to_pylist()]) \
         if truth else pa.nulls(table.num_rows, pa.bool_()).fill_null(False)
     counts = pa.table({"source": pc.fill_null(table["source"], "?"), "fate": fate, "noisy": noisy}) \
@@ -179,20 +195,24 @@ def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> di
         fates[row["source"]]["_noisy"] += row["noisy_sum"] or 0
     for source, counter in fates.items():
         counter["_urls"] = sum(v for k, v in counter.items() if not k.startswith("_"))
-    return dict(sorted(fates.items()))
+    return dict(sorted(fates.items())), fate_names(filters)
 
 
-FATES = ("download failed", "prefilter dropped", "web caption rejected", "web caption kept", "kept (no capfilt)")
-FATE_COLOURS = ("#c44", "#da4", "#a6c", "#4a4", "#8c8")
+FILTER_COLOURS = ("#da4", "#e83", "#cb7", "#b95")   # one per web filter that dropped URLs (prefilter, ...)
 
 
-def _source_chart(fates: dict, path: Path) -> None:
+def _fate_colours(fates: list[str]) -> list[str]:
+    filters = len(fates) - 4
+    return ["#c44"] + [FILTER_COLOURS[i % len(FILTER_COLOURS)] for i in range(filters)] + ["#a6c", "#4a4", "#8c8"]
+
+
+def _source_chart(fates: dict, fate_order: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(fates)))
     names = list(fates)
     left = [0.0] * len(names)
-    for fate, colour in zip(FATES, FATE_COLOURS):
+    for fate, colour in zip(fate_order, _fate_colours(fate_order)):
         share = [fates[n][fate] / max(1, fates[n]["_urls"]) for n in names]
         ax.barh(names, share, left=left, label=fate, color=colour)
         left = [a + b for a, b in zip(left, share)]
@@ -201,11 +221,11 @@ def _source_chart(fates: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def _source_table(fates: dict, truth: dict | None) -> str:
-    head = "".join(f"<th>{f}</th>" for f in FATES) + ("<th>noisy captions (truth)</th>" if truth else "")
+def _source_table(fates: dict, fate_order: list[str], truth: dict | None) -> str:
+    head = "".join(f"<th>{f}</th>" for f in fate_order) + ("<th>noisy captions (truth)</th>" if truth else "")
     rows = [f"<table><tr><th>source</th><th>URLs</th>{head}</tr>"]
     for name, counter in fates.items():
-        cells = "".join(f"<td>{counter[f]}</td>" for f in FATES)
+        cells = "".join(f"<td>{counter[f]}</td>" for f in fate_order)
         if truth:
             cells += f"<td>{counter['_noisy']} ({counter['_noisy'] / max(1, counter['_urls']):.0%})</td>"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{counter['_urls']}</td>{cells}</tr>")

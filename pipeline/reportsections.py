@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline import reportdata
+from pipeline import graph, reportdata
 from pipeline.manifest import code_version
 from pipeline.runs import RunDir
 
@@ -70,11 +70,11 @@ def metadata(run: RunDir, stages: list[dict]) -> str:
 
 def examples(run: RunDir, stages: list[dict], out: Path) -> str:
     """A few samples of every reason a stage dropped or failed samples for: download's as URLs with their
-    error, prefilter's with their picture and caption, a copy beside the sample it copies (near or exact
+    error, prefilter's and the other web filters' with their picture and caption, a copy beside the sample it copies (near or exact
     duplicate: its keeper; contaminated: the eval image)."""
     parts = []
     for s in stages:
-        if s.get("rebuild") or s["stage"] not in ("download", "prefilter"):
+        if s.get("rebuild") or not graph.spec(s["stage"]).curates_web:
             continue
         outcome = {r: "dropped" for r in s["dropped_by_reason"]} | {r: "failed" for r in s["failed_by_reason"]}
         counts = {**s["dropped_by_reason"], **s["failed_by_reason"]}
@@ -83,7 +83,7 @@ def examples(run: RunDir, stages: list[dict], out: Path) -> str:
         sd = run.stage(s["stage"], s["round"])
         found = reportdata.ledger_examples(sd.path, sorted(outcome))
         parts.append(f"<h3>{s['stage']} (round {s['round']})</h3>")
-        if s["stage"] == "download":
+        if graph.spec(s["stage"]).fetches:   # download: a URL and its error, no picture
             parts.append(_url_examples(found, outcome, counts, s["samples_in"]))
         else:
             reportdata.attach_images(run, found, out)
@@ -145,6 +145,32 @@ def _card(e: dict) -> str:
     if e.get("keeper_url"):
         notes.append(f"keeper: <code>{html.escape(e['keeper_url'])}</code>")
     return f'<div class="card example"{data}><div class="figures">{"".join(figures)}</div>{"<br>".join(notes)}</div>'
+
+
+def operators(run: RunDir) -> str:
+    """What the optional curation operators decided: score_filter's rule and threshold, balance's counts per
+    entry (the head of entries.parquet, linked)."""
+    parts = []
+    scored = run.stage("score_filter", 0).manifest()
+    if scored is not None:
+        rule = scored.details.get("rule", {})
+        how = (f"kept the top {rule['keep_top']:.0%} of {rule['scored']:,} scored pairs: threshold "
+               f"<b id=\"score-threshold\">{rule['threshold']:g}</b>, kept share {rule['kept_share']:.2%}"
+               if "keep_top" in rule else f"kept a score of at least <b id=\"score-threshold\">{rule['threshold']:g}</b>")
+        parts.append(f"<h3>score_filter</h3><p>The cosine of <code>{html.escape(str(scored.details.get('clip_model')))}"
+                     f"</code>'s image and text features; {how}. Every sample's score is in the ledger "
+                     "(<code>score</code>).</p>")
+    balanced = run.stage("balance", 0).manifest()
+    if balanced is not None:
+        d = balanced.details
+        rows = "".join(f"<tr><td>{html.escape(e)}</td><td>{m}</td><td>{k}</td></tr>" for e, m, k in d.get("head", []))
+        table = run.stage("balance", 0).path.relative_to(run.root).as_posix() + "/" + d.get("entries_table", "")
+        parts.append(f"<h3>balance</h3><p>{d.get('entries', 0):,} entries ({html.escape(str(d.get('entry_list')))}), "
+                     f"{d.get('entries_over_t', 0):,} matched by more than t = {d.get('t')} captions. The most "
+                     f"matched, with the pairs kept (every entry: {_link(table)}):</p>"
+                     f'<table id="balance-entries"><tr><th>entry</th><th>captions matched</th><th>pairs kept</th></tr>'
+                     f"{rows}</table>")
+    return "<h2>Curation operators</h2>" + "".join(parts) if parts else ""
 
 
 def failures_by_host(run: RunDir) -> str:

@@ -23,14 +23,14 @@ from typing import Any, Iterator
 import pyarrow as pa
 import ray
 
-from pipeline.breaker import check_drop_shares
 from pipeline.configtree import build, to_plain
 from pipeline.data import samplejson
 from pipeline.data.shards import encode_json, read_shard
 from pipeline.fsutil import atomic_write_json, atomic_write_parquet, read_json, read_parquet
-from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.manifest import Manifest
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
 from pipeline.runs import StageDir, verify_shard
+from pipeline.shardcommit import ShardOutput, settle
 from pipeline.stage import Inputs, StageContext
 from pipeline.storage import as_path, remove_tree
 
@@ -121,13 +121,10 @@ def run_shard_map(operator: type[Operator], cfg: Any, inputs: Inputs, ctx: Stage
                          ctx.out.round, ctx.out.writer) for i, s in enumerate(shards)}
     results = run_missing_shards(ctx.out, ray.remote(write_shard).options(**options), jobs,
                                  Progress(f"{name}/write", len(shards), samples_in))
-    summaries = [shard_summary(results[s["shard"]]) for s in shards]
-    ctx.out.write_sizes(summaries)
     limits = dict(cfg.drop_share_limits)
     for reason, share in op.planned_drops(plan).items():
         limits[reason] = max(limits.get(reason, cfg.max_drop_share), min(1.0, share + PLAN_SLACK))
-    # Every shard is committed; a mass drop stops the stage here, before its manifest.
-    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, limits)
+    summaries = settle(ctx.out, [results[s["shard"]] for s in shards], cfg.max_drop_share, limits)
     if work.exists():
         remove_tree(work)   # the values: every decision is in the shards and their ledgers now
     return ctx.manifest(settings, summaries, started, op.describe(plan, [results[s["shard"]] for s in shards],
@@ -198,29 +195,25 @@ def write_shard(job: Job, shard_path: str, expected: dict, index: int, work: str
     measured = None
     if op.needs_plan:
         measured = {r["key"]: json.loads(r["value"]) for r in read_parquet(_values_path(work, index)).to_pylist()}
-    acc, kept, records, verdicts = Accounting(), [], [], []
+    output, verdicts = ShardOutput(), []
     for batch in _batches(shard_path, op.cfg.batch_size):
         values = [measured[s["__key__"]] for s in batch] if measured is not None else op.measure(batch)
         for sample, value in zip(batch, values):
-            acc.samples_in += 1
             meta = _json(sample.get("json"))
             row = {"key": sample["__key__"], "url": meta.get("url"), "source": meta.get("source"),
                    "source_row": meta.get("source_row")}
             if "failed" in value:
-                acc.failed[value["failed"]] += 1
-                records.append({**row, "outcome": "failed", "reason": value["failed"], "error": value.get("error")})
+                output.failed(row, value["failed"], value.get("error"))
                 continue
             verdict = op.decide(sample, value, plan)
             verdicts.append(verdict)
-            records.append({**row, "outcome": "kept" if verdict.keep else "dropped", "reason": verdict.reason,
-                            "score": verdict.score, "entries": verdict.entries})
+            row |= {"score": verdict.score, "entries": verdict.entries}
             if not verdict.keep:
-                acc.dropped[verdict.reason] += 1
+                output.dropped(row, verdict.reason)
                 continue
-            acc.samples_kept += 1
-            kept.append({"__key__": sample["__key__"], "jpg": sample["jpg"], "txt": sample.get("txt", b""),
-                         "json": encode_json({**samplejson.stable(meta), **verdict.fields})})
-    return out.commit_shard(expected["shard"], kept, acc, records, started, op.shard_extra(verdicts))
+            output.kept(row, {"__key__": sample["__key__"], "jpg": sample["jpg"], "txt": sample.get("txt", b""),
+                              "json": encode_json({**samplejson.stable(meta), **verdict.fields})})
+    return output.commit(out, expected["shard"], started, op.shard_extra(verdicts))
 
 
 def _json(data: bytes | None) -> dict:

@@ -147,3 +147,17 @@ def test_a_missing_model_is_a_clear_error_before_anything_runs(tmp_path, toyweb,
 
     with pytest.raises(InputError, match="score_filter.clip_model"):
         _run(tmp_path, toyweb, reference_run, clip_model, score_filter={"clip_model": str(tmp_path / "nowhere")})
+
+
+def test_the_report_shows_what_the_operators_did(tmp_path, toyweb, reference_run, clip_model):
+    from pipeline.report import write_report
+
+    run = _run(tmp_path, toyweb, reference_run, clip_model)
+    page = write_report(run.root).read_text()
+    balance = _manifest(run, "balance")
+    assert "<h2>Curation operators</h2>" in page and 'id="balance-entries"' in page
+    assert f"<td>{balance['head'][0][0]}</td><td>{balance['head'][0][1]}</td>" in page
+    assert f'id="score-threshold">{_manifest(run, "score_filter")["rule"]["threshold"]:g}<' in page
+    # each URL's fate names the first stage that did not keep it, the operators included
+    assert "<th>score_filter dropped</th>" in page and "<th>balance dropped</th>" in page
+    assert "entries.parquet" in page and "score_below_top" in page   # the reason's examples

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ROOT, TEST_WEB, VLP, _free_port, shard_digests, to_plain, vlp, wait_for, write_config
 from pipeline import graph, runner, status
-from pipeline.config import STAGE_ORDER
+from pipeline.config import DEFAULT_STAGES
 from pipeline.config import load_config
 from pipeline.errors import InputError
 from pipeline.runs import RunDir
@@ -149,7 +149,7 @@ def test_only_a_stage_whose_input_is_missing_is_a_clear_error(tmp_path, toyweb):
 def test_only_round_zero_stages_run_round_zero(tmp_path, toyweb):
     """`--only download,prefilter,pretrain,evaluate` on a bootstrapping config, as a new user asks for a
     round-0 model: the later rounds (whose capfilt is neither selected nor committed) are left out."""
-    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(STAGE_ORDER), rounds=2))
+    cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=list(DEFAULT_STAGES), rounds=2))
     selected = graph.select(cfg, ["download", "prefilter", "pretrain", "evaluate"])
     order = graph.rounds_that_can_run(cfg, RunDir(tmp_path / "run"), graph.schedule(cfg, selected))
     assert order == [("download", 0), ("prefilter", 0), ("pretrain", 0), ("evaluate", 0)]

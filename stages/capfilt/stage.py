@@ -29,7 +29,6 @@ from typing import Any, Iterator
 import ray
 import torch
 
-from pipeline.breaker import check_drop_shares
 from stages.capfilt.config import SECTION, CapfiltConfig
 from pipeline.configtree import build, to_plain
 from pipeline.data.loader import decode_image
@@ -37,10 +36,11 @@ from pipeline.data.shards import encode_json, read_shard
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json, sha256_file
 from pipeline.ledger import DECISIONS_SCHEMA, decisions_path, write_records
-from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.manifest import Manifest
 from pipeline.parallel import Progress, run_on_actor_pool
 from pipeline.threads import prefetched
 from pipeline.runs import StageDir, fingerprint, verify_shard
+from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data, web_shards
 from pipeline.model.scoring import Calibration, match_scores
@@ -79,10 +79,8 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"], s) for s in shards}
     results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
                                           Progress("capfilt", len(shards), samples_in), cfg.shards_per_actor)
-    summaries = [shard_summary(results[name]) | {"pairs": results[name]["pairs"]} for name in jobs]
-    ctx.out.write_sizes(summaries)
-    # Every shard is committed; a mass drop stops the stage here, before its manifest.
-    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
+    summaries = settle(ctx.out, [results[name] for name in jobs], cfg.max_drop_share, cfg.drop_share_limits)
+    summaries = [s | {"pairs": results[s["shard"]]["pairs"]} for s in summaries]
     pairs = {k: sum(s["pairs"][k] for s in summaries) for k in ("web", "synthetic")}
     total_pairs = pairs["web"] + pairs["synthetic"]
     extra = {"base_model": ctx.run.relative(base_model), "base_model_fingerprint": model_fingerprint(base_model),
@@ -169,11 +167,11 @@ class CapfiltWorker:
     def process(self, shard_path: str, name: str, expected: dict) -> dict:
         verify_shard(as_path(shard_path), expected)   # the bytes prefilter committed, or a clear error
         started = time.time()
-        acc, failed = Accounting(), []
+        output = ShardOutput()
         digest = hashlib.sha256(f"{self.seed}:{self.round}:{name}".encode()).digest()
         generator = torch.Generator(device=self.device).manual_seed(int.from_bytes(digest[:8], "little"))
-        out, decisions, records = [], [], []
-        batches = self._batches(as_path(shard_path), acc, failed)
+        decisions = []
+        batches = self._batches(as_path(shard_path), output)
         if not self.cfg.prefetch_batches:
             batches = iter(list(batches))   # the whole shard decoded before any inference
         else:
@@ -185,39 +183,35 @@ class CapfiltWorker:
                 web_p = self.match(images, [c[2] for c in chunk])
                 syn_p = self.match(images, synthetic)
             for (sample, _, web), syn, pw, ps in zip(chunk, synthetic, web_p, syn_p):
-                decision = self._decide(sample, web, syn, pw, ps, out)
+                decision, texts = self._decide(sample, web, syn, pw, ps)
                 decisions.append(decision)
+                row = {"key": decision["key"], "url": decision["url"]}
                 if decision["verdict"] == "dropped":
-                    acc.dropped["filter_rejected"] += 1
-                    records.append({"key": decision["key"], "outcome": "dropped", "reason": "filter_rejected",
-                                    "url": decision["url"]})
+                    output.dropped(row, "filter_rejected")
                 else:
-                    acc.samples_kept += 1
-                    records.append({"key": decision["key"], "outcome": "kept", "url": decision["url"]})
-        records = failed + records   # the ledger's order as before streaming: decode failures first
+                    output.kept(row, *texts)
         write_records(decisions_path(self.out.path, name), decisions, DECISIONS_SCHEMA)
         pairs = {"web": sum(d["web_kept"] for d in decisions), "synthetic": sum(d["synthetic_kept"] for d in decisions)}
-        return self.out.commit_shard(name, out, acc, records, started, {"pairs": pairs})
+        return output.commit(self.out, name, started, {"pairs": pairs})
 
-    def _batches(self, shard: Any, acc: Accounting, failed: list[dict]) -> Iterator[list[tuple]]:
+    def _batches(self, shard: Any, output: ShardOutput) -> Iterator[list[tuple]]:
         """The shard's decodable samples as (sample, image tensor, caption) in batches of batch_size, in
-        shard order (the batches, hence the captions sampled, are those of a whole-shard decode)."""
+        shard order (the batches, hence the captions sampled, are those of a whole-shard decode); a sample
+        that does not decode is counted as failed in `output` (which orders its ledger by key)."""
         size, batch = self.filter.cfg.image_size, []
         for sample in read_shard(shard):
-            acc.samples_in += 1
             try:
                 batch.append((sample, decode_image(sample["jpg"], size, None), sample["txt"].decode("utf-8")))
             except Exception as err:  # noqa: BLE001 (counted and reported, never silently lost)
-                acc.failed["decode_error"] += 1
-                failed.append({"key": sample["__key__"], "outcome": "failed", "reason": "decode_error",
-                               "error": str(err)[:200]})
+                output.failed({"key": sample["__key__"]}, "decode_error", str(err)[:200])
             if len(batch) == self.cfg.batch_size:
                 yield batch
                 batch = []
         if batch:
             yield batch
 
-    def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float, out: list[dict]) -> dict:
+    def _decide(self, sample: dict, web: str, syn: str, pw: float, ps: float) -> tuple[dict, list[dict]]:
+        """The image's decision (its row of decisions/) and the samples it becomes: one per kept text."""
         threshold = self.threshold
         pw, ps = round(pw, 6), round(ps, 6)  # decide on the score the decisions file records
         web_kept, syn_kept = pw >= threshold, ps >= threshold and bool(syn.strip())
@@ -228,6 +222,7 @@ class CapfiltWorker:
                       "threshold": float(threshold), "original_caption": web, "web_score": round(pw, 6),
                       "synthetic_caption": syn, "synthetic_score": round(ps, 6), "url": origin.get("url") or "",
                       "origin": origin}
+        out = []
         for kept, source, text, score in ((web_kept, "web", web, pw), (syn_kept, "synthetic", syn, ps)):
             if kept:
                 out.append({"__key__": f"{key}_{source[:3]}", "jpg": sample["jpg"], "txt": text.encode(),
@@ -236,7 +231,7 @@ class CapfiltWorker:
                                                                                                 "dropped")
         return {"key": key, "url": origin.get("url"), "web_caption": web, "web_score": round(pw, 6),
                 "web_kept": web_kept, "synthetic_caption": syn, "synthetic_score": round(ps, 6),
-                "synthetic_kept": syn_kept, "verdict": verdict}
+                "synthetic_kept": syn_kept, "verdict": verdict}, out
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, generator: torch.Generator) -> list[str]:

@@ -42,10 +42,11 @@ from pipeline.data.optouts import HostOptOuts
 from pipeline.data.politeness import HostQueue, Politeness
 from pipeline.data.urlpolicy import HostPolicy
 from pipeline.parallel import Progress, run_shard_tasks
-from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.manifest import Manifest
+from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Request, Stage, StageContext, Upstream, web_shards
-from pipeline.breaker import FailureBreaker, check_drop_shares
+from pipeline.breaker import FailureBreaker
 from pipeline.errors import ConfigError
 from pipeline.storage import as_path
 
@@ -111,10 +112,9 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"],
                                      on_result=breaker.add)
     breaker.check(final=True)
-    summaries = [shard_summary(results[shard_name(s.shard_id)]) for s in shards]
-    ctx.out.write_sizes(summaries)
-    # Every shard is committed; a mass drop (a list of repeats, of refused addresses) stops the stage here.
-    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
+    # a mass drop (a list of repeats, of refused addresses) stops the stage here
+    summaries = settle(ctx.out, [results[shard_name(s.shard_id)] for s in shards], cfg.max_drop_share,
+                       cfg.drop_share_limits)
     politeness_counts, opt_out_counts = collections.Counter(), collections.Counter()
     for st in results.values():
         politeness_counts.update(st.get("politeness", {}))
@@ -184,31 +184,24 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
         fetched, again = _earlier_outcomes(out, name)
         todo = [r for r in todo if r["key"] in again]
     fetched.update(fetch_rows(cfg, todo, counts, opt_outs))
-    samples, records, acc = [], [], Accounting(samples_in=len(rows))
+    output = ShardOutput()
     for row in rows:
         base = {"key": row["key"], "url": row["url"], "source": row["source"], "source_row": row["source_row"]}
         if row["refusal"] is not None:
-            acc.dropped[row["refusal"]] += 1
-            records.append({**base, "outcome": "dropped", "reason": row["refusal"],
-                            **({"error": f"the URL of {row['first']}"} if row["refusal"] == "duplicate_url" else {})})
+            output.dropped(base, row["refusal"], f"the URL of {row['first']}" if row["refusal"] == "duplicate_url" else None)
             continue
         got = fetched[row["key"]]
         if got["status"] != "success":   # an opt-out is the site's decision: a drop; the rest failed
-            dropped = got["reason"] in OPT_OUTS
-            (acc.dropped if dropped else acc.failed)[got["reason"]] += 1
-            records.append({**base, "outcome": "dropped" if dropped else "failed", "reason": got["reason"],
-                            "error": got["error_message"]})
+            (output.dropped if got["reason"] in OPT_OUTS else output.failed)(base, got["reason"], got["error_message"])
             continue
-        acc.samples_kept += 1
-        records.append({**base, "outcome": "kept"})
         # every key in every sample, one type, never null (pipeline/data/samplejson.py); `list`: what the
         # URL list says of the row (LAION's similarity, punsafe, ...)
         meta = samplejson.download_json(base, row["caption"], row["caption_error"], got, row)
-        samples.append({"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
-                        "json": encode_json(meta)})
-    return out.commit_shard(name, samples, acc, records, started,
-                            {"retry_pass": retry_pass, "politeness": {k: round(v, 3) for k, v in counts.items()},
-                             "opt_outs": dict(opt_outs)})
+        output.kept(base, {"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
+                           "json": encode_json(meta)})
+    politeness = {k: round(v, 3) for k, v in counts.items()}
+    return output.commit(out, name, started, {"retry_pass": retry_pass, "politeness": politeness,
+                                              "opt_outs": dict(opt_outs)})
 
 
 def transient_counts(failed_by_reason: dict) -> dict[str, int]:

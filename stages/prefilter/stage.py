@@ -28,7 +28,6 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from pipeline.breaker import check_drop_shares
 from stages.prefilter.config import SECTION, PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language, samplejson
@@ -40,8 +39,9 @@ from pipeline.errors import ConfigError, InputError
 from pipeline.fsutil import atomic_write_parquet, read_parquet
 from pipeline.ledger import SIGNATURES_SCHEMA, signatures_path, write_records
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
-from pipeline.manifest import Accounting, Manifest, shard_summary
+from pipeline.manifest import Manifest
 from pipeline.runs import StageDir, verify_shard
+from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Stage, StageContext, Upstream, shard_tasks, web_data
 from pipeline.storage import as_path, remove_tree
@@ -82,10 +82,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
             for i, s in enumerate(shards)}
     write = ray.remote(write_shard_task).options(**options)
     results = run_missing_shards(ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
-    summaries = [shard_summary(results[name]) for name in jobs]
-    ctx.out.write_sizes(summaries)
-    # Every shard is committed; a mass drop stops the stage here, before its manifest.
-    check_drop_shares(ctx.out, summaries, cfg.max_drop_share, cfg.drop_share_limits)
+    summaries = settle(ctx.out, [results[name] for name in jobs], cfg.max_drop_share, cfg.drop_share_limits)
     if root.exists():
         remove_tree(root)   # the shuffle's files: every decision is in the shards now
     return ctx.manifest(stage_cfg, summaries, started, details)
@@ -279,24 +276,23 @@ def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root:
     started = time.time()
     scanned = {r["key"]: r for r in read_parquet(as_path(root) / "scan" / f"{index}.parquet").to_pylist()}
     dropped = dedup.drops_of(as_path(root), index)
-    acc, kept, records, foreign, signatures = Accounting(), [], [], collections.Counter(), []
+    output, foreign, signatures = ShardOutput(), collections.Counter(), []
     for sample in read_shard(as_path(in_path)):
         key = sample["__key__"]
-        acc.samples_in += 1
         verdict = scanned[key]
         # the ledger says where the sample came from (download's json) and, for a copy, what it copies:
         # the kept sample's key (or the eval image's benchmark and item) and the distance (0: the same bytes)
         meta = _json(sample.get("json"))
-        origin = {"url": meta.get("url"), "source": meta.get("source"), "source_row": meta.get("source_row")}
-        copy = {}
+        row = {"key": key, "url": meta.get("url"), "source": meta.get("source"), "source_row": meta.get("source_row")}
         if verdict["outcome"] == "kept" and verdict["node"] in dropped:
             copy = dropped[verdict["node"]]
+            row |= {k: copy.get(k) for k in ("keeper", "distance", "benchmark", "item")}
             verdict = {**verdict, "outcome": "dropped", "reason": copy["reason"]}
-        records.append({"key": key, "outcome": verdict["outcome"], "reason": verdict["reason"],
-                        "error": verdict["error"], **origin,
-                        **{k: copy.get(k) for k in ("keeper", "distance", "benchmark", "item")}})
-        if verdict["outcome"] == "kept":
-            acc.samples_kept += 1
+        if verdict["outcome"] == "dropped":
+            output.dropped(row, verdict["reason"], verdict["error"])
+        elif verdict["outcome"] == "failed":
+            output.failed(row, verdict["reason"], verdict["error"])
+        else:
             meta = samplejson.stable(meta)   # one schema, whatever download wrote it
             # the near-duplicate signature, for dedup across runs and datasets: in the side file, raw (as
             # base64 in the json it was 3/4 of it, and made prefilter's tars larger than download's)
@@ -304,9 +300,7 @@ def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root:
             # Only the members this stage owns: a planted `.pyd` or `.pth` member would run code in
             # whoever reads the shards with webdataset's default decoders.
             foreign.update(ext for ext in sample if ext != "__key__" and ext not in OWNED_MEMBERS)
-            kept.append({"__key__": key, "jpg": sample["jpg"], "txt": sample.get("txt", b""), "json": encode_json(meta)})
-            continue
-        (acc.dropped if verdict["outcome"] == "dropped" else acc.failed)[verdict["reason"]] += 1
+            output.kept(row, {"__key__": key, "jpg": sample["jpg"], "txt": sample.get("txt", b""), "json": encode_json(meta)})
     # before the shard's commit (its stats, last): a kill between them redoes the shard, file and all
     write_records(signatures_path(out.path, name), sorted(signatures, key=lambda r: r["key"]), SIGNATURES_SCHEMA)
-    return out.commit_shard(name, kept, acc, records, started, {"members_dropped": dict(sorted(foreign.items()))})
+    return output.commit(out, name, started, {"members_dropped": dict(sorted(foreign.items()))})
