@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import ToyWebConfig  # noqa: E402
 
-from stages.prefilter.config import PrefilterConfig
+from stages.prefilter.config import PrefilterConfig  # noqa: E402
 from pipeline.data import neardup  # noqa: E402
 from pipeline.toyweb import lookalikes  # noqa: E402
 from pipeline.toyweb.world import ToyWorld  # noqa: E402

@@ -35,7 +35,9 @@ class ClipScore(Operator):
     def open(self) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()   # a "Loading weights" bar per task would fill the run's log
         folder = self.cfg.clip_model
         self.model = AutoModel.from_pretrained(folder).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
