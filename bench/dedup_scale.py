@@ -120,6 +120,7 @@ def shuffle_way(rows: int, folder: Path) -> dict:
     import ray
 
     from pipeline import dedup, dedupphases
+    from pipeline.executor import RAY
     from pipeline.parallel import Progress, run_shard_tasks
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
@@ -127,11 +128,11 @@ def shuffle_way(rows: int, folder: Path) -> dict:
     settings = dedup.Settings(dedup.partitions_for(rows, None), True, True, False, 0.08, 0.1)
     root = folder / "dedup"
     started = time.perf_counter()
-    run_shard_tasks(ray.remote(map_shard).options(num_cpus=1),
+    run_shard_tasks(RAY, ray.remote(map_shard).options(num_cpus=1),
                     {str(s): (str(root), s, rows, settings) for s in range(shards)},
                     Progress("map", shards, rows), lambda r: r["rows"])
     mapped = time.perf_counter()
-    summary = dedupphases.run_phases(root, shards, settings, {"num_cpus": 1})
+    summary = dedupphases.run_phases(RAY, root, shards, settings, {"cpus": 1})
     done = time.perf_counter()
     decisions = {}
     if rows <= 200_000:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
+from pipeline.executor import RAY  # noqa: E402
 from pipeline.parallel import Progress, run_shard_tasks, task_window  # noqa: E402
 
 
@@ -53,12 +54,12 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
     task = ray.remote(noop).options(num_cpus=1)
     logging.getLogger("vlp").setLevel(logging.WARNING)
-    print(f"window: {task_window()} tasks (2 x {ray.cluster_resources()['CPU']:.0f} CPUs)")
+    print(f"window: {task_window(ray.cluster_resources()['CPU'])} tasks (2 x {ray.cluster_resources()['CPU']:.0f} CPUs)")
     rows = []
     for shards in args.shards:
         jobs = {f"{i:06d}": (i,) for i in range(shards)}
         old = timed(lambda: all_at_once(task, jobs))
-        new = timed(lambda: run_shard_tasks(task, jobs, Progress("bench", shards, 0, interval=3600), lambda r: 0))
+        new = timed(lambda: run_shard_tasks(RAY, task, jobs, Progress("bench", shards, 0, interval=3600), lambda r: 0))
         rows.append((shards, old, new))
         print(f"S={shards:>6}: all at once {old[0]:6.2f} s driver CPU ({old[1]:6.2f} s wall); window "
               f"{new[0]:6.2f} s CPU ({new[1]:6.2f} s wall); all-at-once / window CPU x{old[0] / new[0]:.2f}",

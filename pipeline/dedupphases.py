@@ -1,5 +1,5 @@
 """Dedup's driver side: runs the phases of pipeline/dedup.py (scan .. verify) and pipeline/dedupresolve.py
-(decide .. decisions) as Ray tasks, each unit once (a unit with a done marker is not redone), and sums
+(decide .. decisions) as tasks of the stage's executor, each unit once (a unit with a done marker is not redone), and sums
 their summaries. The order and what each phase does: pipeline/dedup.py's docstring."""
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import logging
 import time
 from pathlib import Path
 
-import ray
-
 from pipeline import dedupresolve
 from pipeline.dedup import (Settings, band_partition, done_marker, exact_partition, join_partition,
                             verify_partition)
+from pipeline.executor import Executor
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.storage import children
@@ -38,9 +37,9 @@ def _forget_other_layout(root: Path) -> None:
     atomic_write_json(path, PHASES_LAYOUT)
 
 
-def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> dict:
+def run_phases(executor: Executor, root: Path, shards: int, settings: Settings, options: dict) -> dict:
     """Run exact, band, join, verify, decide, prune, near, drops, names and decisions (the scans are done);
-    returns their summaries."""
+    returns their summaries. `options`: the tasks' resources (Executor.task's keywords)."""
     _forget_other_layout(root)
     P = settings.partitions
     summary: dict = {"partitions": P}
@@ -51,7 +50,7 @@ def run_phases(root: Path, shards: int, settings: Settings, options: dict) -> di
         started = time.perf_counter()
         done = {u: read_json(done_marker(root, name, str(u))) for u in units if done_marker(root, name, str(u)).is_file()}
         todo = {str(u): (str(root), u, *args) for u in units if u not in done}
-        got = run_shard_tasks(ray.remote(fn).options(**options), todo, Progress(f"prefilter/{name}", len(units), None),
+        got = run_shard_tasks(executor, executor.task(fn, **options), todo, Progress(f"prefilter/{name}", len(units), None),
                               lambda s: 0) if todo else {}
         seconds[name] = round(time.perf_counter() - started, 2)
         return list(done.values()) + list(got.values())

@@ -1,13 +1,13 @@
-"""Run one Ray task per shard, with retries, progress and per-shard failure reports."""
+"""Run one task per shard (or an actor pool over shards) on an executor (pipeline/executor.py), with
+retries, progress and per-shard failure reports."""
 from __future__ import annotations
 
 import logging
 import time
 from typing import Any, Callable
 
-import ray
-
 from pipeline.errors import StageFailed
+from pipeline.executor import ActorDied, Executor
 
 log = logging.getLogger("vlp")
 
@@ -33,28 +33,26 @@ class Progress:
                      self.shards_total, self.samples_done, of, rate)
 
 
-def task_window(cluster_cpus: float | None = None) -> int:
+def task_window(cluster_cpus: float) -> int:
     """How many shard tasks are in flight at once: about twice the cluster's CPU slots, so every slot
     has its next task queued while the driver holds (and waits on) a bounded number of refs."""
-    if cluster_cpus is None:
-        cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     return max(4, 2 * int(cluster_cpus))
 
 
-def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
+def run_shard_tasks(executor: Executor, remote_fn: Callable, jobs: dict[str, tuple], progress: Progress,
                     samples_of: Callable[[Any], int], window: int | None = None,
                     on_result: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
-    """Run `remote_fn.remote(*args)` for each shard name in `jobs`, at most `window` (default
-    `task_window()`) at a time, refilled as results arrive, and wait for all of them.
+    """Run `remote_fn.remote(*args)` (an `executor.task`) for each shard name in `jobs`, at most `window`
+    (default `task_window` of the cluster's CPUs) at a time, refilled as results arrive, and wait for all of them.
     `on_result(name, result)` sees each result as it comes; if it raises StageFailed (a breaker), no
     more tasks start, the running ones finish and commit, and that error is raised.
 
     Submitting every task at once would put every task's arguments in the object store together and
-    make each `ray.wait` cost O(pending) (O(shards²) over a stage). Shards that succeed are committed by
+    make each wait cost O(pending) (O(shards²) over a stage). Shards that succeed are committed by
     their task, so a failure elsewhere loses nothing: we let every task finish, then raise StageFailed
     naming the shards that failed after their retries.
     """
-    window = window or task_window()
+    window = window or task_window(executor.resources().get("CPU", 1.0))
     queue = iter(jobs.items())
     pending: dict[Any, str] = {}
     results, failures = {}, {}
@@ -69,13 +67,13 @@ def run_shard_tasks(remote_fn: Callable, jobs: dict[str, tuple], progress: Progr
 
     refill()
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.interval)
+        ready, _ = executor.wait(list(pending), timeout=progress.interval)
         for ref in ready:
             name = pending.pop(ref)
             try:
-                results[name] = ray.get(ref)
+                results[name] = executor.get(ref)
                 progress.update(1, samples_of(results[name]))
-            except (ray.exceptions.RayError, Exception) as err:  # noqa: BLE001 (reported below)
+            except Exception as err:  # noqa: BLE001 (reported below)
                 failures[name] = err
                 log.error("%s: shard %s failed after its retries: %s", progress.stage, name, _short(err))
                 continue
@@ -110,15 +108,16 @@ def _raise_failures(stage: str, failures: dict[str, BaseException], total: int) 
                           "Committed shards are kept: fix the cause and run `vlp resume`.")
 
 
-def run_missing_shards(out, remote_fn: Callable, jobs: dict[str, tuple], progress: Progress) -> dict[str, dict]:
+def run_missing_shards(executor: Executor, out, remote_fn: Callable, jobs: dict[str, tuple],
+                       progress: Progress) -> dict[str, dict]:
     """Stats of every shard in `jobs`: committed ones as they are, the rest by running their task."""
     done = _committed(out, jobs, progress)
     todo = {name: args for name, args in jobs.items() if name not in done}
-    return done | run_shard_tasks(remote_fn, todo, progress, lambda s: s["accounting"]["samples_in"])
+    return done | run_shard_tasks(executor, remote_fn, todo, progress, lambda s: s["accounting"]["samples_in"])
 
 
-def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors: int, retries: int,
-                      progress: Progress, per_actor: int = 1) -> tuple[dict[str, dict], int]:
+def run_on_actor_pool(executor: Executor, out, make_actor: Callable, jobs: dict[str, tuple], actors: int,
+                      retries: int, progress: Progress, per_actor: int = 1) -> tuple[dict[str, dict], int]:
     """Stats of every shard in `jobs`: committed ones as they are, the rest by `actor.process(*args)` on a
     pool of up to `actors` actors, each given up to `per_actor` shards at once (an actor made with
     max_concurrency >= per_actor works on the next while the current one infers). An actor that dies is
@@ -142,19 +141,19 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
             if queue:
                 submit(slot)
     while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=progress.interval)
+        ready, _ = executor.wait(list(inflight), timeout=progress.interval)
         for ref in ready:
             slot, gen, name = inflight.pop(ref)
             try:
-                done[name] = ray.get(ref)
+                done[name] = executor.get(ref)
                 progress.update(1, done[name]["accounting"]["samples_in"])
-            except ray.exceptions.RayActorError as err:  # the process died: a new actor redoes its shards
+            except ActorDied as err:  # the process died: a new actor redoes its shards
                 attempts[name] = attempts.get(name, 0) + 1
                 if gen == generation[slot]:
                     restarts += 1
                     log.warning("%s: the actor working on shard %s died (%s); replaced, shard redone",
                                 progress.stage, name, _short(err))
-                    ray.kill(pool[slot])
+                    executor.kill(pool[slot])
                     pool[slot] = make_actor()
                     generation[slot] += 1
                 if attempts[name] > retries:
@@ -170,7 +169,7 @@ def run_on_actor_pool(out, make_actor: Callable, jobs: dict[str, tuple], actors:
             progress.update(0, 0)
     progress.update(0, 0, force=True)
     for actor in pool:
-        ray.kill(actor)
+        executor.kill(actor)
     _raise_failures(progress.stage, failures, len(jobs))
     return done, restarts
 

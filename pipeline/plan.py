@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.executor import RAY, Executor
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.storage import as_path
@@ -82,25 +83,14 @@ def unsatisfiable(steps: list[Step], nodes: list[dict[str, float]]) -> list[str]
     return problems
 
 
-def check_connected(steps: list[Step]) -> None:
-    """Fail early if the Ray cluster this process is connected to cannot satisfy a request."""
-    import ray
-
-    nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
-    problems = unsatisfiable(steps, nodes)
+def check_connected(steps: list[Step], executor: Executor = RAY) -> None:
+    """Fail early if the cluster this process is connected to cannot satisfy a request."""
+    problems = unsatisfiable(steps, executor.nodes())
     if problems:
         raise InputError("the Ray cluster cannot satisfy these resource requests (Ray would wait forever):\n  "
                          + "\n  ".join(problems))
 
 
 def check_cluster(steps: list[Step], address: str) -> None:
-    import ray
-
-    from cluster.auth import use_token_if_available
-
-    use_token_if_available()
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        check_connected(steps)
-    finally:
-        ray.shutdown()
+    with RAY.connected(address):
+        check_connected(steps, RAY)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from pipeline import storage
 from pipeline.config import RunConfig, UrlListConfig, dump_config
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError, StageFailed
+from pipeline.executor import RAY, Executor
 from pipeline.faults import crash_point
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.graph import explain_reruns, rounds_that_can_run, schedule, seed_input, select, spec
@@ -34,11 +34,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, retry_failed: bool = False,
-            with_ray: bool = True) -> RunDir:
+            executor: Executor = RAY) -> RunDir:
     """Run the stages of `cfg` (or just `only`) into `run_dir`, round by round; returns the run directory.
     `retry_failed`: stages that can (Stage.retryable) try their transiently failed samples again, keeping
-    every other outcome; the stages after them then rebuild. `with_ray=False`: start no Ray (`vlp train`
-    under a launcher, whose processes train instead of Ray Train's)."""
+    every other outcome; the stages after them then rebuild. `executor`: where the stages' work runs
+    (pipeline/executor.py): Ray, started or joined when a stage has work; or this process (`vlp train` under
+    a launcher, whose processes train instead of Ray Train's)."""
     run = RunDir(run_dir)
     selected = select(cfg, only)
     # One writer per run directory (pipeline/runlock.py), taken before anything in it changes: a second
@@ -50,13 +51,13 @@ def execute(cfg: RunConfig, run_dir: str | Path, only: list[str] | None = None, 
         raise InputError(f"run directory {run.root}: cannot write to it ({err.strerror or err})") from None
     run.writer = (str(run.root), lock.token)   # its shard tasks commit only while this run holds the lock
     try:
-        return _execute(cfg, run, selected, retry_failed, with_ray)
+        return _execute(cfg, run, selected, retry_failed, executor)
     finally:
         lock.release()
 
 
 def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: bool = False,
-             with_ray: bool = True) -> RunDir:
+             executor: Executor = RAY) -> RunDir:
     from pipeline.report import AFTER_ROUNDS   # imported when a run starts: the report reads the status
 
     for finished in run.recover():   # a kill between a new result's commit and its move into place
@@ -75,9 +76,9 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
         if tracker is not None:
             stack.callback(tracker.close)
         tracking = settings(cfg, run.root)   # after the tracker: it holds the pipeline run's ids
-        ray_started = False
+        started = False
         for stage, round_ in order:
-            job = prepare_stage(cfg, sources, stage, round_, retry_failed, tracking)
+            job = prepare_stage(cfg, sources, stage, round_, retry_failed, tracking, executor)
             if job is None:
                 if tracker is not None:   # committed before: its figures still belong to this run's record
                     tracker.metrics(stage_figures(stage, run.stage(stage, round_).manifest()), step=round_)
@@ -89,12 +90,12 @@ def _execute(cfg: RunConfig, run: RunDir, selected: list[str], retry_failed: boo
                 # a local run's web outlives a killed driver until the run's lock is free (no false failures)
                 stack.enter_context(serve_toy_web(cfg.data.toyweb, sources.toyweb["port"],
                                                   None if storage.is_remote(run.root) else run.root))
-            if with_ray and not ray_started:
-                stack.enter_context(ray_session(cfg))
-                ray_started = True
+            if not started:
+                stack.enter_context(executor.session(cfg.ray))
+                started = True
                 from pipeline.plan import check_connected, plan
 
-                check_connected([s for s in plan(cfg, count_urls=False) if s.stage in selected])
+                check_connected([s for s in plan(cfg, count_urls=False) if s.stage in selected], executor)
             done = job()
             _commit(done)
             if tracker is not None:
@@ -117,8 +118,8 @@ def _sources(cfg: RunConfig, run: RunDir) -> Sources:
     return Sources(cfg, run, tuple(lists), toyweb)
 
 
-def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
-                  retry_failed: bool = False, tracking: dict | None = None) -> Callable[[], tuple] | None:
+def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int, retry_failed: bool = False,
+                  tracking: dict | None = None, executor: Executor = RAY) -> Callable[[], tuple] | None:
     """Check a stage's inputs (before Ray starts) and return a thunk that runs it, or None if done."""
     run, stage_spec = sources.run, spec(stage)
     ups = []
@@ -147,7 +148,7 @@ def prepare_stage(cfg: RunConfig, sources: Sources, stage: str, round_: int,
         _check_shard_files(up)
     # A changed result is built beside the old one, which stays complete until the new one commits.
     ctx = StageContext(run=run, out=run.build_dir(stage, round_, fp), fingerprint=fp,
-                       input_fingerprints=tuple(inputs), seed=cfg.seed, tracking=tracking)
+                       input_fingerprints=tuple(inputs), seed=cfg.seed, tracking=tracking, executor=executor)
     given = Inputs(tuple(ups), {name: extra.value for name, extra in extras.items()})
 
     def job() -> tuple[StageContext, Manifest]:
@@ -201,38 +202,3 @@ def _commit(done: tuple[StageContext, Manifest]) -> None:
     log.info("%s: committed %d shards in %.1fs: %d in, %d kept, %d dropped, %d failed", ctx.out.stage,
              len(manifest.shards), manifest.duration_s, t.samples_in, t.samples_kept, t.samples_dropped,
              t.samples_failed)
-
-
-@contextlib.contextmanager
-def ray_session(cfg: RunConfig) -> Iterator[None]:
-    """Use the Ray this process is already connected to, else connect or start one for the run."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    # Ray workers inherit these; albumentations (imported by img2dataset) would otherwise phone home.
-    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore::UserWarning"}
-    kwargs = {"logging_level": logging.WARNING, "log_to_driver": True, "runtime_env": {"env_vars": env}}
-    if os.environ.get("VLP_RAY_JOB"):  # set by `vlp submit` in the job's runtime_env
-        # Inside a Ray Job (vlp submit): join its cluster with the job's own runtime_env (code, env vars).
-        kwargs.pop("runtime_env")
-        ray.init(address=cfg.ray.address or "auto", **kwargs)
-    elif cfg.ray.address:
-        from cluster.auth import use_token_if_available
-
-        use_token_if_available()
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        from cluster.auth import loopback_only, secure_local_token
-
-        secure_local_token()  # token auth on, token file 0600 (cluster/auth.py)
-        loopback_only()       # no port on other interfaces: a local run serves no one else
-        if not cfg.ray.include_dashboard:   # no State API: Ray Train's cleaner would warn every second
-            kwargs["runtime_env"]["worker_process_setup_hook"] = "pipeline.rayworker.quiet_known_noise"
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
-                 dashboard_host="127.0.0.1", **kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()

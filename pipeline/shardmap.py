@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
-import ray
 
 from pipeline.configtree import build, to_plain
 from pipeline.data import samplejson
@@ -102,7 +101,7 @@ def run_shard_map(operator: type[Operator], cfg: Any, inputs: Inputs, ctx: Stage
     settings = to_plain(cfg)
     job = Job(operator, type(cfg), settings, ctx.seed, ctx.out.stage)
     op = operator(cfg, ctx.seed)
-    options = {"num_cpus": cfg.cpus_per_task, "max_retries": 2, "retry_exceptions": True}
+    executor, options = ctx.executor, {"cpus": cfg.cpus_per_task, "retries": 2, "retry_exceptions": True}
     work, name = ctx.out.path / WORK, ctx.out.stage
     todo = {s["shard"] for s in shards} - set(ctx.out.committed_stats([s["shard"] for s in shards]))
     plan: dict = {}
@@ -111,15 +110,15 @@ def run_shard_map(operator: type[Operator], cfg: Any, inputs: Inputs, ctx: Stage
         if todo or not selection.is_file():
             measured = {s["shard"]: (job, str(upstream.path / s["shard"]), s, i, str(work))
                         for i, s in enumerate(shards) if not _summary_path(work, i).is_file()}
-            run_shard_tasks(ray.remote(measure_shard).options(**options), measured,
+            run_shard_tasks(executor, executor.task(measure_shard, **options), measured,
                             Progress(f"{name}/measure", len(shards), samples_in), lambda summary: 0)
             plan = op.plan([read_json(_summary_path(work, i)) for i in range(len(shards))])
             atomic_write_json(selection, plan)
         plan = read_json(selection)
-    plan_ref = ray.put(plan)
+    plan_ref = executor.put(plan)   # once, not with each task
     jobs = {s["shard"]: (job, str(upstream.path / s["shard"]), s, i, str(work), plan_ref, str(ctx.out.path),
                          ctx.out.round, ctx.out.writer) for i, s in enumerate(shards)}
-    results = run_missing_shards(ctx.out, ray.remote(write_shard).options(**options), jobs,
+    results = run_missing_shards(executor, ctx.out, executor.task(write_shard, **options), jobs,
                                  Progress(f"{name}/write", len(shards), samples_in))
     limits = dict(cfg.drop_share_limits)
     for reason, share in op.planned_drops(plan).items():

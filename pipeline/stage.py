@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pipeline.executor import RAY, Executor
 from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir, StageDir
 
@@ -29,6 +30,8 @@ class StageContext:
     seed: int
     tracking: dict | None = None
     """How this run reaches its experiment trackers (pipeline/tracking.py); None: tracking off."""
+    executor: Executor = RAY
+    """Where its tasks, actors and training run (pipeline/executor.py): Ray, or this process."""
 
     def manifest(self, config: Any, shards: list[dict], started: float, details: dict | None = None,
                  totals: Accounting | None = None) -> Manifest:

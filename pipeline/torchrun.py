@@ -7,8 +7,9 @@ Ray, for clusters that schedule with Slurm. For example, on each of N nodes (Slu
 Every process runs the command. Rank 0 is the driver: it runs the runner for the pretrain stage only,
 so the fingerprints, tokenizer, initial weights, checkpoints, consolidation, export and manifest are
 the Ray path's, file for file (a run trained here resumes or continues under `vlp run`, and the other
-way round). For each training it broadcasts the workers' config (pipeline/train/launch.py); every rank
-then runs the same `train_loop` Ray Train runs. The data stages run before, with `vlp run --only
+way round). The runner's executor is this process (pipeline/executor.py's LocalExecutor with the
+launcher's ranks): for each training it broadcasts the workers' config; every rank then runs the same
+`train_loop` Ray Train runs. The data stages run before, with `vlp run --only
 download,prefilter`. A killed process: torchrun stops the others; start the command again (or use
 torchrun's --max-restarts) and training resumes from the last complete checkpoint.
 """
@@ -20,7 +21,7 @@ import socket
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.train.launch import Launch, launched_as, receive_training
+from pipeline.executor import Launch, LocalExecutor
 
 
 def train_command(config_path: str, run_dir: str | None, overrides: list[str]) -> int:
@@ -46,17 +47,26 @@ def train_command(config_path: str, run_dir: str | None, overrides: list[str]) -
     import_deepspeed().init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                         auto_mpi_discovery=False)
     try:
-        with launched_as(here):
-            if here.rank == 0:
-                run = runner.execute(cfg, run_dir or runner.default_run_dir(cfg), ["pretrain"], with_ray=False)
-                dist.broadcast_object_list([None], src=0)   # the end; after an error torchrun stops the others
-                print(f"run directory: {run.root}")
-            else:
-                while (config := receive_training()) is not None:
-                    train_loop(config, here.rank, here.world, here.local_rank)
+        if here.rank == 0:
+            run = runner.execute(cfg, run_dir or runner.default_run_dir(cfg), ["pretrain"],
+                                 executor=LocalExecutor(launch=here))
+            dist.broadcast_object_list([None], src=0)   # the end; after an error torchrun stops the others
+            print(f"run directory: {run.root}")
+        else:
+            while (config := _receive_training()) is not None:
+                train_loop(config, here.rank, here.world, here.local_rank)
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def _receive_training() -> dict | None:
+    """On ranks other than 0: the next training's config from rank 0 (LocalExecutor.train), None at the end."""
+    import torch.distributed as dist
+
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline import dedup, dedupphases, dedupresolve
+from pipeline.executor import RAY
 from pipeline.data import neardup
 from pipeline.toyweb import lookalikes
 
@@ -88,7 +89,7 @@ def _distributed(tmp_path, shards, evals, s: dedup.Settings, cpus: float) -> dic
         _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
     if s.decontaminate:
         _scan(root, "eval-0", dedup.EVAL + np.arange(len(evals), dtype=np.int64), evals, s)
-    summary = dedupphases.run_phases(root, len(shards), s, {"num_cpus": cpus})
+    summary = dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": cpus})
     got = {}
     for i in range(len(shards)):
         got |= dedup.decisions_of(root, i)
@@ -134,7 +135,7 @@ def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, c
         marker.unlink()
     (root / "done" / "resolve-all").write_text("{}")
     scans = sorted(m.name for m in (root / "done").glob("scan-*"))
-    dedupphases.run_phases(root, len(shards), s, {"num_cpus": 1})
+    dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
     assert sorted(m.name for m in (root / "done").glob("scan-*")) == scans
     assert not (root / "done" / "resolve-all").exists()
     got = {}
@@ -158,7 +159,7 @@ def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):
     root = tmp_path / "giant"
     for i, shard in enumerate(shards):
         _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
-    summary = dedupphases.run_phases(root, len(shards), s, {"num_cpus": 1})
+    summary = dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
     assert summary["buckets_cut"] > 0 and summary["candidate_pairs"] == 0
     runs = -(-3_000 // dedup.BUCKET_CAP)
     assert summary["dropped"] == summary["near"] == 3_000 - runs

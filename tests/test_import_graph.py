@@ -85,7 +85,7 @@ def cycles(modules: dict[str, Path]) -> list[list[str]]:
 
 def test_vlp_has_no_import_circle():
     modules = module_names(ROOT, PACKAGES)
-    assert len(modules) > 50 and "pipeline.runner" in modules and "stages.pretrain" in modules
+    assert len(modules) > 50 and "pipeline.runner" in modules and "stages.pretrain.stage" in modules
     assert cycles(modules) == []
 
 
@@ -100,3 +100,22 @@ def test_a_circle_through_a_deferred_import_is_found(tmp_path):
     (pkg / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import d\n")
     (pkg / "d.py").write_text("import pkg.typed\n")
     assert cycles(module_names(tmp_path, ("pkg",))) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+
+
+def _external_imports(path: Path) -> set[str]:
+    """The top-level names of every module `path` imports (deferred imports too, TYPE_CHECKING excepted)."""
+    out = set()
+    for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_ray_has_one_door():
+    """Tasks, actors, objects, training gangs and the session go through pipeline/executor.py (cluster/ is
+    the Ray Jobs client of `vlp submit`): a stage or engine module that imports Ray is a second door."""
+    importers = sorted(name for name, path in module_names(ROOT, ("pipeline", "stages")).items()
+                       if "ray" in _external_imports(path))
+    assert importers == ["pipeline.executor"]

@@ -175,33 +175,17 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _evaluate(tmp_path, model_dir, eval_shards, monkeypatch):
-    """stages.evaluate.run with its Ray task run in this process (a task's error raised as Ray raises it)."""
-    import ray
-
+    """stages.evaluate.run with its task run in this process (pipeline/executor.py's LocalExecutor)."""
+    from pipeline.executor import LocalExecutor
     from stages.evaluate.config import EvaluateConfig
     from pipeline.runs import StageDir
     from pipeline.stage import Inputs, StageContext
     from stages.evaluate import stage as evaluate
 
-    class InProcess:   # ray.remote(f).options(...).remote(*args), then ray.get
-        exceptions = ray.exceptions
-
-        @staticmethod
-        def remote(fn):
-            return SimpleNamespace(options=lambda **kw: SimpleNamespace(remote=lambda *a: (fn, a)))
-
-        @staticmethod
-        def get(call):
-            try:
-                return call[0](*call[1])
-            except Exception as err:
-                raise ray.exceptions.RayTaskError(call[0].__name__, "traceback", err).as_instanceof_cause() from err
-
-    monkeypatch.setattr(evaluate, "ray", InProcess)
     upstream = SimpleNamespace(exported_model=lambda: model_dir)
     inputs = Inputs((upstream,), {"eval_shards": [str(p) for p in eval_shards], "benchmarks": []})
     out = StageDir(tmp_path / "evaluate", "evaluate", 0)
-    ctx = StageContext(run=None, out=out, fingerprint="fp", input_fingerprints=(), seed=0)
+    ctx = StageContext(run=None, out=out, fingerprint="fp", input_fingerprints=(), seed=0, executor=LocalExecutor())
     return evaluate.run(EvaluateConfig(rerank_k=2, batch_size=4), inputs, ctx)
 
 

@@ -13,9 +13,9 @@ PROBE = textwrap.dedent("""
     import json, os, time, types
     import psutil, ray
     from pipeline.config import RayConfig
-    from pipeline.runner import ray_session
+    from pipeline.executor import RAY
 
-    with ray_session(types.SimpleNamespace(ray=RayConfig(num_cpus=1))):   # it reads only cfg.ray
+    with RAY.session(RayConfig(num_cpus=1)):
         @ray.remote
         def pid():
             return os.getpid()

@@ -41,8 +41,9 @@ def clip_model(tmp_path_factory):
     return folder
 
 
-def _run(tmp_path, toyweb, reference_run, clip_model, **sections):
+def _run(tmp_path, toyweb, reference_run, clip_model, executor=None, **sections):
     from pipeline import runner
+    from pipeline.executor import RAY
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     run_dir = tmp_path / "run"
@@ -52,7 +53,7 @@ def _run(tmp_path, toyweb, reference_run, clip_model, **sections):
                 "balance": {"t": 6}, **sections}
     cfg = load_config(write_config(tmp_path / "c.yaml", toyweb, stages=["download", "prefilter", "score_filter",
                                                                         "balance"], **sections))
-    return runner.execute(cfg, run_dir)
+    return runner.execute(cfg, run_dir, executor=executor or RAY)
 
 
 def _manifest(run, stage):
@@ -161,3 +162,15 @@ def test_the_report_shows_what_the_operators_did(tmp_path, toyweb, reference_run
     # each URL's fate names the first stage that did not keep it, the operators included
     assert "<th>score_filter dropped</th>" in page and "<th>balance dropped</th>" in page
     assert "entries.parquet" in page and "score_below_top" in page   # the reason's examples
+
+
+def test_the_same_stages_run_in_this_process_with_no_ray(tmp_path, toyweb, reference_run, clip_model):
+    """The executor seam (pipeline/executor.py): the operators' tasks run in the driver's own process, one
+    after another, and write the same shards as on Ray."""
+    from pipeline.executor import LocalExecutor
+
+    on_ray = _run(tmp_path / "ray", toyweb, reference_run, clip_model)
+    local = _run(tmp_path / "local", toyweb, reference_run, clip_model, executor=LocalExecutor(cpus=2))
+    for stage in ("score_filter", "balance"):
+        assert shard_digests(local.stage(stage).path) == shard_digests(on_ray.stage(stage).path)
+        assert _manifest(local, stage)["totals"] == _manifest(on_ray, stage)["totals"]

@@ -7,6 +7,7 @@ import pytest
 import ray
 
 from pipeline.errors import StageFailed
+from pipeline.executor import RAY
 from pipeline.parallel import Progress, run_shard_tasks, task_window
 from pipeline.threads import prefetched
 
@@ -41,12 +42,46 @@ def test_no_more_than_the_window_is_in_flight_and_every_shard_is_answered(ray_cl
     task = ray.remote(_shard).options(num_cpus=0.1, max_retries=0)
     jobs = {f"{i:05d}.tar": (counter, i) for i in range(12)}
     with pytest.raises(StageFailed, match=r"1 of 12 shards failed \(00005.tar\)"):
-        run_shard_tasks(task, jobs, Progress("test", 12, 0), lambda r: 1, window=3)
+        run_shard_tasks(RAY, task, jobs, Progress("test", 12, 0), lambda r: 1, window=3)
     assert ray.get(counter.peak.remote()) <= 3   # 12 tasks of 0.1 CPU would all fit on 2 CPUs at once
     good = {k: v for k, v in jobs.items() if k != "00005.tar"}
-    assert run_shard_tasks(task, good, Progress("test", 11, 0), lambda r: 1, window=3) == \
+    assert run_shard_tasks(RAY, task, good, Progress("test", 11, 0), lambda r: 1, window=3) == \
         {k: int(k[:5]) for k in good}
     assert task_window(2.0) == 4 and task_window(64.0) == 128
+
+
+@pytest.mark.parametrize("where", ["ray", "local"])
+def test_both_executors_hand_back_a_tasks_own_error_and_an_actors_death(where, request):
+    """What the stages rely on from an executor: `cause` gives the exception the task raised (a stage turns an
+    InputError into its own message), `get` of a call to a dead actor raises ActorDied (the pool replaces it)."""
+    from pipeline.errors import InputError
+    from pipeline.executor import ActorDied, LocalExecutor
+
+    if where == "ray":
+        request.getfixturevalue("ray_cluster")
+    executor = RAY if where == "ray" else LocalExecutor()
+
+    def broken(path: str) -> None:
+        raise InputError(f"{path}: not a whole tar archive")
+
+    with pytest.raises(Exception) as err:
+        executor.get(executor.task(broken, cpus=0.1).remote("x.tar"))
+    cause = executor.cause(err.value)
+    assert isinstance(cause, InputError) and str(cause) == "x.tar: not a whole tar archive"
+    def count(items: list) -> int:
+        return len(items)
+
+    assert executor.get(executor.task(count, cpus=0.1).remote([1, 2, 3])) == 3
+    assert executor.get(executor.put({"plan": 1})) == {"plan": 1}
+    if where == "ray":   # only a process can die
+        class Mortal:
+            def die(self):
+                import os
+                os._exit(1)
+
+        actor = executor.actor(Mortal, cpus=0.1).remote()
+        with pytest.raises(ActorDied):
+            executor.get(actor.die.remote())
 
 
 def test_prefetched_keeps_order_runs_ahead_by_its_depth_raises_where_the_error_was_and_stops_early():

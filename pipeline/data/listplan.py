@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
+from pipeline.executor import RAY, Executor
 from pipeline.config import UrlListConfig
 from pipeline.data import urldedup
 from pipeline.fsutil import atomic_path, atomic_write_json, is_temporary, read_json
@@ -52,7 +52,7 @@ def read_shard_input(stage_path: Path, shard: ShardInput) -> list[dict]:
 
 
 def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_shard: int,
-                cpus_per_task: float = 1.0, dedup_urls: bool = False) -> list[ShardInput]:
+                cpus_per_task: float = 1.0, dedup_urls: bool = False, executor: Executor = RAY) -> list[ShardInput]:
     """The shard inputs of `lists` under `stage_path/inputs/`: the committed plan, or a new one.
     `dedup_urls`: also find the rows repeating an earlier row's URL (urldedup.py)."""
     folder = stage_path / INPUTS
@@ -65,17 +65,18 @@ def plan_shards(stage_path: Path, lists: tuple[UrlListConfig, ...], samples_per_
         elif leftover.is_dir():
             remove_tree(leftover)
     partitions = urldedup.partitions_for(sum(_size(spec.path) for spec in lists)) if dedup_urls else 0
-    task = ray.remote(plan_list).options(num_cpus=cpus_per_task, max_retries=2, retry_exceptions=False)
+    task = executor.task(plan_list, cpus=cpus_per_task, retries=2)
     jobs = {f"list {i}": (dataclasses.asdict(spec), i, str(folder), samples_per_shard, partitions)
             for i, spec in enumerate(lists)}
-    parts = run_shard_tasks(task, jobs, Progress("download/plan", len(jobs), None), lambda counts: sum(counts))
+    parts = run_shard_tasks(executor, task, jobs, Progress("download/plan", len(jobs), None), lambda counts: sum(counts))
     shards, shard_id, first_shard = [], 0, []
     for i in range(len(lists)):
         first_shard.append(shard_id)
         for group, rows in enumerate(parts[f"list {i}"]):
             shards.append(ShardInput(shard_id, f"{INPUTS}/{input_name(i)}", group, rows))
             shard_id += 1
-    repeats = _find_repeated_urls(folder, partitions, first_shard, samples_per_shard, cpus_per_task) if partitions else 0
+    repeats = _find_repeated_urls(executor, folder, partitions, first_shard, samples_per_shard, cpus_per_task) \
+        if partitions else 0
     atomic_write_json(folder / PLAN, {"samples_per_shard": samples_per_shard, "duplicate_urls": repeats,
                                       "shards": [dataclasses.astuple(s) for s in shards]})
     log.info("download: %d URLs of %d list(s) cut into %d shards%s", sum(s.rows for s in shards), len(lists),
@@ -87,13 +88,13 @@ def _size(path: str) -> int:
     return as_path(path).stat().st_size if as_path(path).is_file() else 0
 
 
-def _find_repeated_urls(folder: Path, partitions: int, first_shard: list[int], samples_per_shard: int,
-                        cpus_per_task: float) -> int:
-    find = ray.remote(urldedup.find_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
+def _find_repeated_urls(executor: Executor, folder: Path, partitions: int, first_shard: list[int],
+                        samples_per_shard: int, cpus_per_task: float) -> int:
+    find = executor.task(urldedup.find_duplicates, cpus=cpus_per_task, retries=2)
     jobs = {str(p): (str(folder), p) for p in range(partitions)}
-    run_shard_tasks(find, jobs, Progress("download/url-dedup", partitions, None), lambda n: 0)
-    merge = ray.remote(urldedup.merge_duplicates).options(num_cpus=cpus_per_task, max_retries=2)
-    repeats = ray.get(merge.remote(str(folder), partitions, first_shard, samples_per_shard))
+    run_shard_tasks(executor, find, jobs, Progress("download/url-dedup", partitions, None), lambda n: 0)
+    merge = executor.task(urldedup.merge_duplicates, cpus=cpus_per_task, retries=2)
+    repeats = executor.get(merge.remote(str(folder), partitions, first_shard, samples_per_shard))
     for shuffle in (urldedup.HASHES, urldedup.FOUND):
         if (folder / shuffle).exists():
             remove_tree(folder / shuffle)

@@ -44,18 +44,10 @@ def build_model(model_cfg: ModelConfig, activation_checkpointing: bool) -> Multi
     return model
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train's entry point: the same loop, with the rank and world Ray Train gives."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    train_loop(config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
-    ray.train.report({"step": build(PretrainConfig, config["pretrain"], source="pretrain").steps})
-
-
 def train_loop(config: dict, rank: int, world: int, local_rank: int) -> None:
-    """One rank's training, under Ray Train or a launcher (torchrun, deepspeed; pipeline/torchrun.py)
-    that set up the rendezvous (MASTER_ADDR, ...) in the environment."""
+    """One rank's training, in a gang of `world` processes the executor started (Ray Train's workers, or a
+    launcher's: torchrun, deepspeed; pipeline/executor.py) that set up the rendezvous (MASTER_ADDR, ...)
+    in the environment."""
     deepspeed = import_deepspeed()
     cfg = build(PretrainConfig, config["pretrain"], source="pretrain")
     model_cfg = ModelConfig(**config["model"])

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import ray
 import torch
 
 from stages.capfilt.config import SECTION, CapfiltConfig
@@ -60,15 +59,14 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in,
                                     "base_model": ctx.run.relative(base_model)})
-    gpus = cfg.gpus_per_actor
+    executor, gpus = ctx.executor, cfg.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if executor.resources().get("GPU", 0) > 0 else 0.0
     models = _finetune_both(cfg, base_model, seed_shards, ctx, gpus)
 
     fps = {role: models[role]["fingerprint"] for role in ROLES}
     # max_concurrency: an actor takes its next shard while the current one infers (CapfiltWorker.process)
-    worker = ray.remote(CapfiltWorker).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus,
-                                               max_concurrency=cfg.shards_per_actor)
+    worker = executor.actor(CapfiltWorker, cpus=cfg.cpus_per_actor, gpus=gpus, concurrency=cfg.shards_per_actor)
 
     calibration = models["filter"].get("calibration")
 
@@ -77,7 +75,7 @@ def run(cfg: CapfiltConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                              str(ctx.out.path), ctx.out.round, ctx.seed, fps, calibration, ctx.out.writer)
 
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), s["shard"], s) for s in shards}
-    results, restarts = run_on_actor_pool(ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
+    results, restarts = run_on_actor_pool(executor, ctx.out, make_actor, jobs, cfg.actors, cfg.shard_retries,
                                           Progress("capfilt", len(shards), samples_in), cfg.shards_per_actor)
     summaries = settle(ctx.out, [results[name] for name in jobs], cfg.max_drop_share, cfg.drop_share_limits)
     summaries = [s | {"pairs": results[s["shard"]]["pairs"]} for s in summaries]
@@ -122,7 +120,7 @@ STAGE = Stage("capfilt", SECTION, upstreams=_upstreams, run=run, request=_reques
 def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str], ctx: StageContext,
                    gpus: float) -> dict[str, dict]:
     """Fine-tune the captioner and the filter (in parallel), unless this stage already exported them."""
-    task = ray.remote(finetune).options(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, max_retries=cfg.shard_retries)
+    task = ctx.executor.task(finetune, cpus=cfg.cpus_per_actor, gpus=gpus, retries=cfg.shard_retries)
     summaries, refs = {}, {}
     for i, role in enumerate(ROLES):
         folder = ctx.out.path / role
@@ -136,7 +134,7 @@ def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str],
                                  cfg.calibration_share if calibrated else 0.0,
                                  cfg.clean_reject_rate if calibrated else None)
     for role, ref in refs.items():
-        summaries[role] = ray.get(ref)
+        summaries[role] = ctx.executor.get(ref)
         atomic_write_json(ctx.out.path / f"{role}.json", summaries[role])
         log.info("capfilt: fine-tuned the %s on the seed set in %.1fs (final %s)", role,
                  summaries[role]["duration_s"], summaries[role]["final"])

@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 
-import ray
 
 from pipeline.config import UrlListConfig
 
@@ -80,7 +79,7 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
         log.warning("download: opt-outs NOT honoured: %s (sites that reserved their images are downloaded; "
                     "the manifest records this)", ", ".join(opt_outs_off))
     ctx.out.begin(ctx.fingerprint, {})
-    shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task, cfg.dedup_urls)
+    shards = plan_shards(ctx.out.path, lists, cfg.samples_per_shard, cfg.cpus_per_task, cfg.dedup_urls, ctx.executor)
     samples_in = sum(s.rows for s in shards)
     ctx.out.update_plan(shards_total=len(shards), samples_in=samples_in)
     progress = Progress("download", len(shards), samples_in)
@@ -107,9 +106,9 @@ def run(cfg: DownloadConfig, lists: tuple[UrlListConfig, ...], ctx: StageContext
     for name, stats in done.items():
         breaker.add(name, stats, judge=False)
     breaker.check()
-    task = ray.remote(download_shard).options(
-        num_cpus=cfg.cpus_per_task, memory=task_memory(cfg), max_retries=cfg.shard_retries, retry_exceptions=True)
-    results = done | run_shard_tasks(task, jobs, progress, lambda st: st["accounting"]["samples_in"],
+    task = ctx.executor.task(download_shard, cpus=cfg.cpus_per_task, memory=task_memory(cfg), retries=cfg.shard_retries,
+                             retry_exceptions=True)
+    results = done | run_shard_tasks(ctx.executor, task, jobs, progress, lambda st: st["accounting"]["samples_in"],
                                      on_result=breaker.add)
     breaker.check(final=True)
     # a mass drop (a list of repeats, of refused addresses) stops the stage here

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import time
 
-import ray
 import torch
 
 from stages.evaluate.config import SECTION, EvaluateConfig
@@ -37,11 +36,13 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     started = time.time()
     model_dir, eval_shards = inputs.first().exported_model(), inputs.extra["eval_shards"]
     ctx.out.begin(ctx.fingerprint, {"eval_shards": eval_shards})
-    task = ray.remote(evaluate_retrieval).options(num_cpus=1)
+    executor = ctx.executor
+    task = executor.task(evaluate_retrieval, cpus=1)
     try:
-        metrics = ray.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg), inputs.extra["benchmarks"]))
-    except ray.exceptions.RayTaskError as err:   # a cut eval shard: its own message, naming it
-        raise (err.cause if isinstance(err.cause, InputError) else err) from None
+        metrics = executor.get(task.remote(str(model_dir), eval_shards, dataclasses.asdict(cfg), inputs.extra["benchmarks"]))
+    except Exception as err:   # a cut eval shard: its own message, naming it
+        cause = executor.cause(err)
+        raise (cause if isinstance(cause, InputError) else err) from None
     read = metrics.pop("eval_shards")   # what reading the eval set left out, beside the metrics
     n, skipped = metrics["pairs"], collections.Counter(read["skipped_by_reason"])
     if skipped or read["members_dropped"]:

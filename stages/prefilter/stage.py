@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import ray
 from PIL import Image
 
 from stages.prefilter.config import SECTION, PrefilterConfig
@@ -36,6 +35,7 @@ from pipeline import dedup, dedupphases
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError, InputError
+from pipeline.executor import Executor
 from pipeline.fsutil import atomic_write_parquet, read_parquet
 from pipeline.ledger import SIGNATURES_SCHEMA, signatures_path, write_records
 from pipeline.parallel import Progress, run_missing_shards, run_shard_tasks
@@ -60,7 +60,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     samples_in = sum(s["samples"] for s in shards)
     ctx.out.begin(ctx.fingerprint, {"shards_total": len(shards), "samples_in": samples_in})
     stage_cfg = dataclasses.asdict(cfg)
-    options = {"num_cpus": cfg.cpus_per_task, "max_retries": 2, "retry_exceptions": True}
+    executor, options = ctx.executor, {"cpus": cfg.cpus_per_task, "retries": 2, "retry_exceptions": True}
     root = ctx.out.path / DEDUP
     details = {}
     # Once every shard is committed (a resume after the breaker, or a kill before the manifest), the
@@ -73,36 +73,38 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
             cfg.decontaminate_max_distance))
         scans = {s["shard"]: (str(upstream_dir / s["shard"]), stage_cfg, s, i, str(root), settings)
                  for i, s in enumerate(shards) if not dedup.done_marker(root, "scan", str(i)).is_file()}
-        run_shard_tasks(ray.remote(scan_shard).options(**options), scans,
+        run_shard_tasks(executor, executor.task(scan_shard, **options), scans,
                         Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
         if settings.decontaminate:
-            _fingerprint_eval_images(eval_shards, benchmarks, root, settings, options)
-        details["dedup"] = dedupphases.run_phases(root, len(shards), settings, options)
+            _fingerprint_eval_images(executor, eval_shards, benchmarks, root, settings, options)
+        details["dedup"] = dedupphases.run_phases(executor, root, len(shards), settings, options)
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root), ctx.out.writer)
             for i, s in enumerate(shards)}
-    write = ray.remote(write_shard_task).options(**options)
-    results = run_missing_shards(ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
+    write = executor.task(write_shard_task, **options)
+    results = run_missing_shards(executor, ctx.out, write, jobs, Progress("prefilter/write", len(shards), samples_in))
     summaries = settle(ctx.out, [results[name] for name in jobs], cfg.max_drop_share, cfg.drop_share_limits)
     if root.exists():
         remove_tree(root)   # the shuffle's files: every decision is in the shards now
     return ctx.manifest(stage_cfg, summaries, started, details)
 
 
-def _fingerprint_eval_images(eval_shards: list[str], benchmarks: list[dict], root, settings, options) -> None:
+def _fingerprint_eval_images(executor: Executor, eval_shards: list[str], benchmarks: list[dict], root, settings,
+                             options: dict) -> None:
     """Hash the eval split's and every benchmark's images into the dedup partitions as eval nodes: a task
     per eval shard and per part of a benchmark (unit numbers: the eval shards, then the parts in order)."""
     units = {p: (eval_shard_items, (p,), EVAL_SHARDS) for p in eval_shards}
-    count = ray.remote(benchmarks_lib.image_parts).options(num_cpus=options["num_cpus"])
+    count = executor.task(benchmarks_lib.image_parts, cpus=options["cpus"])
     try:
-        parts = ray.get([count.remote(b) for b in benchmarks])
-    except ray.exceptions.RayTaskError as err:   # a benchmark that cannot be read: its own message
-        raise (err.cause if isinstance(err.cause, InputError) else err) from None
+        parts = executor.get([count.remote(b) for b in benchmarks])
+    except Exception as err:   # a benchmark that cannot be read: its own message
+        cause = executor.cause(err)
+        raise (cause if isinstance(cause, InputError) else err) from None
     units |= {f"{b['name']} part {k}": (benchmarks_lib.part_items, (b, k), b["name"]) for b, n in zip(benchmarks, parts)
               for k in range(n)}
-    task = ray.remote(_fingerprint_unit).options(**options)
+    task = executor.task(_fingerprint_unit, **options)
     todo = {name: (fn, args, i, str(root), settings, bench) for i, (name, (fn, args, bench)) in enumerate(units.items())
             if not dedup.done_marker(root, "scan", f"eval-{i}").is_file()}
-    run_shard_tasks(task, todo, Progress("prefilter/eval", len(units), None), lambda summary: 0)
+    run_shard_tasks(executor, task, todo, Progress("prefilter/eval", len(units), None), lambda summary: 0)
 
 
 def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:

@@ -179,32 +179,18 @@ def sample_captions(shards: list[str], limit: int, seed: int, seen: list | None 
 
 def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext,
            init_from: Path | None, work: Path) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.train.loop import train_loop_per_worker
-
-    from pipeline.train.launch import launched, run_training
+    from pipeline.train.loop import train_loop
 
     config = {"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
               "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work), "seed": ctx.seed,
               "init_from": str(init_from / "model.safetensors") if init_from else None,
               "tracking": ctx.tracking and {**ctx.tracking, "run_name": f"pretrain-r{ctx.out.round}",
                                             "key": ctx.fingerprint}}
-    if launched():   # `vlp train` under torchrun / deepspeed: its processes are the workers
-        run_training(config)
-        return
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="pretrain", storage_path=str(work / "_ray"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
-    )
+    # a gang of num_workers processes: Ray Train's workers, or (`vlp train`) the launcher's processes
     try:
-        trainer.fit()
-    except Exception as err:  # noqa: BLE001 (Ray wraps the worker's error; we say what to do)
+        ctx.executor.train(train_loop, config, workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
+                           use_gpu=cfg.use_gpu, storage=str(work / "_ray"), max_failures=cfg.max_failures)
+    except Exception as err:  # noqa: BLE001 (the executor wraps the worker's error; we say what to do)
         raise StageFailed(f"pretrain: training failed after {cfg.max_failures} restarts: {err}. "
                           "Complete checkpoints are kept: `vlp resume` continues from the last one.") from err
 

@@ -72,10 +72,17 @@ class ClipScore(Operator):
         torch = self.torch
         pixels = self.images(images=images, return_tensors="pt")["pixel_values"]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
-        with torch.inference_mode():
-            image = _features(self.model.get_image_features(pixel_values=pixels))
-            text = _features(self.model.get_text_features(input_ids=enc["input_ids"],
-                                                          attention_mask=enc["attention_mask"]))
+        # On one thread whatever the task's CPUs: a matmul split over more threads sums in another order, and
+        # a score's last digit then depends on cpus_per_task or the executor (an execution-only setting).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                image = _features(self.model.get_image_features(pixel_values=pixels))
+                text = _features(self.model.get_text_features(input_ids=enc["input_ids"],
+                                                              attention_mask=enc["attention_mask"]))
+        finally:
+            torch.set_num_threads(threads)
         image = torch.nn.functional.normalize(image.float(), dim=-1)
         text = torch.nn.functional.normalize(text.float(), dim=-1)
         return (image * text).sum(-1).tolist()
