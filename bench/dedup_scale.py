@@ -1,5 +1,5 @@
 """Dedup at scale on synthetic signatures: the one-pass rule in the driver (prefilter before #14)
-against the shuffle (pipeline/dedup.py: Ray tasks over partitions), in one run.
+against the shuffle (pipeline/dedup/: Ray tasks over partitions), in one run.
 
 Synthetic rows, made from their index alone (no table of them anywhere): 85% distinct textured images
 (random coefficients and detail), 6% near copies of an earlier row (the same signature in other bytes,
@@ -100,12 +100,12 @@ def shard_rows(shard: int, rows: int) -> tuple[np.ndarray, list[str], list[bytes
 
 def map_shard(root: str, shard: int, rows: int, settings) -> dict:
     """(Ray task) What prefilter's scan adds for dedup: hash one shard's signatures into the partitions."""
-    from pipeline import dedup
+    from pipeline.dedup import scan as dedup_scan
 
     index, exact, sigs = shard_rows(shard, rows)
     nodes = (shard << 32) + (index - shard * SHARD)
-    dedup.write_partitions(Path(root), str(shard), nodes, exact, sigs, settings)
-    dedup.write_signatures(Path(root), str(shard), nodes, sigs)   # prefilter's scan file holds them
+    dedup_scan.write_partitions(Path(root), str(shard), nodes, exact, sigs, settings)
+    dedup_scan.write_signatures(Path(root), str(shard), nodes, sigs)   # prefilter's scan file holds them
     return {"rows": len(index)}
 
 
@@ -119,7 +119,7 @@ def peak_rss_mb() -> float:
 def shuffle_way(rows: int, folder: Path) -> dict:
     import ray
 
-    from pipeline import dedup, dedupphases
+    from pipeline.dedup import common as dedup, phases as dedup_phases
     from pipeline.executor import RAY
     from pipeline.parallel import Progress, run_shard_tasks
 
@@ -132,7 +132,7 @@ def shuffle_way(rows: int, folder: Path) -> dict:
                     {str(s): (str(root), s, rows, settings) for s in range(shards)},
                     Progress("map", shards, rows), lambda r: r["rows"])
     mapped = time.perf_counter()
-    summary = dedupphases.run_phases(RAY, root, shards, settings, {"cpus": 1})
+    summary = dedup_phases.run_phases(RAY, root, shards, settings, {"cpus": 1})
     done = time.perf_counter()
     decisions = {}
     if rows <= 200_000:

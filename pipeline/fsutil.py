@@ -92,27 +92,6 @@ def atomic_write_row_groups(path: str | Path, tables: list, schema, compression:
             writer.write_table(table, row_group_size=max(1, table.num_rows))
 
 
-def rows_by_partition(where, partitions: int) -> list:
-    """The row numbers of each partition 0..partitions-1 (`where`: each row's partition), in row order:
-    the row groups atomic_write_row_groups writes for a shuffle."""
-    import numpy as np
-
-    order = np.argsort(where, kind="stable")
-    bounds = np.searchsorted(where[order], np.arange(partitions + 1))
-    return [order[bounds[p]:bounds[p + 1]] for p in range(partitions)]
-
-
-def read_partition(folder, p: int, schema):
-    """Partition p of a shuffle folder: row group p of each writing task's file (hidden and temporary
-    files skipped); an empty table of `schema` if there are none."""
-    import pyarrow as pa
-
-    folder = as_path(folder)
-    files = sorted(f for f in folder.glob("*.parquet") if not f.name.startswith(".")) if folder.is_dir() else []
-    tables = [read_row_group(f, p) for f in files]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
 def read_row_group(path, index: int, columns: list[str] | None = None):
     """One row group of a parquet file, local or on an object store (a ranged read of that part)."""
     import pyarrow.parquet as pq

@@ -63,7 +63,7 @@ def _build(run: RunDir, out: Path) -> str:
     parts.append('<img src="funnel.png" alt="accounting funnel per stage">')
     parts.append(_stage_table(stages))
     parts.append(reportsections.examples(run, stages, out))
-    parts.append(reportsections.operators(run))
+    parts.append(reportsections.operators(run, stages))
     parts.append(reportsections.failures_by_host(run))
 
     fates, fate_order = _fates_by_source(run, decided, truth)

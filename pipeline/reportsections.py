@@ -147,29 +147,17 @@ def _card(e: dict) -> str:
     return f'<div class="card example"{data}><div class="figures">{"".join(figures)}</div>{"<br>".join(notes)}</div>'
 
 
-def operators(run: RunDir) -> str:
-    """What the optional curation operators decided: score_filter's rule and threshold, balance's counts per
-    entry (the head of entries.parquet, linked)."""
+def operators(run: RunDir, stages: list[dict]) -> str:
+    """What the stages that declare a report section decided (the curation operators: score_filter's rule
+    and threshold, balance's counts per entry), each as its stage writes it (Stage.report)."""
     parts = []
-    scored = run.stage("score_filter", 0).manifest()
-    if scored is not None:
-        rule = scored.details.get("rule", {})
-        how = (f"kept the top {rule['keep_top']:.0%} of {rule['scored']:,} scored pairs: threshold "
-               f"<b id=\"score-threshold\">{rule['threshold']:g}</b>, kept share {rule['kept_share']:.2%}"
-               if "keep_top" in rule else f"kept a score of at least <b id=\"score-threshold\">{rule['threshold']:g}</b>")
-        parts.append(f"<h3>score_filter</h3><p>The cosine of <code>{html.escape(str(scored.details.get('clip_model')))}"
-                     f"</code>'s image and text features; {how}. Every sample's score is in the ledger "
-                     "(<code>score</code>).</p>")
-    balanced = run.stage("balance", 0).manifest()
-    if balanced is not None:
-        d = balanced.details
-        rows = "".join(f"<tr><td>{html.escape(e)}</td><td>{m}</td><td>{k}</td></tr>" for e, m, k in d.get("head", []))
-        table = run.stage("balance", 0).path.relative_to(run.root).as_posix() + "/" + d.get("entries_table", "")
-        parts.append(f"<h3>balance</h3><p>{d.get('entries', 0):,} entries ({html.escape(str(d.get('entry_list')))}), "
-                     f"{d.get('entries_over_t', 0):,} matched by more than t = {d.get('t')} captions. The most "
-                     f"matched, with the pairs kept (every entry: {_link(table)}):</p>"
-                     f'<table id="balance-entries"><tr><th>entry</th><th>captions matched</th><th>pairs kept</th></tr>'
-                     f"{rows}</table>")
+    for s in stages:
+        spec = graph.spec(s["stage"])
+        manifest = run.stage(s["stage"], s["round"]).manifest()
+        if spec.report is None or manifest is None or s.get("rebuild"):
+            continue
+        folder = run.stage(s["stage"], s["round"]).path.relative_to(run.root).as_posix()
+        parts.append(f"<h3>{html.escape(s['stage'])}</h3>" + spec.report(manifest, lambda name: _link(f"{folder}/{name}")))
     return "<h2>Curation operators</h2>" + "".join(parts) if parts else ""
 
 

@@ -103,6 +103,9 @@ class Stage:
     curates_web: bool = False
     """Its output is the web's samples, cut as download's shards (download, prefilter, and every filter
     after them): the next such stage reads it, round 0's pretraining and CapFilt read the last (web_data)."""
+    report: Callable[[Manifest, Callable[[str], str]], str] | None = None
+    """The HTML the run's report shows of its committed result (round 0), given its manifest and `link(name)`,
+    a link to a file of its folder. None: the funnel and drop examples only."""
     retryable: Callable[[Manifest], int] | None = None
     """How many samples of a committed result failed in ways a new try may fix (timeouts, 5xx): `vlp
     resume --retry-failed` runs the stage again over them (StageDir.start_retry_pass). None: never."""

@@ -1,4 +1,4 @@
-"""Distributed dedup (pipeline/dedup.py) decides as the one-pass rule does, on any number of partitions
+"""Distributed dedup (pipeline/dedup/) decides as the one-pass rule does, on any number of partitions
 and workers: copies of eval images, then exact copies, then near copies of a kept image, in node order."""
 import hashlib
 import io
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline import dedup, dedupphases, dedupresolve
+from pipeline.dedup import band as dedup_band, common as dedup, phases as dedup_phases, resolve as dedup_resolve
+from pipeline.dedup import scan as dedup_scan
 from pipeline.executor import RAY
 from pipeline.data import neardup
 from pipeline.toyweb import lookalikes
@@ -79,8 +80,8 @@ def _sequential(shards, evals, s: dedup.Settings) -> dict[int, str]:
 
 def _scan(root, unit: str, nodes: np.ndarray, items, s: dedup.Settings) -> None:
     """What prefilter's scan leaves for the shuffle: the partitions and the unit's signatures."""
-    dedup.write_partitions(root, unit, nodes, [e for e, _ in items], [sig for _, sig in items], s)
-    dedup.write_signatures(root, unit, nodes, [sig for _, sig in items])
+    dedup_scan.write_partitions(root, unit, nodes, [e for e, _ in items], [sig for _, sig in items], s)
+    dedup_scan.write_signatures(root, unit, nodes, [sig for _, sig in items])
 
 
 def _distributed(tmp_path, shards, evals, s: dedup.Settings, cpus: float) -> dict[int, str]:
@@ -89,7 +90,7 @@ def _distributed(tmp_path, shards, evals, s: dedup.Settings, cpus: float) -> dic
         _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
     if s.decontaminate:
         _scan(root, "eval-0", dedup.EVAL + np.arange(len(evals), dtype=np.int64), evals, s)
-    summary = dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": cpus})
+    summary = dedup_phases.run_phases(RAY, root, len(shards), s, {"cpus": cpus})
     got = {}
     for i in range(len(shards)):
         got |= dedup.decisions_of(root, i)
@@ -135,7 +136,7 @@ def test_a_folder_from_the_one_task_resolve_is_redone_past_its_scans(tmp_path, c
         marker.unlink()
     (root / "done" / "resolve-all").write_text("{}")
     scans = sorted(m.name for m in (root / "done").glob("scan-*"))
-    dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
+    dedup_phases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
     assert sorted(m.name for m in (root / "done").glob("scan-*")) == scans
     assert not (root / "done" / "resolve-all").exists()
     got = {}
@@ -159,9 +160,9 @@ def test_a_giant_bucket_is_cut_not_squared(tmp_path, ray_cluster, picture):
     root = tmp_path / "giant"
     for i, shard in enumerate(shards):
         _scan(root, str(i), (i << 32) + np.arange(len(shard), dtype=np.int64), shard, s)
-    summary = dedupphases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
+    summary = dedup_phases.run_phases(RAY, root, len(shards), s, {"cpus": 1})
     assert summary["buckets_cut"] > 0 and summary["candidate_pairs"] == 0
-    runs = -(-3_000 // dedup.BUCKET_CAP)
+    runs = -(-3_000 // dedup_band.BUCKET_CAP)
     assert summary["dropped"] == summary["near"] == 3_000 - runs
 
 
@@ -180,29 +181,29 @@ def test_greedy_rounds_decide_as_the_walk_in_node_order():
     """The near rule decided in rounds of arrays: a chain keeps every other node, a clique its smallest,
     and random graphs (long chains, stars, cliques mixed) as the walk in node order does."""
     chain = np.arange(1, 6)
-    assert dedupresolve.greedy_drops(chain[:-1], chain[1:]).tolist() == [2, 4]
+    assert dedup_resolve.greedy_drops(chain[:-1], chain[1:]).tolist() == [2, 4]
     clique = np.array([(x, y) for x in range(10, 14) for y in range(x + 1, 14)])
-    assert dedupresolve.greedy_drops(clique[:, 0], clique[:, 1]).tolist() == [11, 12, 13]
-    assert dedupresolve.greedy_drops(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
+    assert dedup_resolve.greedy_drops(clique[:, 0], clique[:, 1]).tolist() == [11, 12, 13]
+    assert dedup_resolve.greedy_drops(np.zeros(0, np.int64), np.zeros(0, np.int64)).tolist() == []
     rng = np.random.default_rng(5)
     for trial in range(30):
         n, m = int(rng.integers(5, 300)), int(rng.integers(1, 600))
         x, y = rng.integers(0, n, m), rng.integers(0, n, m)
         x, y = np.minimum(x, y)[x != y], np.maximum(x, y)[x != y]
         x, y = (x << 32) + 7, (y << 32) + 7   # nodes as the shuffle numbers them: far apart, unordered ids
-        assert set(dedupresolve.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
+        assert set(dedup_resolve.greedy_drops(x, y).tolist()) == _greedy_in_order(x, y), trial
 
 
 def test_each_near_drop_names_the_kept_node_it_copies():
     """The keeper of a near drop is a kept source, the closest if several (the smaller node on a tie):
     the chain A~B~C drops B for A and keeps C; in a clique every later node names the first."""
     chain = np.array([0, 1, 2])
-    assert [x.tolist() for x in dedupresolve.greedy_keepers(chain[:-1], chain[1:], np.array([0.01, 0.02]))] == \
+    assert [x.tolist() for x in dedup_resolve.greedy_keepers(chain[:-1], chain[1:], np.array([0.01, 0.02]))] == \
         [[1], [0], [0.01]]
     a, b = np.array([10, 10, 10, 11, 11, 12]), np.array([11, 12, 13, 12, 13, 13])
-    dropped, keeper, _ = dedupresolve.greedy_keepers(a, b, np.full(6, 0.03))
+    dropped, keeper, _ = dedup_resolve.greedy_keepers(a, b, np.full(6, 0.03))
     assert dropped.tolist() == [11, 12, 13] and keeper.tolist() == [10, 10, 10]
     # 5 copies both 3 and 4 (kept, distinct): it names the closer; at equal distance, the smaller
-    dropped, keeper, distance = dedupresolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.05, 0.02]))
+    dropped, keeper, distance = dedup_resolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.05, 0.02]))
     assert (dropped.tolist(), keeper.tolist(), distance.tolist()) == ([5], [4], [0.02])
-    assert dedupresolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.02, 0.02]))[1].tolist() == [3]
+    assert dedup_resolve.greedy_keepers(np.array([3, 4]), np.array([5, 5]), np.array([0.02, 0.02]))[1].tolist() == [3]

@@ -45,7 +45,7 @@ def test_prefilter_writes_only_its_own_members(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline import dedup
+    from pipeline.dedup import common as dedup
     from stages.prefilter.stage import write_shard_task
 
     marker = tmp_path / "pwned"

@@ -19,14 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.fsutil import (
-    RAW,
-    atomic_write_parquet,
-    atomic_write_row_groups,
-    read_parquet,
-    read_partition,
-    rows_by_partition,
-)
+from pipeline.fsutil import atomic_write_parquet, read_parquet
+from pipeline.shuffle import partition_of, read_partition, write_partitioned
 from pipeline.storage import as_path
 
 NODE_BITS = 40                       # rows per list: up to 10^12
@@ -58,9 +52,8 @@ def write_hash_partitions(folder: Path, list_index: int, urls: pa.Array | pa.Chu
     holding partition p: one file (one fsync, one PUT on an object store) per batch, not one per partition."""
     h1, h2 = url_hashes(urls)
     nodes = (np.int64(list_index) << NODE_BITS) | rows.astype(np.int64)
-    where = (h1 % np.uint64(partitions)).astype(np.int64)
-    groups = [pa.table([h1[g], h2[g], nodes[g]], schema=HASH_SCHEMA) for g in rows_by_partition(where, partitions)]
-    atomic_write_row_groups(folder / HASHES / f"{list_index:04d}-{part:06d}.parquet", groups, HASH_SCHEMA, **RAW)
+    write_partitioned(folder / HASHES / f"{list_index:04d}-{part:06d}.parquet", pa.table([h1, h2, nodes], schema=HASH_SCHEMA),
+                      partition_of(h1, partitions), partitions)
 
 
 def find_duplicates(folder: str, p: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import html
 import re
 from pathlib import Path
 
@@ -138,6 +139,17 @@ def _entries(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...])
     return {"entries": Extra(path, (fingerprint("entries", path.name, [sha256_file(path)]),))}
 
 
+def report(manifest, link) -> str:
+    """The report's section: the entries, and the most matched with the pairs kept."""
+    d = manifest.details
+    rows = "".join(f"<tr><td>{html.escape(e)}</td><td>{m}</td><td>{k}</td></tr>" for e, m, k in d.get("head", []))
+    return (f"<p>{d.get('entries', 0):,} entries ({html.escape(str(d.get('entry_list')))}), {d.get('entries_over_t', 0):,} "
+            f"matched by more than t = {d.get('t')} captions. The most matched, with the pairs kept (every entry: "
+            f"{link(d.get('entries_table', ENTRIES_TABLE))}):</p>"
+            '<table id="balance-entries"><tr><th>entry</th><th>captions matched</th><th>pairs kept</th></tr>'
+            f"{rows}</table>")
+
+
 STAGE = Stage("balance", SECTION, curates_web=True, conserves=True, run=run,
               request=lambda cfg, urls: shard_tasks(cfg, cfg.balance.cpus_per_task, urls), seeded=True,
-              upstreams=lambda cfg, round_: [web_data(cfg, before="balance")], extra_inputs=_entries)
+              upstreams=lambda cfg, round_: [web_data(cfg, before="balance")], extra_inputs=_entries, report=report)

@@ -5,7 +5,7 @@ Three passes, so that deduplication is global across the stage and still determi
      such as LAION's similarity and punsafe, caption rules, caption language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
      the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard and per part of
      each benchmark's split: COCO's test images, an ImageNet folder);
-  2. dedup (Ray tasks per partition, pipeline/dedup.py): copies of eval images are dropped
+  2. dedup (tasks per partition, pipeline/dedup/): copies of eval images are dropped
      (`eval_contaminated`), then exact copies (same original bytes) and near copies
      (pipeline/data/neardup.py) of a kept image, in (shard, key) order, whatever the number of workers;
   3. write (a Ray task per shard): kept samples into a new shard, committed atomically with its ledger;
@@ -31,7 +31,7 @@ from stages.prefilter.config import SECTION, PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language, samplejson
 from pipeline import benchmarks as benchmarks_lib
-from pipeline import dedup, dedupphases
+from pipeline.dedup import common as dedup, phases as dedup_phases, scan as dedup_scan
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError, InputError
@@ -77,7 +77,7 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                         Progress("prefilter/scan", len(shards), samples_in), lambda summary: summary["samples"])
         if settings.decontaminate:
             _fingerprint_eval_images(executor, eval_shards, benchmarks, root, settings, options)
-        details["dedup"] = dedupphases.run_phases(executor, root, len(shards), settings, options)
+        details["dedup"] = dedup_phases.run_phases(executor, root, len(shards), settings, options)
     jobs = {s["shard"]: (str(upstream_dir / s["shard"]), str(ctx.out.path), s["shard"], i, str(root), ctx.out.writer)
             for i, s in enumerate(shards)}
     write = executor.task(write_shard_task, **options)
@@ -136,7 +136,7 @@ def _check_languages(cfg: PrefilterConfig) -> None:
 def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, root: str,
                settings: dedup.Settings) -> dict:
     """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest),
-    written to dedup/scan/ and hashed into the dedup partitions (pipeline/dedup.py)."""
+    written to dedup/scan/ and hashed into the dedup partitions (pipeline/dedup/scan.py)."""
     verify_shard(as_path(shard_path), expected)
     cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]
@@ -145,7 +145,7 @@ def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, roo
     nodes = (index << 32) + np.arange(len(records), dtype=np.int64)
     root_path = as_path(root)
     kept = [r["outcome"] == "kept" for r in records]
-    dedup.write_partitions(root_path, str(index), nodes, [r["exact"] if k else None for r, k in zip(records, kept)],
+    dedup_scan.write_partitions(root_path, str(index), nodes, [r["exact"] if k else None for r, k in zip(records, kept)],
                            [r["signature"] if k else None for r, k in zip(records, kept)], settings)
     table = pa.table({"key": [r["key"] for r in records], "node": nodes, "outcome": [r["outcome"] for r in records],
                       "reason": [r["reason"] for r in records], "error": [r.get("error") for r in records],
@@ -265,8 +265,8 @@ def _fingerprint_unit(items_of, args: tuple, index: int, root: str, settings: de
         except Exception:  # noqa: BLE001 (an unreadable eval image cannot leak into training either)
             continue
     nodes = dedup.EVAL + (index << 32) + np.arange(len(exact), dtype=np.int64)
-    dedup.write_partitions(as_path(root), f"eval-{index}", nodes, exact, sigs, settings)
-    dedup.write_signatures(as_path(root), f"eval-{index}", nodes, sigs, names, benchmark)
+    dedup_scan.write_partitions(as_path(root), f"eval-{index}", nodes, exact, sigs, settings)
+    dedup_scan.write_signatures(as_path(root), f"eval-{index}", nodes, sigs, names, benchmark)
     return dedup.mark(as_path(root), "scan", f"eval-{index}", {"images": len(exact)})
 
 

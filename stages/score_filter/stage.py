@@ -10,6 +10,7 @@ kept sample's json (`clip_score`); an image that cannot be decoded fails (`image
 from __future__ import annotations
 
 import dataclasses
+import html
 import io
 from pathlib import Path
 
@@ -152,6 +153,16 @@ def _clip_model(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ..
     return {"clip_model": Extra(folder, (fingerprint("model", folder.name, digest),))}
 
 
+def report(manifest, link) -> str:
+    """The report's section: the model, the rule and its threshold."""
+    rule = manifest.details.get("rule", {})
+    threshold = f'<b id="score-threshold">{rule["threshold"]:g}</b>'
+    how = (f"kept the top {rule['keep_top']:.0%} of {rule['scored']:,} scored pairs: threshold {threshold}, kept "
+           f"share {rule['kept_share']:.2%}" if "keep_top" in rule else f"kept a score of at least {threshold}")
+    return (f"<p>The cosine of <code>{html.escape(str(manifest.details.get('clip_model')))}</code>'s image and text "
+            f"features; {how}. Every sample's score is in the ledger (<code>score</code>).</p>")
+
+
 STAGE = Stage("score_filter", SECTION, curates_web=True, conserves=True, run=run,
               request=lambda cfg, urls: shard_tasks(cfg, cfg.score_filter.cpus_per_task, urls),
-              upstreams=lambda cfg, round_: [web_data(cfg, before="score_filter")], extra_inputs=_clip_model)
+              upstreams=lambda cfg, round_: [web_data(cfg, before="score_filter")], extra_inputs=_clip_model, report=report)

@@ -1,6 +1,6 @@
-"""Dedup's driver side: runs the phases of pipeline/dedup.py (scan .. verify) and pipeline/dedupresolve.py
-(decide .. decisions) as tasks of the stage's executor, each unit once (a unit with a done marker is not redone), and sums
-their summaries. The order and what each phase does: pipeline/dedup.py's docstring."""
+"""Dedup's driver side: runs the phases (exact.py, band.py, verify.py, resolve.py, names.py; scan.py runs
+in prefilter's scan tasks) as tasks of the stage's executor, each unit once (a unit with a done marker is not redone), and sums
+their summaries. The order and what each phase does: the package's docstring (__init__.py)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,12 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline import dedupresolve
-from pipeline.dedup import (Settings, band_partition, done_marker, exact_partition, join_partition,
-                            verify_partition)
+from pipeline.dedup.band import band_partition
+from pipeline.dedup.common import Settings, done_marker
+from pipeline.dedup.exact import exact_partition
+from pipeline.dedup.names import decisions_partition, drops_partition, names_partition
+from pipeline.dedup.resolve import decide_partition, near_resolve, prune_partition
+from pipeline.dedup.verify import join_partition, verify_partition
 from pipeline.executor import Executor
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.parallel import Progress, run_shard_tasks
@@ -64,13 +67,13 @@ def run_phases(executor: Executor, root: Path, shards: int, settings: Settings, 
         summary["pairs_left_out"] = sum(s["pairs_left_out"] for s in bands)
         phase("join", join_partition, list(range(P)), settings)
         summary["verified_edges"] = sum(s["edges"] for s in phase("verify", verify_partition, list(range(P)), settings))
-    decided = phase("decide", dedupresolve.decide_partition, list(range(P)), settings)
+    decided = phase("decide", decide_partition, list(range(P)), settings)
     summary["edges"] = sum(s["edges"] for s in decided)
-    phase("prune", dedupresolve.prune_partition, list(range(P)), settings)
-    summary |= phase("near", dedupresolve.near_resolve, [0], settings)[0]
-    phase("drops", dedupresolve.drops_partition, list(range(P)), settings)
-    phase("names", dedupresolve.names_partition, list(range(P)), settings)
-    written = phase("decisions", dedupresolve.decisions_partition, list(range(P)), settings, shards)
+    phase("prune", prune_partition, list(range(P)), settings)
+    summary |= phase("near", near_resolve, [0], settings)[0]
+    phase("drops", drops_partition, list(range(P)), settings)
+    phase("names", names_partition, list(range(P)), settings)
+    written = phase("decisions", decisions_partition, list(range(P)), settings, shards)
     summary["dropped"] = sum(s["dropped"] for s in written)
     summary["seconds"] = seconds
     log.info("prefilter: dedup over %d partitions: %s", P, json.dumps(summary))
