@@ -81,7 +81,7 @@ class Executor:
         return isinstance(err, ActorDied)
 
     def train(self, worker: Callable[[dict, int, int, int], None], config: dict, *, workers: int,
-              cpus_per_worker: float, use_gpu: bool, storage: str, max_failures: int) -> None:
+              cpus_per_worker: float, use_gpu: bool, storage: str, max_failures: int, name: str = "train") -> None:
         """Run `worker(config, rank, world, local_rank)` on a gang of `workers` processes started together."""
         raise NotImplementedError
 
@@ -194,7 +194,7 @@ class RayExecutor(Executor):
             return err.cause
         return err
 
-    def train(self, worker, config, *, workers, cpus_per_worker, use_gpu, storage, max_failures):
+    def train(self, worker, config, *, workers, cpus_per_worker, use_gpu, storage, max_failures, name="train"):
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -203,7 +203,7 @@ class RayExecutor(Executor):
             _RayTrainWorker(worker),
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-            run_config=RunConfig(name="pretrain", storage_path=storage,
+            run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=max_failures)),
         ).fit()
 
@@ -301,14 +301,14 @@ class LocalExecutor(Executor):
     def resources(self):
         return {"CPU": self.cpus}
 
-    def train(self, worker, config, *, workers, cpus_per_worker, use_gpu, storage, max_failures):
+    def train(self, worker, config, *, workers, cpus_per_worker, use_gpu, storage, max_failures, name="train"):
         if self.launch is None:
             raise RuntimeError("the local executor trains on a launcher's processes (vlp train); none started this one")
         import torch.distributed as dist
 
         # rank 0 runs the stage: every other rank waits for this config (pipeline/torchrun.py)
         dist.broadcast_object_list([config], src=0)
-        log.info("pretrain: training on %d processes started by the launcher", self.launch.world)
+        log.info("%s: training on %d processes started by the launcher", name, self.launch.world)
         worker(config, self.launch.rank, self.launch.world, self.launch.local_rank)
 
 

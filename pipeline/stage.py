@@ -140,5 +140,6 @@ def web_data(cfg: "RunConfig", before: str | None = None) -> tuple[str, int]:
     import stages
 
     names = stages.NAMES[:stages.NAMES.index(before)] if before else stages.NAMES
-    curating = [n for n in names if n in cfg.stages and stages.stage(n).curates_web]
-    return (curating[-1] if curating else "download"), 0
+    every = [n for n in names if stages.stage(n).curates_web]
+    chosen = [n for n in every if n in cfg.stages]
+    return (chosen or every)[-1 if chosen else 0], 0   # none chosen: the web's first (its download)

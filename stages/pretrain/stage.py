@@ -189,7 +189,8 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
     # a gang of num_workers processes: Ray Train's workers, or (`vlp train`) the launcher's processes
     try:
         ctx.executor.train(train_loop, config, workers=cfg.num_workers, cpus_per_worker=cfg.cpus_per_worker,
-                           use_gpu=cfg.use_gpu, storage=str(work / "_ray"), max_failures=cfg.max_failures)
+                           use_gpu=cfg.use_gpu, storage=str(work / "_ray"), max_failures=cfg.max_failures,
+                           name=ctx.out.stage)
     except Exception as err:  # noqa: BLE001 (the executor wraps the worker's error; we say what to do)
         raise StageFailed(f"pretrain: training failed after {cfg.max_failures} restarts: {err}. "
                           "Complete checkpoints are kept: `vlp resume` continues from the last one.") from err
