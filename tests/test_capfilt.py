@@ -300,7 +300,7 @@ def test_calibration_captioning_and_scoring_run_in_the_fine_tunes_precision(tmp_
     from pipeline.model import generate as generate_module
     from pipeline.model.scoring import Calibration, match_scores
     from pipeline.modelio import load_pretrained, read_info, save_pretrained
-    from pipeline.train.finetune import calibrate, finetune, model_precision
+    from stages.capfilt.finetune import calibrate, finetune, model_precision
     from pipeline.train.precision import resolve
     from stages.capfilt.stage import CapfiltWorker
 
@@ -371,7 +371,7 @@ def test_calibration_skips_and_counts_seed_samples_it_cannot_use(tmp_path, caplo
     from pipeline.data.shards import write_shard
     from pipeline.data.tokenizer import train_tokenizer
     from pipeline.model import SIZES, MultiwayTransformer
-    from pipeline.train.finetune import calibrate
+    from stages.capfilt.finetune import calibrate
     from pipeline.train.precision import resolve
 
     good = list(read_shard(_seed_shard(tmp_path / "good.tar")))
@@ -397,7 +397,7 @@ def test_a_fine_tune_is_the_same_bits_on_two_threads(tmp_path):
     from pipeline.data.tokenizer import train_tokenizer
     from pipeline.model import SIZES, MultiwayTransformer
     from pipeline.modelio import save_pretrained
-    from pipeline.train.finetune import finetune
+    from stages.capfilt.finetune import finetune
 
     shard = _seed_shard(tmp_path / "seed.tar", 64)
     tok_dir = tmp_path / "tok"

@@ -1,6 +1,6 @@
 """capfilt: BLIP's captioning and filtering, with the model of the previous round.
 
-1. Two copies of the model are fine-tuned on the clean seed set (pipeline/train/finetune.py), as two Ray
+1. Two copies of the model are fine-tuned on the clean seed set (stages/capfilt/finetune.py), as two Ray
    tasks in parallel: a captioner (LM) and a filter (ITC + ITM). Separate copies, because a filter that
    shares its weights with the captioner waves the captioner's mistakes through (BLIP, Table 4).
 2. A pool of Ray actors, each holding both models, takes the web shards one by one. Per image, the
@@ -43,7 +43,7 @@ from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data, web_shards
 from pipeline.model.scoring import Calibration, match_scores
-from pipeline.train.finetune import finetune, model_fingerprint, model_precision
+from stages.capfilt.finetune import finetune, model_fingerprint, model_precision
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")

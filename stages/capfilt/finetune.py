@@ -20,7 +20,6 @@ from typing import Iterator
 
 import torch
 
-from stages.capfilt.config import FinetuneConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
 from pipeline.fsutil import sha256_file
@@ -28,6 +27,7 @@ from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.storage import as_path
 from pipeline.train.precision import Precision, resolve
+from stages.capfilt.config import FinetuneConfig
 
 ROLE_WEIGHTS = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}   # objectives: config.OBJECTIVES
 
