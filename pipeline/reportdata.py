@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import json
 import subprocess
 import tarfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from pipeline.data import samplejson
 from pipeline.data.shards import SHARD_DIGITS, STREAM_BLOCK
 from pipeline.ledger import DECISIONS, SCHEMA
 from pipeline.runs import MANIFEST, STATS_SUFFIX, RunDir, StageDir
@@ -141,18 +141,10 @@ def attach_images(run: RunDir, examples: dict[str, list[dict]], out: Path) -> No
         if row.get("keeper"):
             keeper = samples.get(row["keeper"], {})
             row["keeper_image"] = picture(row["keeper"], image_of(keeper))
-            row["keeper_url"] = _json(keeper.get("json")).get("url")
+            row["keeper_url"] = samplejson.parse(keeper.get("json")).get("url")
         if row.get("benchmark"):
             twin = (row["benchmark"], row["item"])
             row["twin_image"] = picture(twin_names[twin], twins[twin]) if twin in twins else None
-
-
-def _json(data: bytes | None) -> dict:
-    try:
-        value = json.loads(data) if data else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def eval_images(run: RunDir, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], bytes]:

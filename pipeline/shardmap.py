@@ -150,8 +150,11 @@ class Job:
     seed: int
     stage: str
 
+    def make(self) -> Operator:
+        return self.operator(build(self.settings_type, self.settings, source=f"{self.stage} task"), self.seed)
+
     def open(self) -> Operator:
-        op = self.operator(build(self.settings_type, self.settings, source=f"{self.stage} task"), self.seed)
+        op = self.make()
         op.open()
         return op
 
@@ -189,16 +192,18 @@ def write_shard(job: Job, shard_path: str, expected: dict, index: int, work: str
     if (done := out.shard_stats(expected["shard"])) is not None:
         return done
     started = time.time()
-    op = job.open()
+    op = job.make()
     verify_shard(as_path(shard_path), expected)
     measured = None
-    if op.needs_plan:
+    if op.needs_plan:   # pass 1 measured: its values are read back, the model is not loaded again
         measured = {r["key"]: json.loads(r["value"]) for r in read_parquet(_values_path(work, index)).to_pylist()}
+    else:
+        op.open()
     output, verdicts = ShardOutput(), []
     for batch in _batches(shard_path, op.cfg.batch_size):
         values = [measured[s["__key__"]] for s in batch] if measured is not None else op.measure(batch)
         for sample, value in zip(batch, values):
-            meta = _json(sample.get("json"))
+            meta = samplejson.parse(sample.get("json"))
             row = {"key": sample["__key__"], "url": meta.get("url"), "source": meta.get("source"),
                    "source_row": meta.get("source_row")}
             if "failed" in value:
@@ -213,11 +218,3 @@ def write_shard(job: Job, shard_path: str, expected: dict, index: int, work: str
             output.kept(row, {"__key__": sample["__key__"], "jpg": sample["jpg"], "txt": sample.get("txt", b""),
                               "json": encode_json({**samplejson.stable(meta), **verdict.fields})})
     return output.commit(out, expected["shard"], started, op.shard_extra(verdicts))
-
-
-def _json(data: bytes | None) -> dict:
-    try:
-        value = json.loads(data) if data else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -12,6 +12,8 @@ parsers do not).
 """
 from __future__ import annotations
 
+import json
+
 import math
 
 from pipeline.configbase import LIST_FIELDS
@@ -47,3 +49,12 @@ def stable(meta: dict) -> dict:
     prefilter passes on, so its shards are stable even over shards an older download committed."""
     return {**meta, "caption": meta.get("caption") or "", "caption_error": meta.get("caption_error") or "",
             "list": listed_numbers(meta.get("list") or {})}
+
+
+def parse(data: bytes | None) -> dict:
+    """A sample's json member as a dict: {} when it is absent, not JSON, not UTF-8 or not an object."""
+    try:
+        value = json.loads(data) if data else {}
+    except ValueError:   # UnicodeDecodeError is one
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -19,7 +19,6 @@ import collections
 import dataclasses
 import hashlib
 import io
-import json
 import re
 import time
 
@@ -157,7 +156,7 @@ def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, roo
 def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
     rec = {"key": sample["__key__"], "outcome": "kept", "reason": None, "signature": None, "exact": None}
     try:
-        meta = _json(sample.get("json"))
+        meta = samplejson.parse(sample.get("json"))
         with Image.open(io.BytesIO(sample["jpg"])) as img:
             img.load()
             width, height = img.size
@@ -175,16 +174,6 @@ def _scan_sample(sample: dict, cfg: PrefilterConfig, patterns) -> dict:
     if reason:
         rec.update(outcome="dropped", reason=reason)
     return rec
-
-
-def _json(data: bytes | None) -> dict:
-    if not data:
-        return {}
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def image_rule(width: int, height: int, cfg: PrefilterConfig) -> str | None:
@@ -284,7 +273,7 @@ def write_shard_task(in_path: str, stage_path: str, name: str, index: int, root:
         verdict = scanned[key]
         # the ledger says where the sample came from (download's json) and, for a copy, what it copies:
         # the kept sample's key (or the eval image's benchmark and item) and the distance (0: the same bytes)
-        meta = _json(sample.get("json"))
+        meta = samplejson.parse(sample.get("json"))
         row = {"key": key, "url": meta.get("url"), "source": meta.get("source"), "source_row": meta.get("source_row")}
         if verdict["outcome"] == "kept" and verdict["node"] in dropped:
             copy = dropped[verdict["node"]]
