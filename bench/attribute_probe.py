@@ -99,7 +99,7 @@ def frozen_features(model, images: torch.Tensor) -> torch.Tensor:
 def curve(run: RunDir, model, images: torch.Tensor, labels: torch.Tensor) -> None:
     """The probes at every complete round-0 checkpoint (DeepSpeed's module states hold the full weights)."""
     from pipeline.probe import probe_accuracy
-    from pipeline.train.checkpoints import complete_checkpoints
+    from stages.pretrain.train.checkpoints import complete_checkpoints
 
     eval_images, eval_labels = [], []
     for tar in sorted((run.root / "toyweb" / "eval").glob("*.tar")):

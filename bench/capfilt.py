@@ -90,7 +90,7 @@ def precision_ab(cfg, device: str, batch: int, tokens: int, repeats: int) -> dic
     import statistics
 
     from pipeline.model.scoring import match_scores
-    from pipeline.train.precision import resolve
+    from pipeline.precision import resolve
 
     torch.manual_seed(0)
     model = MultiwayTransformer(cfg).to(device).eval()

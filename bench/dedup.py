@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipeline.config import ToyWebConfig  # noqa: E402
+from pipeline.toyweb.config import ToyWebConfig  # noqa: E402
 
 from stages.prefilter.config import PrefilterConfig  # noqa: E402
 from pipeline.data import neardup  # noqa: E402

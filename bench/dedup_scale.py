@@ -1,5 +1,5 @@
 """Dedup at scale on synthetic signatures: the one-pass rule in the driver (prefilter before #14)
-against the shuffle (pipeline/dedup/: Ray tasks over partitions), in one run.
+against the shuffle (stages/prefilter/dedup/: Ray tasks over partitions), in one run.
 
 Synthetic rows, made from their index alone (no table of them anywhere): 85% distinct textured images
 (random coefficients and detail), 6% near copies of an earlier row (the same signature in other bytes,
@@ -100,7 +100,7 @@ def shard_rows(shard: int, rows: int) -> tuple[np.ndarray, list[str], list[bytes
 
 def map_shard(root: str, shard: int, rows: int, settings) -> dict:
     """(Ray task) What prefilter's scan adds for dedup: hash one shard's signatures into the partitions."""
-    from pipeline.dedup import scan as dedup_scan
+    from stages.prefilter.dedup import scan as dedup_scan
 
     index, exact, sigs = shard_rows(shard, rows)
     nodes = (shard << 32) + (index - shard * SHARD)
@@ -119,7 +119,7 @@ def peak_rss_mb() -> float:
 def shuffle_way(rows: int, folder: Path) -> dict:
     import ray
 
-    from pipeline.dedup import common as dedup, phases as dedup_phases
+    from stages.prefilter.dedup import common as dedup, phases as dedup_phases
     from pipeline.executor import RAY
     from pipeline.parallel import Progress, run_shard_tasks
 

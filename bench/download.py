@@ -33,7 +33,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, ToyWebConfig, UrlListConfig, DataConfig, RayConfig
+from pipeline.config import RunConfig, UrlListConfig, DataConfig, RayConfig
+from pipeline.toyweb.config import ToyWebConfig
 
 from stages.download.config import DownloadConfig
 from pipeline.toyweb.lists import write_toyweb

@@ -79,7 +79,8 @@ def main() -> None:
     import ray
     import s3fs
 
-    from pipeline.config import DataConfig, RayConfig, RunConfig, ToyWebConfig
+    from pipeline.config import DataConfig, RayConfig, RunConfig
+    from pipeline.toyweb.config import ToyWebConfig
 
     from stages.download.config import DownloadConfig
 

@@ -2,8 +2,8 @@
 
   plan   N rows of LAION-like parquet (4 files) cut into shard inputs: in the driver (vlp before #14: every
          list read whole, a host-policy check per URL, the shard tables kept as task arguments) against
-         the planning tasks (pipeline/data/listplan.py: the driver keeps (shard, file, rows)); and the
-         planning tasks with URL dedup (download.dedup_urls, the default: pipeline/data/urldedup.py).
+         the planning tasks (stages/download/listplan.py: the driver keeps (shard, file, rows)); and the
+         planning tasks with URL dedup (download.dedup_urls, the default: stages/download/urldedup.py).
   scan   the resume scan and `vlp status` of a download folder of S committed shards of 1,000, their
          stats with the per-sample rejects inline (before #14, 10% of the samples) against counts only
          (the rejects in each shard's ledger).
@@ -80,7 +80,7 @@ def plan_in_driver(specs: list[dict], stage: Path) -> int:
 
 def plan_in_tasks(specs: list[dict], stage: Path, dedup_urls: bool = False) -> int:
     from pipeline.config import UrlListConfig
-    from pipeline.data.listplan import plan_shards
+    from stages.download.listplan import plan_shards
 
     return len(plan_shards(stage, tuple(UrlListConfig(**s) for s in specs), PER_SHARD, dedup_urls=dedup_urls))
 

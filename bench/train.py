@@ -6,7 +6,7 @@
 (d) on a GPU: `base` in bf16 on one GPU, samples/s and MFU (skipped without CUDA);
 (e) the demo model's training step on 2 cores: fp32 / bf16 autocast / bf16 with fp32 attention /
     + channels_last conv stem / + torch.compile, as 1 process x 2 threads and 2 x 1, bare torch loops
-    against vlp's own step (pipeline/train/loop.py `micro_step` on its DeepSpeed ZeRO-2 engine), all
+    against vlp's own step (stages/pretrain/train/loop.py `micro_step` on its DeepSpeed ZeRO-2 engine), all
     interleaved in one run; prints vlp's ratio to the best bare loop, and when compile pays for itself;
 (f) vlp's step (1 x 2, auto) on real loader batches made in series vs by the prefetch thread, interleaved.
 
@@ -92,7 +92,7 @@ def _rank(rank, world, port, mode, cfg, micro, steps, results):
     else:
         import deepspeed
 
-        from pipeline.train.deepspeed_config import deepspeed_config
+        from stages.pretrain.train.deepspeed_config import deepspeed_config
 
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         pcfg = PretrainConfig(zero_stage=int(mode[-1]), micro_batch=micro, num_workers=world)
@@ -129,7 +129,7 @@ def run_ranks(mode, cfg, micro, steps, world=2):
 
 
 def _peak_rss(ckpt, steps, results):
-    from pipeline.train.loop import build_model
+    from stages.pretrain.train.loop import build_model
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -255,7 +255,7 @@ FUSION_EVERY, GLOBAL_BATCH = 4, 64
 class Variant:
     name: str
     procs: int              # processes x threads = 2 cores: 1 x 2 or 2 x 1
-    precision: str          # fp32, bf16 (bare: autocast) or auto (vlp: pipeline/train/precision.py decides)
+    precision: str          # fp32, bf16 (bare: autocast) or auto (vlp: pipeline/precision.py decides)
     attn_fp32: bool = True  # bare bf16: attention in fp32 (the model's switch)
     channels_last: bool = True   # bare bf16: the conv stem channels_last (the model's switch; never in fp32)
     compile: bool = False
@@ -284,8 +284,8 @@ class Trainer:
 
     def __init__(self, v: Variant, rank: int, world: int, model_cfg=SIZES["demo"], source=None):
         from pipeline.model.objectives import TextQueue
-        from pipeline.train.loop import make_engine
-        from pipeline.train.precision import resolve
+        from stages.pretrain.train.loop import make_engine
+        from pipeline.precision import resolve
 
         self.v, self.world = v, world
         micro = GLOBAL_BATCH // world
@@ -310,7 +310,7 @@ class Trainer:
     def step(self, i: int) -> None:
         from pipeline.model.multiway import Attention, ConvStem
         from pipeline.model.objectives import pretrain_losses
-        from pipeline.train.loop import micro_step
+        from stages.pretrain.train.loop import micro_step
 
         v = self.v
         # the model's switches, per variant (vlp runs the model as it ships: both on)
@@ -319,7 +319,7 @@ class Trainer:
         weights = DEMO_WEIGHTS if i % FUSION_EVERY == 0 else DEMO_UNIMODAL
         if self.source is None:
             b = self.batches[i % len(self.batches)]
-        else:   # as pretrain's loop feeds micro_step (pipeline/train/loop.py)
+        else:   # as pretrain's loop feeds micro_step (stages/pretrain/train/loop.py)
             raw = next(self.source)
             b = Batch(raw["images"].to(dtype=self.precision.input_dtype), raw["ids"], raw["mask"])
         if v.vlp:
@@ -356,7 +356,7 @@ def _timed_block(trainer: Trainer, start: int, steps: int, barrier=None) -> floa
 def _init_group(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    from pipeline.train.deepspeed_config import build_comm_op, import_deepspeed
+    from pipeline.deepspeed_setup import build_comm_op, import_deepspeed
 
     build_comm_op()
     import_deepspeed().init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
@@ -375,7 +375,7 @@ def _layout_worker(rank, world, port, variants, commands, results):
 
 
 def precision_and_layout(block: int, repeats: int, compile_: bool) -> None:
-    from pipeline.train.precision import cpu_bf16_instructions, resolve
+    from pipeline.precision import cpu_bf16_instructions, resolve
 
     auto = resolve("auto")
     block = -(-block // FUSION_EVERY) * FUSION_EVERY   # whole fusion cycles: every block does the same work
@@ -484,7 +484,7 @@ def loader_prefetch(block: int, repeats: int, drain: int = 20) -> None:
 
     from pipeline.data.loader import StreamSpec, make_loader
     from pipeline.data.tokenizer import train_tokenizer
-    from pipeline.train.precision import resolve
+    from pipeline.precision import resolve
 
     auto = resolve("auto")
     block = -(-block // FUSION_EVERY) * FUSION_EVERY   # whole fusion cycles, as in (e)

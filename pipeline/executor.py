@@ -306,8 +306,8 @@ class LocalExecutor(Executor):
             raise RuntimeError("the local executor trains on a launcher's processes (vlp train); none started this one")
         import torch.distributed as dist
 
-        # rank 0 runs the stage: every other rank waits for this config (pipeline/torchrun.py)
-        dist.broadcast_object_list([config], src=0)
+        # rank 0 runs the stage: every other rank waits for the worker and its config (pipeline/torchrun.py)
+        dist.broadcast_object_list([(worker, config)], src=0)
         log.info("%s: training on %d processes started by the launcher", name, self.launch.world)
         worker(config, self.launch.rank, self.launch.world, self.launch.local_rank)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.pretrain.config import OBJECTIVES
+from pipeline.model.objectives import LOSSES
 from pipeline.storage import as_path
 
 TAGS = ["vlp", "vision-language", "multiway-transformer", "vlmo", "image-text-retrieval", "custom_code"]
@@ -30,7 +30,7 @@ def model_card(model_dir: Path, info: dict, cfg, parameters: int) -> str:
     licenses = _checkpoint_licenses(info, run)
     front = {"library_name": "transformers", "pipeline_tag": "zero-shot-image-classification", "tags": TAGS}
     front.update(_agreed(licenses))
-    train = info.get("pretrain") or {}
+    train = training_config(info)
     title = " ".join(x for x in ("vlp Multiway Transformer", f"`{train['model']}`" if "model" in train else "") if x)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "", f"# {title}", "",
              f"A VLMo-style Multiway Transformer ({parameters:,} parameters: shared self-attention, vision, "
@@ -69,7 +69,7 @@ def _run_record(model_dir: Path, info: dict) -> dict | None:
         if fp in by_id and fp not in lineage:
             lineage[fp] = by_id[fp]
             todo.extend(by_id[fp].inputs)
-    evaluations = [m for m in by_id.values() if m.stage == "evaluate" and own.result_id in m.inputs]
+    evaluations = [m for m in by_id.values() if _declares(m.stage, "evaluates") and own.result_id in m.inputs]
     return {"manifest": own, "lineage": sorted(lineage.values(), key=lambda m: m.finished), "by_id": by_id,
             "evaluation": max(evaluations, key=lambda m: m.finished) if evaluations else None}
 
@@ -95,7 +95,7 @@ def _data(model_dir: Path, run: dict | None) -> list[str]:
                         "stage was rebuilt since), so the run's sources, counts and evaluations are unknown to "
                         "this card.", ""]
     stages = run["lineage"] + [run["manifest"]]
-    for m in (m for m in stages if m.stage == "download"):
+    for m in (m for m in stages if _declares(m.stage, "fetches")):
         lists = m.details.get("lists") or []
         fps = m.inputs if len(m.inputs) == len(lists) else [""] * len(lists)
         lines += [f"URL lists downloaded (round {m.round}):", "",
@@ -116,7 +116,7 @@ def _data(model_dir: Path, run: dict | None) -> list[str]:
 
 
 def _training(info: dict, run: dict | None) -> list[str]:
-    train, items = info.get("pretrain") or {}, []
+    train, items = training_config(info), []
     if "role" in info:
         items.append(f"CapFilt {info['role']}, fine-tuned from the model whose weights' sha256 begins "
                      f"`{info.get('base_model')}`")
@@ -134,7 +134,7 @@ def _training(info: dict, run: dict | None) -> list[str]:
         items.append(f"{m.totals.samples_in} training samples, {m.details.get('epochs')} epochs, "
                      f"{m.duration_s} s")
         final = m.details.get("final") or {}
-        losses = {k: v for k, v in final.items() if k in ("loss", *OBJECTIVES, "itm_acc")}
+        losses = {k: v for k, v in final.items() if k in ("loss", *LOSSES, "itm_acc")}
         if losses:
             items.append(f"at step {final.get('step')}: " + ", ".join(f"{k} {v}" for k, v in losses.items()))
     return ["## Training", "", *(f"- {item}" for item in items), ""] if items else []
@@ -146,9 +146,9 @@ def _evaluation(run: dict | None) -> list[str]:
         return lines + ["Not recorded here (see Training data).", ""]
     m = run["evaluation"]
     if m is None:
-        return lines + ["The run has no evaluation of this model (no committed evaluate stage took it as input).", ""]
+        return lines + ["The run has no evaluation of this model (no committed evaluation took it as input).", ""]
     metrics = m.details.get("metrics") or {}
-    lines += [f"From the run's evaluate stage (round {m.round}, fingerprint `{m.fingerprint}`). {METRIC_LEGEND}", ""]
+    lines += [f"From the run's evaluation (stage `{m.stage}`, round {m.round}, fingerprint `{m.fingerprint}`). {METRIC_LEGEND}", ""]
     groups = {"Held-out split": {k: v for k, v in metrics.items() if not isinstance(v, dict)}}
     for key, group in ((k, v) for k, v in metrics.items() if isinstance(v, dict)):   # attribute_probe, benchmarks
         groups[key] = {k: v for k, v in group.items() if not isinstance(v, dict)}
@@ -207,12 +207,12 @@ def _agreed(licenses: dict) -> dict:
 
 def _checkpoint_licenses(info: dict, run: dict | None) -> dict:
     """{checkpoint folder name: its model card's `license`, or None}, for the transformers checkpoints
-    the training started from (`pretrain.init_from`, this model's and its upstream trainings')."""
+    the training started from (the training config's `init_from`, this model's and its upstream trainings')."""
     import yaml
 
-    configs = [info.get("pretrain") or {}]
+    configs = [training_config(info)]
     if run is not None:
-        configs += [m.config for m in run["lineage"] if m.stage == "pretrain" and isinstance(m.config, dict)]
+        configs += [m.config for m in run["lineage"] if _declares(m.stage, "trains") and isinstance(m.config, dict)]
     found = {}
     for folder in (v for c in configs for v in (c.get("init_from") or {}).values() if v):
         card, license_ = as_path(folder) / "README.md", None
@@ -221,6 +221,21 @@ def _checkpoint_licenses(info: dict, run: dict | None) -> dict:
             license_ = meta.get("license") if isinstance(meta.get("license"), str) else None
         found[Path(str(folder)).name] = license_
     return found
+
+
+def training_config(info: dict) -> dict:
+    """The config of the stage that trained the model, as its folder's config.yaml holds it: under that
+    stage's name (the registry's stage that declares `trains`)."""
+    from pipeline.stage import having
+
+    return next((info[name] for name in having("trains") if isinstance(info.get(name), dict)), {})
+
+
+def _declares(stage: str, flag: str) -> bool:
+    """Whether the registry's stage `stage` sets `flag` (False for a name an older vlp wrote and no stage has now)."""
+    import stages
+
+    return stage in stages.NAMES and bool(getattr(stages.stage(stage), flag))
 
 
 def _value(v) -> str:

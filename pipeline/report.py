@@ -16,17 +16,14 @@ from pathlib import Path
 
 import stages as stages_registry
 from pipeline import graph, reportsections
+from pipeline.reportsections import save_figure
 from pipeline.benchmarks import format_benchmarks
-from pipeline.data.shards import SHARD_DIGITS, read_shard
 from pipeline.fsutil import atomic_path
 from pipeline.storage import remove_tree
 from pipeline.ledger import stage_ledger
-from pipeline.toyweb.measures import decisions, format_attributes, format_rounds, load_truth, rounds
+from pipeline.toyweb.measures import format_attributes, format_rounds, load_truth, rounds
 from pipeline.status import status
 from pipeline.runs import RunDir
-
-SAMPLES_PER_VERDICT = 6
-
 
 def write_report(run_dir: str | Path) -> Path:
     """Write the report of a run; returns the path of its index.html."""
@@ -52,9 +49,6 @@ def _build(run: RunDir, out: Path) -> str:
     stages = status(run.root)
     truth = load_truth(run)
     round_rows = rounds(run.root, truth)
-    capfilt_rounds = [r["round"] for r in round_rows if "capfilt_in" in r]
-    last_capfilt = run.stage("capfilt", capfilt_rounds[-1]) if capfilt_rounds else None
-    decided = decisions(last_capfilt.path) if last_capfilt else []
     parts = [f"<h1>vlp run report: {html.escape(run.root.name)}</h1>", reportsections.metadata(run, stages)]
 
     parts.append("<h2>Accounting funnel</h2><p>Every sample that entered a stage is kept, dropped (with a "
@@ -63,31 +57,15 @@ def _build(run: RunDir, out: Path) -> str:
     parts.append('<img src="funnel.png" alt="accounting funnel per stage">')
     parts.append(_stage_table(stages))
     parts.append(reportsections.examples(run, stages, out))
-    parts.append(reportsections.operators(run, stages))
-    parts.append(reportsections.failures_by_host(run))
+    parts.append(reportsections.stage_sections(run, out, truth))
 
-    fates, fate_order = _fates_by_source(run, decided, truth)
+    fates, fate_order = _fates_by_source(run, truth)
     if fates:
         parts.append("<h2>Noise per source</h2><p>What became of each source's URLs, stage by stage"
                      + (" (and, on the toy web, how many of its captions are truly noisy)" if truth else "") + ".</p>")
         _source_chart(fates, fate_order, out / "sources.png")
         parts.append('<img src="sources.png" alt="fates per source">')
         parts.append(_source_table(fates, fate_order, truth))
-
-    if decided:
-        manifest = last_capfilt.manifest()
-        calibrated = manifest.config.get("rule") == "calibrated"
-        what = "calibrated ITM + ITC score" if calibrated else "ITM match probability"
-        threshold = float(manifest.details.get("threshold", manifest.config["threshold"]))
-        parts.append(f"<h2>Filter scores (round {last_capfilt.round})</h2>"
-                     f"<p>The {what} the filter gave each web caption and each synthetic caption; the dashed "
-                     f'line is the threshold, <b id="threshold">{threshold:g}</b> (rule '
-                     f"<code>{html.escape(str(manifest.config.get('rule')))}</code>): a caption scoring at least "
-                     "this is kept.</p>")
-        _score_chart(decided, truth, threshold, out / "scores.png", what)
-        parts.append('<img src="scores.png" alt="histograms of filter scores">')
-        parts.append(f"<h2>Samples (round {last_capfilt.round})</h2>")
-        parts.append(_sample_grid(run, decided, truth, out))
 
     if round_rows:
         parts.append("<h2>Round over round</h2>")
@@ -105,12 +83,6 @@ def _build(run: RunDir, out: Path) -> str:
             parts.append("<p>Attribute by attribute (toy web): how many web captions with that one attribute "
                          "wrong the filter removed, and how often the captioner named it right.</p>"
                          f"<pre>{html.escape(by_attribute)}</pre>")
-        for r in round_rows:
-            curves = run.stage("pretrain", r["round"]).path / "training_curves.png"
-            if curves.is_file():
-                (out / f"training_round{r['round']}.png").write_bytes(curves.read_bytes())
-                parts.append(f"<h3>Training curves, round {r['round']}</h3>"
-                             f'<img src="training_round{r["round"]}.png" alt="training curves round {r["round"]}">')
     parts.append(reportsections.files(run))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}"
@@ -148,43 +120,54 @@ def _funnel_chart(stages: list[dict], path: Path) -> None:
     ax.bar(labels, failed, bottom=[k + d for k, d in zip(kept, dropped)], label="failed", color="#c44")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _web_filters(run: RunDir) -> list[str]:
-    """The stages after download that filtered round 0's web data in this run, in graph order."""
-    return [name for name in stages_registry.NAMES if name != "download" and graph.spec(name).curates_web
+    """The stages after the fetch that filtered round 0's web data in this run, in graph order."""
+    return [name for name in stages_registry.NAMES if graph.spec(name).curates_web and not graph.spec(name).fetches
             and run.stage(name, 0).manifest() is not None]
 
 
-def fate_names(filters: list[str]) -> list[str]:
-    return ["download failed"] + [f"{s} dropped" for s in filters] + \
-        ["web caption rejected", "web caption kept", "kept (no capfilt)"]
+def _judges(run: RunDir) -> list[tuple[str, int]]:
+    """(stage, its newest committed round) of every stage that gives web samples a verdict (Stage.fates)."""
+    found = []
+    for name in stages_registry.NAMES:
+        done = [r for r in run.rounds() if graph.spec(name).fates and run.stage(name, r).manifest() is not None]
+        if done:
+            found.append((name, done[-1]))
+    return found
 
 
-def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> tuple[dict[str, collections.Counter], list[str]]:
-    """({source: Counter of fates}, the fates in order) over every URL of round 0's download, from the
+def _fates_by_source(run: RunDir, truth: dict | None) -> tuple[dict[str, collections.Counter], list[str]]:
+    """({source: Counter of fates}, the fates in order) over every URL of round 0's fetch, from the
     stages' ledgers (joined and counted in Arrow: no tar is read). A URL's fate is the first stage that
-    did not keep it."""
+    did not keep it, else the verdict a judging stage (CapFilt) gave it, else kept."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    download = run.stage("download", 0)
-    if download.manifest() is None:
+    fetched = [n for n in stages_registry.NAMES if graph.spec(n).fetches and run.stage(n, 0).manifest() is not None]
+    if not fetched:
         return {}, []
-    filters = _web_filters(run)
-    table = stage_ledger(download.path, ["key", "outcome", "source", "url"])
+    filters, judges = _web_filters(run), _judges(run)
+    table = stage_ledger(run.stage(fetched[0], 0).path, ["key", "outcome", "source", "url"])
     for name in filters:
         ledger = stage_ledger(run.stage(name, 0).path, ["key", "outcome"]).rename_columns(["key", name])
         table = table.join(ledger, "key", join_type="left outer")
-    capfilt = pa.table({"key": pa.array([d["key"] for d in decided], pa.string()),
-                        "web_kept": pa.array([d["web_kept"] for d in decided], pa.bool_())})
-    table = table.join(capfilt, "key", join_type="left outer")
+    labels = [f"{fetched[0]} failed"] + [f"{s} dropped" for s in filters]
     conditions = [pc.not_equal(table["outcome"], "kept")]
     conditions += [pc.and_(pc.is_valid(table[name]), pc.not_equal(table[name], "kept")) for name in filters]
-    conditions += [pc.invert(pc.fill_null(table["web_kept"], True)), pc.fill_null(table["web_kept"], False)]
-    fate = pc.case_when(pc.make_struct(*conditions, field_names=[str(i) for i in range(len(conditions))]),
-                        *fate_names(filters))
+    for name, round_ in judges:
+        verdicts = graph.spec(name).fates(run.stage(name, round_))
+        column = f"{name} verdict"
+        table = table.join(pa.table({"key": pa.array(list(verdicts), pa.string()),
+                                     column: pa.array(list(verdicts.values()), pa.string())}), "key", join_type="left outer")
+        for label in graph.spec(name).fate_labels:
+            labels.append(label)
+            conditions.append(pc.fill_null(pc.equal(table[column], label), False))
+    labels.append("kept")
+    conditions.append(pa.array([True] * table.num_rows))
+    fate = pc.case_when(pc.make_struct(*conditions, field_names=[str(i) for i in range(len(conditions))]), *labels)
     noisy = pa.array([bool(truth and truth.get(u, {}).get("noisy")) for u in table["url"].to_pylist()]) \
         if truth else pa.nulls(table.num_rows, pa.bool_()).fill_null(False)
     counts = pa.table({"source": pc.fill_null(table["source"], "?"), "fate": fate, "noisy": noisy}) \
@@ -195,15 +178,19 @@ def _fates_by_source(run: RunDir, decided: list[dict], truth: dict | None) -> tu
         fates[row["source"]]["_noisy"] += row["noisy_sum"] or 0
     for source, counter in fates.items():
         counter["_urls"] = sum(v for k, v in counter.items() if not k.startswith("_"))
-    return dict(sorted(fates.items())), fate_names(filters)
+    return dict(sorted(fates.items())), labels
 
 
-FILTER_COLOURS = ("#da4", "#e83", "#cb7", "#b95")   # one per web filter that dropped URLs (prefilter, ...)
+FILTER_COLOURS = ("#da4", "#e83", "#cb7", "#b95")   # one per web filter that dropped URLs
+VERDICT_COLOURS = ("#a6c", "#4a4", "#6a9", "#9b5")  # one per verdict of a judging stage
 
 
 def _fate_colours(fates: list[str]) -> list[str]:
-    filters = len(fates) - 4
-    return ["#c44"] + [FILTER_COLOURS[i % len(FILTER_COLOURS)] for i in range(filters)] + ["#a6c", "#4a4", "#8c8"]
+    """Failed red, each filter's drops yellow to brown, the judges' verdicts, kept green."""
+    filters = sum(f.endswith(" dropped") for f in fates)
+    verdicts = len(fates) - filters - 2
+    return ["#c44"] + [FILTER_COLOURS[i % len(FILTER_COLOURS)] for i in range(filters)] + \
+        [VERDICT_COLOURS[i % len(VERDICT_COLOURS)] for i in range(verdicts)] + ["#8c8"]
 
 
 def _source_chart(fates: dict, fate_order: list[str], path: Path) -> None:
@@ -218,7 +205,7 @@ def _source_chart(fates: dict, fate_order: list[str], path: Path) -> None:
         left = [a + b for a, b in zip(left, share)]
     ax.set_xlabel("share of the source's URLs")
     ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _source_table(fates: dict, fate_order: list[str], truth: dict | None) -> str:
@@ -232,67 +219,6 @@ def _source_table(fates: dict, fate_order: list[str], truth: dict | None) -> str
     return "".join(rows) + "</table>"
 
 
-def _score_chart(decided: list[dict], truth: dict | None, threshold: float, path: Path,
-                 label: str = "ITM match probability") -> None:
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
-    web = [d["web_score"] for d in decided]
-    every = web + [d["synthetic_score"] for d in decided] + [threshold]
-    low, high = min(every), max(every)  # ITM probabilities lie in 0..1, calibrated scores do not
-    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
-    if truth is not None:
-        clean = [d["web_score"] for d in decided if d.get("url") in truth and not truth[d["url"]]["noisy"]]
-        noisy = [d["web_score"] for d in decided if d.get("url") in truth and truth[d["url"]]["noisy"]]
-        axes[0].hist([clean, noisy], bins=bins, stacked=True, label=["clean (truth)", "noisy (truth)"],
-                     color=["#4a4", "#c44"])
-        axes[0].legend(fontsize=7)
-    else:
-        axes[0].hist(web, bins=bins, color="#48c")
-    axes[0].set_title("web captions")
-    axes[1].hist([d["synthetic_score"] for d in decided], bins=bins, color="#a6c")
-    axes[1].set_title("synthetic captions")
-    for ax in axes:
-        ax.axvline(threshold, color="k", linestyle="--", linewidth=1)
-        ax.set_xlabel(label)
-    _save(fig, path)
-
-
-def _sample_grid(run: RunDir, decided: list[dict], truth: dict | None, out: Path) -> str:
-    """A few images per verdict, with both captions, their scores and the verdict."""
-    by_verdict = collections.defaultdict(list)
-    for d in decided:
-        if len(by_verdict[d["verdict"]]) < SAMPLES_PER_VERDICT:
-            by_verdict[d["verdict"]].append(d)
-    wanted = {d["key"]: d for group in by_verdict.values() for d in group}
-    images, prefilter = {}, run.stage("prefilter", 0)
-    # a key starts with its shard's number (stages/download/stage.py): only the shards that hold a wanted key
-    for name in sorted({key[:SHARD_DIGITS] + ".tar" for key in wanted}):
-        if prefilter.shard_path(name).is_file():
-            for sample in read_shard(prefilter.shard_path(name)):
-                if sample["__key__"] in wanted:
-                    images[sample["__key__"]] = sample["jpg"]
-    (out / "samples").mkdir()
-    cards = []
-    for verdict in ("both", "web", "synthetic", "dropped"):
-        for d in by_verdict.get(verdict, []):
-            if d["key"] not in images:
-                continue
-            (out / "samples" / f"{d['key']}.jpg").write_bytes(images[d["key"]])
-            t = truth.get(d.get("url")) if truth else None
-            truth_note = f"<br>truth: {html.escape(t['noise'])}" if t else ""
-            cards.append(
-                f'<div class="card"><img src="samples/{d["key"]}.jpg" alt="sample {d["key"]}">'
-                f"<b>{verdict}</b>{truth_note}<br>web ({d['web_score']:.4g}, {_verdict(d['web_kept'])}): "
-                f"{html.escape(d['web_caption'])}<br>synthetic ({d['synthetic_score']:.4g}, "
-                f"{_verdict(d['synthetic_kept'])}): {html.escape(d['synthetic_caption'])}</div>")
-    return f'<div class="grid">{"".join(cards)}</div>'
-
-
-def _verdict(kept: bool) -> str:
-    return '<span class="kept">kept</span>' if kept else '<span class="rejected">rejected</span>'
-
-
 def _rounds_chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -304,12 +230,4 @@ def _rounds_chart(rows: list[dict], path: Path) -> None:
     ax.set_xticks([r["round"] for r in done])
     ax.set_ylabel("held-out retrieval")
     ax.legend(fontsize=7)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -3,10 +3,10 @@ about what a run of 10^3 does:
 
 * examples of every drop and failure reason: the first few rows per reason in shard order, from a
   stage's ledgers, read one ledger at a time until every reason the stage counted has its examples;
-  their images and captions from download's shards (only the wanted members, each shard read up to its
+  their images and captions from round 0's fetch (the stage that downloads) (only the wanted members, each shard read up to its
   last wanted key: shards are sorted by key), the kept sample a copy copies (`keeper`), and the eval
   image a contaminated one copies (`benchmark`, `item`: one image file, or one eval tar read up to it);
-* download's failures by host: one pass over three columns of its ledgers, batch by batch, in Arrow;
+* the fetch's failures by host: one pass over three columns of its ledgers, batch by batch, in Arrow;
 * the run's metadata: dates, code version, fingerprints (manifests; git for the source's commit);
 * the files the report links: one listing per folder, so a link names a file that exists.
 
@@ -35,7 +35,6 @@ EXAMPLES_PER_REASON = 3
 EXAMPLE_SHARDS = 16               # the ledgers searched for examples, from the first shard on
 THUMB_SIDE = 128
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
-EVAL_SHARDS = "evaluate.shards"   # prefilter's `benchmark` for a copy of an image of the eval shards
 HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]/?#]*\]|[^:/?#]*)"
 SHARD_LINKS = 100                 # per stage; the manifest lists them all
 MODEL_FILES = 40
@@ -116,17 +115,20 @@ def thumbnail(data: bytes | None, path: Path) -> bool:
         return False
 
 
-def attach_images(run: RunDir, examples: dict[str, list[dict]], out: Path) -> None:
-    """Give prefilter's example rows their picture and caption (`image`, `caption`), a copy its keeper's
-    (`keeper_image`, `keeper_url`) and a contaminated one its eval twin (`twin_image`); images are
-    thumbnails under `out/examples/`, named relative to `out`."""
+def attach_images(run: RunDir, examples: dict[str, list[dict]], eval_sources: dict, out: Path) -> None:
+    """Give a web filter's example rows their picture and caption (`image`, `caption`), a copy its keeper's
+    (`keeper_image`, `keeper_url`) and a contaminated one its eval twin (`twin_image`, found in the
+    `eval_sources` the stage's manifest records); images are thumbnails under `out/examples/`, named
+    relative to `out`. Pictures come from round 0's fetch, which holds every web sample."""
+    from pipeline.stage import having
+
     rows = [row for group in examples.values() for row in group]
     keys = {row["key"] for row in rows} | {row["keeper"] for row in rows if row.get("keeper")}
-    download = run.stage("download", 0)
+    fetched = run.stage(having("fetches")[0], 0)
     samples: dict[str, dict[str, bytes]] = {}
     for name in sorted({key[:SHARD_DIGITS] + ".tar" for key in keys}):   # a key starts with its shard's number
-        samples |= read_members(download.shard_path(name), {k for k in keys if k.startswith(name[:SHARD_DIGITS])})
-    twins = eval_images(run, {(row["benchmark"], row["item"]) for row in rows if row.get("benchmark")})
+        samples |= read_members(fetched.shard_path(name), {k for k in keys if k.startswith(name[:SHARD_DIGITS])})
+    twins = eval_images(eval_sources, {(row["benchmark"], row["item"]) for row in rows if row.get("benchmark")})
     twin_names = {twin: f"eval-{i}" for i, twin in enumerate(sorted(twins))}
     folder = out / "examples"
     folder.mkdir(exist_ok=True)
@@ -147,23 +149,21 @@ def attach_images(run: RunDir, examples: dict[str, list[dict]], out: Path) -> No
             row["twin_image"] = picture(twin_names[twin], twins[twin]) if twin in twins else None
 
 
-def eval_images(run: RunDir, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
-    """{(benchmark, item): image bytes} of the eval images prefilter's ledger names (see stages/prefilter/stage.py:
-    `evaluate.shards` and `<tar>/<key>`, or a benchmark's name and the image's path under its images, or
-    `<tar>/<key>` of a webdataset benchmark). An image no longer where the config says is left out."""
-    if not wanted:
-        return {}
-    eval_shards, benchmarks = _eval_sources(run)
+def eval_images(sources: dict, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+    """{(benchmark, item): image bytes} of the eval images a stage's ledger names, found in the sources its
+    manifest records ({name: eval shards (`shards`) or a benchmark's settings}; stages/prefilter/stage.py):
+    `<tar>/<key>` in the eval shards or a webdataset benchmark, else the image's path under a benchmark's
+    images. An image no longer where the sources say is left out."""
     found, tar_keys = {}, collections.defaultdict(set)
     for bench_name, item in wanted:
         tar_name, _, key = item.rpartition("/")
-        if bench_name == EVAL_SHARDS:
-            tar = next((p for p in eval_shards if as_path(p).name == tar_name), None)
+        bench = sources.get(bench_name)
+        if bench is None:
+            continue
+        if "shards" in bench:
+            tar = next((p for p in bench["shards"] if as_path(p).name == tar_name), None)
             if tar is not None:
                 tar_keys[tar].add(key)
-            continue
-        bench = benchmarks.get(bench_name)
-        if bench is None:
             continue
         if bench["format"] == "wds":
             tar_keys[str(as_path(bench["path"]) / (bench.get("split") or "test") / tar_name)].add(key)
@@ -179,26 +179,6 @@ def eval_images(run: RunDir, wanted: set[tuple[str, str]]) -> dict[tuple[str, st
                     found[(bench_name, item)] = image_of(members)
     return found
 
-
-def _eval_sources(run: RunDir) -> tuple[list[str], dict[str, dict]]:
-    """The eval shards and the benchmarks (by name) the run's prefilter compared against: the config's,
-    else the toy web's (its state.json, paths relative to its folder)."""
-    import braceexpand
-    import yaml
-
-    from pipeline.fsutil import read_json
-
-    config = yaml.safe_load(run.config_path.read_text()) or {}
-    evaluate = config.get("evaluate") or {}
-    folder = run.root / "toyweb"
-    state = read_json(folder / "state.json") if (folder / "state.json").is_file() else {}
-    shards = list(braceexpand.braceexpand(evaluate["shards"])) if evaluate.get("shards") else \
-        [str(folder / p) for p in state.get("eval_shards", [])]
-    toy = [b | {"path": str(folder / b["path"])} for b in state.get("benchmarks", [])]
-    return shards, {b["name"]: b for b in (*toy, *(evaluate.get("benchmarks") or []))}
-
-
-# --- failures by host -----------------------------------------------------------------------------
 
 def failures_by_host(folder) -> list[dict]:
     """[{host, urls, failed, reasons: Counter}] over every URL of a download folder's ledgers, most
@@ -268,6 +248,7 @@ def stage_records(run: RunDir) -> list[dict]:
 
 # --- links ----------------------------------------------------------------------------------------
 
+
 def run_files(run: RunDir) -> tuple[list[str], list[dict]]:
     """What the report links, as paths relative to the run directory, each from a listing (so each is
     there): the run's own files, then per stage folder its manifest, shards (tar and ledger), CapFilt's
@@ -294,12 +275,19 @@ def run_files(run: RunDir) -> tuple[list[str], list[dict]]:
         if "tensorboard" in names:
             row["tensorboard"] = sorted(f"{prefix}/tensorboard/{p.name}" for p in children(sd.path / "tensorboard")
                                         if p.is_file())
-        for model in ("model", "captioner", "filter"):
-            if model in names and sd.stage in ("pretrain", "capfilt"):
+        for model in _models(sd.stage):
+            if model in names:
                 files = sorted(p for p in (sd.path / model).rglob("*") if p.is_file())[:MODEL_FILES]
                 row["models"][model] = [f"{prefix}/{relative_to(p, sd.path)}" for p in files]
         stages.append(row)
     return top, stages
+
+
+def _models(stage: str) -> tuple[str, ...]:
+    """The model folders stage `stage` declares (Stage.models); none for a name no stage has now."""
+    import stages
+
+    return stages.stage(stage).models if stage in stages.NAMES else ()
 
 
 def _shard_names(sd: StageDir, names: set[str]) -> list[str]:

@@ -1,5 +1,5 @@
-"""The report's curation sections (pipeline/report.py puts them in the page): the run's metadata, examples
-of every drop and failure reason, download's failures by host, and links to the run's files. The data
+"""The report's sections (pipeline/report.py puts them in the page): the run's metadata, examples of every
+drop and failure reason, each stage's own section (Stage.report), and links to the run's files. The data
 come from pipeline/reportdata.py; this module only writes HTML. Links are relative to `<run>/report/`."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from urllib.parse import quote
 from pipeline import graph, reportdata
 from pipeline.manifest import code_version
 from pipeline.runs import RunDir
+from pipeline.stage import ReportSection
 
-HOSTS_SHOWN = 20
 _NONE = f"(none in the first {reportdata.EXAMPLE_SHARDS} shards)"
 CAPTION_CHARS = 160
 
@@ -86,7 +86,7 @@ def examples(run: RunDir, stages: list[dict], out: Path) -> str:
         if graph.spec(s["stage"]).fetches:   # download: a URL and its error, no picture
             parts.append(_url_examples(found, outcome, counts, s["samples_in"]))
         else:
-            reportdata.attach_images(run, found, out)
+            reportdata.attach_images(run, found, sd.manifest().details.get("eval_sources") or {}, out)
             parts.append(_sample_examples(found, outcome, counts))
     if not parts:
         return ""
@@ -147,40 +147,28 @@ def _card(e: dict) -> str:
     return f'<div class="card example"{data}><div class="figures">{"".join(figures)}</div>{"<br>".join(notes)}</div>'
 
 
-def operators(run: RunDir, stages: list[dict]) -> str:
-    """What the stages that declare a report section decided (the curation operators: score_filter's rule
-    and threshold, balance's counts per entry), each as its stage writes it (Stage.report)."""
+def stage_sections(run: RunDir, out: Path, truth: dict | None) -> str:
+    """Each stage's own section (Stage.report: download's failures by host, the curation operators' rules
+    and counts, CapFilt's scores and samples, the training curves), in graph order, given its folders
+    (committed or stopped: a stopped download still shows its failures)."""
+    import stages
+
     parts = []
-    for s in stages:
-        spec = graph.spec(s["stage"])
-        manifest = run.stage(s["stage"], s["round"]).manifest()
-        if spec.report is None or manifest is None or s.get("rebuild"):
-            continue
-        folder = run.stage(s["stage"], s["round"]).path.relative_to(run.root).as_posix()
-        parts.append(f"<h3>{html.escape(s['stage'])}</h3>" + spec.report(manifest, lambda name: _link(f"{folder}/{name}")))
-    return "<h2>Curation operators</h2>" + "".join(parts) if parts else ""
+    for name in stages.NAMES:
+        spec = graph.spec(name)
+        dirs = tuple(run.stage(name, r) for r in run.rounds() if run.stage(name, r).path.is_dir())
+        if spec.report is not None and dirs:
+            parts.append(spec.report(ReportSection(run, dirs, out, truth, _link)))
+    return "".join(parts)
 
 
-def failures_by_host(run: RunDir) -> str:
-    """Download's failures per host (hostname of the URL), each with its reasons."""
-    rows = reportdata.failures_by_host(run.stage("download", 0).path)
-    if not rows:
-        return ""
-    failed = sum(r["failed"] for r in rows)
-    table = ['<table id="failures-by-host"><tr><th>host</th><th>URLs</th><th>failed</th><th>share</th>'
-             "<th>failures by reason</th></tr>"]
-    for r in rows[:HOSTS_SHOWN]:
-        reasons = ", ".join(f"{html.escape(k)} {v}" for k, v in r["reasons"].most_common())
-        table.append(f'<tr data-host="{html.escape(r["host"])}" data-failed="{r["failed"]}"><td>'
-                     f'{html.escape(r["host"] or "(no host)")}</td><td>{r["urls"]}</td><td>{r["failed"]}</td>'
-                     f'<td>{r["failed"] / max(1, r["urls"]):.1%}</td><td>{reasons}</td></tr>')
-    rest = rows[HOSTS_SHOWN:]
-    if rest:
-        table.append(f"<tr><td>{len(rest)} other hosts</td><td>{sum(r['urls'] for r in rest)}</td>"
-                     f"<td>{sum(r['failed'] for r in rest)}</td><td></td><td></td></tr>")
-    hosts = f"{len(rows)} host" + ("s" if len(rows) > 1 else "")
-    return (f"<h2>Download failures by host</h2><p>{failed} of {sum(r['urls'] for r in rows)} URLs failed, over "
-            f"{hosts}; the {min(len(rows), HOSTS_SHOWN)} with the most failures:</p>" + "".join(table) + "</table>")
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as the report's PNG."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
 
 
 def files(run: RunDir) -> str:

@@ -289,12 +289,16 @@ class RunDir:
             raise InputError(f"{self.root}: not a vlp run directory (no config.yaml)")
         return self
 
+    def rounds(self) -> list[int]:
+        """The rounds with a folder, in order."""
+        return sorted(int(p.name.split("-")[1]) for p in self.root.glob("round-*") if p.name.split("-")[1].isdigit())
+
     def stage_dirs(self) -> list[StageDir]:
         found = []
-        for round_dir in sorted(self.root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
-            for stage_path in sorted(round_dir.iterdir()):
+        for round_ in self.rounds():
+            for stage_path in sorted((self.root / f"round-{round_}").iterdir()):
                 if stage_path.is_dir() and not stage_path.name.startswith((".", "_")):
-                    found.append(StageDir(stage_path, stage_path.name, int(round_dir.name.split("-")[1])))
+                    found.append(StageDir(stage_path, stage_path.name, round_))
         return found
 
 

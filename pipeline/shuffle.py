@@ -1,5 +1,5 @@
-"""The hash shuffle both deduplications run on (URL dedup before download: pipeline/data/urldedup.py;
-image dedup in prefilter: pipeline/dedup/).
+"""The hash shuffle both deduplications run on (URL dedup before download: stages/download/urldedup.py;
+image dedup in prefilter: stages/prefilter/dedup/).
 
 A task that sends rows to the P partitions of the next phase writes ONE file whose row group p holds
 partition p's rows (`write_partitioned`): P times fewer files, fsyncs and, on an object store, PUTs than a

@@ -1,6 +1,7 @@
 """The run's inputs that no stage produces: the URL lists (the config's and the toy web's), the clean
-seed set, the held-out evaluation set. Stages turn them into `Extra` inputs with fingerprints of their
-content (stages/*.py, `extra_inputs`)."""
+seed set, and what the toy web serves (its eval split and benchmarks: the stage that evaluates reads
+them, stages/evaluate/heldout.py). Stages turn them into `Extra` inputs with fingerprints of their
+content (stages/<name>/stage.py, `extra_inputs`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -52,45 +53,6 @@ class Sources:
             raise InputError("data.seed_shards: CapFilt and pretrain.with_seed need a clean seed set (a webdataset, "
                              "e.g. COCO); set data.seed_shards, or pretrain.with_seed: false without CapFilt")
         return self.toyweb["seed_shards"]
-
-    def eval_shards(self, required: bool = True) -> list[str]:
-        if self.cfg.evaluate.shards:
-            return expand_shards("evaluate.shards", self.cfg.evaluate.shards)
-        if self.toyweb is None:
-            if not required:
-                return []
-            raise InputError("evaluate: set evaluate.shards (a held-out webdataset) or use the toy web")
-        return self.toyweb["eval_shards"]
-
-    def benchmarks(self, images_only: bool = False) -> tuple[list[dict], tuple[str, ...]]:
-        """The standard evaluations to run (the toy web's, then the config's), as plain settings, and a
-        fingerprint of each: its settings and the (size, mtime) of every file under it (a COCO image
-        folder is not hashed on every resume). `images_only`: the fingerprint of which images the
-        benchmark holds, for decontamination (a new rerank_k or template changes no image)."""
-        from stages.evaluate.config import BenchmarkConfig
-        from pipeline.configtree import build, to_plain
-
-        toy = [build(BenchmarkConfig, b, source="the toy web") for b in (self.toyweb or {}).get("benchmarks", [])]
-        chosen = [to_plain(b) for b in (*toy, *self.cfg.evaluate.benchmarks)]
-        fps = []
-        for bench in chosen:
-            files = []
-            for root in (bench["path"], bench.get("images"), bench.get("classnames")):
-                if root and as_path(root).is_dir():
-                    files += sorted(str(p) for p in as_path(root).rglob("*") if p.is_file())
-                elif root:
-                    if not as_path(root).exists():
-                        raise InputError(f"evaluate.benchmarks {bench['name']}: {root} does not exist")
-                    files.append(str(root))
-            stamps = [[as_path(f).name, *storage.stamp(as_path(f))] for f in files]
-            keys = IMAGE_KEYS if images_only else set(bench) - {"path"}
-            fps.append(fingerprint("benchmark", {k: bench[k] for k in sorted(keys)}, [str(stamps)]))
-        return chosen, tuple(fps)
-
-
-# What decides which images a benchmark holds (decontamination screens the whole split: max_items
-# only shortens the evaluation).
-IMAGE_KEYS = ("format", "split")
 
 
 def expand_shards(name: str, pattern: str) -> list[str]:

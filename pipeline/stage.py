@@ -7,6 +7,7 @@ it runs in: stages/<name>/config.py), the upstream stages it reads, the extra in
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -103,9 +104,26 @@ class Stage:
     curates_web: bool = False
     """Its output is the web's samples, cut as download's shards (download, prefilter, and every filter
     after them): the next such stage reads it, round 0's pretraining and CapFilt read the last (web_data)."""
-    report: Callable[[Manifest, Callable[[str], str]], str] | None = None
-    """The HTML the run's report shows of its committed result (round 0), given its manifest and `link(name)`,
-    a link to a file of its folder. None: the funnel and drop examples only."""
+    trains: bool = False
+    """Trains the model: its result's `export` is a model folder (Upstream.exported_model); `vlp train`
+    runs it under torchrun; the model card reads its config."""
+    evaluates: bool = False
+    """Measures a model it reads (its manifest's `metrics`): the model card quotes the newest."""
+    models: tuple[str, ...] = ()
+    """The folders of its result that hold a model (the report links their files)."""
+    report: Callable[["ReportSection"], str] | None = None
+    """Its section of the run's report (HTML with its own heading; pipeline/report.py), given its folders.
+    None: the funnel, the stage table and the drop examples only."""
+    fates: Callable[[StageDir], dict[str, str]] | None = None
+    """{key: fate} of the web samples it judged, for the report's fates per source (a fate its
+    `fate_labels` names); the newest committed round is shown. None: it gives no verdict on web samples."""
+    fate_labels: tuple[str, ...] = ()
+    provides: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    """What it declares for other stages to read without naming it (`provided(what)`): e.g. the held-out
+    data the evaluation reads and prefilter's decontamination screens against."""
+    figures: Callable[[StageDir, Manifest, Callable[[], dict | None]], dict] | None = None
+    """Its figures in the round-over-round table (`vlp status`, the report; pipeline/toyweb/measures.py),
+    given its folder, its manifest and `truth()` (the toy web's truth by URL, or None on other data)."""
     retryable: Callable[[Manifest], int] | None = None
     """How many samples of a committed result failed in ways a new try may fix (timeouts, 5xx): `vlp
     resume --retry-failed` runs the stage again over them (StageDir.start_retry_pass). None: never."""
@@ -122,6 +140,39 @@ class Stage:
         return self.rounds == "every" or (self.rounds == "first") == (round_ == 0)
 
 
+@dataclass(frozen=True)
+class ReportSection:
+    """What a stage's report section is given (Stage.report): the run, its folders (oldest round first;
+    committed or stopped: `manifest()` is None for a stage that has not committed), the report's folder for its images (`out`), the toy web's truth (None on other data), and
+    `link(path)`: an <a> to a file of the run, the path relative to the run directory."""
+    run: RunDir
+    dirs: tuple[StageDir, ...]
+    out: Path
+    truth: dict | None
+    link: Callable[[str], str]
+
+    def link_in(self, stage_dir: StageDir, name: str) -> str:
+        """A link to file `name` of one of its folders."""
+        return self.link(f"{stage_dir.path.relative_to(self.run.root).as_posix()}/{name}")
+
+
+def having(flag: str) -> list[str]:
+    """The registry's stages (graph order) whose declaration sets `flag` (e.g. "trains", "fetches")."""
+    import stages
+
+    return [n for n in stages.NAMES if getattr(stages.stage(n), flag)]
+
+
+def provided(what: str) -> Callable[..., Any]:
+    """What the registry's stage that provides `what` declares for it (Stage.provides)."""
+    import stages
+
+    found = [stages.stage(n).provides[what] for n in stages.NAMES if what in stages.stage(n).provides]
+    if len(found) != 1:
+        raise AssertionError(f"{len(found)} stages provide {what!r}; the registry must hold exactly one")
+    return found[0]
+
+
 def shard_tasks(cfg: "RunConfig", cpus: float, urls: int | None) -> Request:
     """The request of a stage that runs a task per web shard (a filter after download)."""
     shards = web_shards(cfg, urls)
@@ -130,8 +181,9 @@ def shard_tasks(cfg: "RunConfig", cpus: float, urls: int | None) -> Request:
 
 
 def web_shards(cfg: "RunConfig", urls: int | None) -> int | None:
-    """How many shards the web's data is cut into (download's, kept by prefilter and capfilt)."""
-    return None if urls is None else max(1, -(-urls // cfg.download.samples_per_shard))
+    """How many shards the web's data is cut into: the fetching stage's, which every later filter keeps."""
+    fetching = getattr(cfg, having("fetches")[0])   # the stage that cut them
+    return None if urls is None else max(1, -(-urls // fetching.samples_per_shard))
 
 
 def web_data(cfg: "RunConfig", before: str | None = None) -> tuple[str, int]:

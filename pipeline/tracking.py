@@ -95,8 +95,9 @@ def pipeline_tracker(cfg, run_root) -> Tracker | None:
     return tracker
 
 
-def training_tracker(conf: dict, name: str, key: str) -> Tracker:
-    """A training run under the pipeline run; `key` (the stage fingerprint) finds it again on resume."""
+def training_tracker(conf: dict, name: str, key: str, job_type: str) -> Tracker:
+    """A training run under the pipeline run; `key` (the stage fingerprint) finds it again on resume;
+    `job_type`: W&B's name for the kind of run (the training stage's)."""
     backends = []
     if "mlflow" in conf:
         parent = conf["ids"].get("mlflow")
@@ -104,7 +105,7 @@ def training_tracker(conf: dict, name: str, key: str) -> Tracker:
                                                                              "vlp.key": key}, find_key=key))
     if "wandb" in conf:
         group = conf["ids"].get("wandb")
-        backends.append(_Wandb(conf["wandb"], f"{group}-{key[:12]}", name=name, group=group, job_type="pretrain"))
+        backends.append(_Wandb(conf["wandb"], f"{group}-{key[:12]}", name=name, group=group, job_type=job_type))
     return Tracker(backends)
 
 

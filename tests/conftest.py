@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ToyWebConfig, load_config
+from pipeline.config import load_config
+from pipeline.toyweb.config import ToyWebConfig
 from pipeline.configtree import to_plain
 from pipeline.toyweb.lists import write_toyweb
 from pipeline.toyweb.server import ToyWebServer

@@ -301,7 +301,7 @@ def test_calibration_captioning_and_scoring_run_in_the_fine_tunes_precision(tmp_
     from pipeline.model.scoring import Calibration, match_scores
     from pipeline.modelio import load_pretrained, read_info, save_pretrained
     from stages.capfilt.finetune import calibrate, finetune, model_precision
-    from pipeline.train.precision import resolve
+    from pipeline.precision import resolve
     from stages.capfilt.stage import CapfiltWorker
 
     holdout, reject_rate = 0.4, 0.1
@@ -372,7 +372,7 @@ def test_calibration_skips_and_counts_seed_samples_it_cannot_use(tmp_path, caplo
     from pipeline.data.tokenizer import train_tokenizer
     from pipeline.model import SIZES, MultiwayTransformer
     from stages.capfilt.finetune import calibrate
-    from pipeline.train.precision import resolve
+    from pipeline.precision import resolve
 
     good = list(read_shard(_seed_shard(tmp_path / "good.tar")))
     bad = [{"__key__": "seedx0001", "pyd": b"not ours"},

@@ -1,4 +1,4 @@
-"""Distributed dedup (pipeline/dedup/) decides as the one-pass rule does, on any number of partitions
+"""Distributed dedup (stages/prefilter/dedup/) decides as the one-pass rule does, on any number of partitions
 and workers: copies of eval images, then exact copies, then near copies of a kept image, in node order."""
 import hashlib
 import io
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.dedup import band as dedup_band, common as dedup, phases as dedup_phases, resolve as dedup_resolve
-from pipeline.dedup import scan as dedup_scan
+from stages.prefilter.dedup import band as dedup_band, common as dedup, phases as dedup_phases, resolve as dedup_resolve
+from stages.prefilter.dedup import scan as dedup_scan
 from pipeline.executor import RAY
 from pipeline.data import neardup
 from pipeline.toyweb import lookalikes

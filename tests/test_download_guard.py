@@ -92,7 +92,7 @@ def test_a_bomb_is_refused_within_the_tasks_memory_bound(tmp_path, web):
         from pipeline.config import UrlListConfig
         from stages.download.config import DownloadConfig
         from pipeline.configtree import build
-        from pipeline.data.listplan import input_name, plan_list
+        from stages.download.listplan import input_name, plan_list
         from stages.download.stage import download_shard
         out = Path({str(tmp_path / "stage")!r}); (out / "inputs").mkdir(parents=True)
         plan_list(dict(path={str(parquet)!r}, format="parquet"), 0, str(out / "inputs"), 1000)

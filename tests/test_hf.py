@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.hfinit import init_state
+from stages.pretrain.hfinit import init_state
 from pipeline.model import SIZES, MultiwayTransformer
 
 TINY = SIZES["tiny"]   # width 32, depth 2, heads 2, mlp 2.0, 32 px, 8 px patches

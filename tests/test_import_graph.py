@@ -119,3 +119,50 @@ def test_ray_has_one_door():
     importers = sorted(name for name, path in module_names(ROOT, ("pipeline", "stages")).items()
                        if "ray" in _external_imports(path))
     assert importers == ["pipeline.executor"]
+
+
+def stage_names_in(path: Path, names: set[str]) -> list[str]:
+    """Where a module names a stage in code: a string that is a stage's name, an attribute named after
+    one (`cfg.<stage>`), an import of a stage's folder (docstrings and comments are prose, not counted)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings:
+            found.append(f"{path.name}:{node.lineno} {node.value!r}")
+        elif isinstance(node, ast.Attribute) and node.attr in names:
+            found.append(f"{path.name}:{node.lineno} .{node.attr}")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            found += [f"{path.name}:{node.lineno} import {m}" for m in modules
+                      if m.split(".")[:2] in [["stages", n] for n in names]]
+    return found
+
+
+def test_the_engine_names_no_stage():
+    """A stage is named in its folder and the registry only (docs/architecture.md, "Adding a stage"): the
+    engine (pipeline/) and the cluster client find a stage by what it declares (fetches, trains,
+    evaluates, curates_web, provides, report, figures), never by its name."""
+    import stages
+
+    names = set(stages.NAMES)
+    found = [hit for package in ("pipeline", "cluster") for path in sorted((ROOT / package).rglob("*.py"))
+             for hit in stage_names_in(path, names)]
+    assert found == []
+    probe = ROOT / "pipeline" / "stage.py"
+    # the scan sees code (a string, an attribute, an import) and skips prose (web_data is in docstrings only)
+    assert stage_names_in(probe, {"fetches"}) and stage_names_in(probe, {"stage"})
+    assert stage_names_in(probe, {"web_data"}) == []
+
+
+def test_no_stage_folder_imports_another():
+    """What two stages share lives in pipeline/ (precision, the optimiser's schedule, DeepSpeed's start);
+    what one stage gives another travels through the registry (Stage.provides) or the graph's edges."""
+    import stages
+
+    for name in stages.NAMES:
+        others = set(stages.NAMES) - {name}
+        imports = [hit for path in sorted((ROOT / "stages" / name).rglob("*.py"))
+                   for hit in stage_names_in(path, others) if " import " in hit]
+        assert imports == [], name

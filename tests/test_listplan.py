@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import UrlListConfig
-from pipeline.data.listplan import INPUTS, PLAN, plan_shards, read_shard_input
+from stages.download.listplan import INPUTS, PLAN, plan_shards, read_shard_input
 from pipeline.data.urllists import read_url_list
 from pipeline.errors import StageFailed
 
@@ -49,7 +49,7 @@ def test_a_bad_row_deep_in_a_list_fails_the_planning_with_its_file(tmp_path, ray
 def test_repeated_urls_are_found_across_lists_whatever_the_partitions(tmp_path, ray_cluster, monkeypatch, partitions):
     """The first row (list order, then row order) of each URL is fetched; every later one names its key.
     The decisions are the same on any number of partitions, and the shuffle's files are gone after."""
-    from pipeline.data import urldedup
+    from stages.download import urldedup
 
     monkeypatch.setattr(urldedup, "partitions_for", lambda size: partitions)
     a = [f"http://e.com/{i % 7}.jpg" for i in range(20)]

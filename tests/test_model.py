@@ -221,7 +221,7 @@ def test_gathered_itc_over_two_gloo_ranks_equals_one_process():
 
 
 def test_activation_checkpointing_keeps_weights_and_results():
-    from pipeline.train.loop import build_model
+    from stages.pretrain.train.loop import build_model
 
     torch.manual_seed(0)
     plain = build_model(CFG, activation_checkpointing=False)

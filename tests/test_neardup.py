@@ -199,7 +199,7 @@ def test_lsh_of_a_batch_is_lsh_of_each():
 
 
 def test_a_signature_is_a_near_copy_of_itself():
-    """pipeline/dedup/band.py takes equal signatures for copies without verifying them: that is the rule's answer
+    """stages/prefilter/dedup/band.py takes equal signatures for copies without verifying them: that is the rule's answer
     for every image that has candidate keys."""
     import io
 

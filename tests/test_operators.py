@@ -156,7 +156,7 @@ def test_the_report_shows_what_the_operators_did(tmp_path, toyweb, reference_run
     run = _run(tmp_path, toyweb, reference_run, clip_model)
     page = write_report(run.root).read_text()
     balance = _manifest(run, "balance")
-    assert "<h2>Curation operators</h2>" in page and 'id="balance-entries"' in page
+    assert "<h2>Curation operator: balance</h2>" in page and 'id="balance-entries"' in page
     assert f"<td>{balance['head'][0][0]}</td><td>{balance['head'][0][1]}</td>" in page
     assert f'id="score-threshold">{_manifest(run, "score_filter")["rule"]["threshold"]:g}<' in page
     # each URL's fate names the first stage that did not keep it, the operators included

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import DownloadFaults, ToyWebConfig, UrlListConfig
+from pipeline.config import UrlListConfig
+from pipeline.toyweb.config import DownloadFaults, ToyWebConfig
 
 from pipeline.configbase import LIST_FIELDS
 

@@ -1,4 +1,4 @@
-"""Training precision (pipeline/train/precision.py): what `auto` chooses, bf16 on a CPU through
+"""Training precision (pipeline/precision.py): what `auto` chooses, bf16 on a CPU through
 DeepSpeed, attention in fp32 and a channels_last stem under bf16 autocast, and loss curves that agree
 with fp32 within the gap between two fp32 seeds. No timings here (bench/train.py has them)."""
 import os
@@ -14,8 +14,8 @@ from stages.pretrain.config import PretrainConfig
 from pipeline.model import SIZES, MultiwayTransformer
 from pipeline.model import multiway
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue
-from pipeline.train.loop import micro_step
-from pipeline.train.precision import Precision, cpu_bf16_instructions, resolve
+from stages.pretrain.train.loop import micro_step
+from pipeline.precision import Precision, cpu_bf16_instructions, resolve
 
 CFG = SIZES["tiny"]
 SPECIAL = SpecialTokens(pad=0, cls=2, sep=3, mask=4)
@@ -113,7 +113,7 @@ class _PlainEngine:
     loss-curve test runs vlp's own step function without a process group."""
 
     def __init__(self, model, cfg: PretrainConfig):
-        from pipeline.train.optim import lr_lambda, param_groups
+        from pipeline.optim import lr_lambda, param_groups
 
         self.module = model
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
@@ -207,8 +207,8 @@ def _free_port() -> int:
 
 def _deepspeed_rank(_: int, port: int, old_way: bool, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from pipeline.train.deepspeed_config import build_comm_op, import_deepspeed
-    from pipeline.train.loop import make_engine
+    from pipeline.deepspeed_setup import build_comm_op, import_deepspeed
+    from stages.pretrain.train.loop import make_engine
 
     deepspeed = import_deepspeed()
     build_comm_op()   # as train_loop does: DeepSpeed's CPU backend builds an op at its first init

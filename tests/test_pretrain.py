@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, VLP, load_config, pretrain_config, vlp
 from pipeline import runner, status
-from pipeline.train.precision import resolve
+from pipeline.precision import resolve
 
 def _history(run_dir):
     lines = (run_dir / "round-0" / "pretrain" / "metrics.jsonl").read_text().splitlines()
@@ -177,7 +177,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_training(tmp_path):
     baton = Path(out.stdout.strip().splitlines()[-1]) / "lock"
     baton.parent.mkdir(parents=True, exist_ok=True)
     baton.write_text("")   # as a build killed between taking the lock and releasing it leaves it
-    build = subprocess.run([sys.executable, "-c", "from pipeline.train.deepspeed_config import build_comm_op; "
+    build = subprocess.run([sys.executable, "-c", "from pipeline.deepspeed_setup import build_comm_op; "
                             "build_comm_op()"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert build.returncode == 0, build.stderr[-2000:]
     assert not baton.exists() and "removing the build lock a killed build left" in build.stderr

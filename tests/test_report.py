@@ -149,4 +149,5 @@ def test_eval_twins_are_found_in_each_benchmark_layout(tmp_path, reference_run, 
         item, data = next(part_items(bench, 0))
         wanted[(bench["name"], item)] = data
     assert len(wanted) == 2
-    assert reportdata.eval_images(run, set(wanted)) == wanted
+    sources = run.stage("prefilter", 0).manifest().details["eval_sources"]
+    assert reportdata.eval_images(sources, set(wanted)) == wanted

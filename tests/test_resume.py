@@ -191,7 +191,7 @@ def test_a_killed_drivers_toy_web_serves_until_its_run_lock_is_free(tmp_path):
     run_dir.mkdir()
     lock = RunLock(run_dir).acquire()   # held here: it stays held after the driver's death, as its would a moment
     driver_code = ("import sys, time; sys.path.insert(0, sys.argv[2])\n"
-                   "from pipeline.config import ToyWebConfig\n"
+                   "from pipeline.toyweb.config import ToyWebConfig\n"
                    "from pipeline.toyweb.server import ToyWebServer\n"
                    "web = ToyWebServer(ToyWebConfig(num_urls=10, eval_size=10), 0, sys.argv[1]).start()\n"
                    "print(web.port, web.proc.pid, flush=True)\n"

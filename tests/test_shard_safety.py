@@ -20,7 +20,7 @@ from pipeline.config import UrlListConfig
 from pipeline.data.shards import write_shard
 from pipeline.data.urllists import read_url_list
 from pipeline.errors import InputError
-from pipeline.train.checkpoints import restore_rng, rng_state, safe_loads
+from stages.pretrain.train.checkpoints import restore_rng, rng_state, safe_loads
 from webguard import jpeg
 
 
@@ -45,7 +45,7 @@ def test_prefilter_writes_only_its_own_members(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.dedup import common as dedup
+    from stages.prefilter.dedup import common as dedup
     from stages.prefilter.stage import write_shard_task
 
     marker = tmp_path / "pwned"

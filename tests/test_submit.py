@@ -157,7 +157,7 @@ def test_the_job_refuses_a_run_directory_it_cannot_see(tmp_path):
 def test_submit_runs_the_tiny_pipeline_into_an_s3_run_directory_and_logs_show_progress(cluster, tmp_path, toyweb,
                                                                                       s3_bucket):
     # The run directory is a bucket on the S3 server both nodes reach; the two training workers run one
-    # on each node, each putting its own checkpoint files (pipeline/train/checkpoints.py).
+    # on each node, each putting its own checkpoint files (stages/pretrain/train/checkpoints.py).
     steps = 4   # the steps themselves are test_pretrain's; here: where the two ranks put their files
     cfg = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain", "evaluate"),
                           steps=steps, checkpoint_every=steps)

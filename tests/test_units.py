@@ -4,7 +4,7 @@ import re
 import pytest
 import webdataset as wds
 
-from pipeline.config import ToyWebConfig
+from pipeline.toyweb.config import ToyWebConfig
 
 from stages.prefilter.config import DEFAULT_BOILERPLATE, PrefilterConfig
 from pipeline.data.shards import read_shard, write_shard

@@ -192,7 +192,7 @@ def test_a_row_longer_than_a_read_block_is_read_with_the_rest(tmp_path, fmt, suf
     """One 5 MB caption (pyarrow's streaming reader failed the whole list on it: "straddling object straddles
     two block boundaries") is read like any row: every row in comes out, in order, the planning task's
     shard inputs included."""
-    from pipeline.data.listplan import input_name, plan_list
+    from stages.download.listplan import input_name, plan_list
 
     sep = "," if fmt == "csv" else "\t"
     huge = "x" * (5 << 20)

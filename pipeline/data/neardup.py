@@ -271,7 +271,7 @@ def candidate_keys(sig: bytes) -> list[int]:
 def lsh(sig: bytes) -> tuple[list[int], bytes]:
     """(candidate keys, the whole SimHash: BANDS * BAND_BITS bits; zero for an image of little
     information; for a blank, its aspect and colour). The SimHash's Hamming distance screens the pairs
-    that share a key before they are verified (pipeline/dedup/band.py); blanks are verified from theirs."""
+    that share a key before they are verified (stages/prefilter/dedup/band.py); blanks are verified from theirs."""
     return lsh_many([sig])[0]
 
 

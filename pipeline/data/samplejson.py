@@ -35,11 +35,13 @@ def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def download_json(base: dict, caption: str | None, caption_error: str | None, image: dict, listed: dict) -> dict:
-    """The json of a sample download keeps: `base` (key, url, source, source_row), the caption and its
-    error ("" for none), the image's sizes and the original bytes' sha256 (`image`), the list's numbers."""
+def fetched_json(base: dict, caption: str | None, caption_error: str | None, image: dict, listed: dict,
+                 stage: str) -> dict:
+    """The json of a sample the fetching stage `stage` keeps: `base` (key, url, source, source_row), the
+    caption and its error ("" for none), the image's sizes and the original bytes' sha256 (`image`), the
+    list's numbers."""
     return {**base, "caption": caption or "", "caption_error": caption_error or "",
-            **{k: image[k] for k in IMAGE_FIELDS}, "round": 0, "stage": "download",
+            **{k: image[k] for k in IMAGE_FIELDS}, "round": 0, "stage": stage,
             "list": listed_numbers(listed)}
 
 

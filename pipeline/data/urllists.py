@@ -7,7 +7,7 @@ compressed with gzip, bz2, lz4 or zstd (by extension) are decompressed as they s
 
 `check_url_list` is the cheap test the driver makes before anything is fetched (the file is there, in
 its format, with its columns, and its first batch holds URLs); the download's planning tasks stream the
-whole list with `iter_url_batches` (pipeline/data/listplan.py).
+whole list with `iter_url_batches` (stages/download/listplan.py).
 """
 from __future__ import annotations
 

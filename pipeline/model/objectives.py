@@ -260,7 +260,7 @@ class Objective:
 
 
 # The objectives by name, in the order a step computes them (that order fixes the random draws: ITM's
-# negatives before MLM's masks). pipeline/config.py's OBJECTIVES names the same ones, in this order, and
+# negatives before MLM's masks). stages/pretrain/config.py's OBJECTIVES names the same ones, in this order, and
 # says which need the fusion encoder; tests/test_recipe.py holds the two together.
 LOSSES: dict[str, Objective] = {"bow": Objective(_bow), "itc": Objective(_itc), "itm": Objective(_itm, ("itc",)),
                                 "mlm": Objective(_mlm), "lm": Objective(_lm)}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ToyWebConfig, UrlListConfig
+from pipeline.config import UrlListConfig
+from pipeline.toyweb.config import ToyWebConfig
 from pipeline.toyweb.server import url_for
 from pipeline.toyweb.world import ATTRIBUTES, TEMPLATES, ToyWorld
 from pipeline.data.shards import encode_json, write_shard

@@ -26,12 +26,6 @@ def load_truth(run: RunDir) -> dict[str, dict] | None:
     return {row["url"]: row for row in table.to_pylist()}
 
 
-def decisions(stage_path: Path) -> list[dict]:
-    from pipeline.ledger import stage_decisions
-
-    return stage_decisions(stage_path)
-
-
 def _with_truth(decided: list[dict], truth: dict[str, dict]) -> list[tuple[dict, dict]]:
     """(decision, truth row) for every decided image whose URL the truth knows."""
     return [(d, truth[d["url"]]) for d in decided if d.get("url") in truth]
@@ -92,32 +86,29 @@ def captioner_quality(decided: list[dict], truth: dict[str, dict]) -> dict | Non
 
 
 def rounds(run_dir: str | Path, truth: dict[str, dict] | None = None) -> list[dict]:
-    """One row per pretraining round: training samples, synthetic share, retrieval, filter quality.
-    `truth` (load_truth) is read from the run when needed and not given."""
+    """One row per round that a stage gave figures for (Stage.figures: training samples, synthetic share,
+    retrieval, filter quality), each stage's in graph order. `truth` (load_truth) is read from the run
+    when a stage asks for it and it was not given."""
+    import stages
+
     run = RunDir(run_dir)
+    loaded: list = [] if truth is None else [truth]
+
+    def known() -> dict[str, dict] | None:
+        if not loaded:
+            loaded.append(load_truth(run))
+        return loaded[0]
+
     rows = []
-    for round_dir in sorted(run.root.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
-        r = int(round_dir.name.split("-")[1])
-        pretrain, evaluate, capfilt = (run.stage(s, r).manifest() for s in ("pretrain", "evaluate", "capfilt"))
-        if pretrain is None and capfilt is None:
-            continue
+    for r in run.rounds():
         row: dict = {"round": r}
-        if capfilt is not None:
-            t = capfilt.totals
-            row.update(capfilt_in=t.samples_in, capfilt_kept=t.samples_kept, pairs_out=capfilt.details["pairs_out"],
-                       synthetic_share=capfilt.details["synthetic_share"])
-            truth = truth if truth is not None else load_truth(run)
-            if truth is not None:
-                decided = decisions(run.stage("capfilt", r).path)
-                row["filter"] = filter_quality(decided, truth)
-                row["captioner"] = captioner_quality(decided, truth)
-        if pretrain is not None:
-            row["train_samples"] = pretrain.totals.samples_in
-        if evaluate is not None:
-            m = evaluate.details["metrics"]
-            row.update(tr_r1=m["itc_tr_r1"], ir_r1=m["itc_ir_r1"], tr_r5=m["itc_tr_r5"], ir_r5=m["itc_ir_r5"],
-                       probe=m.get("attribute_probe") or None, benchmarks=m.get("benchmarks") or {})
-        rows.append(row)
+        for name in stages.NAMES:
+            spec, folder = stages.stage(name), run.stage(name, r)
+            manifest = folder.manifest() if spec.figures is not None else None
+            if manifest is not None:
+                row.update(spec.figures(folder, manifest, known))
+        if len(row) > 1:
+            rows.append(row)
     return rows
 
 

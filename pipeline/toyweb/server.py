@@ -20,7 +20,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from pipeline.config import ToyWebConfig
+from pipeline.toyweb.config import ToyWebConfig
 from pipeline.configtree import build, to_plain
 from pipeline.toyweb.world import HOST, LIMITED_HOST, ToyWorld
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.config import ToyWebConfig
+from pipeline.toyweb.config import ToyWebConfig
 from pipeline.configtree import to_plain
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, read_json

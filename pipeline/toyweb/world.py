@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from pipeline.config import ToyWebConfig
+from pipeline.toyweb.config import ToyWebConfig
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {

@@ -139,13 +139,16 @@ def _entries(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...])
     return {"entries": Extra(path, (fingerprint("entries", path.name, [sha256_file(path)]),))}
 
 
-def report(manifest, link) -> str:
-    """The report's section: the entries, and the most matched with the pairs kept."""
+def report(page) -> str:
+    """The report's section: the entries, and the most matched with the pairs kept (round 0's result)."""
+    manifest = page.dirs[0].manifest()
+    if manifest is None:
+        return ""
     d = manifest.details
     rows = "".join(f"<tr><td>{html.escape(e)}</td><td>{m}</td><td>{k}</td></tr>" for e, m, k in d.get("head", []))
-    return (f"<p>{d.get('entries', 0):,} entries ({html.escape(str(d.get('entry_list')))}), {d.get('entries_over_t', 0):,} "
-            f"matched by more than t = {d.get('t')} captions. The most matched, with the pairs kept (every entry: "
-            f"{link(d.get('entries_table', ENTRIES_TABLE))}):</p>"
+    return (f"<h2>Curation operator: {STAGE.name}</h2><p>{d.get('entries', 0):,} entries "
+            f"({html.escape(str(d.get('entry_list')))}), {d.get('entries_over_t', 0):,} matched by more than t = {d.get('t')} captions. The most matched, with the pairs kept (every entry: "
+            f"{page.link_in(page.dirs[0], d.get('entries_table', ENTRIES_TABLE))}):</p>"
             '<table id="balance-entries"><tr><th>entry</th><th>captions matched</th><th>pairs kept</th></tr>'
             f"{rows}</table>")
 

@@ -6,7 +6,7 @@ caption from one that differs in a detail. Seed sets are small (BLIP: COCO), so 
 process with plain AdamW rather than a Ray Train job; it runs as one Ray task per copy.
 
 Precision: the pretraining's (`pretrain.precision` as recorded in the base model; `auto` for a model
-without it), resolved on this machine as pretraining resolves it (pipeline/train/precision.py): bf16
+without it), resolved on this machine as pretraining resolves it (pipeline/precision.py): bf16
 autocast over fp32 weights where the CPU has bf16 instructions. The export records it ("precision"), and
 the CapFilt actors caption and score in it (`model_precision`); the filter's calibration scores the
 held-out pairs in it too, so that its threshold fits the actors' scores.
@@ -26,7 +26,7 @@ from pipeline.fsutil import sha256_file
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.storage import as_path
-from pipeline.train.precision import Precision, resolve
+from pipeline.precision import Precision, resolve
 from stages.capfilt.config import FinetuneConfig
 
 ROLE_WEIGHTS = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}   # objectives: config.OBJECTIVES
@@ -74,7 +74,7 @@ def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg
 
 def _finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg: dict, prompt: str,
               seed: int, holdout: float, reject_rate: float | None) -> dict:
-    from pipeline.train.optim import lr_lambda, param_groups
+    from pipeline.optim import lr_lambda, param_groups
     from pipeline.modelio import load_pretrained, save_pretrained
 
     ft = build(FinetuneConfig, cfg, source=f"capfilt.{role}")

@@ -43,6 +43,7 @@ from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data, web_shards
 from pipeline.model.scoring import Calibration, match_scores
+from stages.capfilt import report
 from stages.capfilt.finetune import finetune, model_fingerprint, model_precision
 from pipeline.storage import as_path
 
@@ -114,7 +115,8 @@ def _request(cfg, urls: int | None) -> Request:
 
 
 STAGE = Stage("capfilt", SECTION, upstreams=_upstreams, run=run, request=_request,
-              extra_inputs=_extra_inputs, seeded=True, conserves=True)
+              extra_inputs=_extra_inputs, seeded=True, conserves=True, models=("captioner", "filter"),
+              report=report.section, fates=report.fates, fate_labels=report.FATE_LABELS, figures=report.figures)
 
 
 def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str], ctx: StageContext,

@@ -68,7 +68,7 @@ class DownloadConfig:
     """Longest Retry-After waited for; a host asking longer fails the URL at once (transient, as above)."""
     dedup_urls: bool = True
     """Fetch each URL once: a row repeating an earlier row's URL (in list order, across lists) is dropped as
-    `duplicate_url` before any download (pipeline/data/urldedup.py)."""
+    `duplicate_url` before any download (stages/download/urldedup.py)."""
     max_drop_share: float = keeps_output(0.5)
     """The breaker (as prefilter's): when one drop reason (`duplicate_url`, `url_private_address`, ...)
     removes more than this share of the listed rows, the stage stops before its manifest, naming it. A

@@ -8,7 +8,7 @@ from the header before any decode) and resizes them with img2dataset's `Resizer`
 img2dataset's own fetcher cannot be made safe from outside (see fetch.py). The task writes the tar
 (sorted by key, so bytes are reproducible), renames it into place, writes the shard's ledger (every
 URL's outcome, with the reason of each refusal or failure: pipeline/ledger.py), and its stats last.
-The lists reach the tasks as a row group per shard, written by planning tasks (pipeline/data/listplan.py).
+The lists reach the tasks as a row group per shard, written by planning tasks (stages/download/listplan.py).
 
 Memory: a task holds at most `thread_count` bodies of up to `max_body_bytes` and decodes one image of
 at most `max_image_area` pixels at a time (~36 bytes a pixel at worst, its Decoder); it
@@ -32,8 +32,9 @@ from stages.download.config import SECTION, DownloadConfig
 from pipeline.configtree import build
 from pipeline.data import samplejson
 from pipeline.data.shards import encode_json, sample_key, shard_name
-from pipeline.data.listplan import INPUTS, ShardInput, plan_shards, read_shard_input
-from pipeline.data.urldedup import duplicates_in
+from stages.download.listplan import INPUTS, ShardInput, plan_shards, read_shard_input
+from stages.download import report
+from stages.download.urldedup import duplicates_in
 from pipeline.data.urllists import check_url_list
 from pipeline.data.fetch import OPT_OUTS, TRANSIENT, FetchFailed, Limits, fetch, fetch_response, tls_context
 from pipeline.data.images import prepare_image
@@ -146,7 +147,7 @@ def _request(cfg, urls: int | None) -> Request:
 STAGE = Stage("download", SECTION, curates_web=True, upstreams=lambda cfg, round_: [],
               run=lambda cfg, inputs, ctx: run(cfg, inputs.extra["lists"], ctx),
               request=_request, extra_inputs=_extra_inputs, fetches=True,
-              retryable=lambda m: sum(transient_counts(m.totals.failed).values()))
+              retryable=lambda m: sum(transient_counts(m.totals.failed).values()), report=report.failures_by_host)
 
 
 # --- inside the Ray task --------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def download_shard(stage_path: str, shard: tuple, stage_cfg: dict, retry_pass: i
             continue
         # every key in every sample, one type, never null (pipeline/data/samplejson.py); `list`: what the
         # URL list says of the row (LAION's similarity, punsafe, ...)
-        meta = samplejson.download_json(base, row["caption"], row["caption_error"], got, row)
+        meta = samplejson.fetched_json(base, row["caption"], row["caption_error"], got, row, "download")
         output.kept(base, {"__key__": row["key"], "jpg": got["jpg"], "txt": (row["caption"] or "").encode(),
                            "json": encode_json(meta)})
     politeness = {k: round(v, 3) for k, v in counts.items()}

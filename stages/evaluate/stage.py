@@ -26,8 +26,8 @@ from pipeline.data.loader import decode_image
 from pipeline.data.shards import ShardCheck, read_input_shard
 from pipeline.manifest import Accounting, Manifest
 from pipeline.model.retrieval import itm_scorer, retrieval_recalls
-from pipeline.sources import Sources
-from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream
+from pipeline.stage import Inputs, Request, Stage, StageContext
+from stages.evaluate.heldout import held_out
 from pipeline.storage import as_path
 
 
@@ -52,16 +52,17 @@ def run(cfg: EvaluateConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
                         totals=Accounting(samples_in=n + sum(skipped.values()), samples_kept=n, failed=skipped))
 
 
-def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
-    shards = sources.eval_shards(required=True)
-    benchmarks, fingerprints = sources.benchmarks()
-    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards)),
-            "benchmarks": Extra(benchmarks, fingerprints)}
+def _figures(folder, manifest, truth) -> dict:
+    """Its columns of the round-over-round table: retrieval by embedding similarity, the probe, the benchmarks."""
+    m = manifest.details["metrics"]
+    return {"tr_r1": m["itc_tr_r1"], "ir_r1": m["itc_ir_r1"], "tr_r5": m["itc_tr_r5"], "ir_r5": m["itc_ir_r5"],
+            "probe": m.get("attribute_probe") or None, "benchmarks": m.get("benchmarks") or {}}
 
 
 STAGE = Stage("evaluate", SECTION, upstreams=lambda cfg, round_: [("pretrain", round_)], run=run,
               request=lambda cfg, urls: Request({"CPU": 1.0}, 1, False, None, "the held-out split"),
-              extra_inputs=_eval_shards)
+              extra_inputs=lambda cfg, round_, sources, upstream: held_out(cfg, sources), evaluates=True,
+              figures=_figures, provides={"held_out": held_out})
 
 
 @torch.no_grad()

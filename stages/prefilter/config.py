@@ -46,7 +46,7 @@ class PrefilterConfig:
     than a training image lost (bench/dedup.py: 140 of 144 leaked eval pictures found, 1 of ~8,000 clean
     images dropped)."""
     dedup_partitions: int | None = keeps_output(None)
-    """Partitions the dedup shuffle hashes its keys into, a Ray task each (pipeline/dedup/). None: about
+    """Partitions the dedup shuffle hashes its keys into, a Ray task each (stages/prefilter/dedup/). None: about
     one per 500k samples, at least 2. The decisions do not depend on it."""
     languages: tuple[str, ...] | None = None
     """Keep only captions in these languages (ISO 639-1 codes as py3langid names them, e.g. [en]);

@@ -5,7 +5,7 @@ Three passes, so that deduplication is global across the stage and still determi
      such as LAION's similarity and punsafe, caption rules, caption language) and fingerprints (sha256 of the original bytes, near-duplicate signature), hashed into
      the dedup partitions; the eval images are fingerprinted the same way (a task per eval shard and per part of
      each benchmark's split: COCO's test images, an ImageNet folder);
-  2. dedup (tasks per partition, pipeline/dedup/): copies of eval images are dropped
+  2. dedup (tasks per partition, stages/prefilter/dedup/): copies of eval images are dropped
      (`eval_contaminated`), then exact copies (same original bytes) and near copies
      (pipeline/data/neardup.py) of a kept image, in (shard, key) order, whatever the number of workers;
   3. write (a Ray task per shard): kept samples into a new shard, committed atomically with its ledger;
@@ -30,7 +30,7 @@ from stages.prefilter.config import SECTION, PrefilterConfig
 from pipeline.configtree import build
 from pipeline.data import language, samplejson
 from pipeline import benchmarks as benchmarks_lib
-from pipeline.dedup import common as dedup, phases as dedup_phases, scan as dedup_scan
+from stages.prefilter.dedup import common as dedup, phases as dedup_phases, scan as dedup_scan
 from pipeline.data.neardup import signature
 from pipeline.data.shards import OWNED_MEMBERS, encode_json, read_shard
 from pipeline.errors import ConfigError, InputError
@@ -42,7 +42,7 @@ from pipeline.manifest import Manifest
 from pipeline.runs import StageDir, verify_shard
 from pipeline.shardcommit import ShardOutput, settle
 from pipeline.sources import Sources
-from pipeline.stage import Extra, Inputs, Stage, StageContext, Upstream, shard_tasks, web_data
+from pipeline.stage import Extra, Inputs, Stage, StageContext, Upstream, provided, shard_tasks, web_data
 from pipeline.storage import as_path, remove_tree
 
 DEDUP = "dedup"   # the shuffle's working folder inside the stage's, removed once every shard is committed
@@ -62,6 +62,9 @@ def run(cfg: PrefilterConfig, inputs: Inputs, ctx: StageContext) -> Manifest:
     executor, options = ctx.executor, {"cpus": cfg.cpus_per_task, "retries": 2, "retry_exceptions": True}
     root = ctx.out.path / DEDUP
     details = {}
+    if cfg.decontaminate and (eval_shards or benchmarks):   # where the report finds a copy's eval twin
+        details["eval_sources"] = {EVAL_SHARDS: {"format": "shards", "shards": list(eval_shards)},
+                                   **{b["name"]: b for b in benchmarks}}
     # Once every shard is committed (a resume after the breaker, or a kill before the manifest), the
     # decisions are in the shards: nothing is scanned again.
     todo = {s["shard"] for s in shards} - set(ctx.out.committed_stats([s["shard"] for s in shards]))
@@ -110,10 +113,7 @@ def _eval_shards(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, .
     # training images that copy an eval or benchmark image are dropped; with neither, nothing to compare
     if not cfg.prefilter.decontaminate:
         return {"eval_shards": Extra([]), "benchmarks": Extra([])}
-    shards = sources.eval_shards(required=False)
-    benchmarks, fps = sources.benchmarks(images_only=True)
-    return {"eval_shards": Extra(shards, sources.shard_fingerprints("eval-shard", shards)),
-            "benchmarks": Extra(benchmarks, fps)}
+    return provided("held_out")(cfg, sources, required=False, images_only=True)
 
 
 STAGE = Stage("prefilter", SECTION, curates_web=True, conserves=True, run=run,
@@ -135,7 +135,7 @@ def _check_languages(cfg: PrefilterConfig) -> None:
 def scan_shard(shard_path: str, stage_cfg: dict, expected: dict, index: int, root: str,
                settings: dedup.Settings) -> dict:
     """Rule verdicts and signatures of every sample of an upstream shard (verified against its manifest),
-    written to dedup/scan/ and hashed into the dedup partitions (pipeline/dedup/scan.py)."""
+    written to dedup/scan/ and hashed into the dedup partitions (stages/prefilter/dedup/scan.py)."""
     verify_shard(as_path(shard_path), expected)
     cfg = build(PrefilterConfig, stage_cfg, source="prefilter task")
     patterns = [re.compile(p, re.IGNORECASE) for p in cfg.boilerplate_patterns]

@@ -58,7 +58,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on a GPU; on a CPU bf16 autocast where it has bf16 instructions (AMX-BF16, AVX512-BF16),
-    else fp32 (pipeline/train/precision.py). bf16 on a CPU without them works, slower than fp32."""
+    else fp32 (pipeline/precision.py). bf16 on a CPU without them works, slower than fp32."""
     peak_tflops: float | None = keeps_output(None)
     """One device's peak TFLOP/s for the MFU in the training metrics; None: known GPUs' bf16 peak (H100,
     H200, A100, ...), else no MFU (TFLOP/s achieved is logged either way)."""

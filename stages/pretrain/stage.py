@@ -1,6 +1,6 @@
 """pretrain: Ray Train `TorchTrainer` + DeepSpeed ZeRO over the upstream shards, then export.
 
-The driver (this module) prepares the tokenizer, launches the workers (pipeline/train/loop.py), and
+The driver (this module) prepares the tokenizer, launches the workers (stages/pretrain/train/loop.py), and
 after training consolidates the last complete checkpoint with DeepSpeed's zero_to_fp32 into
 `model/` (safetensors + config.yaml + tokenizer), loadable without DeepSpeed. A killed run resumes
 from its last complete checkpoint, with the same fingerprint.
@@ -29,8 +29,8 @@ from pipeline.modelio import read_info, save_pretrained
 from pipeline.manifest import Accounting, Manifest
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Inputs, Request, Stage, StageContext, Upstream, web_data
-from pipeline.train import checkpoints
-from pipeline.train.metrics import read_metrics
+from stages.pretrain.train import checkpoints
+from stages.pretrain.train.metrics import read_metrics
 from pipeline.storage import as_path
 
 log = logging.getLogger("vlp")
@@ -102,7 +102,7 @@ def _hf_init(cfg: PretrainConfig, model_cfg: ModelConfig, ctx: StageContext) -> 
     from safetensors.torch import save_file
 
     from pipeline.fsutil import atomic_path
-    from pipeline.hfinit import init_state
+    from stages.pretrain.hfinit import init_state
 
     model_cfg, state = init_state(model_cfg, cfg.init_from.vision, cfg.init_from.text, ctx.seed)
     folder = ctx.out.path / "init"
@@ -114,7 +114,7 @@ def _hf_init(cfg: PretrainConfig, model_cfg: ModelConfig, ctx: StageContext) -> 
 
 
 def _extra_inputs(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ...]) -> dict[str, Extra]:
-    from pipeline.hfinit import checkpoint_files
+    from stages.pretrain.hfinit import checkpoint_files
 
     seed = sources.seed_shards() if cfg.pretrain.with_seed else []
     # after round 0 the data was cleaned by a model (capfilt's manifest says which; its fingerprint has it)
@@ -138,8 +138,24 @@ def _request(cfg, urls: int | None) -> Request:
                    + (" (data + seed set)" if p.with_seed else ""))
 
 
+def _figures(folder, manifest, truth) -> dict:
+    return {"train_samples": manifest.totals.samples_in}
+
+
+def _report(page) -> str:
+    """The report's section: each round's training curves (the PNG a finished training wrote)."""
+    parts = []
+    for d in page.dirs:
+        curves = d.path / "training_curves.png"
+        if curves.is_file():
+            name = f"training_round{d.round}.png"
+            (page.out / name).write_bytes(curves.read_bytes())
+            parts.append(f'<h3>Training curves, round {d.round}</h3><img src="{name}" alt="training curves round {d.round}">')
+    return "<h2>Training</h2>" + "".join(parts) if parts else ""
+
+
 STAGE = Stage("pretrain", SECTION, upstreams=_upstreams, run=run, request=_request,
-              extra_inputs=_extra_inputs, seeded=True)
+              extra_inputs=_extra_inputs, seeded=True, trains=True, models=("model",), figures=_figures, report=_report)
 
 
 def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_model: Path | None,
@@ -179,7 +195,7 @@ def sample_captions(shards: list[str], limit: int, seed: int, seen: list | None 
 
 def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Path, ctx: StageContext,
            init_from: Path | None, work: Path) -> None:
-    from pipeline.train.loop import train_loop
+    from stages.pretrain.train.loop import train_loop
 
     config = {"pretrain": to_plain(cfg), "model": dataclasses.asdict(model_cfg), "shards": shards,
               "tokenizer_dir": str(tokenizer_dir), "out": str(ctx.out.path), "work": str(work), "seed": ctx.seed,
@@ -198,12 +214,12 @@ def _train(cfg: PretrainConfig, model_cfg, shards: list[str], tokenizer_dir: Pat
 
 def consolidate(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint (zero_to_fp32 for ZeRO 1-3)."""
-    from pipeline.train.checkpoints import safe_loads
+    from stages.pretrain.train.checkpoints import safe_loads
 
     if zero_stage == 0:
         with safe_loads():
             return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-    from pipeline.train.deepspeed_config import import_deepspeed
+    from pipeline.deepspeed_setup import import_deepspeed
 
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

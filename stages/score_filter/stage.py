@@ -153,13 +153,16 @@ def _clip_model(cfg, round_: int, sources: Sources, upstream: tuple[Upstream, ..
     return {"clip_model": Extra(folder, (fingerprint("model", folder.name, digest),))}
 
 
-def report(manifest, link) -> str:
-    """The report's section: the model, the rule and its threshold."""
+def report(page) -> str:
+    """The report's section: the model, the rule and its threshold (round 0's result)."""
+    manifest = page.dirs[0].manifest()
+    if manifest is None:
+        return ""
     rule = manifest.details.get("rule", {})
     threshold = f'<b id="score-threshold">{rule["threshold"]:g}</b>'
     how = (f"kept the top {rule['keep_top']:.0%} of {rule['scored']:,} scored pairs: threshold {threshold}, kept "
            f"share {rule['kept_share']:.2%}" if "keep_top" in rule else f"kept a score of at least {threshold}")
-    return (f"<p>The cosine of <code>{html.escape(str(manifest.details.get('clip_model')))}</code>'s image and text "
+    return (f"<h2>Curation operator: {STAGE.name}</h2><p>The cosine of <code>{html.escape(str(manifest.details.get('clip_model')))}</code>'s image and text "
             f"features; {how}. Every sample's score is in the ledger (<code>score</code>).</p>")
 
 

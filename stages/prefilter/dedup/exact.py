@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dedup.common import DROPS, EVAL, EXACT, Settings, mark, write_by_unit
+from stages.prefilter.dedup.common import DROPS, EVAL, EXACT, Settings, mark, write_by_unit
 from pipeline.shuffle import read_partition
 from pipeline.storage import as_path
 

@@ -1,10 +1,9 @@
-"""DeepSpeed: the config we hand it, and importing it with the right accelerator."""
+"""DeepSpeed in this process: importing it with the right accelerator, and building the op its CPU
+backend compiles at its first start (the training stages, `vlp train` and the benches start it)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from stages.pretrain.config import PretrainConfig
 
 
 def import_deepspeed():
@@ -47,19 +46,3 @@ def build_comm_op() -> None:
             logging.getLogger("vlp").warning("%s: removing the build lock a killed build left", baton)
             baton.unlink()
         builder.load(verbose=False)
-
-
-def deepspeed_config(cfg: PretrainConfig, world_size: int, bf16: bool) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": cfg.micro_batch,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch * cfg.grad_accum * world_size,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        # torch_adam: DeepSpeed's fused CPU Adam would need a compiled op; torch's AdamW is enough here.
-        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.98], "eps": 1e-6,
-                                                  "torch_adam": True}},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dedup.common import DROPS, EDGES, EVAL, Settings, mark, read_table, write_by_unit
+from stages.prefilter.dedup.common import DROPS, EDGES, EVAL, Settings, mark, read_table, write_by_unit
 from pipeline.fsutil import atomic_write_parquet, read_parquet
 from pipeline.shuffle import read_partition
 from pipeline.storage import as_path

@@ -1,4 +1,4 @@
-"""Training precision: what `pretrain.precision` (auto, fp32, bf16) means on this machine, and how a
+"""Training precision: what a training stage's `precision` (auto, fp32, bf16) means on this machine, and how a
 training step runs in it.
 
 - On a GPU, bf16 is DeepSpeed's bf16 mode (bf16 weights, fp32 master copies in its optimizer), as before.

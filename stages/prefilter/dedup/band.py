@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data import neardup
-from pipeline.dedup.common import BAND, EDGES, EVAL, PAIRS, Settings, mark, write_by_unit
+from stages.prefilter.dedup.common import BAND, EDGES, EVAL, PAIRS, Settings, mark, write_by_unit
 from pipeline.shuffle import partition_of, read_partition, write_partitioned
 from pipeline.storage import as_path
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.data import neardup
-from pipeline.dedup.common import BAND, EXACT, Settings
+from stages.prefilter.dedup.common import BAND, EXACT, Settings
 from pipeline.fsutil import atomic_write_parquet
 from pipeline.shuffle import partition_of, write_partitioned
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.data import neardup
-from pipeline.dedup.band import unique_pairs
-from pipeline.dedup.common import EDGES, EVAL, JOINED, PAIRS, Settings, mark, unit_of, write_by_unit
+from stages.prefilter.dedup.band import unique_pairs
+from stages.prefilter.dedup.common import EDGES, EVAL, JOINED, PAIRS, Settings, mark, unit_of, write_by_unit
 from pipeline.fsutil import read_parquet
 from pipeline.shuffle import partition_of, read_partition, write_partitioned
 from pipeline.storage import as_path

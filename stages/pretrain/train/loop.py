@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.train.deepspeed_config import build_comm_op, deepspeed_config, import_deepspeed
+from pipeline.deepspeed_setup import build_comm_op, import_deepspeed
+from stages.pretrain.train.deepspeed_config import deepspeed_config
 from stages.pretrain.config import OBJECTIVES, UNIMODAL_OBJECTIVES, PretrainConfig
 from pipeline.configtree import build
 from pipeline.data.loader import StreamSpec, make_loader
@@ -26,10 +27,10 @@ from pipeline.fsutil import atomic_write_bytes
 from pipeline.model import ModelConfig, MultiwayTransformer
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses
 from pipeline.storage import as_path, is_remote, local_copy, upload
-from pipeline.train import checkpoints
-from pipeline.train.optim import lr_lambda, param_groups
-from pipeline.train.precision import Precision, resolve
-from pipeline.train.metrics import read_metrics
+from stages.pretrain.train import checkpoints
+from pipeline.optim import lr_lambda, param_groups
+from pipeline.precision import Precision, resolve
+from stages.pretrain.train.metrics import read_metrics
 
 log = logging.getLogger("vlp")
 
@@ -216,7 +217,7 @@ class MetricsLog:
         if tracking:   # MLflow / W&B: a training run under the pipeline's (pipeline/tracking.py)
             from pipeline.tracking import training_tracker
 
-            self.tracker = training_tracker(tracking, tracking["run_name"], tracking["key"])
+            self.tracker = training_tracker(tracking, tracking["run_name"], tracking["key"], "pretrain")
         if remote is not None and (remote / self.path.name).is_file():   # the history as the run has it
             atomic_write_bytes(self.path, (remote / self.path.name).read_bytes())
         kept = [json.dumps(r) for r in read_metrics(self.path) if r["step"] <= start]

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.executor import RAY, Executor
 from pipeline.config import UrlListConfig
-from pipeline.data import urldedup
+from stages.download import urldedup
 from pipeline.fsutil import atomic_path, atomic_write_json, is_temporary, read_json
 from pipeline.parallel import Progress, run_shard_tasks
 from pipeline.storage import as_path, children, remove_tree

@@ -6,11 +6,11 @@ import math
 
 import torch
 
-from stages.pretrain.config import PretrainConfig
 
 
-def lr_lambda(cfg: PretrainConfig):
-    """Linear warmup to lr, then cosine down to lr x min_lr_ratio at the last step."""
+def lr_lambda(cfg):
+    """Linear warmup to lr, then cosine down to lr x min_lr_ratio at the last step (`cfg`: a training
+    stage's settings, with steps, warmup_steps and min_lr_ratio)."""
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dedup.common import DECISIONS, EVAL, Settings, mark, read_columns, unit_of, unit_partition
+from stages.prefilter.dedup.common import DECISIONS, EVAL, Settings, mark, read_columns, unit_of, unit_partition
 from pipeline.fsutil import atomic_write_parquet, atomic_write_row_groups, read_parquet, read_row_group
 from pipeline.shuffle import partition_of, read_partition, write_partitioned
 from pipeline.storage import as_path

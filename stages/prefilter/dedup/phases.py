@@ -8,12 +8,12 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.dedup.band import band_partition
-from pipeline.dedup.common import Settings, done_marker
-from pipeline.dedup.exact import exact_partition
-from pipeline.dedup.names import decisions_partition, drops_partition, names_partition
-from pipeline.dedup.resolve import decide_partition, near_resolve, prune_partition
-from pipeline.dedup.verify import join_partition, verify_partition
+from stages.prefilter.dedup.band import band_partition
+from stages.prefilter.dedup.common import Settings, done_marker
+from stages.prefilter.dedup.exact import exact_partition
+from stages.prefilter.dedup.names import decisions_partition, drops_partition, names_partition
+from stages.prefilter.dedup.resolve import decide_partition, near_resolve, prune_partition
+from stages.prefilter.dedup.verify import join_partition, verify_partition
 from pipeline.executor import Executor
 from pipeline.fsutil import atomic_write_json, read_json
 from pipeline.parallel import Progress, run_shard_tasks
