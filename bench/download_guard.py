@@ -1,8 +1,10 @@
 """Benchmark: what one decompression bomb costs a download worker — img2dataset's way (fetch, then decode
 and check the size) against vlp's (read the size from the header, refuse undecoded). One run, each way
 in a fresh process over the same bytes from a local server; peak RSS and time per URL, and the ratio.
+Then, over a slow host (`--rate` bytes/s), vlp's header read after the whole body against its header
+check while the body streams in (the fetcher's `header_check`: refused at the first chunk).
 
-    .venv/bin/python bench/download_guard.py [--side 6000]
+    .venv/bin/python bench/download_guard.py [--side 6000] [--rate 1000000]
 """
 from __future__ import annotations
 
@@ -36,15 +38,18 @@ OURS = """
     from pipeline.data.images import image_size
     from pipeline.data.urlpolicy import HostPolicy
     started = time.perf_counter()
-    data = fetch(URL, HostPolicy(["127.0.0.2"]), Limits(timeout=30, deadline=60, max_bytes=16 * 2**20, max_redirects=5,
-                                                         max_image_area=25_000_000))
     try:
+        data = fetch(URL, HostPolicy(["127.0.0.2"]), Limits(timeout=30, deadline=60, max_bytes=16 * 2**20,
+                                                             max_redirects=5, max_image_area=25_000_000))
         image_size(data, 25_000_000)
         err = None
     except FetchFailed as failed:
         err = failed.reason
     seconds = time.perf_counter() - started
 """
+STREAMED = OURS.replace("max_image_area=25_000_000)", "max_image_area=25_000_000,\n"
+                        "        header_check=lambda prefix: check_header(prefix, 25_000_000))") \
+    .replace("import image_size", "import check_header, image_size")
 PEAK_RSS = """
 def peak_rss():
     # VmHWM: the high-water mark of this process image. getrusage's ru_maxrss also counts the parent's
@@ -73,12 +78,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--side", type=int, default=6000, help="the bomb's width and height (RGBA PNG)")
+    parser.add_argument("--rate", type=float, default=1e6, help="the slow host's bytes per second")
     args = parser.parse_args()
     with HostileWeb() as web:
         png_bomb(args.side)
         url = web.url(f"/bomb.png?side={args.side}")
         size = len(png_bomb(args.side))
         results = {name: measure(body, url) for name, body in (("img2dataset", BARE), ("vlp", OURS))}
+        slow = web.url(f"/bomb.png?side={args.side}&rate={args.rate:.0f}")
+        streamed = {name: measure(body, slow) for name, body in (("after body", OURS), ("at header", STREAMED))}
     print(f"machine: {platform.machine()}, Python {platform.python_version()}; bomb: {args.side} x {args.side} RGBA PNG, "
           f"{size / 1e3:.0f} KB")
     for name, r in results.items():
@@ -88,6 +96,13 @@ def main() -> None:
     a, b = results["img2dataset"], results["vlp"]
     if a["peak_rss"] and b["peak_rss"]:
         print(f"ratio img2dataset / vlp: peak RSS x{a['peak_rss'] / b['peak_rss']:.1f}, time x{a['seconds'] / b['seconds']:.1f}")
+    print(f"over a host serving {args.rate / 1e6:g} MB/s, vlp's size check:")
+    for name, r in streamed.items():
+        took = f"{r['seconds']:.3f} s" if r["seconds"] is not None else "-"
+        print(f"{name:>12}: {took}, outcome {r['error'] or 'accepted'}")
+    a, b = streamed["after body"], streamed["at header"]
+    if a["seconds"] and b["seconds"]:
+        print(f"ratio after body / at header: time x{a['seconds'] / b['seconds']:.1f}")
 
 
 if __name__ == "__main__":

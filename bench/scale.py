@@ -63,7 +63,7 @@ def synthetic_laion(folder: Path, rows: int) -> list[dict]:
 
 
 def plan_in_driver(specs: list[dict], stage: Path) -> int:
-    """The plan before #14 (stages/download/stage.py at 3304e73): everything in the driver, shards as tables."""
+    """The plan before #14 (stages/download.py at 3304e73): everything in the driver, shards as tables."""
     import pyarrow as pa
 
     from pipeline.config import UrlListConfig

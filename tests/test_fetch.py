@@ -2,6 +2,8 @@
 server on 127.0.0.2, a secret one on 127.0.0.1 that no spelling, name or redirect may reach."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import os
 import threading
@@ -12,7 +14,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 
 from pipeline.data.fetch import FetchFailed, Limits, fetch
-from pipeline.data.images import image_size
+from pipeline.data.images import check_header, image_size
 from pipeline.data.urlpolicy import HostPolicy, Refused, is_public, literal_address, refusal
 from webguard import ALLOWED, HostileWeb, TlsServer, jpeg, png_bomb
 
@@ -190,6 +192,23 @@ def test_image_size_is_read_without_decoding():
     assert caught.value.reason == "decode_error"
 
 
+def test_an_image_that_claims_too_many_pixels_is_refused_at_its_header(web):
+    """Its first chunk names 12000 x 12000 pixels: refused then, not after the body (which here drips
+    past the deadline: a URL of the toy web's 4096 x 4096 pictures timed out on a loaded machine)."""
+    checked = dataclasses.replace(LIMITS, header_check=functools.partial(check_header, max_image_area=4_000_000))
+    assert failure(web.url("/bomb-drip.png"), limits=checked) == "image_too_large"
+    assert failure(web.url("/bomb-drip.png")) == "deadline_exceeded"   # unchecked, the whole body is awaited
+    assert fetch(web.url("/img.jpg"), POLICY, checked) == jpeg()         # a header that passes: the body as sent
+    full = png_bomb()
+    assert check_header(full[:20], 4_000_000) is False                   # IHDR not there yet
+    assert check_header(jpeg()[:200], 4_000_000) is False                # a JPEG's size comes later (SOF)
+    assert check_header(jpeg(), 4_000_000) is True
+    assert check_header(b"<!doctype html><html>", 4_000_000) is False    # no image: the whole body decides
+    with pytest.raises(FetchFailed) as caught:
+        check_header(full[:64], 4_000_000)
+    assert caught.value.reason == "image_too_large"
+
+
 def test_tls_goes_to_the_pinned_address_and_checks_the_name(tmp_path):
     """The TCP connection goes to the checked address; TLS (SNI, certificate) is for the URL's name."""
     with TlsServer(tmp_path, "images.example") as tls:
@@ -240,7 +259,7 @@ def tagged():
 
 
 @pytest.mark.parametrize("directives, tags, opted_out", [
-    # the download stage's default directives (pipeline/config.py)
+    # the download stage's default directives (stages/download/config.py)
     (("noai", "noimageai", "noindex", "noimageindex"), ["none"], True),   # none = noindex, nofollow
     (("noai", "noimageai", "noindex", "noimageindex"), ["NONE"], True),
     (("noai", "noimageai", "noindex", "noimageindex"), ["vlp: none"], True),

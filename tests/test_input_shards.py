@@ -116,7 +116,7 @@ class _Stop(Exception):
 
 
 def _pretrain_until_training(tmp_path, seed_shards, monkeypatch):
-    """stages.pretrain.run on a fake upstream of 100 web samples, stopped where the tokenizer is made."""
+    """stages.pretrain.stage.run on a fake upstream of 100 web samples, stopped where the tokenizer is made."""
     from stages.pretrain.config import PretrainConfig
     from pipeline.runs import StageDir
     from pipeline.stage import Inputs
@@ -175,7 +175,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def _evaluate(tmp_path, model_dir, eval_shards, monkeypatch):
-    """stages.evaluate.run with its task run in this process (pipeline/executor.py's LocalExecutor)."""
+    """stages.evaluate.stage.run with its task run in this process (pipeline/executor.py's LocalExecutor)."""
     from pipeline.executor import LocalExecutor
     from stages.evaluate.config import EvaluateConfig
     from pipeline.runs import StageDir

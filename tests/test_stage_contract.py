@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 
+import pytest
 from conftest import ROOT, load_config, write_config
 from pipeline import graph
 import stages
@@ -40,6 +41,22 @@ def test_the_runner_knows_no_stage_by_name():
     names = [s.name for s in REGISTRY]   # the report (AFTER_ROUNDS) is the engine's own step, not a stage
     found = [n for n in names if re.search(rf"\b{n}\b", source)]
     assert found == [], f"pipeline/runner.py names stages {found}: declare it in the stage's module instead"
+
+
+def test_the_engine_finds_a_stage_by_what_it_declares():
+    """What the engine asks the registry for (pipeline/stage.py: having, provided): one stage fetches the
+    web, one trains the model, one evaluates it, and one provides the held-out data; a role nobody
+    declares, or two that declare one, is an error, not a guess."""
+    from pipeline.stage import having, provided
+
+    assert having("fetches") == ["download"] and having("trains") == ["pretrain"]
+    assert having("evaluates") == ["evaluate"]
+    assert having("curates_web") == ["download", "prefilter", "score_filter", "balance"]
+    assert provided("held_out") is stages.stage("evaluate").provides["held_out"]
+    with pytest.raises(AssertionError, match="0 stages provide"):
+        provided("a role no stage declares")
+    with_report = [s.name for s in REGISTRY if s.report is not None]
+    assert with_report == ["download", "score_filter", "balance", "capfilt", "pretrain"]
 
 
 def test_rounds_come_from_what_each_stage_declares(tmp_path, toyweb):

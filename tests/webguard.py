@@ -73,6 +73,16 @@ class _Allowed(BaseHTTPRequestHandler):
             elif route.startswith("/hops/"):
                 n = int(route.rsplit("/", 1)[1])
                 self._send(302, b"", "text/plain", {"Location": f"/hops/{n - 1}" if n > 1 else "/img.jpg"})
+            elif route == "/bomb.png" and "rate" in query:   # served at `rate` bytes/s, as a slow host would
+                body = png_bomb(int(query["side"])) if "side" in query else png_bomb()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                for i in range(0, len(body), 16384):
+                    self.wfile.write(body[i:i + 16384])
+                    self.wfile.flush()
+                    time.sleep(16384 / float(query["rate"]))
             elif route == "/bomb.png":
                 self._send(200, png_bomb(int(query["side"])) if "side" in query else png_bomb(), "image/png")
             elif route == "/declared-huge":
@@ -99,6 +109,18 @@ class _Allowed(BaseHTTPRequestHandler):
                     self.wfile.write(body[i:i + 16])
                     self.wfile.flush()
                     time.sleep(float(query.get("every", 0.5)))
+            elif route == "/bomb-drip.png":   # a 12000 x 12000 PNG's header at once, the rest dripping
+                body = png_bomb()
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:4096])
+                self.wfile.flush()
+                for i in range(4096, len(body), 16):
+                    time.sleep(0.5)
+                    self.wfile.write(body[i:i + 16])
+                    self.wfile.flush()
             elif route == "/drip-headers":
                 self.wfile.write(b"HTTP/1.1 200 OK\r\n")
                 for i in range(200):

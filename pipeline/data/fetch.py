@@ -14,7 +14,8 @@ bodies, gzip/deflate decoded in bounded steps, TLS with SNI and certificate chec
     dripping in) has one wall-clock `deadline`;
   - a 429 or 503 answer is not retried here: it raises at once with the Retry-After it gave, and the
     shard task pauses that host (politeness.py);
-  - (the image's size is checked from its header before anything decodes it: images.open_image).
+  - an image's size is checked from its header as soon as the header has come (`header_check`), and
+    again before anything decodes it (images.open_image).
 Failures raise FetchFailed with the reason the download stage counts. Why urllib3 and not httpx or
 pycurl: docs/architecture.md, "The fetcher".
 """
@@ -42,6 +43,7 @@ from pipeline.data.urlpolicy import HostPolicy, Refused, Resolver, system_resolv
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 64 * 1024
+HEADER_BYTES = 256 * 1024   # where a header_check gives up (a JPEG's size can follow ~64 KB of EXIF)
 TRANSIENT = ("timeout", "deadline_exceeded", "connection_refused", "connection_reset", "truncated", "http_5xx",
              "http_429", "dns_error", "connection_error", "robots_unavailable")
 # Decisions a site made about its images (X-Robots-Tag, robots.txt, TDM-Rep): counted as drops, not failures.
@@ -72,6 +74,10 @@ class Limits:
     disallowed_header_directives: frozenset[str] = frozenset()
     tdm_header: bool = False  # a `tdm-reservation: 1` answer is an opt-out (opt_out_tdmrep)
     keep_prefix: bool = False  # a body over max_bytes gives its first max_bytes instead of body_too_large
+    header_check: Callable[[bytes], bool] | None = None
+    """Called with the body so far, chunk by chunk, until it returns True (or HEADER_BYTES have come): it
+    raises FetchFailed to stop a body early (images.check_header: an image whose header claims more than
+    max_image_area pixels is refused after its first chunk, not after its last)."""
 
 
 @dataclass(frozen=True)
@@ -289,10 +295,12 @@ def _read_body(response: urllib3.BaseHTTPResponse, limits: Limits) -> bytes:
     length = int(declared) if declared and declared.strip().isdigit() else None
     if length is not None and length > limits.max_bytes and not limits.keep_prefix:
         raise FetchFailed("body_too_large", f"Content-Length {length} > max_bytes {limits.max_bytes}")
-    body = bytearray()
+    body, check = bytearray(), limits.header_check
     # urllib3 >= 2.6 inflates at most CHUNK bytes a call, so a gzip bomb stops at the cap, not in memory.
     while chunk := response.read1(CHUNK):
         body += chunk
+        if check is not None and (len(body) > HEADER_BYTES or check(bytes(body))):
+            check = None   # the header was read and passed (or never will be: the whole body decides)
         if len(body) > limits.max_bytes:
             if limits.keep_prefix:   # robots.txt: RFC 9309 parses the first 500 KiB of a longer file
                 return bytes(body[:limits.max_bytes])

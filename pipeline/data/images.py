@@ -109,6 +109,25 @@ def open_image(data: bytes, max_image_area: float) -> Image.Image:
     return img
 
 
+def check_header(prefix: bytes, max_image_area: float) -> bool:
+    """Whether the first bytes of a body hold an image header within `max_image_area` pixels: True once
+    they do; FetchFailed "image_too_large" once they claim more (the rest of the body is not fetched);
+    False while the header is incomplete or the bytes are no image yet (the whole body decides then)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a cut TIFF/EXIF block warns "Corrupt EXIF data": expected here
+            with Image.open(io.BytesIO(prefix)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as err:
+        raise FetchFailed("image_too_large", str(err)) from None
+    except Exception:  # noqa: BLE001 (a header cut short raises what PIL's plugin raises)
+        return False
+    if width * height > max_image_area:
+        raise FetchFailed("image_too_large", f"{width} x {height} pixels > max_image_area {max_image_area:.0f} "
+                                             f"(from the header, after {len(prefix):,} bytes)")
+    return True
+
+
 def image_size(data: bytes, max_image_area: float) -> tuple[int, int]:
     """(width, height) from the image's header, without decoding its pixels (see open_image)."""
     with open_image(data, max_image_area) as img:

@@ -29,7 +29,7 @@ from pipeline.storage import as_path
 from pipeline.precision import Precision, resolve
 from stages.capfilt.config import FinetuneConfig
 
-ROLE_WEIGHTS = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}   # objectives: config.OBJECTIVES
+ROLE_WEIGHTS = {"captioner": {"lm": 1.0}, "filter": {"itc": 1.0, "itm": 1.0}}   # objectives: pipeline/model/objectives.py LOSSES
 
 
 def model_precision(info: dict) -> Precision:

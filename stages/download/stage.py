@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -37,7 +38,7 @@ from stages.download import report
 from stages.download.urldedup import duplicates_in
 from pipeline.data.urllists import check_url_list
 from pipeline.data.fetch import OPT_OUTS, TRANSIENT, FetchFailed, Limits, fetch, fetch_response, tls_context
-from pipeline.data.images import prepare_image
+from pipeline.data.images import check_header, prepare_image
 from pipeline.data.optouts import HostOptOuts
 from pipeline.data.politeness import HostQueue, Politeness
 from pipeline.data.urlpolicy import HostPolicy
@@ -256,11 +257,12 @@ def fetch_rows(cfg: DownloadConfig, rows: list[dict], counts: collections.Counte
                     max_redirects=cfg.max_redirects, max_image_area=cfg.max_image_area, retries=cfg.retries,
                     user_agent_token=cfg.user_agent_token,
                     disallowed_header_directives=frozenset(d.strip().lower() for d in cfg.disallowed_header_directives),
-                    tdm_header=cfg.tdmrep)
+                    tdm_header=cfg.tdmrep,   # an image that claims too many pixels stops at its first chunk
+                    header_check=functools.partial(check_header, max_image_area=cfg.max_image_area))
     tls = tls_context(cfg.ca_bundle)
     # robots.txt and tdmrep.json: small text files, fetched under the same guards, once per host.
     text_limits = dataclasses.replace(limits, max_bytes=ROBOTS_BYTES, keep_prefix=True, tdm_header=False,
-                                      disallowed_header_directives=frozenset(), retries=0)
+                                      disallowed_header_directives=frozenset(), retries=0, header_check=None)
     host_files = HostOptOuts(lambda url: fetch(url, policy, text_limits, tls=tls), cfg.user_agent_token or "vlp",
                              robots_txt=cfg.robots_txt, tdmrep=cfg.tdmrep)
 
