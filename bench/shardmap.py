@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # tests/tinyclip.py
 
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -38,20 +39,10 @@ WORDS = "a small large red green blue yellow circle square triangle star on whit
 
 
 def build_model(folder: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from tinyclip import save_tiny_clip   # tests/tinyclip.py: the tests' tiny CLIP, here at 4 + 4 blocks of 128
 
-    from pipeline.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer([" ".join(WORDS)] * 4, 120, folder)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 128, "intermediate_size": 512,
-                                  "num_hidden_layers": 4, "num_attention_heads": 4, "max_position_embeddings": 32,
-                                  "eos_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
-                                  "bos_token_id": tok.cls_token_id},
-                     vision_config={"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-                                    "num_attention_heads": 4, "image_size": 64, "patch_size": 8}, projection_dim=64)
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    save_tiny_clip(folder, WORDS, width=128, layers=4, heads=4, intermediate=512, image_size=64, projection_dim=64,
+                   max_positions=32)
 
 
 def build_shards(folder: Path, shards: int, per_shard: int) -> list[dict]:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import load_config, shard_digests, write_config
+from tinyclip import save_tiny_clip
 from pipeline.data.shards import read_shard
 from pipeline.ledger import stage_ledger
 from pipeline.runs import STATS_SUFFIX
@@ -20,25 +21,9 @@ from pipeline.runs import STATS_SUFFIX
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory):
     """A tiny random CLIPModel saved like any Hub checkpoint: config, safetensors, tokenizer, image processor."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from pipeline.data.tokenizer import train_tokenizer
-
-    folder = tmp_path_factory.mktemp("clip")
     words = "a an the small large red green blue yellow circle square triangle star on background of with".split()
-    tok = train_tokenizer([" ".join(words)] * 4, 120, folder)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 24,
-                                  "eos_token_id": tok.sep_token_id, "pad_token_id": tok.pad_token_id,
-                                  "bos_token_id": tok.cls_token_id},
-                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                     projection_dim=16)
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("clip"), words, width=32, layers=1, heads=2, intermediate=64,
+                          image_size=32, projection_dim=16, max_positions=24)
 
 
 def _run(tmp_path, toyweb, reference_run, clip_model, executor=None, **sections):
