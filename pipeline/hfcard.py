@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pipeline.model.objectives import LOSSES
+from pipeline.stage import declared, having
 from pipeline.storage import as_path
 
 TAGS = ["vlp", "vision-language", "multiway-transformer", "vlmo", "image-text-retrieval", "custom_code"]
@@ -69,7 +70,7 @@ def _run_record(model_dir: Path, info: dict) -> dict | None:
         if fp in by_id and fp not in lineage:
             lineage[fp] = by_id[fp]
             todo.extend(by_id[fp].inputs)
-    evaluations = [m for m in by_id.values() if _declares(m.stage, "evaluates") and own.result_id in m.inputs]
+    evaluations = [m for m in by_id.values() if declared(m.stage, "evaluates", False) and own.result_id in m.inputs]
     return {"manifest": own, "lineage": sorted(lineage.values(), key=lambda m: m.finished), "by_id": by_id,
             "evaluation": max(evaluations, key=lambda m: m.finished) if evaluations else None}
 
@@ -95,7 +96,7 @@ def _data(model_dir: Path, run: dict | None) -> list[str]:
                         "stage was rebuilt since), so the run's sources, counts and evaluations are unknown to "
                         "this card.", ""]
     stages = run["lineage"] + [run["manifest"]]
-    for m in (m for m in stages if _declares(m.stage, "fetches")):
+    for m in (m for m in stages if declared(m.stage, "fetches", False)):
         lists = m.details.get("lists") or []
         fps = m.inputs if len(m.inputs) == len(lists) else [""] * len(lists)
         lines += [f"URL lists downloaded (round {m.round}):", "",
@@ -212,7 +213,7 @@ def _checkpoint_licenses(info: dict, run: dict | None) -> dict:
 
     configs = [training_config(info)]
     if run is not None:
-        configs += [m.config for m in run["lineage"] if _declares(m.stage, "trains") and isinstance(m.config, dict)]
+        configs += [m.config for m in run["lineage"] if declared(m.stage, "trains", False) and isinstance(m.config, dict)]
     found = {}
     for folder in (v for c in configs for v in (c.get("init_from") or {}).values() if v):
         card, license_ = as_path(folder) / "README.md", None
@@ -226,16 +227,7 @@ def _checkpoint_licenses(info: dict, run: dict | None) -> dict:
 def training_config(info: dict) -> dict:
     """The config of the stage that trained the model, as its folder's config.yaml holds it: under that
     stage's name (the registry's stage that declares `trains`)."""
-    from pipeline.stage import having
-
     return next((info[name] for name in having("trains") if isinstance(info.get(name), dict)), {})
-
-
-def _declares(stage: str, flag: str) -> bool:
-    """Whether the registry's stage `stage` sets `flag` (False for a name an older vlp wrote and no stage has now)."""
-    import stages
-
-    return stage in stages.NAMES and bool(getattr(stages.stage(stage), flag))
 
 
 def _value(v) -> str:

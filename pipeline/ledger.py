@@ -83,13 +83,18 @@ def stage_ledger(folder: Path, columns: list[str] | None = None, expression: ds.
     return _dataset(folder, SCHEMA, _files(folder, lambda name: name.count(".") == 1), columns, expression)
 
 
-def stage_decisions(folder: Path) -> list[dict]:
+def decisions_table(folder: Path, columns: list[str] | None = None) -> pa.Table:
     """CapFilt's decisions over every shard of a stage folder, in shard order: `decisions/`, and the
     `<shard>.decisions.parquet` beside the ledgers of shards an older vlp committed (a resumed stage
     may hold both)."""
     folder = as_path(folder)
     files = _files(folder / DECISIONS, lambda name: True) + _files(folder, lambda name: name.endswith(OLD_DECISIONS_SUFFIX))
-    return _dataset(folder, DECISIONS_SCHEMA, sorted(files, key=lambda f: f.rsplit("/", 1)[-1])).to_pylist()
+    return _dataset(folder, DECISIONS_SCHEMA, sorted(files, key=lambda f: f.rsplit("/", 1)[-1]), columns)
+
+
+def stage_decisions(folder: Path) -> list[dict]:
+    """decisions_table's rows as dicts."""
+    return decisions_table(folder).to_pylist()
 
 
 def _files(folder: Path, wanted) -> list[str]:

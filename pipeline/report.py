@@ -158,10 +158,9 @@ def _fates_by_source(run: RunDir, truth: dict | None) -> tuple[dict[str, collect
     conditions = [pc.not_equal(table["outcome"], "kept")]
     conditions += [pc.and_(pc.is_valid(table[name]), pc.not_equal(table[name], "kept")) for name in filters]
     for name, round_ in judges:
-        verdicts = graph.spec(name).fates(run.stage(name, round_))
         column = f"{name} verdict"
-        table = table.join(pa.table({"key": pa.array(list(verdicts), pa.string()),
-                                     column: pa.array(list(verdicts.values()), pa.string())}), "key", join_type="left outer")
+        verdicts = graph.spec(name).fates(run.stage(name, round_)).rename_columns(["key", column])
+        table = table.join(verdicts, "key", join_type="left outer")
         for label in graph.spec(name).fate_labels:
             labels.append(label)
             conditions.append(pc.fill_null(pc.equal(table[column], label), False))

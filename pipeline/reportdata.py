@@ -29,6 +29,7 @@ from pipeline.data import samplejson
 from pipeline.data.shards import SHARD_DIGITS, STREAM_BLOCK
 from pipeline.ledger import DECISIONS, SCHEMA
 from pipeline.runs import MANIFEST, STATS_SUFFIX, RunDir, StageDir
+from pipeline.stage import declared, having
 from pipeline.storage import arrow, as_path, children, is_remote, relative_to
 
 EXAMPLES_PER_REASON = 3
@@ -120,8 +121,6 @@ def attach_images(run: RunDir, examples: dict[str, list[dict]], eval_sources: di
     (`keeper_image`, `keeper_url`) and a contaminated one its eval twin (`twin_image`, found in the
     `eval_sources` the stage's manifest records); images are thumbnails under `out/examples/`, named
     relative to `out`. Pictures come from round 0's fetch, which holds every web sample."""
-    from pipeline.stage import having
-
     rows = [row for group in examples.values() for row in group]
     keys = {row["key"] for row in rows} | {row["keeper"] for row in rows if row.get("keeper")}
     fetched = run.stage(having("fetches")[0], 0)
@@ -275,19 +274,12 @@ def run_files(run: RunDir) -> tuple[list[str], list[dict]]:
         if "tensorboard" in names:
             row["tensorboard"] = sorted(f"{prefix}/tensorboard/{p.name}" for p in children(sd.path / "tensorboard")
                                         if p.is_file())
-        for model in _models(sd.stage):
+        for model in declared(sd.stage, "models", ()):
             if model in names:
                 files = sorted(p for p in (sd.path / model).rglob("*") if p.is_file())[:MODEL_FILES]
                 row["models"][model] = [f"{prefix}/{relative_to(p, sd.path)}" for p in files]
         stages.append(row)
     return top, stages
-
-
-def _models(stage: str) -> tuple[str, ...]:
-    """The model folders stage `stage` declares (Stage.models); none for a name no stage has now."""
-    import stages
-
-    return stages.stage(stage).models if stage in stages.NAMES else ()
 
 
 def _shard_names(sd: StageDir, names: set[str]) -> list[str]:

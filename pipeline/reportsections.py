@@ -156,8 +156,10 @@ def stage_sections(run: RunDir, out: Path, truth: dict | None) -> str:
     parts = []
     for name in stages.NAMES:
         spec = graph.spec(name)
+        if spec.report is None:
+            continue
         dirs = tuple(run.stage(name, r) for r in run.rounds() if run.stage(name, r).path.is_dir())
-        if spec.report is not None and dirs:
+        if dirs:
             parts.append(spec.report(ReportSection(run, dirs, out, truth, _link)))
     return "".join(parts)
 

@@ -17,6 +17,8 @@ from pipeline.manifest import Accounting, Manifest
 from pipeline.runs import RunDir, StageDir
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from pipeline.config import RunConfig
     from pipeline.configbase import Section
     from pipeline.sources import Sources
@@ -114,8 +116,8 @@ class Stage:
     report: Callable[["ReportSection"], str] | None = None
     """Its section of the run's report (HTML with its own heading; pipeline/report.py), given its folders.
     None: the funnel, the stage table and the drop examples only."""
-    fates: Callable[[StageDir], dict[str, str]] | None = None
-    """{key: fate} of the web samples it judged, for the report's fates per source (a fate its
+    fates: Callable[[StageDir], "pa.Table"] | None = None
+    """(key, fate) of the web samples it judged, a table, for the report's fates per source (a fate its
     `fate_labels` names); the newest committed round is shown. None: it gives no verdict on web samples."""
     fate_labels: tuple[str, ...] = ()
     provides: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
@@ -161,6 +163,14 @@ def having(flag: str) -> list[str]:
     import stages
 
     return [n for n in stages.NAMES if getattr(stages.stage(n), flag)]
+
+
+def declared(stage: str, attr: str, default: Any = None) -> Any:
+    """What registry stage `stage` declares for `attr`; `default` for a name an older vlp wrote into a run
+    (a manifest, a folder) that no stage has now."""
+    import stages
+
+    return getattr(stages.stage(stage), attr) if stage in stages.NAMES else default
 
 
 def provided(what: str) -> Callable[..., Any]:

@@ -75,14 +75,7 @@ class _Allowed(BaseHTTPRequestHandler):
                 self._send(302, b"", "text/plain", {"Location": f"/hops/{n - 1}" if n > 1 else "/img.jpg"})
             elif route == "/bomb.png" and "rate" in query:   # served at `rate` bytes/s, as a slow host would
                 body = png_bomb(int(query["side"])) if "side" in query else png_bomb()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                for i in range(0, len(body), 16384):
-                    self.wfile.write(body[i:i + 16384])
-                    self.wfile.flush()
-                    time.sleep(16384 / float(query["rate"]))
+                self._send_slowly(body, "image/png", 0, 16384, 16384 / float(query["rate"]))
             elif route == "/bomb.png":
                 self._send(200, png_bomb(int(query["side"])) if "side" in query else png_bomb(), "image/png")
             elif route == "/declared-huge":
@@ -100,27 +93,9 @@ class _Allowed(BaseHTTPRequestHandler):
                 for _ in range(2000):   # 125 MB, unless the client hangs up first
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
             elif route == "/drip":
-                body = jpeg()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                for i in range(0, len(body), 16):
-                    self.wfile.write(body[i:i + 16])
-                    self.wfile.flush()
-                    time.sleep(float(query.get("every", 0.5)))
+                self._send_slowly(jpeg(), "image/jpeg", 0, 16, float(query.get("every", 0.5)))
             elif route == "/bomb-drip.png":   # a 12000 x 12000 PNG's header at once, the rest dripping
-                body = png_bomb()
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:4096])
-                self.wfile.flush()
-                for i in range(4096, len(body), 16):
-                    time.sleep(0.5)
-                    self.wfile.write(body[i:i + 16])
-                    self.wfile.flush()
+                self._send_slowly(png_bomb(), "image/png", 4096, 16, 0.5)
             elif route == "/drip-headers":
                 self.wfile.write(b"HTTP/1.1 200 OK\r\n")
                 for i in range(200):
@@ -131,6 +106,18 @@ class _Allowed(BaseHTTPRequestHandler):
                 self._send(404, b"not found", "text/plain")
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+    def _send_slowly(self, body: bytes, ctype: str, first: int, block: int, pause: float) -> None:
+        """200 with the whole Content-Length: `first` bytes at once, then `block` bytes every `pause` s."""
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        pieces = ([body[:first]] if first else []) + [body[i:i + block] for i in range(first, len(body), block)]
+        for piece in pieces:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            time.sleep(pause)
 
     def _send(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
         self.send_response(code)

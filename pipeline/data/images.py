@@ -116,15 +116,11 @@ def check_header(prefix: bytes, max_image_area: float) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # a cut TIFF/EXIF block warns "Corrupt EXIF data": expected here
-            with Image.open(io.BytesIO(prefix)) as img:
-                width, height = img.size
-    except Image.DecompressionBombError as err:
-        raise FetchFailed("image_too_large", str(err)) from None
-    except Exception:  # noqa: BLE001 (a header cut short raises what PIL's plugin raises)
-        return False
-    if width * height > max_image_area:
-        raise FetchFailed("image_too_large", f"{width} x {height} pixels > max_image_area {max_image_area:.0f} "
-                                             f"(from the header, after {len(prefix):,} bytes)")
+            open_image(prefix, max_image_area).close()
+    except FetchFailed as err:
+        if err.reason != "image_too_large":
+            return False   # a header cut short reads as no image (decode_error) until it is whole
+        raise FetchFailed(err.reason, f"{err} (from the header, after {len(prefix):,} bytes)") from None
     return True
 
 

@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from pipeline.data.shards import SHARD_DIGITS, read_shard
-from pipeline.ledger import stage_decisions
+from pipeline.ledger import decisions_table, stage_decisions
 from pipeline.reportsections import save_figure
 from pipeline.runs import RunDir, StageDir
 from pipeline.stage import ReportSection
@@ -17,9 +17,15 @@ SAMPLES_PER_VERDICT = 6
 FATE_LABELS = ("web caption rejected", "web caption kept")
 
 
-def fates(stage_dir: StageDir) -> dict[str, str]:
-    """{key: whether the filter kept its web caption} of every image CapFilt judged."""
-    return {d["key"]: FATE_LABELS[bool(d["web_kept"])] for d in stage_decisions(stage_dir.path)}
+def fates(stage_dir: StageDir):
+    """(key, fate: whether the filter kept its web caption) of every image CapFilt judged, as a table read
+    from two columns of the decisions (no row becomes a Python object)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    decided = decisions_table(stage_dir.path, ["key", "web_kept"])
+    kept, rejected = (pa.scalar(label, pa.string()) for label in reversed(FATE_LABELS))
+    return pa.table({"key": decided["key"], "fate": pc.if_else(decided["web_kept"], kept, rejected)})
 
 
 def section(page: ReportSection) -> str:
@@ -106,9 +112,9 @@ def _web_shards(run: RunDir) -> StageDir | None:
     CapFilt judged, in its input's bytes, whichever filters ran after it."""
     import stages
 
-    found = [(stages.stage(n).fetches, n) for n in stages.NAMES if stages.stage(n).curates_web
-             and run.stage(n, 0).manifest() is not None]
-    return run.stage(sorted(found, key=lambda f: f[0])[0][1], 0) if found else None   # graph order kept
+    committed = [n for n in stages.NAMES if stages.stage(n).curates_web and run.stage(n, 0).manifest() is not None]
+    filters = [n for n in committed if not stages.stage(n).fetches]
+    return run.stage((filters or committed)[0], 0) if committed else None
 
 
 def _verdict(kept: bool) -> str:
