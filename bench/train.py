@@ -8,9 +8,11 @@
     + channels_last conv stem / + torch.compile, as 1 process x 2 threads and 2 x 1, bare torch loops
     against vlp's own step (stages/pretrain/train/loop.py `micro_step` on its DeepSpeed ZeRO-2 engine), all
     interleaved in one run; prints vlp's ratio to the best bare loop, and when compile pays for itself;
-(f) vlp's step (1 x 2, auto) on real loader batches made in series vs by the prefetch thread, interleaved.
+(f) vlp's step (1 x 2, auto) on real loader batches made in series vs by the prefetch thread, interleaved;
+(g) vlp's step (1 x 2, auto) without and with ITC's hard negatives from the text queue
+    (pretrain.itc_hard_negatives 0 vs 1, the demo's), interleaved: what the freshly encoded captions cost.
 
-    .venv/bin/python bench/train.py [--steps 10] [--only precision|prefetch] [--block 8] [--repeats 5] [--no-compile]
+    .venv/bin/python bench/train.py [--steps 10] [--only precision|prefetch|hard] [--block 8] [--repeats 5] [--no-compile]
 """
 from __future__ import annotations
 
@@ -187,7 +189,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--gpu-only", action="store_true", help="only (d): for a GPU machine without DeepSpeed")
-    parser.add_argument("--only", choices=["precision", "prefetch"], help="only (e) or only (f)")
+    parser.add_argument("--only", choices=["precision", "prefetch", "hard"], help="only (e), (f) or (g)")
     parser.add_argument("--block", type=int, default=8, help="(e), (f): steps per interleaved block")
     parser.add_argument("--repeats", type=int, default=5, help="(e), (f): rounds over the variants")
     parser.add_argument("--no-compile", action="store_true", help="(e): leave out torch.compile (its cold start)")
@@ -200,10 +202,14 @@ def main():
     if args.only == "prefetch":
         loader_prefetch(args.block, args.repeats)
         return
+    if args.only == "hard":
+        itc_hard_negatives(args.block, args.repeats)
+        return
     if not args.gpu_only:
         cpu_benchmarks(args)
         precision_and_layout(args.block, args.repeats, not args.no_compile)
         loader_prefetch(args.block, args.repeats)
+        itc_hard_negatives(args.block, args.repeats)
     print("\n(d) base (bf16) on one GPU")
     gpu = gpu_base_bf16(args.steps)
     if gpu is None:
@@ -246,8 +252,8 @@ def cpu_benchmarks(args) -> None:
 
 # --- (e) precision, attention, channels_last, compile, layout: vlp's step vs bare torch ---------------------
 
-DEMO_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 1.0, "bow": 1.0}   # configs/demo.yaml: MLM off
-DEMO_UNIMODAL = {"itc": 1.0, "bow": 1.0}
+DEMO_WEIGHTS = {"itc": 1.0, "itm": 1.0, "lm": 1.0, "bow": 3.0}   # configs/demo.yaml: MLM off
+DEMO_UNIMODAL = {"itc": 1.0, "bow": 3.0}
 FUSION_EVERY, GLOBAL_BATCH = 4, 64
 
 
@@ -282,7 +288,7 @@ class Trainer:
     micro-step i of the demo's schedule (the fusion objectives every 4th step) on this rank's batch: a
     synthetic one, or the next of `source` (a training loader's iterator, section (f))."""
 
-    def __init__(self, v: Variant, rank: int, world: int, model_cfg=SIZES["demo"], source=None):
+    def __init__(self, v: Variant, rank: int, world: int, model_cfg=SIZES["demo"], source=None, itc_hard: int = 0):
         from pipeline.model.objectives import TextQueue
         from stages.pretrain.train.loop import make_engine
         from pipeline.precision import resolve
@@ -291,6 +297,7 @@ class Trainer:
         micro = GLOBAL_BATCH // world
         self.cfg = PretrainConfig(model="demo", micro_batch=micro, num_workers=world, steps=10_000, warmup_steps=10,
                                   text_queue=1024, itm_easy_negatives=0.5, fusion_every=FUSION_EVERY,
+                                  itc_hard_negatives=itc_hard,
                                   precision="fp32" if v.precision == "fp32" else ("bf16" if not v.vlp else "auto"))
         self.precision = resolve(self.cfg.precision)
         torch.manual_seed(0)
@@ -326,7 +333,8 @@ class Trainer:
             micro_step(self.engine, b, SPECIAL, weights, self.generator, self.cfg, self.queue, self.precision)
             return
         with self.precision.autocast(managed_by_deepspeed=False):
-            loss = pretrain_losses(self.model, b, SPECIAL, weights, self.generator, 0.5, self.queue)["loss"]
+            loss = pretrain_losses(self.model, b, SPECIAL, weights, self.generator, 0.5, self.queue,
+                                   itc_hard=self.cfg.itc_hard_negatives)["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.world > 1:   # data parallel in one all-reduce of every gradient (what DDP's buckets add up to)
@@ -527,6 +535,29 @@ def loader_prefetch(block: int, repeats: int, drain: int = 20) -> None:
     step_ms = GLOBAL_BATCH / median["in series"] * 1000
     print(f"    ratio prefetch / in series: {median['prefetch 2'] / median['in series']:.2f}; the loader alone "
           f"(no training): {loader_ms:.0f} ms per batch of {GLOBAL_BATCH}, {loader_ms / step_ms:.0%} of an in-series step")
+
+
+def itc_hard_negatives(block: int, repeats: int) -> None:
+    """(g): vlp's step with pretrain.itc_hard_negatives 0 and 1 on the same synthetic batches, interleaved."""
+    block = -(-block // FUSION_EVERY) * FUSION_EVERY   # whole fusion cycles, as in (e)
+    print(f"\n(g) ITC's hard negatives from the text queue: vlp's step, 1 process x 2 threads, auto precision, global "
+          f"batch {GLOBAL_BATCH}, the demo's schedule, synthetic batches, itc_hard_negatives 0 vs 1 (one queued caption "
+          f"per image encoded afresh); interleaved in blocks of {block} steps, {repeats} rounds, median samples/s")
+    torch.set_num_threads(2)
+    if not torch.distributed.is_initialized():   # the full run set it up in (e) already
+        _init_group(0, 1, _free_port())
+    v = Variant("vlp auto", 1, "auto", vlp=True)
+    trainers = {k: Trainer(v, 0, 1, itc_hard=k) for k in (0, 1)}
+    for trainer in trainers.values():   # not timed: allocations, optimizer state, the queue filling up
+        _timed_block(trainer, 0, 2 * block)
+    rates = {k: [] for k in trainers}
+    for r in range(repeats):   # rotated each round
+        for k in (0, 1)[r % 2:] + (0, 1)[:r % 2]:
+            rates[k].append(GLOBAL_BATCH * block / _timed_block(trainers[k], block * (r + 2), block))
+    median = {k: statistics.median(rates[k]) for k in rates}
+    for k in rates:
+        print(f"    itc_hard_negatives {k}: median {median[k]:4.0f} samples/s (range {min(rates[k]):.0f}-{max(rates[k]):.0f})")
+    print(f"    ratio with / without: {median[1] / median[0]:.2f}")
 
 
 def _free_port() -> int:

@@ -117,11 +117,11 @@ def write_config(path: Path, toyweb_files, **sections) -> Path:
 
 
 # Every objective; the fusion ones on even steps only, and a queue of ITM negatives, so the exact-resume
-# tests also cover the alternation and the queue's restore.
+# tests also cover the alternation, the queue's restore and the ITC negatives freshly encoded from it.
 PRETRAIN = {"model": "tiny", "vocab_size": 200, "num_workers": 2, "zero_stage": 2, "micro_batch": 16, "steps": 12,
             "warmup_steps": 2, "checkpoint_every": 4, "keep_checkpoints": 3, "log_every": 1,
             "loss_weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "lm": 1.0, "bow": 1.0}, "fusion_every": 2,
-            "text_queue": 48}
+            "text_queue": 48, "itc_hard_negatives": 1}
 # BLIP's ITM-probability rule: the tests set its threshold to keep all, half or none of the texts.
 CAPFILT = {"prompt": "a picture of ", "batch_size": 16, "actors": 2, "rule": "itm",
            "captioner": {"steps": 4, "batch_size": 16, "warmup_steps": 1},

@@ -9,7 +9,7 @@ from stages.pretrain.config import OBJECTIVES
 from pipeline.data.loader import in_holdout
 from pipeline.model import SIZES, MultiwayTransformer
 from pipeline.model.multiway import sincos_2d
-from pipeline.model.objectives import (LOSSES, Batch, SpecialTokens, TextQueue, bag_of_words_loss,
+from pipeline.model.objectives import (LOSSES, Batch, SpecialTokens, TextQueue, _Shared, bag_of_words_loss,
                                        hard_negatives, pretrain_losses)
 from pipeline.model.scoring import Calibration, match_scores
 from pipeline.probe import probe_accuracy
@@ -128,6 +128,49 @@ def test_pretrain_losses_with_bow_and_queue_give_gradients_everywhere_used():
     assert len(queue) == 16 and {"itc", "itm", "lm", "bow"} <= set(out)
     assert model.patch_embed.convs[0].weight.grad.abs().sum() > 0
     assert model.itm_head.weight.grad.abs().sum() > 0
+
+
+def _queue_of(b: Batch, others: Batch, img: torch.Tensor) -> TextQueue:
+    """A queue of the batch's own captions and six others, whose stored (stale) features rate for image j
+    (`img`: orthonormal rows) its own caption 1, other caption j 0.9, other caption 4 (j = 0 only) 0.95."""
+    near = torch.cat([0.9 * img, 0.95 * img[:1] - 0.5 * img[1:2]])
+    queue = TextQueue(16)
+    queue.push(torch.cat([img, near, -img[:1]]), torch.cat([b.ids, others.ids]), torch.cat([b.mask, others.mask]))
+    return queue
+
+
+def test_itc_hard_negatives_are_each_images_closest_other_caption_encoded_afresh():
+    torch.manual_seed(0)
+    model = MultiwayTransformer(CFG).eval()
+    b, others = _batch(b=4), _batch(b=6, seed=1)
+    img = torch.linalg.qr(torch.randn(CFG.embed_dim, 4))[0].t()   # four orthonormal image features
+    own = 0.92 * img   # each image's own caption's feature now: they rate it 0.92
+    shared = _Shared(model, b, SPECIAL, None, 0.0, _queue_of(b, others, img), False, itc_hard=1)
+    with torch.no_grad():
+        _, fresh = model("encode_text", others.ids[:4], others.mask[:4])
+    # caption j for image j, encoded now (not the stored features); never the image's own caption, nor
+    # caption 4, which image 0 rates above its own caption (0.95 > 0.92)
+    assert torch.allclose(shared.hard_texts(img, own), fresh, atol=1e-6)
+    # an image that rates every other caption above its own gets a neutral (zero) negative
+    low = own.clone()
+    low[3] = -2 * img[3]
+    got = shared.hard_texts(img, low)
+    assert torch.allclose(got[:3], fresh[:3], atol=1e-6) and not got[3].any()
+    queue = _queue_of(b, others, img)
+    with_hard = pretrain_losses(model, b, SPECIAL, {"itc": 1.0}, None, 0.0, queue, itc_hard=1)["itc"]
+    without = pretrain_losses(model, b, SPECIAL, {"itc": 1.0}, None, 0.0, _queue_of(b, others, img))["itc"]
+    assert with_hard > without   # more negatives in every image's softmax
+    assert len(queue) == 14      # the batch's texts still join the queue
+
+
+def test_itc_hard_negatives_need_a_queue():
+    from stages.pretrain.config import PretrainConfig
+
+    for bad in ({"itc_hard_negatives": 1}, {"itc_hard_negatives": 1, "text_queue": 64, "queue_in_itc": True},
+                {"itc_hard_negatives": -1, "text_queue": 64}):
+        with pytest.raises(ValueError, match="itc_hard_negatives"):
+            PretrainConfig(**bad)
+    assert PretrainConfig(itc_hard_negatives=2, text_queue=64).itc_hard_negatives == 2
 
 
 def test_calibration_rejects_the_asked_share_of_clean_pairs():

@@ -174,9 +174,9 @@ class _Shared:
     the image tokens (a conv stem is not free), the unimodal image encoding, the contrastive step."""
 
     def __init__(self, model, batch: Batch, special: SpecialTokens, generator: torch.Generator | None,
-                 itm_easy: float, queue: TextQueue | None, queue_in_itc: bool):
+                 itm_easy: float, queue: TextQueue | None, queue_in_itc: bool, itc_hard: int = 0):
         self.model, self.batch, self.special, self.generator = model, batch, special, generator
-        self.itm_easy, self.queue, self.queue_in_itc = itm_easy, queue, queue_in_itc
+        self.itm_easy, self.queue, self.queue_in_itc, self.itc_hard = itm_easy, queue, queue_in_itc, itc_hard
         self.image_tokens = model("embed_image", batch.images)
         self._image: tuple[torch.Tensor, torch.Tensor] | None = None
         self._contrast: dict | None = None
@@ -203,11 +203,41 @@ class _Shared:
             _, txt_feat = self.model("encode_text", self.batch.ids, self.batch.mask)
             q = self.queue
             queued = q.feats if q is not None and self.queue_in_itc and len(q) else None
+            if q is not None and self.itc_hard and len(q):
+                queued = self.hard_texts(img_feat, txt_feat)
             scale = self.model("itc_scale")
             loss, sim, offset, all_txt = itc_loss(img_feat, txt_feat, scale, queued)
             self._contrast = {"loss": loss, "sim": sim, "offset": offset, "all_txt": all_txt, "scale": scale,
                               "img_feat": img_feat}
         return self._contrast
+
+
+    def hard_texts(self, img_feat: torch.Tensor, txt_feat: torch.Tensor) -> torch.Tensor:
+        """Fresh ITC features of the queued captions most like this rank's images, from all ranks
+        ([W x local x itc_hard, D], no gradient): per image the `itc_hard` queued captions its feature is
+        closest to by the queue's stored (stale) features, encoded again by the current text encoder. They
+        join every image's text softmax as negatives (itc_loss's `queued_text`). Why: ITC's negatives are
+        the batch's captions, and 64 of them rarely hold one that differs from a pair's own in a single
+        detail, so ITC never has to tell such captions apart (the demo's round 0 ranked 93 of its 123
+        wrong first captions wrong by the shape alone); the queue holds such captions, but its stale
+        features as negatives made ITC diverge (queue_in_itc). Costs one text forward pass per negative.
+
+        Never a caption identical to the image's own, nor one the image already rates at least as high as
+        its own caption (`txt_feat`, positive-aware mining as in NV-Retriever): that is a paraphrase, or
+        the true description of an image whose web caption is noise, and pushing the image away from it
+        teaches the model its training noise, which CapFilt's filter then keeps (measured: BENCHMARKS.md).
+        An image with no such caption left gets a zero feature: a neutral negative, so every rank sends
+        the same count."""
+        q, ids, k = self.queue, self.batch.ids, min(self.itc_hard, len(self.queue))
+        with torch.no_grad():
+            img = img_feat.detach().float()
+            sim = img @ q.feats.t()                                              # [local, queue]
+            own = (img * txt_feat.detach().float()).sum(-1, keepdim=True)
+            excluded = (ids[:, None, :] == q.ids[None, :, :]).all(-1) | (sim >= own)
+            top = sim.masked_fill(excluded, float("-inf")).topk(k, dim=1)
+            picked, usable = top.indices.reshape(-1), torch.isfinite(top.values).reshape(-1, 1)
+            _, feats = self.model("encode_text", q.ids[picked], q.mask[picked])
+        return gather(feats.float() * usable, with_grad_local=False)
 
 
 def _bow(s: _Shared) -> dict[str, torch.Tensor]:
@@ -268,16 +298,17 @@ LOSSES: dict[str, Objective] = {"bow": Objective(_bow), "itc": Objective(_itc), 
 
 def pretrain_losses(model: MultiwayTransformer | torch.nn.Module, batch: Batch, special: SpecialTokens, weights: dict[str, float],
                     generator: torch.Generator | None = None, itm_easy: float = 0.0, queue: TextQueue | None = None,
-                    queue_in_itc: bool = False) -> dict[str, torch.Tensor]:
+                    queue_in_itc: bool = False, itc_hard: int = 0) -> dict[str, torch.Tensor]:
     """All weighted objectives for one batch (LOSSES); "loss" is what to call backward on. `itm_easy`:
     share of uniform (easy) ITM negatives, see hard_negatives. `queue`: earlier texts as extra ITM
-    negatives (and ITC negatives with `queue_in_itc`); this batch's texts are pushed to it at the end."""
+    negatives (and ITC negatives with `queue_in_itc`, or its `itc_hard` hardest captions per image, freshly
+    encoded: _Shared.hard_texts); this batch's texts are pushed to it at the end."""
     unknown = set(weights) - set(LOSSES)
     if unknown:
         raise ValueError(f"unknown objective(s) {sorted(unknown)}; known: {', '.join(LOSSES)}")
     active = {name for name, w in weights.items() if w}
     active |= {need for name in active for need in LOSSES[name].needs}
-    shared = _Shared(model, batch, special, generator, itm_easy, queue, queue_in_itc)
+    shared = _Shared(model, batch, special, generator, itm_easy, queue, queue_in_itc, itc_hard)
     out: dict[str, torch.Tensor] = {}
     total = batch.images.new_zeros(())
     for name, objective in LOSSES.items():

@@ -80,6 +80,11 @@ class PretrainConfig:
     rarely holds a caption that differs from a pair's own in one detail; a pool of ~1,000 usually does."""
     queue_in_itc: bool = False
     """Also use the queued texts' (stale) features as ITC negatives."""
+    itc_hard_negatives: int = 0
+    """Per image, this many queued captions closest to it encoded afresh, without gradient, and added to
+    the ITC softmax as negatives: ITC then has to tell apart captions that differ in one detail, which a
+    batch rarely holds. Never its own caption nor one it rates at least as high (a paraphrase, or the
+    truth behind a noisy pair). 0: off; needs text_queue; one text forward pass each."""
     with_seed: bool = True
     """Also train on the clean seed set (data.seed_shards), in every round, as BLIP adds COCO."""
     init: Literal["fresh", "previous"] = "fresh"
@@ -108,6 +113,9 @@ class PretrainConfig:
         require(math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip: must be >= 0 (0: no clipping)")
         require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay: must be >= 0")
         require(self.text_queue >= 0, "text_queue: must be >= 0")
+        require(self.itc_hard_negatives >= 0, "itc_hard_negatives: must be >= 0")
+        require(not self.itc_hard_negatives or (self.text_queue and not self.queue_in_itc),
+                "itc_hard_negatives: needs text_queue > 0, and replaces queue_in_itc (set one of them)")
         rate("itm_easy_negatives", self.itm_easy_negatives)
         unknown = set(self.loss_weights) - set(OBJECTIVES)
         require(not unknown, f"loss_weights: unknown objective(s) {sorted(unknown)}; use {', '.join(OBJECTIVES)}")

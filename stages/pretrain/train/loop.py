@@ -175,7 +175,7 @@ def micro_step(engine, batch: Batch, special: SpecialTokens, weights: dict[str, 
     with counter or contextlib.nullcontext():
         with precision.autocast():
             losses = pretrain_losses(engine, batch, special, weights, generator, cfg.itm_easy_negatives, queue,
-                                     cfg.queue_in_itc)
+                                     cfg.queue_in_itc, cfg.itc_hard_negatives)
         engine.backward(losses["loss"])
     engine.step()
     return losses
