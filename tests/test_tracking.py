@@ -29,7 +29,8 @@ def test_a_tracked_run_from_hf_checkpoints_logs_config_training_curation_evaluat
     init_from = {"vision": str(tmp_path / "vision"), "text": str(tmp_path / "text")}
     cfg_path = pretrain_config(tmp_path / "c.yaml", toyweb, stages=("download", "prefilter", "pretrain", "evaluate", "report"),
                                num_workers=1, steps=steps, lr=lr, warmup_steps=0, peak_tflops=2.0, log_every=2,
-                               checkpoint_every=4, fusion_every=1, text_queue=0, init_from=init_from)
+                               checkpoint_every=4, fusion_every=1, text_queue=0, itc_hard_negatives=0,
+                               init_from=init_from)
     text = cfg_path.read_text() + f"tracking:\n  mlflow: {{}}\n  wandb: {{mode: offline, dir: {tmp_path / 'wandb'}}}\n"
     cfg_path.write_text(text)
     # through the CLI, a fresh Ray: a second TorchTrainer in the session's Ray can wait forever
