@@ -131,8 +131,8 @@ def hard_negatives(sim_i2t: torch.Tensor, all_ids: torch.Tensor, offset: int, lo
     texts, sim_texts = all_ids, sim_i2t[rows]
     if queued_ids is not None:
         texts, sim_texts = torch.cat([all_ids, queued_ids]), torch.cat([sim_texts, queued_sim], dim=1)
-    same_text = (all_ids[rows, None, :] == texts[None, :, :]).all(-1)  # [local, candidates]
-    same_image_text = (all_ids[rows, None, :] == all_ids[None, :, :]).all(-1)
+    same_text = identical(all_ids[rows], texts)  # [local, candidates]
+    same_image_text = identical(all_ids[rows], all_ids)
 
     def weights(sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         p = F.softmax(sim.float(), dim=1)
@@ -141,6 +141,12 @@ def hard_negatives(sim_i2t: torch.Tensor, all_ids: torch.Tensor, offset: int, lo
     neg_text = _sample(weights(sim_texts, same_text), generator)
     neg_image = _sample(weights(sim_i2t.t()[rows], same_image_text), generator)
     return neg_text, neg_image
+
+
+def identical(ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """[len(ids), len(candidates)]: whether candidate text j has exactly the token ids of text i. Such a
+    caption is the pair's own, never a negative."""
+    return (ids[:, None, :] == candidates[None, :, :]).all(-1)
 
 
 def _sample(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -211,7 +217,6 @@ class _Shared:
                               "img_feat": img_feat}
         return self._contrast
 
-
     def hard_texts(self, img_feat: torch.Tensor, txt_feat: torch.Tensor) -> torch.Tensor:
         """Fresh ITC features of the queued captions most like this rank's images, from all ranks
         ([W x local x itc_hard, D], no gradient): per image the `itc_hard` queued captions its feature is
@@ -224,16 +229,16 @@ class _Shared:
 
         Never a caption identical to the image's own, nor one the image already rates at least as high as
         its own caption (`txt_feat`, positive-aware mining as in NV-Retriever): that is a paraphrase, or
-        the true description of an image whose web caption is noise, and pushing the image away from it
-        teaches the model its training noise, which CapFilt's filter then keeps (measured: BENCHMARKS.md).
-        An image with no such caption left gets a zero feature: a neutral negative, so every rank sends
-        the same count."""
+        the true description of an image whose web caption is noise, and a negative of either pushes the
+        image away from what describes it. (It did not keep CapFilt's filter from keeping garbage
+        captions on the demo: BENCHMARKS.md, "Demo model quality" (d).) An image with no such caption
+        left gets a zero feature: a neutral negative, so every rank sends the same count."""
         q, ids, k = self.queue, self.batch.ids, min(self.itc_hard, len(self.queue))
         with torch.no_grad():
             img = img_feat.detach().float()
             sim = img @ q.feats.t()                                              # [local, queue]
             own = (img * txt_feat.detach().float()).sum(-1, keepdim=True)
-            excluded = (ids[:, None, :] == q.ids[None, :, :]).all(-1) | (sim >= own)
+            excluded = identical(ids, q.ids) | (sim >= own)
             top = sim.masked_fill(excluded, float("-inf")).topk(k, dim=1)
             picked, usable = top.indices.reshape(-1), torch.isfinite(top.values).reshape(-1, 1)
             _, feats = self.model("encode_text", q.ids[picked], q.mask[picked])
