@@ -61,6 +61,15 @@ def test_tokenizer_vocabulary_is_real_and_deterministic(tmp_path, tokenizer_dir)
         load_tokenizer(tmp_path)
 
 
+def test_a_word_of_one_caption_is_spelled_in_pieces_not_given_a_row_to_memorise(tmp_path):
+    captions = CAPTIONS * 10 + ["qwzqkj kkzw", "a red kkzw"]   # one-off noise; "kkzw" twice
+    tok = train_tokenizer(captions, 120, tmp_path / "tok")
+    assert len(tok) < 120, "the budget has room: the word is left out by its count, not by the budget"
+    pieces = tok.convert_ids_to_tokens(tok("qwzqkj kkzw")["input_ids"])
+    assert pieces == ["[CLS]", "q", "##w", "##z", "##q", "##k", "##j", "kkzw", "[SEP]"]
+    assert "qwzqkj" in build_vocab(captions, 120, min_count=1), "min_count 1 keeps every word that fits"
+
+
 def test_ranks_split_the_shards_without_overlap(shards, tokenizer_dir):
     epoch = [set(_keys(ShardStream(_spec(shards, tokenizer_dir, rank=r, world=2)), 14)) for r in range(2)]
     # 5 shards over 2 ranks: one rank reads 3 shards (21 samples), the other 2 (14) in epoch 0

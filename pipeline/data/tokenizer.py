@@ -8,6 +8,13 @@ pre-tokenizer, keep the most frequent ones whole (ties alphabetical), add every 
 word-initial and a `##` continuation piece, and give that vocabulary to a WordPiece model: a rare word
 becomes pieces, nothing becomes [UNK] unless it has an unseen character.
 
+A word is kept whole only if it occurs `min_count` times (2, as Hugging Face's BERT WordPiece recipe):
+on a small web the budget outgrows the words in use, and a word seen in one caption (a name, a typo,
+keyboard noise) then gets an embedding row of its own that one image alone trains. That row can only
+memorise the pair, and a memorised pair later looks like a perfect match to the filter that should
+remove it (docs/architecture.md, "capfilt"). In pieces, such a word shares its rows with every word
+spelled alike.
+
 transformers 5 silently ignores `BertTokenizerFast(vocab_file=...)`, so we build the fast tokenizer
 from a `tokenizers` object and save/load it as a folder, and we check the vocabulary size.
 """
@@ -22,7 +29,7 @@ from pipeline.errors import InputError
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
+def build_vocab(texts: Iterable[str], vocab_size: int, min_count: int = 2) -> dict[str, int]:
     from tokenizers import normalizers, pre_tokenizers
 
     normalize = normalizers.BertNormalizer(lowercase=True)
@@ -33,16 +40,17 @@ def build_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
     chars = sorted({c for w in words for c in w})
     pieces = SPECIAL + chars + [f"##{c}" for c in chars]
     budget = max(0, vocab_size - len(pieces))
-    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:budget]
+    ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
+    frequent = [w for w, n in ranked if len(w) > 1 and n >= min_count][:budget]
     return {tok: i for i, tok in enumerate(pieces + frequent)}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path):
+def train_tokenizer(texts: Iterable[str], vocab_size: int, folder: Path, min_count: int = 2):
     """Build a lowercase WordPiece tokenizer on `texts`; save it to `folder`; return it loaded."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    vocab = build_vocab(texts, vocab_size)
+    vocab = build_vocab(texts, vocab_size, min_count)
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -35,6 +35,10 @@ class PretrainConfig:
     """A local tokenizer folder (transformers format); None trains a WordPiece on the run's captions."""
     vocab_size: int = 1000
     """Target size of a trained tokenizer (the model takes the tokenizer's real size)."""
+    tokenizer_min_count: int = 2
+    """A trained tokenizer keeps a word whole only if it occurs this often in the sampled captions; rarer
+    words are spelled in pieces (pipeline/data/tokenizer.py: a one-caption word's own row only memorises
+    its pair)."""
     tokenizer_captions: int = 1_000_000
     """Captions a trained tokenizer is built from, read from the shards in a seeded order until there are
     this many (a vocabulary of word counts needs a sample, not 400M captions read in the driver). The
@@ -106,6 +110,7 @@ class PretrainConfig:
                  "lr: must be finite and > 0 (min_lr_ratio in 0..1)")
         require(0 <= self.warmup_steps < self.steps, "warmup_steps: must be in 0..steps-1")
         require(self.vocab_size >= 64, "vocab_size: must be >= 64")
+        require(self.tokenizer_min_count >= 1, "tokenizer_min_count: must be >= 1")
         require(self.tokenizer_captions >= 1, "tokenizer_captions: must be >= 1")
         require(self.loader_prefetch >= 0, f"loader_prefetch: must be >= 0, got {self.loader_prefetch}")
         require(self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")

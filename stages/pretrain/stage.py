@@ -166,7 +166,8 @@ def _tokenizer(cfg: PretrainConfig, shards: list[str], folder: Path, previous_mo
         load_tokenizer(previous_model / "tokenizer").save_pretrained(str(folder))
     elif not (folder / "tokenizer.json").is_file():
         seen = []   # sample_captions appends how many it gave
-        tok = train_tokenizer(sample_captions(shards, cfg.tokenizer_captions, seed, seen), cfg.vocab_size, folder)
+        captions = sample_captions(shards, cfg.tokenizer_captions, seed, seen)
+        tok = train_tokenizer(captions, cfg.vocab_size, folder, cfg.tokenizer_min_count)
         log.info("pretrain: trained a WordPiece tokenizer of %d tokens on %d of the run's captions", len(tok),
                  seen[0])
     return folder
