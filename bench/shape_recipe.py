@@ -26,6 +26,7 @@ from attribute_probe import HELD_OUT, frozen_features, load_images, train_heads 
 from pipeline.data.shards import read_shard  # noqa: E402
 from pipeline.model import MultiwayTransformer  # noqa: E402
 from pipeline.model.objectives import Batch, SpecialTokens, TextQueue, pretrain_losses  # noqa: E402
+from pipeline.model.retrieval import retrieval_recalls  # noqa: E402
 from pipeline.modelio import load_pretrained  # noqa: E402
 from pipeline.runs import RunDir  # noqa: E402
 from stages.evaluate.stage import read_eval_set  # noqa: E402
@@ -104,10 +105,8 @@ def main() -> None:
                 im = torch.cat([model("encode_image", eval_images[i:i + 250])[1] for i in range(0, len(eval_images), 250)])
                 tx = torch.cat([model("encode_text", eval_ids[i:i + 250], eval_mask[i:i + 250])[1]
                                 for i in range(0, len(eval_images), 250)])
-            sim = im @ tx.t()
-            rows = torch.arange(len(sim))
-            tr1 = right[rows, sim.argmax(1)].float().mean().item()
-            ir1 = right[sim.t().argmax(1), rows].float().mean().item()
+            found = retrieval_recalls(im @ tx.t(), right, ranks=(1,))   # evaluate's own recall (COCO's tie rule)
+            tr1, ir1 = found["itc_tr_r1"], found["itc_ir_r1"]
             first.setdefault(seed, probe["shape"])
             print(f"seed {seed} {variant:<18} {seconds:4.0f} s  probe shape {probe['shape']:.3f} "
                   f"(x{probe['shape'] / first[seed]:.2f})  colour {probe['colour']:.3f}  position {probe['position']:.3f}  "

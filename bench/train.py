@@ -350,6 +350,19 @@ class Trainer:
         self.opt.step()
 
 
+def _interleaved(trainers: dict, block: int, repeats: int, warmup: int) -> dict:
+    """(f), (g): each trainer's samples/s over `repeats` blocks of `block` steps, after `warmup` untimed
+    steps each (allocations, optimizer state); the variants rotated each round, as in (e), so that a slow
+    spell of the machine hits every variant."""
+    for trainer in trainers.values():
+        _timed_block(trainer, 0, warmup)
+    names, rates = list(trainers), {name: [] for name in trainers}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            rates[name].append(GLOBAL_BATCH * block / _timed_block(trainers[name], warmup + block * r, block))
+    return rates
+
+
 def _timed_block(trainer: Trainer, start: int, steps: int, barrier=None) -> float:
     if barrier:
         barrier()
@@ -521,14 +534,10 @@ def loader_prefetch(block: int, repeats: int, drain: int = 20) -> None:
         # each its own iterator over the same stream: the same batches in the same order
         trainers = {"in series": Trainer(v, 0, 1, model_cfg, iter(make_loader(spec))),
                     "prefetch 2": Trainer(v, 0, 1, model_cfg, make_loader(spec, prefetch=2))}
-        for trainer in trainers.values():   # not timed: allocations, optimizer state
-            _timed_block(trainer, 0, block)
-        names, rates = list(trainers), {name: [] for name in trainers}
-        # rotated each round, as in (e); a prefetch block starts with its queue full, as in steady training
-        for r in range(repeats):
-            for name in names[r % 2:] + names[:r % 2]:
-                rates[name].append(GLOBAL_BATCH * block / _timed_block(trainers[name], block * (r + 1), block))
+        # a prefetch block starts with its queue full, as in steady training
+        rates = _interleaved(trainers, block, repeats, warmup=block)
         trainers["prefetch 2"].source.close()
+    names = list(rates)
     median = {name: statistics.median(rates[name]) for name in names}
     for name in names:
         print(f"    {name:<10} median {median[name]:4.0f} samples/s (range {min(rates[name]):.0f}-{max(rates[name]):.0f})")
@@ -548,12 +557,7 @@ def itc_hard_negatives(block: int, repeats: int) -> None:
         _init_group(0, 1, _free_port())
     v = Variant("vlp auto", 1, "auto", vlp=True)
     trainers = {k: Trainer(v, 0, 1, itc_hard=k) for k in (0, 1)}
-    for trainer in trainers.values():   # not timed: allocations, optimizer state, the queue filling up
-        _timed_block(trainer, 0, 2 * block)
-    rates = {k: [] for k in trainers}
-    for r in range(repeats):   # rotated each round
-        for k in (0, 1)[r % 2:] + (0, 1)[:r % 2]:
-            rates[k].append(GLOBAL_BATCH * block / _timed_block(trainers[k], block * (r + 2), block))
+    rates = _interleaved(trainers, block, repeats, warmup=2 * block)   # 2 blocks: the queue fills up too
     median = {k: statistics.median(rates[k]) for k in rates}
     for k in rates:
         print(f"    itc_hard_negatives {k}: median {median[k]:4.0f} samples/s (range {min(rates[k]):.0f}-{max(rates[k]):.0f})")

@@ -230,9 +230,10 @@ class _Shared:
         Never a caption identical to the image's own, nor one the image already rates at least as high as
         its own caption (`txt_feat`, positive-aware mining as in NV-Retriever): that is a paraphrase, or
         the true description of an image whose web caption is noise, and a negative of either pushes the
-        image away from what describes it. (It did not keep CapFilt's filter from keeping garbage
-        captions on the demo: BENCHMARKS.md, "Demo model quality" (d).) An image with no such caption
-        left gets a zero feature: a neutral negative, so every rank sends the same count."""
+        image away from what describes it. (The garbage captions a filter fine-tuned from such a model
+        kept were the tokenizer's one-caption tokens, not the mining: BENCHMARKS.md, "Demo model
+        quality" (e).) An image with no such caption left gets a zero feature: a neutral negative, so
+        every rank sends the same count."""
         q, ids, k = self.queue, self.batch.ids, min(self.itc_hard, len(self.queue))
         with torch.no_grad():
             img = img_feat.detach().float()
