@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -199,13 +201,51 @@ class RayExecutor(Executor):
         from ray.train.torch import TorchTrainer
 
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        TorchTrainer(
+        trainer = _interruptible(TorchTrainer)(
             _RayTrainWorker(worker),
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=max_failures)),
-        ).fit()
+        )
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if main_thread else None
+        try:
+            trainer.fit()
+        except Exception:
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None   # the aborted controller's death is the interrupt's doing
+            raise
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+
+
+def _interruptible(trainer_class):
+    """Ray Train's fit() puts its own Ctrl-C handler on the main thread and leaves it there when it
+    returns: Ctrl-C during training ended `vlp run` with exit code 1 and no word of what was kept, and any
+    Ctrl-C later in the run (CapFilt, evaluate) went to that stale handler and was lost. This subclass's
+    handler asks the controller to abort, as Ray's does (the workers stop; checkpoints stay), and the
+    caller raises KeyboardInterrupt once fit() is back; a second Ctrl-C stops waiting for the abort.
+    `train` puts the previous handler back either way. (It overrides Ray's private
+    `_register_sigint_handler`; tests/test_pretrain.py fails if a Ray upgrade renames it.)"""
+
+    class InterruptibleTrainer(trainer_class):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:
+            def on_ctrl_c(signum, frame):
+                if self.interrupted:
+                    raise KeyboardInterrupt
+                self.interrupted = True
+                log.warning("interrupted: stopping the training workers (Ctrl-C again to stop waiting for them)")
+                controller.abort.remote()
+
+            signal.signal(signal.SIGINT, on_ctrl_c)
+
+    return InterruptibleTrainer
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Pretraining through Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, export, evaluation, and exact
 resume (from a checkpoint, and after a worker is killed)."""
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -122,7 +124,11 @@ def _our_train_workers(me: int):
     return found
 
 
-def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toyweb, trained):
+@contextlib.contextmanager
+def _pretraining_past_step_4(tmp_path, toyweb, trained):
+    """`vlp run --only pretrain` in a subprocess, on a copy of `trained` without its pretraining, once the
+    step-4 checkpoint is complete: (the process, the run directory, its Ray Train workers). Killed on the
+    way out if still running."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained, run_dir)
     shutil.rmtree(run_dir / "round-0" / "pretrain")
@@ -137,17 +143,46 @@ def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toy
         while not complete.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         assert complete.exists(), "no checkpoint at step 4"
-        victims = _our_train_workers(proc.pid)
-        assert victims, "no Ray Train worker to kill"
-        victims[0].kill()
-        _, err = proc.communicate(timeout=400)
+        workers = _our_train_workers(proc.pid)
+        assert workers, "no Ray Train worker"
+        yield proc, run_dir, workers
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_killed_worker_resumes_from_the_last_complete_checkpoint(tmp_path, toyweb, trained):
+    with _pretraining_past_step_4(tmp_path, toyweb, trained) as (proc, run_dir, workers):
+        workers[0].kill()
+        _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert _losses(_history(run_dir)) == _losses(_history(trained)), "resumed exactly"
     assert (run_dir / "round-0" / "pretrain" / "manifest.json").is_file()
+
+
+def test_ctrl_c_stops_training_keeps_its_checkpoints_and_the_run_resumes(tmp_path, toyweb, trained):
+    """Ctrl-C (SIGINT to `vlp run`) while the workers train: they stop, the CLI says what was kept and
+    exits 130, and `vlp resume` finishes the stage from the last checkpoint, exactly. (Ray Train's own
+    Ctrl-C handler ended the run with exit code 1 and no word: pipeline/executor.py `_interruptible`.)"""
+    with _pretraining_past_step_4(tmp_path, toyweb, trained) as (proc, run_dir, workers):
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "vlp: interrupted; committed shards are kept" in err
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, "training workers outlived the interrupted run"
+    pretrain = run_dir / "round-0" / "pretrain"
+    assert (pretrain / "checkpoints" / "step-00000004" / "COMPLETE").exists()
+    assert not (pretrain / "manifest.json").exists()
+    vlp("resume", str(run_dir), "--stage", "pretrain", timeout=400)
+    assert _losses(_history(run_dir)) == _losses(_history(trained)), "resumed exactly"
+
+
+def test_training_gives_ctrl_c_back_to_its_caller(trained):
+    """`trained` pretrained in this process; Ray Train's fit() left its SIGINT handler behind, and a later
+    Ctrl-C in the same run (CapFilt, evaluate) reached it and did nothing."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_the_seed_is_part_of_what_pretraining_made(tmp_path, toyweb, trained):
