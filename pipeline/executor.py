@@ -15,6 +15,7 @@ raised comes back from `get` as the task's own exception where the executor can 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -22,7 +23,27 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from pipeline.threads import cpu_threads, pin_cpu_threads
+
 log = logging.getLogger("vlp")
+
+
+def _on_its_cpus(fn: Callable, cpus: float) -> Callable:
+    """`fn`, computing on `cpus` threads for each call: a pooled Ray worker keeps another task's count."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with cpu_threads(cpus):
+            return fn(*args, **kwargs)
+    return call
+
+
+def _actor_on_its_cpus(cls: type, cpus: float) -> type:
+    """`cls`, whose process computes on `cpus` threads from its start (the process is the actor's)."""
+    def __init__(self, *args, **kwargs):
+        pin_cpu_threads(cpus)
+        cls.__init__(self, *args, **kwargs)
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__qualname__": cls.__qualname__,
+                                       "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 @dataclass(frozen=True)
@@ -149,12 +170,13 @@ class RayExecutor(Executor):
             options["num_gpus"] = gpus
         if memory is not None:
             options["memory"] = memory
-        return ray.remote(fn).options(**options)
+        return ray.remote(_on_its_cpus(fn, cpus)).options(**options)
 
     def actor(self, cls, *, cpus=1.0, gpus=0.0, concurrency=1):
         import ray
 
-        return ray.remote(cls).options(num_cpus=cpus, num_gpus=gpus, max_concurrency=concurrency)
+        return ray.remote(_actor_on_its_cpus(cls, cpus)).options(num_cpus=cpus, num_gpus=gpus,
+                                                                 max_concurrency=concurrency)
 
     def put(self, value):
         import ray
@@ -202,7 +224,7 @@ class RayExecutor(Executor):
 
         resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
         trainer = _interruptible(TorchTrainer)(
-            _RayTrainWorker(worker),
+            _RayTrainWorker(worker, cpus_per_worker),
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage,
@@ -250,12 +272,15 @@ def _interruptible(trainer_class):
 
 @dataclass(frozen=True)
 class _RayTrainWorker:
-    """Ray Train's entry point in each worker: the rank and world Ray Train gives, then the worker."""
+    """Ray Train's entry point in each worker: the rank and world Ray Train gives, then the worker, on as
+    many threads as the worker has CPUs (its process is the worker's)."""
     worker: Callable[[dict, int, int, int], None]
+    cpus: float
 
     def __call__(self, config: dict) -> None:
         import ray.train
 
+        pin_cpu_threads(self.cpus)
         ctx = ray.train.get_context()
         self.worker(config, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
         ray.train.report({"done": True})
@@ -290,19 +315,22 @@ class _LocalMethod:
 
 
 class _LocalActor:
-    def __init__(self, instance: Any):
-        self._instance = instance
+    """An actor's instance in this process: its calls on its CPUs' threads, and this process's after."""
+
+    def __init__(self, instance: Any, cpus: float):
+        self._instance, self._cpus = instance, cpus
 
     def __getattr__(self, name: str) -> _LocalMethod:
-        return _LocalMethod(getattr(self._instance, name))
+        return _LocalMethod(_on_its_cpus(getattr(self._instance, name), self._cpus))
 
 
 class _LocalActorClass:
-    def __init__(self, cls: type):
-        self.cls = cls
+    def __init__(self, cls: type, cpus: float):
+        self.cls, self.cpus = cls, cpus
 
     def remote(self, *args) -> _LocalActor:
-        return _LocalActor(self.cls(*args))
+        with cpu_threads(self.cpus):
+            return _LocalActor(self.cls(*args), self.cpus)
 
 
 class LocalExecutor(Executor):
@@ -314,11 +342,11 @@ class LocalExecutor(Executor):
         self.launch = launch
         self.cpus = float(cpus or os.cpu_count() or 1)
 
-    def task(self, fn, **resources):
-        return _LocalTask(fn)
+    def task(self, fn, *, cpus=1.0, **resources):
+        return _LocalTask(_on_its_cpus(fn, cpus))
 
-    def actor(self, cls, **resources):
-        return _LocalActorClass(cls)
+    def actor(self, cls, *, cpus=1.0, **resources):
+        return _LocalActorClass(cls, cpus)
 
     def put(self, value):
         return value   # passed to calls as is (Ray resolves a Ref in a call's arguments the same way)

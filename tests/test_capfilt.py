@@ -397,6 +397,7 @@ def test_a_fine_tune_is_the_same_bits_on_two_threads(tmp_path):
     from pipeline.data.tokenizer import train_tokenizer
     from pipeline.model import SIZES, MultiwayTransformer
     from pipeline.modelio import save_pretrained
+    from pipeline.threads import cpu_threads
     from stages.capfilt.finetune import finetune
 
     shard = _seed_shard(tmp_path / "seed.tar", 64)
@@ -406,10 +407,10 @@ def test_a_fine_tune_is_the_same_bits_on_two_threads(tmp_path):
     torch.manual_seed(0)
     save_pretrained(tmp_path / "base", cfg, MultiwayTransformer(cfg).state_dict(), tok_dir,
                     {"pretrain": {"precision": "bf16"}})
-    threads = torch.get_num_threads()
-    prints = {finetune(str(tmp_path / "base"), [str(shard)], str(tmp_path / f"f{i}"), "filter",
-                       {"steps": 6, "batch_size": 32, "warmup_steps": 0}, "", seed=1, threads=2)["fingerprint"]
-              for i in range(4)}
+    with cpu_threads(2):   # as a 2-CPU task runs it
+        prints = {finetune(str(tmp_path / "base"), [str(shard)], str(tmp_path / f"f{i}"), "filter",
+                           {"steps": 6, "batch_size": 32, "warmup_steps": 0}, "", seed=1)["fingerprint"]
+                  for i in range(4)}
     assert len(prints) == 1, prints
     # restored for whatever runs next in this (pooled) process
-    assert not torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()

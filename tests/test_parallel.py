@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from pipeline.errors import StageFailed
-from pipeline.executor import RAY
+from pipeline.executor import RAY, LocalExecutor
 from pipeline.parallel import Progress, run_shard_tasks, task_window
 from pipeline.threads import prefetched
 
@@ -111,3 +111,54 @@ def test_prefetched_keeps_order_runs_ahead_by_its_depth_raises_where_the_error_w
     stream.close()   # the consumer stops early: the producer thread ends too
     time.sleep(0.3)
     assert not [t for t in threading.enumerate() if t.name == "vlp-prefetch"]
+
+
+def _probes() -> tuple:
+    """A task and an actor that tell their threads, made here so that Ray ships them by value."""
+    def threads() -> tuple[int, int]:
+        import os
+
+        import torch
+
+        return os.getpid(), torch.get_num_threads()
+
+    class Probe:
+        def __init__(self):
+            self.at_start = threads()[1]
+
+        def threads(self) -> tuple[int, int]:
+            return self.at_start, threads()[1]
+
+    return threads, Probe
+
+
+def test_a_ray_task_or_actor_computes_on_as_many_threads_as_it_has_cpus(ray_cluster):
+    # Ray runs tasks in pooled workers whatever CPUs they ask for, and torch kept the thread count of the
+    # first task a worker ran: 2-CPU CapFilt fine-tunes computed on one thread after 1-CPU evaluate tasks
+    _threads, Probe = _probes()
+    one, two = RAY.task(_threads, cpus=1), RAY.task(_threads, cpus=2)
+    seen: dict[int, set] = {1: set(), 2: set()}
+    for _ in range(4):
+        for cpus, task in ((1, one), (2, two)):
+            seen[cpus].add(RAY.get(task.remote())[1])
+    assert seen == {1: {1}, 2: {2}}
+    for cpus in (2, 1):
+        actor = RAY.actor(Probe, cpus=cpus).remote()
+        assert RAY.get(actor.threads.remote()) == (cpus, cpus)
+        RAY.kill(actor)
+
+
+def test_a_local_task_or_actor_computes_on_its_cpus_and_gives_the_process_its_threads_back():
+    import os
+
+    import torch
+
+    _threads, Probe = _probes()
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    local = LocalExecutor()
+    cpus = before + 1
+    assert local.get(local.task(_threads, cpus=cpus).remote())[1] == cpus
+    actor = local.actor(Probe, cpus=cpus).remote()
+    assert torch.get_num_threads() == before
+    assert local.get(actor.threads.remote()) == (cpus, cpus)
+    assert torch.get_num_threads() == before and os.environ.get("OMP_NUM_THREADS") == env

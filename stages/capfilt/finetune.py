@@ -63,22 +63,14 @@ def _deterministic_on_cpu(device: str) -> Iterator[None]:
 
 
 def finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg: dict, prompt: str,
-             seed: int, holdout: float = 0.0, reject_rate: float | None = None, threads: int = 1) -> dict:
+             seed: int, holdout: float = 0.0, reject_rate: float | None = None) -> dict:
     """Fine-tune the model in `base_dir` as `role` and export it to `out_dir`; returns a summary. The
     filter with `holdout` > 0 trains without that share of the seed pairs and calibrates its keep rule
     on them (pipeline/model/scoring.py), rejecting `reject_rate` of such clean pairs. The same weights
-    for the same seed and `threads` (_deterministic_on_cpu); another thread count sums in another order.
-
-    `threads`: the CPUs the task was given. Set here, not left to the process: Ray runs a task in a
-    pooled worker, whose torch keeps the thread count of the first task it ran (a 1-CPU evaluate task
-    before CapFilt left 2-CPU fine-tunes on one thread, and their bits depended on that history)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        with _deterministic_on_cpu("cuda" if torch.cuda.is_available() else "cpu"):
-            return _finetune(base_dir, seed_shards, out_dir, role, cfg, prompt, seed, holdout, reject_rate)
-    finally:
-        torch.set_num_threads(before)
+    for the same seed and thread count (_deterministic_on_cpu; the executor gives a task as many threads
+    as CPUs, pipeline/threads.py); another thread count sums in another order."""
+    with _deterministic_on_cpu("cuda" if torch.cuda.is_available() else "cpu"):
+        return _finetune(base_dir, seed_shards, out_dir, role, cfg, prompt, seed, holdout, reject_rate)
 
 
 def _finetune(base_dir: str, seed_shards: list[str], out_dir: str, role: str, cfg: dict, prompt: str,

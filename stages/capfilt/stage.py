@@ -134,7 +134,7 @@ def _finetune_both(cfg: CapfiltConfig, base_model: Path, seed_shards: list[str],
         refs[role] = task.remote(str(base_model), seed_shards, str(folder), role, to_plain(getattr(cfg, role)),
                                  cfg.prompt, ctx.seed * 1000 + ctx.out.round * 10 + i,
                                  cfg.calibration_share if calibrated else 0.0,
-                                 cfg.clean_reject_rate if calibrated else None, max(1, int(cfg.cpus_per_actor)))
+                                 cfg.clean_reject_rate if calibrated else None)
     for role, ref in refs.items():
         summaries[role] = ctx.executor.get(ref)
         atomic_write_json(ctx.out.path / f"{role}.json", summaries[role])
@@ -151,7 +151,6 @@ class CapfiltWorker:
         from pipeline.modelio import load_pretrained
 
         self.cfg = build(CapfiltConfig, cfg, source="capfilt")
-        torch.set_num_threads(max(1, int(self.cfg.cpus_per_actor)))   # not the pooled process's: see finetune
         self.calibration = Calibration(**calibration) if self.cfg.rule == "calibrated" else None
         self.threshold = self.calibration.threshold if self.calibration else self.cfg.threshold
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -21,6 +21,7 @@ from pipeline.shardmap import Operator, Verdict, run_shard_map
 from pipeline.sources import Sources
 from pipeline.stage import Extra, Stage, Upstream, shard_tasks, web_data
 from pipeline.storage import as_path
+from pipeline.threads import cpu_threads
 from stages.score_filter.config import SECTION, ScoreFilterConfig
 
 BINS = 2000   # over [-1, 1]: a bin is 0.001 of cosine
@@ -75,15 +76,10 @@ class ClipScore(Operator):
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
         # On one thread whatever the task's CPUs: a matmul split over more threads sums in another order, and
         # a score's last digit then depends on cpus_per_task or the executor (an execution-only setting).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                image = _features(self.model.get_image_features(pixel_values=pixels))
-                text = _features(self.model.get_text_features(input_ids=enc["input_ids"],
-                                                              attention_mask=enc["attention_mask"]))
-        finally:
-            torch.set_num_threads(threads)
+        with cpu_threads(1), torch.inference_mode():
+            image = _features(self.model.get_image_features(pixel_values=pixels))
+            text = _features(self.model.get_text_features(input_ids=enc["input_ids"],
+                                                          attention_mask=enc["attention_mask"]))
         image = torch.nn.functional.normalize(image.float(), dim=-1)
         text = torch.nn.functional.normalize(text.float(), dim=-1)
         return (image * text).sum(-1).tolist()
