@@ -8,7 +8,7 @@ import ipaddress
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
@@ -16,6 +16,7 @@ import pytest
 from pipeline.data.fetch import FetchFailed, Limits, fetch
 from pipeline.data.images import check_header, image_size
 from pipeline.data.urlpolicy import HostPolicy, Refused, is_public, literal_address, refusal
+from pipeline.toyweb.server import QuietServer
 from webguard import ALLOWED, HostileWeb, TlsServer, jpeg, png_bomb
 
 POLICY = HostPolicy([ALLOWED])
@@ -248,7 +249,7 @@ def tagged():
     import img2dataset.downloader  # noqa: F401 (the X-Robots-Tag reader: its first import takes seconds, not
     # to be spent inside a URL's deadline)
 
-    server = ThreadingHTTPServer((ALLOWED, 0), _RobotsTagged)
+    server = QuietServer((ALLOWED, 0), _RobotsTagged)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()

@@ -10,13 +10,14 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from pipeline.data.fetch import FetchFailed, Limits, fetch
 from pipeline.data.optouts import HostOptOuts, TdmRule, parse_tdmrep, tdm_reservation
 from pipeline.data.urlpolicy import HostPolicy
+from pipeline.toyweb.server import QuietServer
 
 LIMITS = Limits(timeout=2, deadline=4, max_bytes=2**20, max_redirects=5, max_image_area=1e8)
 
@@ -56,7 +57,7 @@ class Site:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)

@@ -6,11 +6,11 @@ import logging
 from http.server import BaseHTTPRequestHandler
 
 from pipeline.parallel import Progress
-from pipeline.toyweb.server import _Server
+from pipeline.toyweb.server import QuietServer
 
 
 def test_a_client_hanging_up_is_quiet_and_a_real_error_is_not(capsys):
-    server = _Server(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    server = QuietServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
     try:
         for error in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(32, "Broken pipe"),
                       ValueError("a bug in the handler")):

@@ -13,10 +13,12 @@ import time
 import zlib
 from functools import lru_cache
 from pathlib import Path
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from PIL import Image
+
+from pipeline.toyweb.server import QuietServer
 
 ALLOWED, SECRET = "127.0.0.2", "127.0.0.1"
 BUSY_SEEN: dict[str, list[float]] = {}   # /busy: when each URL was asked for (monotonic clock)
@@ -146,10 +148,6 @@ class _Secret(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
 class HostileWeb:
     """Both servers, in threads of the test process; `stop()` shuts them down."""
 
@@ -159,9 +157,9 @@ class HostileWeb:
     def __enter__(self) -> "HostileWeb":
         png_bomb()   # made once, before any client's timeout runs
         self.secret_hits: list[str] = []
-        self.secret = _Server((SECRET, 0), type("Secret", (_Secret,), {"hits": self.secret_hits}))
+        self.secret = QuietServer((SECRET, 0), type("Secret", (_Secret,), {"hits": self.secret_hits}))
         self.secret_port = self.secret.server_address[1]
-        self.allowed = _Server((ALLOWED, self.requested_port),
+        self.allowed = QuietServer((ALLOWED, self.requested_port),
                                type("Allowed", (_Allowed,), {"secret_port": self.secret_port}))
         self.port = self.allowed.server_address[1]
         self.threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -212,7 +210,7 @@ class TlsServer:
         self.cert, key = self_signed(tmp, name)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert, key)
-        self.server = _Server((ALLOWED, 0), _Allowed)
+        self.server = QuietServer((ALLOWED, 0), _Allowed)
         self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)

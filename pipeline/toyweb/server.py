@@ -112,7 +112,8 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
 
-class _Server(ThreadingHTTPServer):
+class QuietServer(ThreadingHTTPServer):
+    """The toy web's server (and the tests' own): a thread per connection, quiet about clients that hang up."""
     daemon_threads = True
     request_queue_size = 256
 
@@ -128,11 +129,11 @@ def serve(cfg: ToyWebConfig, port: int, outlive_lock: str | None = None) -> None
     """Serve until SIGTERM. `outlive_lock`: a run directory whose lock the driver (this process's parent)
     holds; when the parent dies, keep serving until that lock is free (see ToyWebServer)."""
     world = ToyWorld(cfg)
-    server = _Server((HOST, port), type("Handler", (_Handler,), {"world": world}))
+    server = QuietServer((HOST, port), type("Handler", (_Handler,), {"world": world}))
     servers = [server]
     if cfg.rate_limited_share > 0:   # the rate-limited host: the same port on another loopback address
         limited = type("LimitedHandler", (_Handler,), {"world": world, "limiter": RateWindow(cfg.rate_limit)})
-        servers.append(_Server((LIMITED_HOST, server.server_address[1]), limited))
+        servers.append(QuietServer((LIMITED_HOST, server.server_address[1]), limited))
         threading.Thread(target=servers[1].serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))   # the driver's stop()
     if outlive_lock is not None:   # the kernel's word that the driver died (PR_SET_PDEATHSIG, see ToyWebServer)
