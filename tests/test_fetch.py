@@ -250,7 +250,6 @@ def tagged():
     # to be spent inside a URL's deadline)
 
     server = QuietServer((ALLOWED, 0), _RobotsTagged)
-    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield lambda *tags: f"http://{ALLOWED}:{server.server_address[1]}/a.jpg?" + urlencode([("tag", t) for t in tags])

@@ -58,7 +58,6 @@ class Site:
                 pass
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()

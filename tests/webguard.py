@@ -160,7 +160,7 @@ class HostileWeb:
         self.secret = QuietServer((SECRET, 0), type("Secret", (_Secret,), {"hits": self.secret_hits}))
         self.secret_port = self.secret.server_address[1]
         self.allowed = QuietServer((ALLOWED, self.requested_port),
-                               type("Allowed", (_Allowed,), {"secret_port": self.secret_port}))
+                                   type("Allowed", (_Allowed,), {"secret_port": self.secret_port}))
         self.port = self.allowed.server_address[1]
         self.threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
                         for s in (self.secret, self.allowed)]
