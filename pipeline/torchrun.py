@@ -59,6 +59,10 @@ def train_command(config_path: str, run_dir: str | None, overrides: list[str]) -
             while (training := _receive_training()) is not None:
                 worker, config = training
                 worker(config, here.rank, here.world, here.local_rank)
+        # every rank through its last collective before any tears the group down: once, in CI, rank 1
+        # aborted in teardown ("terminate called without an active exception") as rank 0 destroyed its
+        # group right after the end's broadcast. Only on success: after an error a barrier would hang.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
